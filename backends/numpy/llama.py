@@ -1,0 +1,154 @@
+"""Llama family (llama, mistral, qwen2, qwen3) in plain NumPy, float32 math.
+
+The reference: written for reading, not speed. Hidden states leave the stage in
+the model dtype; inside, everything is float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from cake.backends.base import DeviceInfo, Step
+
+from cake.config import ModelConfig
+from cake.kv import check_step, dtype_of
+from cake.rope import rope_cos_sin, rope_inv_freq
+from cake.shard import Shard
+from cake.weights import TensorSource
+from cake.weights.names import head_tensor_names, layer_tensor_names
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return w * (x / np.sqrt(var + eps))
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    # x (L, H, hd); cos/sin (L, hd); HF's rotate_half layout
+    half = x.shape[-1] // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class _SeqCache:
+    """One sequence's K and V for each layer of the stage: (n_layers, T, n_kv, hd)."""
+
+    def __init__(self, n_layers: int, n_kv: int, hd: int) -> None:
+        self.k = np.zeros((n_layers, 0, n_kv, hd), np.float32)
+        self.v = np.zeros_like(self.k)
+        self.length = 0
+
+    def write(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        end = pos + k.shape[0]
+        if end > self.k.shape[1]:
+            grow = max(end, 2 * self.k.shape[1])
+            pad = ((0, 0), (0, grow - self.k.shape[1]), (0, 0), (0, 0))
+            self.k, self.v = np.pad(self.k, pad), np.pad(self.v, pad)
+        self.k[layer, pos:end] = k
+        self.v[layer, pos:end] = v
+
+
+class NumpyLlamaStage:
+    def __init__(
+        self,
+        config: ModelConfig,
+        shard: Shard,
+        tensors: TensorSource,
+        dtype: str,
+        max_context: int,
+        max_sequences: int,
+        device: DeviceInfo,
+    ) -> None:
+        self.config, self.shard, self.dtype, self.device = config, shard, dtype, device
+        self.max_context, self.max_sequences = max_context, max_sequences
+
+        def get(name: str) -> np.ndarray:
+            return np.asarray(tensors.get(name), dtype=np.float32)
+
+        self.embed = get("model.embed_tokens.weight") if shard.embed else None
+        self.layers = []
+        for i in shard.layers:
+            names = layer_tensor_names(config, i)
+            self.layers.append({n.split(f"layers.{i}.", 1)[1]: get(n) for n in names})
+        if shard.head:
+            norm, head = head_tensor_names(config)
+            self.norm, self.lm_head = get(norm), get(head)
+        self.inv_freq = rope_inv_freq(config)
+        self.caches: dict[int, _SeqCache] = {}
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        for s in seq_ids:
+            self.caches.pop(s, None)
+
+    def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
+        cfg = self.config
+        cached = {s: c.length for s, c in self.caches.items()}
+        check_step(
+            step, x, self.shard, cfg, cached, self.max_context, self.max_sequences
+        )
+        if self.shard.embed:
+            h = self.embed[x]  # (B, L, D)
+        else:
+            h = np.asarray(x, dtype=np.float32)
+        for b, (sid, pos, n) in enumerate(
+            zip(step.seq_ids, step.positions, step.lengths, strict=True)
+        ):
+            cache = self.caches.setdefault(
+                sid, _SeqCache(len(self.shard), cfg.num_key_value_heads, cfg.head_dim)
+            )
+            cos, sin = rope_cos_sin(self.inv_freq, np.arange(pos, pos + n))
+            hb = h[b, :n]
+            for j, w in enumerate(self.layers):
+                hb = self._layer(hb, w, j, cache, pos, cos, sin)
+            h[b, :n] = hb
+            h[b, n:] = 0
+            cache.length = pos + n
+        if not self.shard.head:
+            return h.astype(dtype_of(self.dtype))
+        h = rms_norm(h, self.norm, cfg.rms_norm_eps)
+        if not step.all_logits:
+            h = h[np.arange(step.batch), np.asarray(step.lengths) - 1]  # (B, D)
+        return (h @ self.lm_head.T).astype(np.float32)
+
+    def _layer(self, x, w, j, cache, pos, cos, sin):
+        cfg = self.config
+        n, hd = x.shape[0], cfg.head_dim
+        nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        a = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
+        q = a @ w["self_attn.q_proj.weight"].T
+        k = a @ w["self_attn.k_proj.weight"].T
+        v = a @ w["self_attn.v_proj.weight"].T
+        if cfg.attention_bias:
+            q = q + w["self_attn.q_proj.bias"]
+            k = k + w["self_attn.k_proj.bias"]
+            v = v + w["self_attn.v_proj.bias"]
+        q, k, v = q.reshape(n, nh, hd), k.reshape(n, nkv, hd), v.reshape(n, nkv, hd)
+        if cfg.qk_norm:
+            q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
+            k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        cache.write(j, pos, k, v)
+        keys = cache.k[j, : pos + n]  # (T, nkv, hd)
+        vals = cache.v[j, : pos + n]
+        rep = nh // nkv
+        keys, vals = np.repeat(keys, rep, axis=1), np.repeat(vals, rep, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, keys) / np.sqrt(hd)  # (nh, n, T)
+        qpos = np.arange(pos, pos + n)[:, None]
+        kpos = np.arange(pos + n)[None, :]
+        allowed = kpos <= qpos
+        if cfg.sliding_window:
+            allowed &= kpos > qpos - cfg.sliding_window
+        scores = np.where(allowed[None], scores, -np.inf)
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        probs = scores / scores.sum(-1, keepdims=True)
+        attn = np.einsum("hqk,khd->qhd", probs, vals).reshape(n, nh * hd)
+        x = x + attn @ w["self_attn.o_proj.weight"].T
+        m = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        gate = m @ w["mlp.gate_proj.weight"].T
+        up = m @ w["mlp.up_proj.weight"].T
+        return x + (silu(gate) * up) @ w["mlp.down_proj.weight"].T

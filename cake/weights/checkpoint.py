@@ -1,0 +1,27 @@
+"""Open a model by path: a Hugging Face folder or a `.gguf` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cake.config import ModelConfig
+from cake.errors import ModelError
+from cake.weights.source import TensorSource
+
+
+def open_checkpoint(path: str | Path) -> tuple[ModelConfig, TensorSource]:
+    """The model's config and a lazy TensorSource over its weights."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{path} is neither a model folder nor a .gguf file")
+        from cake.weights.gguf import GGUFSource, gguf_config
+
+        source = GGUFSource(path)
+        return gguf_config(path), source
+    from cake.weights.safetensors import SafetensorsSource
+
+    config = ModelConfig.from_file(path / "config.json")
+    return config, SafetensorsSource(path)

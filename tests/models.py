@@ -1,0 +1,97 @@
+"""Tiny random Hugging Face checkpoints of every supported architecture, and HF's outputs.
+
+Shared by the oracle tests of every backend: `make_checkpoint` writes a folder
+that both HF transformers and cake can load; `hf_reference` runs HF on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# hidden 64, 4 heads of 16, 2 KV heads (GQA), 3 layers, vocab 128
+_BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+ARCHS: dict[str, dict] = {
+    "llama": dict(model_type="llama", rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3": dict(
+        model_type="llama",
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
+    ),
+    "mistral": dict(model_type="mistral", rope_theta=10000.0, sliding_window=6),
+    "qwen2": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", head_dim=24, rope_theta=1000000.0),
+}
+
+
+def hf_config(arch: str):
+    import transformers
+
+    kw = {**_BASE, **ARCHS[arch]}
+    mt = kw.pop("model_type")
+    return transformers.AutoConfig.for_model(mt, **kw)
+
+
+def make_checkpoint(
+    arch: str, folder: Path, *, dtype: str = "float32", shards: int = 1, seed: int = 0
+) -> Path:
+    """Write a random tiny model of `arch` (see ARCHS) to `folder` and return it."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch))
+    with torch.no_grad():  # larger than init so that layers matter in the logits
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model = model.to(getattr(torch, dtype)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    shard_size = total // shards + 1 if shards > 1 else None
+    kw = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(folder, **kw)
+    return folder
+
+
+def hf_reference(folder: Path, ids: list[int], steps: int = 8):
+    """HF's prefill logits (L, V) and `steps` greedy tokens with their logits (float32)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        prefill = out.logits[0].float().numpy()
+        past = out.past_key_values
+        tok = int(prefill[-1].argmax())
+        tokens, step_logits = [tok], []
+        for _ in range(steps):
+            out = model(torch.tensor([[tok]]), cache=past, use_cache=True)
+            past = out.past_key_values
+            lg = out.logits[0, -1].float().numpy()
+            step_logits.append(lg)
+            tok = int(lg.argmax())
+            tokens.append(tok)
+    return prefill, tokens, np.stack(step_logits)
