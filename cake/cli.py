@@ -1,0 +1,137 @@
+"""The `cake` command line: thin; it parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cake.errors import CakeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Run large language models split by layers across ordinary devices.",
+)
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@app.command()
+def run(
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help="Prompt; read from stdin if absent (chat if a terminal)."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct).",
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto, jax, mlx, numpy or a registered backend.")
+    ] = "auto",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.7,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
+    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
+    repetition_penalty: Annotated[
+        float, typer.Option("--repetition-penalty", min=0.0)
+    ] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Continue the prompt as given.")
+    ] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Wrap the prompt in the chat template (default when there is one).",
+        ),
+    ] = False,
+    system: Annotated[
+        str | None, typer.Option(help="System message for --chat.")
+    ] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")
+    ] = None,
+    dtype: Annotated[DType, typer.Option()] = DType.auto,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            help="KV cache positions (default: the model's, at most 4096).", min=1
+        ),
+    ] = None,
+    stats_json: Annotated[
+        Path | None,
+        typer.Option("--stats-json", help="Write the statistics as JSON here."),
+    ] = None,
+) -> None:
+    """Generate text: stdout carries only the generated text, stderr the rest."""
+    from cake.cli_run import RunOptions, run_command
+
+    if raw and chat:
+        raise CakeError("--raw and --chat exclude each other")
+    run_command(
+        RunOptions(
+            prompt=prompt,
+            model=model,
+            backend=backend,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            mode="raw" if raw else "chat" if chat else "auto",
+            system=system,
+            stop=tuple(stop or ()),
+            dtype=dtype.value,
+            context=context,
+            stats_json=stats_json,
+        )
+    )
+
+
+@app.command()
+def backends() -> None:
+    """List the registered backends and whether each is usable here."""
+    from cake.backends.base import _REGISTRY, auto_backend, available_backends
+
+    avail = available_backends()
+    for name in sorted(_REGISTRY):
+        ok = name in avail
+        devs = (
+            ", ".join(f"{d.kind}:{d.name}" for d in avail[name].devices())
+            if ok
+            else "-"
+        )
+        print(f"{name:8} {'available' if ok else 'unavailable':12} {devs}")
+    print(f"auto -> {auto_backend()}")
+
+
+def main() -> None:
+    try:
+        app()
+    except CakeError as e:
+        print(f"cake: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,157 @@
+"""`cake run`: load with a progress bar, generate to stdout, statistics to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+import cake
+from cake.errors import CakeError
+from cake.generate import GenerationStats
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    prompt: str | None
+    model: Path | None
+    backend: str
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: int | None
+    mode: str  # "raw", "chat" or "auto"
+    system: str | None
+    stop: tuple[str, ...]
+    dtype: str
+    context: int | None
+    stats_json: Path | None
+
+
+def run_command(o: RunOptions) -> None:
+    err = Console(stderr=True)
+    model = _load(o, err)
+    try:
+        chat = o.mode == "chat" or (o.mode == "auto" and model.tokenizer.chat_template)
+        if o.mode == "chat" and not model.tokenizer.chat_template:
+            raise CakeError("this model has no chat template; use --raw")
+        if o.prompt is None and sys.stdin.isatty():
+            _interactive(model, o, err)
+            return
+        prompt = o.prompt if o.prompt is not None else sys.stdin.read()
+        if chat:
+            pieces = model.chat(_messages(o.system, [], prompt), **_kwargs(o))
+        else:
+            pieces = model.generate(prompt, **_kwargs(o))
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        _report(model, model.stats, o, err)
+    finally:
+        model.close()
+
+
+def _load(o: RunOptions, err: Console) -> cake.Model:
+    with Progress(
+        TextColumn("loading"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tensors"),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("load", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return cake.load(
+            o.model,
+            backend=o.backend,
+            dtype=o.dtype,
+            max_context=o.context,
+            progress=progress,
+        )
+
+
+def _kwargs(o: RunOptions) -> dict:
+    return dict(
+        max_tokens=o.max_tokens,
+        temperature=o.temperature,
+        top_k=o.top_k,
+        top_p=o.top_p,
+        min_p=o.min_p,
+        repetition_penalty=o.repetition_penalty,
+        seed=o.seed,
+        stop=o.stop,
+    )
+
+
+def _messages(system: str | None, history: list[dict], prompt: str) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system else []
+    return head + history + [{"role": "user", "content": prompt}]
+
+
+def _interactive(model: cake.Model, o: RunOptions, err: Console) -> None:
+    if not model.tokenizer.chat_template:
+        raise CakeError(
+            "interactive mode needs a chat template; pass a PROMPT with --raw"
+        )
+    err.print("[dim]chat with the model; an empty line or Ctrl-D ends[/dim]")
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        reply = []
+        for piece in model.chat(_messages(o.system, history, line), **_kwargs(o)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history += [
+            {"role": "user", "content": line},
+            {"role": "assistant", "content": "".join(reply)},
+        ]
+        _report(model, model.stats, o, err)
+
+
+def _report(
+    model: cake.Model, st: GenerationStats, o: RunOptions, err: Console
+) -> None:
+    info = model.info
+    if st.stop_reason == "context":
+        err.print(
+            f"cake: stopped: the context of {model.pipeline.max_context} tokens is full"
+        )
+    print(
+        f"cake: {info.backend} on {info.device} ({info.dtype}): "
+        f"prompt {st.prompt_tokens} tok at {st.prompt_tokens_per_s:.1f} tok/s, "
+        f"decode {st.decode_tokens} tok at {st.decode_tokens_per_s:.1f} tok/s, "
+        f"first token {st.first_token_s:.2f} s, load {info.load_s:.1f} s",
+        file=sys.stderr,
+    )
+    if o.stats_json:
+        data = {
+            "backend": info.backend,
+            "device": info.device,
+            "dtype": info.dtype,
+            "load_s": info.load_s,
+            **st.as_dict(),
+        }
+        try:
+            o.stats_json.write_text(json.dumps(data, indent=1) + "\n")
+        except OSError as e:
+            raise CakeError(f"cannot write {o.stats_json}: {e}") from None

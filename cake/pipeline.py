@@ -1,0 +1,156 @@
+"""Stage protocol and Pipeline: an ordered list of stages from token ids to logits.
+
+A stage is anything with `shard`, `forward(x, step)` and `release(seq_ids)`: a
+backend's StageModel in this process, or (later) a RemoteStage speaking to a
+worker. The pipeline does not care which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from cake.backends.base import Step, get_backend
+from cake.config import ModelConfig
+from cake.errors import CakeError
+from cake.shard import Shard
+from cake.weights.names import shard_tensor_names
+from cake.weights.source import TensorSource
+
+
+class Stage(Protocol):
+    shard: Shard
+
+    def forward(self, x: np.ndarray, step: Step) -> np.ndarray: ...
+
+    def release(self, seq_ids: Sequence[int]) -> None: ...
+
+
+class Pipeline:
+    """Stages covering embed, layers [0, n) in order, and head."""
+
+    def __init__(self, stages: Sequence[Stage], max_context: int) -> None:
+        if not stages:
+            raise CakeError("a pipeline needs at least one stage")
+        first, last = stages[0].shard, stages[-1].shard
+        if not first.embed or not last.head:
+            raise CakeError("the first stage must own the embedding, the last the head")
+        expect = 0
+        for s in stages:
+            if s.shard.start != expect:
+                raise CakeError(
+                    f"stages do not cover the layers in order: expected a stage "
+                    f"starting at layer {expect}, got {s.shard.start}"
+                )
+            expect = s.shard.end
+        if expect != first.n_layers:
+            raise CakeError(f"stages end at layer {expect}, not {first.n_layers}")
+        self.stages = list(stages)
+        self.max_context = max_context
+
+    def forward(self, ids: np.ndarray, step: Step) -> np.ndarray:
+        """ids (B, L) int32 -> float32 logits, (B, V) or (B, L, V) if step.all_logits."""
+        x = ids
+        for stage in self.stages:
+            x = stage.forward(x, step)
+        return x
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        for stage in self.stages:
+            stage.release(seq_ids)
+
+
+class _CountingSource:
+    """A TensorSource that reports each tensor read, for a loading progress bar."""
+
+    def __init__(self, inner: TensorSource, tick: Callable[[str], None]) -> None:
+        self._inner, self._tick = inner, tick
+
+    def keys(self) -> list[str]:
+        return self._inner.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._inner.shape(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._inner
+
+    def get(self, name: str) -> np.ndarray:
+        t = self._inner.get(name)
+        self._tick(name)
+        return t
+
+
+def load_local_stage(
+    config: ModelConfig,
+    shard: Shard,
+    tensors: TensorSource,
+    backend: str,
+    dtype: str,
+    *,
+    max_context: int,
+    max_sequences: int,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """Load `shard` on `backend`; `progress(done, total)` after each tensor read."""
+    names = shard_tensor_names(config, shard)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CakeError(f"the checkpoint lacks the tensor {missing[0]}{more}")
+    for n in names:
+        _check_shape(config, n, tensors.shape(n))
+    if progress is not None:
+        done = [0]
+
+        def tick(_name: str) -> None:
+            done[0] += 1
+            progress(done[0], len(names))
+
+        tensors = _CountingSource(tensors, tick)
+    be = get_backend(backend)
+    return be.load(
+        config,
+        shard,
+        tensors,
+        dtype,
+        max_context=max_context,
+        max_sequences=max_sequences,
+    )
+
+
+def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
+    c = config
+    d, hd = c.hidden_size, c.head_dim
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    table = {
+        "model.embed_tokens.weight": (c.vocab_size, d),
+        "lm_head.weight": (c.vocab_size, d),
+        "model.norm.weight": (d,),
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.q_norm.weight": (hd,),
+        "self_attn.k_norm.weight": (hd,),
+        "mlp.gate_proj.weight": (c.intermediate_size, d),
+        "mlp.up_proj.weight": (c.intermediate_size, d),
+        "mlp.down_proj.weight": (d, c.intermediate_size),
+    }
+    key = name.split(".", 3)[3] if name.startswith("model.layers.") else name
+    return table.get(key)
+
+
+def _check_shape(config: ModelConfig, name: str, shape: tuple[int, ...]) -> None:
+    want = expected_shape(config, name)
+    if want is not None and tuple(shape) != want:
+        raise CakeError(
+            f"tensor {name} has shape {tuple(shape)} but the config implies {want}"
+        )

@@ -1,0 +1,256 @@
+"""GGUF checkpoints (llama.cpp) of the llama architecture as a TensorSource.
+
+The file is memory-mapped by `gguf.GGUFReader`; a tensor is read and decoded
+only when `get` asks for it. Names are mapped to Hugging Face names, shapes are
+(out, in) as in PyTorch, and Q/K projections are un-permuted from llama.cpp's
+rotary layout back to Hugging Face's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from cake.config import ModelConfig
+from cake.errors import ModelError
+
+Q = GGMLQuantizationType
+_FLOAT = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: ml_dtypes.bfloat16}
+_QUANT = (Q.Q8_0, Q.Q4_0, Q.Q4_1)  # dequantized to float32
+
+_TOP = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if
+    the tensor has no Hugging Face counterpart (e.g. `rope_freqs.weight`)."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _TOP:
+        return f"{_TOP[base]}.{suffix}"
+    m = _BLOCK.fullmatch(base)
+    if m and m[2] in _LAYER:
+        return f"model.layers.{m[1]}.{_LAYER[m[2]]}.{suffix}"
+    return None
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """Memory-map a GGUF file; any unreadable file becomes a one-line ModelError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"no GGUF file at {path}")
+    try:
+        return GGUFReader(path, "r")
+    except Exception as e:  # gguf/numpy raise ValueError, IndexError, OSError, ...
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelError(
+            f"{path} is not a valid GGUF file ({why}); it may be truncated or "
+            "corrupt: download or convert it again"
+        ) from None
+
+
+def _meta(reader: GGUFReader, key: str, default: Any = ...) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is ...:
+            raise ModelError(f"GGUF metadata lacks {key!r}: the file is incomplete")
+        return default
+    return field.contents()
+
+
+def _architecture(reader: GGUFReader) -> str:
+    arch = _meta(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelError(
+            f"GGUF architecture {arch!r} is not supported: cake reads llama GGUFs"
+        )
+    return arch
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's `LlamaModel.permute` on the rows of a Q or K projection.
+
+    llama.cpp rotates adjacent pairs (2i, 2i+1) of each head; Hugging Face
+    rotates halves (i, i + head_dim/2). The converter reordered each head's
+    rows from (2, head_dim/2) to (head_dim/2, 2); swap them back.
+    """
+    half = w.shape[0] // n_head // 2
+    # (n_head, head_dim/2, 2, in) -> (n_head, 2, head_dim/2, in)
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(
+    head_dim: int,
+    theta: float,
+    factor: float,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_position_embeddings: int = 8192,
+) -> np.ndarray:
+    """The (head_dim/2,) frequency divisors llama.cpp stores as `rope_freqs.weight`."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    old = original_max_position_embeddings
+    smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen > old / low_freq_factor, factor, mid)
+    return np.where(wavelen < old / high_freq_factor, 1.0, out).astype(np.float32)
+
+
+def _rope_scaling(
+    reader: GGUFReader, arch: str, head_dim: int, theta: float
+) -> dict[str, Any] | None:
+    kind = _meta(reader, f"{arch}.rope.scaling.type", None)
+    old = _meta(reader, f"{arch}.rope.scaling.original_context_length", 8192)
+    if kind and kind != "none":  # linear, yarn: ModelConfig rejects them by name
+        factor = _meta(reader, f"{arch}.rope.scaling.factor", 1.0)
+        return {
+            "rope_type": kind,
+            "factor": factor,
+            "original_max_position_embeddings": old,
+        }
+    stored = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if stored is None:
+        return None
+    # Llama 3.1+: llama.cpp stores the computed divisors, not the parameters.
+    # Recover them as the published defaults with the largest divisor as factor,
+    # and refuse a file whose divisors those do not reproduce.
+    got = np.asarray(stored.data, dtype=np.float32).reshape(-1)
+    params = {"factor": float(got.max()), "original_max_position_embeddings": old}
+    want = llama3_rope_factors(head_dim, theta, **params)
+    if want.shape != got.shape or not np.allclose(want, got, rtol=1e-4):
+        raise ModelError(
+            "GGUF rope_freqs.weight does not match Llama 3 rope scaling with "
+            "low/high frequency factors 1 and 4: cake cannot run this file"
+        )
+    return {"rope_type": "llama3", **params}
+
+
+def gguf_config(path_or_reader: str | Path | GGUFReader) -> ModelConfig:
+    """Build the ModelConfig of a llama GGUF from its metadata."""
+    if isinstance(path_or_reader, GGUFReader):
+        reader = path_or_reader
+    else:
+        reader = open_gguf(path_or_reader)
+    a = _architecture(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    hidden = int(_meta(reader, f"{a}.embedding_length"))
+    n_heads = int(_meta(reader, f"{a}.attention.head_count"))
+    head_dim = int(
+        _meta(reader, f"{a}.attention.key_length", None)
+        or _meta(reader, f"{a}.rope.dimension_count", None)
+        or hidden // n_heads
+    )
+    theta = float(_meta(reader, f"{a}.rope.freq_base", 10000.0))
+    if "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[1])  # ne = (hidden, vocab)
+    elif "tokenizer.ggml.tokens" in reader.fields:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    else:
+        vocab = int(_meta(reader, f"{a}.vocab_size"))
+    eos = [
+        int(v)
+        for k in ("eos_token_id", "eot_token_id", "eom_token_id")
+        if (v := _meta(reader, f"tokenizer.ggml.{k}", None)) is not None
+    ]
+    file_type = _meta(reader, "general.file_type", 0)
+    d = {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(_meta(reader, f"{a}.feed_forward_length")),
+        "num_hidden_layers": int(_meta(reader, f"{a}.block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(
+            _meta(reader, f"{a}.attention.head_count_kv", n_heads)
+        ),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(
+            _meta(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+        ),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(reader, a, head_dim, theta),
+        "max_position_embeddings": int(_meta(reader, f"{a}.context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": list(dict.fromkeys(eos)),
+        # llama_ftype: 1 = mostly F16, 32 = mostly BF16; quantized files decode to F32
+        "torch_dtype": {1: "float16", 32: "bfloat16"}.get(file_type, "float32"),
+    }
+    return ModelConfig.from_dict(d)
+
+
+class GGUFSource:
+    """Lazy TensorSource over a llama GGUF file, speaking Hugging Face names.
+
+    F32/F16/BF16 tensors come back in their dtype (BF16 as ml_dtypes.bfloat16);
+    Q8_0/Q4_0/Q4_1 come back dequantized to float32; other types raise
+    ModelError when read. `config` is the file's ModelConfig.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._reader = open_gguf(self.path)
+        self.config = gguf_config(self._reader)
+        self._tensors = {
+            hf: t for t in self._reader.tensors if (hf := hf_name(t.name)) is not None
+        }
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def _tensor(self, name: str) -> Any:
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelError(f"{self.path} has no tensor {name!r}")
+        return t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # GGUF lists ne[0] (the innermost, contiguous dim) first: reverse it.
+        return tuple(int(n) for n in reversed(self._tensor(name).shape.tolist()))
+
+    def get(self, name: str) -> np.ndarray:
+        t = self._tensor(name)
+        shape = self.shape(name)
+        kind = t.tensor_type
+        if kind in _FLOAT:
+            # The reader exposes BF16 as raw bytes (rows, 2*cols): view as bfloat16.
+            w = np.array(t.data.view(_FLOAT[kind]).reshape(shape))
+        elif kind in _QUANT:
+            w = dequantize(t.data, kind).reshape(shape)
+        else:
+            raise ModelError(
+                f"GGUF tensor {t.name!r} has type {kind.name}, which cake cannot "
+                f"read: use a file quantized as F32, F16, BF16, Q8_0, Q4_0 or Q4_1"
+            )
+        if ".self_attn.q_proj." in name:
+            w = _unpermute(w, self.config.num_attention_heads)
+        elif ".self_attn.k_proj." in name:
+            w = _unpermute(w, self.config.num_key_value_heads)
+        return w

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from cake.errors import CakeError
+from cake.generate import _StopMatcher
+from cake.sampling import Sampler, SamplingParams, apply_repetition_penalty
+
+LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], np.float32))
+
+
+def draw(params: SamplingParams, n: int = 2000) -> np.ndarray:
+    s = Sampler(params)
+    return np.array([s(LOGITS) for _ in range(n)])
+
+
+def test_greedy_is_argmax():
+    assert Sampler(SamplingParams(temperature=0))(np.array([0.1, 3.0, -1.0])) == 1
+
+
+def test_same_seed_same_tokens_and_different_seed_differs():
+    p = SamplingParams(temperature=1.0, min_p=0.0, seed=7)
+    a, b = draw(p, 200), draw(p, 200)
+    assert (a == b).all()
+    c = draw(SamplingParams(temperature=1.0, min_p=0.0, seed=8), 200)
+    assert (a != c).any()
+
+
+def test_temperature_one_follows_the_distribution():
+    toks = draw(SamplingParams(temperature=1.0, min_p=0.0, seed=0), 20000)
+    freq = np.bincount(toks, minlength=5) / toks.size
+    np.testing.assert_allclose(freq, np.exp(LOGITS), atol=0.015)
+
+
+def test_top_k_top_p_min_p_restrict_the_support():
+    assert set(draw(SamplingParams(1.0, top_k=2, min_p=0.0, seed=0))) == {0, 1}
+    # mass 0.5, 0.7, 0.85: top-p 0.8 keeps the three most likely tokens
+    assert set(draw(SamplingParams(1.0, top_p=0.8, min_p=0.0, seed=0))) == {0, 1, 2}
+    # min-p 0.35: keep p >= 0.175
+    assert set(draw(SamplingParams(1.0, min_p=0.35, seed=0))) == {0, 1}
+
+
+def test_repetition_penalty_follows_hf_rule():
+    out = apply_repetition_penalty(np.array([2.0, -2.0, 1.0], np.float32), [0, 1, 1], 2.0)
+    np.testing.assert_allclose(out, [1.0, -4.0, 1.0])
+
+
+def test_bad_parameters_are_cake_errors():
+    for kw in ({"temperature": -1}, {"top_p": 0}, {"min_p": 2}, {"top_k": -1}):
+        with pytest.raises(CakeError):
+            SamplingParams(**kw)
+
+
+def test_stop_matcher_holds_back_a_partial_stop_string():
+    m = _StopMatcher(["</s>"])
+    assert m.push("Hello <") == ("Hello ", False)
+    assert m.push("/") == ("", False)
+    assert m.push("s> more") == ("", True)
+    m = _StopMatcher(["END"])
+    assert m.push("E") == ("", False)
+    assert m.push("x") == ("Ex", False)
+    assert m.push("E", final=True) == ("E", False)
