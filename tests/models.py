@@ -44,23 +44,33 @@ ARCHS: dict[str, dict] = {
 }
 
 
-def hf_config(arch: str):
+def hf_config(arch: str, **overrides):
     import transformers
 
-    kw = {**_BASE, **ARCHS[arch]}
+    kw = {**_BASE, **ARCHS[arch], **overrides}
     mt = kw.pop("model_type")
     return transformers.AutoConfig.for_model(mt, **kw)
 
 
 def make_checkpoint(
-    arch: str, folder: Path, *, dtype: str = "float32", shards: int = 1, seed: int = 0
+    arch: str,
+    folder: Path,
+    *,
+    dtype: str = "float32",
+    shards: int = 1,
+    seed: int = 0,
+    **overrides,
 ) -> Path:
-    """Write a random tiny model of `arch` (see ARCHS) to `folder` and return it."""
+    """Write a random tiny model of `arch` (see ARCHS) to `folder` and return it.
+
+    `overrides` replace config fields (e.g. vocab_size=49152 to pair the model with
+    SmolLM2's tokenizer).
+    """
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch))
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **overrides))
     with torch.no_grad():  # larger than init so that layers matter in the logits
         for p in model.parameters():
             p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
