@@ -7,7 +7,6 @@ import os
 from typing import ClassVar
 
 from cake.backends.base import DeviceInfo
-
 from cake.config import ModelConfig
 from cake.shard import Shard
 from cake.weights import TensorSource

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import ml_dtypes
 import mlx.core as mx
 import numpy as np
-from cake.backends.base import DeviceInfo, Step
 
+from cake.backends.base import DeviceInfo, Step
 from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import check_step, dtype_of

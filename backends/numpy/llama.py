@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from cake.backends.base import DeviceInfo, Step
 
+from cake.backends.base import DeviceInfo, Step
 from cake.config import ModelConfig
 from cake.kv import check_step, dtype_of
 from cake.rope import rope_cos_sin, rope_inv_freq
