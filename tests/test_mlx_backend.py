@@ -14,7 +14,6 @@ pytest.importorskip("mlx.core")
 
 from cake.backends import Step, get_backend  # noqa: E402
 from cake.backends.mlx.llama import _SeqCache, to_mx, to_numpy  # noqa: E402
-
 from cake.errors import CakeError, ContextLengthError  # noqa: E402
 from cake.kv import CacheFullError  # noqa: E402
 from cake.shard import Shard  # noqa: E402

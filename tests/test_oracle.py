@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cake.backends import Step, available_backends, get_backend
 
+from cake.backends import Step, available_backends, get_backend
 from cake.shard import Shard
 from cake.weights.checkpoint import open_checkpoint
 from tests.models import ARCHS, hf_reference, make_checkpoint
