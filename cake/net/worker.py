@@ -1,0 +1,388 @@
+"""The worker: serves forward requests for its layers over a ZeroMQ ROUTER socket.
+
+One thread answers one request at a time; libzmq's I/O thread answers heartbeats
+meanwhile. KV caches are kept per (connection, master sequence id): a connection
+is a master session, and its caches are released when it asks, or when it
+disconnects (a socket-monitor event names the connection's file descriptor,
+which each received message carries as ZMQ_SRCFD). Any malformed message gets an
+error reply and the worker goes on; message sizes are capped by MAXMSGSIZE.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from cake.backends.base import StageModel, Step
+from cake.config import ModelConfig
+from cake.errors import CakeError, ContextLengthError, NetworkError
+from cake.kv import CacheFullError, dtype_of
+from cake.net import keys as curve
+from cake.net.protocol import (
+    E_CACHE_FULL,
+    E_CONTEXT,
+    E_INTERNAL,
+    E_POSITION,
+    FORWARD,
+    HELLO,
+    MAX_HEADER,
+    PING,
+    PROTOCOL_VERSION,
+    RELEASE,
+    ProtocolError,
+    array_from_frame,
+    decode_header,
+    encode_header,
+    error_header,
+    format_ranges,
+    int_list,
+    payload,
+    step_from_header,
+)
+
+DEFAULT_BIND = "tcp://127.0.0.1:10128"
+HEARTBEAT_IVL_MS = 500  # ZMTP PINGs, answered by libzmq's I/O thread
+HEARTBEAT_TIMEOUT_MS = 2000  # a silent peer is disconnected after this
+HWM = 64  # queued messages per peer: bounds the memory a flood can take
+MAX_FRAMES = 3  # routing id, header, activation
+
+
+def heartbeat(sock: zmq.Socket) -> None:
+    sock.heartbeat_ivl = HEARTBEAT_IVL_MS
+    sock.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+    sock.heartbeat_ttl = 2 * HEARTBEAT_TIMEOUT_MS
+
+
+def check_bind(address: str, secure: bool, insecure: bool) -> None:
+    """Without Curve keys a worker binds to loopback only, unless `insecure`."""
+    if not address.startswith("tcp://"):
+        raise NetworkError(f"bind address {address!r} must look like tcp://HOST:PORT")
+    host = address[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if secure or loopback:
+        return
+    if not insecure:
+        raise NetworkError(
+            f"refusing to bind {address} without keys: anyone who reaches it could "
+            "use this worker; pass --secret-key and --allow-keys (see `cake keys`), "
+            "or --insecure on a network you trust"
+        )
+    print(
+        f"cake worker: WARNING: serving {address} without encryption or "
+        "authentication (--insecure)",
+        file=sys.stderr,
+    )
+
+
+@dataclass
+class WorkerServer:
+    """Answers hello/forward/release/ping for `stages` (one per layer range)."""
+
+    name: str
+    config: ModelConfig
+    stages: dict[tuple[int, int], StageModel]
+    fingerprint: str
+    dtype: str
+    backend: str
+    context: int
+    max_sequences: int
+    sock: zmq.Socket | None = None
+    # (connection routing id, master seq id) -> our seq id, the one the stages see
+    _seqs: dict[tuple[bytes, int], int] = field(default_factory=dict)
+    # (layer range, our seq id) -> tokens in that stage's cache
+    _length: dict[tuple[tuple[int, int], int], int] = field(default_factory=dict)
+    _next_seq: int = 0
+    _bad: int = 0
+    _auth: Any = None
+    _mon: zmq.Socket | None = None
+    _fd: dict[bytes, int] = field(default_factory=dict)  # connection -> its socket fd
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return sorted(self.stages)
+
+    @property
+    def max_message(self) -> int:
+        """The largest frame a legal request can need: a full batch of full contexts."""
+        item = dtype_of(self.dtype).itemsize
+        act = self.max_sequences * self.context * self.config.hidden_size * item
+        return max(MAX_HEADER, act)
+
+    def bind(
+        self,
+        address: str = DEFAULT_BIND,
+        *,
+        keys: tuple[bytes, bytes] | None = None,
+        allow: Path | None = None,
+        ctx: zmq.Context | None = None,
+    ) -> str:
+        """Bind the ROUTER socket; returns the endpoint actually bound."""
+        ctx = ctx or zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.maxmsgsize = self.max_message
+        sock.rcvhwm = sock.sndhwm = HWM
+        sock.linger = 1000  # let the last reply leave on shutdown
+        heartbeat(sock)
+        if keys is not None:
+            self._auth = curve.start_authenticator(ctx, allow)
+            curve.make_server(sock, *keys)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            self.close()
+            raise NetworkError(
+                f"cannot bind {address}: {e}; is another worker running there? "
+                "choose another --bind"
+            ) from None
+        self.sock = sock
+        self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        return sock.last_endpoint.decode()
+
+    def serve(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Answer requests until `stop()` is true (checked between requests)."""
+        assert self.sock is not None, "bind first"
+        self.sock.rcvtimeo = 200  # how often `stop` is looked at when idle
+        while not stop():
+            try:
+                first = self.sock.recv(copy=False)
+            except zmq.Again:
+                self._drain_disconnects()
+                continue
+            except zmq.ZMQError as e:
+                if e.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                    break
+                raise
+            # Disconnects first: a new connection may reuse a closed one's fd.
+            self._drain_disconnects()
+            self._serve_one(first)
+
+    def close(self) -> None:
+        if self._mon is not None:
+            self.sock.disable_monitor()
+            self._mon.close(0)
+            self._mon = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    # --- one message ----------------------------------------------------------
+
+    def _serve_one(self, first: zmq.Frame) -> None:
+        sock = self.sock
+        frames, more = [first], first.more  # Frame.more: no getsockopt per frame
+        while more:
+            f = sock.recv(copy=False)
+            more = f.more
+            if len(frames) <= MAX_FRAMES:  # keep one extra to report the count
+                frames.append(f)
+        peer = frames[0].bytes
+        self._fd[peer] = frames[-1].get(zmq.SRCFD)
+        reply = self.handle(peer, frames[1:])
+        sock.send_multipart([peer, *reply], copy=False)
+
+    def handle(self, peer: bytes, frames: Sequence[Any]) -> list:
+        """The reply frames to one request from `peer` (frames after the routing id)."""
+        rid = None
+        try:
+            if not frames:
+                raise ProtocolError("empty message")
+            header = decode_header(frames[0])
+            rid = header["id"]
+            op = header["op"]
+            if op == FORWARD:
+                return self._forward(peer, header, frames)
+            if len(frames) != 1:
+                raise ProtocolError(f"a {op!r} request has 1 frame, got {len(frames)}")
+            if op == HELLO:
+                return [encode_header(self._hello(rid))]
+            if op == RELEASE:
+                self._release(peer, int_list(header, "seq_ids"))
+                return [
+                    encode_header({"op": RELEASE, "v": PROTOCOL_VERSION, "id": rid})
+                ]
+            if op == PING:
+                return [encode_header({"op": PING, "v": PROTOCOL_VERSION, "id": rid})]
+            raise ProtocolError(f"unknown op {op[:40]!r}")
+        except ProtocolError as e:
+            self._log_bad(str(e))
+            return [encode_header(error_header(rid, e.code, str(e)))]
+        except Exception as e:  # a backend bug must not stop the worker
+            traceback.print_exc(file=sys.stderr)
+            return [encode_header(error_header(rid, E_INTERNAL, f"worker failed: {e}"))]
+
+    def _hello(self, rid: int) -> dict:
+        stage = self.stages[self.ranges[0]]
+        return {
+            "op": HELLO,
+            "v": PROTOCOL_VERSION,
+            "id": rid,
+            "name": self.name,
+            "layers": [list(r) for r in self.ranges],
+            "n_layers": self.config.num_hidden_layers,
+            "model_type": self.config.model_type,
+            "hidden_size": self.config.hidden_size,
+            "fingerprint": self.fingerprint,
+            "backend": self.backend,
+            "device": {"kind": stage.device.kind, "name": stage.device.name},
+            "dtype": self.dtype,
+            "context": self.context,
+            "max_sequences": self.max_sequences,
+        }
+
+    def _forward(self, peer: bytes, header: dict, frames: Sequence[Any]) -> list:
+        if len(frames) != 2:
+            raise ProtocolError(f"a forward request has 2 frames, got {len(frames)}")
+        layers = header.get("layers")
+        key = tuple(layers) if isinstance(layers, list) else None
+        if key not in self.stages:
+            raise ProtocolError(
+                f"layers {layers!r}: this worker serves {format_ranges(self.ranges)}"
+            )
+        step = step_from_header(header)
+        if header.get("dtype") != self.dtype:
+            raise ProtocolError(
+                f"activation dtype {header.get('dtype')!r}: this worker runs {self.dtype}"
+            )
+        want = (step.batch, step.max_len, self.config.hidden_size)
+        x = array_from_frame(frames[1], header.get("dtype"), header.get("shape"), want)
+        if not x.flags.writeable:  # ZeroMQ frames are; bytes (in tests) are not
+            x = x.copy()
+        seqs = [(peer, s) for s in step.seq_ids]
+        new = [s for s in seqs if s not in self._seqs]
+        if len(self._seqs) + len(new) > self.max_sequences:
+            raise ProtocolError(
+                f"worker {self.name!r} is full: it holds {len(self._seqs)} sequences, "
+                f"at most {self.max_sequences} (--max-sequences)",
+                E_CACHE_FULL,
+            )
+        for s, pos, n in zip(seqs, step.positions, step.lengths, strict=True):
+            have = self._length.get((key, self._seqs[s]), 0) if s in self._seqs else 0
+            if pos > have:
+                raise ProtocolError(
+                    f"sequence {s[1]} holds {have} tokens here, not {pos}", E_POSITION
+                )
+            if pos + n > self.context:
+                raise ProtocolError(
+                    f"sequence {s[1]} needs {pos + n} positions but worker "
+                    f"{self.name!r} holds {self.context} (--context)",
+                    E_CONTEXT,
+                )
+        for s in new:
+            self._seqs[s] = self._next_seq
+            self._next_seq += 1
+        ours = tuple(self._seqs[s] for s in seqs)
+        t0 = time.perf_counter()
+        try:
+            out = self.stages[key].forward(x, Step(ours, step.positions, step.lengths))
+        except Exception as e:
+            self._release(peer, [s[1] for s in new])
+            if isinstance(e, CacheFullError):
+                raise ProtocolError(str(e), E_CACHE_FULL) from None
+            if isinstance(e, ContextLengthError):
+                raise ProtocolError(str(e), E_CONTEXT) from None
+            if isinstance(e, CakeError):
+                raise ProtocolError(str(e)) from None
+            raise
+        for s, pos, n in zip(ours, step.positions, step.lengths, strict=True):
+            self._length[key, s] = pos + n
+        out = np.asarray(out)
+        if out.dtype != x.dtype:
+            out = out.astype(x.dtype)
+        reply = {
+            "op": FORWARD,
+            "v": PROTOCOL_VERSION,
+            "id": header["id"],
+            "dtype": self.dtype,
+            "shape": list(out.shape),
+            "compute_us": int((time.perf_counter() - t0) * 1e6),  # for hop costs
+        }
+        return [encode_header(reply), payload(out)]
+
+    def _release(self, peer: bytes, seq_ids: Sequence[int]) -> None:
+        ours = [self._seqs.pop((peer, s)) for s in seq_ids if (peer, s) in self._seqs]
+        if not ours:
+            return
+        for key, stage in self.stages.items():
+            stage.release(ours)
+            for s in ours:
+                self._length.pop((key, s), None)
+
+    def _drain_disconnects(self) -> None:
+        while self._mon.get(zmq.EVENTS) & zmq.POLLIN:
+            fd = recv_monitor_message(self._mon)["value"]
+            for peer in [p for p, f in self._fd.items() if f == fd]:
+                del self._fd[peer]
+                self._release(peer, [s for p, s in self._seqs if p == peer])
+
+    def _log_bad(self, message: str) -> None:
+        self._bad += 1
+        n = self._bad
+        if n <= 10 or n % 1000 == 0:
+            print(f"cake worker: bad request #{n}: {message[:200]}", file=sys.stderr)
+
+
+def load_worker(
+    model: str | Path,
+    ranges: Sequence[tuple[int, int]],
+    *,
+    name: str = "worker",
+    backend: str = "auto",
+    dtype: str = "auto",
+    context: int | None = None,
+    max_sequences: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> WorkerServer:
+    """Load only `ranges` (half-open) of the model at `model` on `backend`."""
+    from cake.api import DEFAULT_CONTEXT, resolve_dtype
+    from cake.backends.base import auto_backend
+    from cake.net.protocol import fingerprint
+    from cake.pipeline import load_local_stage
+    from cake.shard import Shard
+    from cake.weights.checkpoint import open_checkpoint
+
+    config, tensors = open_checkpoint(model)
+    n = config.num_hidden_layers
+    dtype = resolve_dtype(dtype, tensors, config)
+    ctx = context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+    if backend == "auto":
+        backend = auto_backend()
+    stages = {
+        (a, b): load_local_stage(
+            config,
+            Shard(a, b, n),
+            tensors,
+            backend,
+            dtype,
+            max_context=ctx,
+            max_sequences=max_sequences,
+            progress=progress,
+        )
+        for a, b in ranges
+    }
+    return WorkerServer(
+        name=name,
+        config=config,
+        stages=stages,
+        fingerprint=fingerprint(config, list(stages), tensors),
+        dtype=dtype,
+        backend=backend,
+        context=ctx,
+        max_sequences=max_sequences,
+    )
