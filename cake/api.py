@@ -109,6 +109,15 @@ class Model:
                 close()
 
 
+def _tokenizer_for(path: Path, tensors) -> Tokenizer:
+    reader = getattr(tensors, "reader", None)
+    if reader is not None:  # a GGUF: its metadata holds the vocabulary
+        from cake.tokenizer_vocab import gguf_tokenizer
+
+        return gguf_tokenizer(reader)
+    return load_tokenizer(path)
+
+
 def resolve_dtype(dtype: str, tensors, config: ModelConfig) -> str:
     """'auto' means the checkpoint's own dtype (quantized GGUF: float32)."""
     if dtype != "auto":
@@ -152,7 +161,7 @@ def load(
     t0 = time.perf_counter()
     path = Path(path) if path is not None else default_model_path()
     config, tensors = open_checkpoint(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = _tokenizer_for(path, tensors)
     dtype = resolve_dtype(dtype, tensors, config)
     ctx = max_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
     name = backend

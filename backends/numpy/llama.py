@@ -137,7 +137,9 @@ class NumpyLlamaStage:
         vals = cache.v[j, : pos + n]
         rep = nh // nkv
         keys, vals = np.repeat(keys, rep, axis=1), np.repeat(vals, rep, axis=1)
-        scores = np.einsum("qhd,khd->hqk", q, keys) / np.sqrt(hd)  # (nh, n, T)
+        # a float32 scale: a NumPy float64 scalar would promote everything after it
+        scale = np.float32(1.0 / np.sqrt(hd))
+        scores = np.einsum("qhd,khd->hqk", q, keys) * scale  # (nh, n, T)
         qpos = np.arange(pos, pos + n)[:, None]
         kpos = np.arange(pos + n)[None, :]
         allowed = kpos <= qpos

@@ -17,10 +17,10 @@ def open_checkpoint(path: str | Path) -> tuple[ModelConfig, TensorSource]:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"{path} is neither a model folder nor a .gguf file")
-        from cake.weights.gguf import GGUFSource, gguf_config
+        from cake.weights.gguf import GGUFSource
 
         source = GGUFSource(path)
-        return gguf_config(path), source
+        return source.config, source
     from cake.weights.safetensors import SafetensorsSource
 
     config = ModelConfig.from_file(path / "config.json")

@@ -215,6 +215,7 @@ class GGUFSource:
         self.path = Path(path)
         self._reader = open_gguf(self.path)
         self.config = gguf_config(self._reader)
+        self.reader = self._reader  # shared with the tokenizer: parse the file once
         self._tensors = {
             hf: t for t in self._reader.tensors if (hf := hf_name(t.name)) is not None
         }
