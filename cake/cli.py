@@ -82,9 +82,23 @@ def run(
     topology: Annotated[
         Path | None,
         typer.Option(
-            help="Topology YAML: workers run their layers, the master the rest."
+            help="Topology YAML: workers run their layers, the master the rest; "
+            "'auto': probe --workers, plan and run the plan."
         ),
     ] = None,
+    workers: Annotated[
+        str | None,
+        typer.Option(
+            help="With --topology auto: HOST:PORT,... (or a topology file, for "
+            "its hosts and public keys)."
+        ),
+    ] = None,
+    bench_timeout: Annotated[
+        float,
+        typer.Option(
+            "--bench-timeout", min=1.0, help="Seconds one worker's probe may take."
+        ),
+    ] = 300.0,
     retry_timeout: Annotated[
         float,
         typer.Option(
@@ -122,6 +136,8 @@ def run(
             topology=topology,
             retry_timeout=retry_timeout,
             client_key=client_key,
+            workers=workers,
+            bench_timeout=bench_timeout,
         )
     )
 
@@ -135,7 +151,11 @@ def worker(
         ),
     ] = None,
     layers: Annotated[
-        str | None, typer.Option(help="Layers to serve, inclusive: A-B, e.g. 0-13.")
+        str | None,
+        typer.Option(
+            help="Layers to serve, inclusive: A-B, e.g. 0-13 (default: none until "
+            "a master assigns them)."
+        ),
     ] = None,
     name: Annotated[
         str | None, typer.Option(help="This worker's name in --topology.")
@@ -171,7 +191,10 @@ def worker(
         typer.Option("--insecure", help="Allow a non-loopback bind without keys."),
     ] = False,
 ) -> None:
-    """Serve a range of layers to masters over ZeroMQ until Ctrl-C or SIGTERM."""
+    """Serve a range of layers to masters over ZeroMQ until Ctrl-C or SIGTERM.
+
+    Without --layers or --name the worker waits for a master to assign its layers
+    (`cake run --topology auto --workers ...`)."""
     from cake.cli_worker import WorkerOptions, worker_command
 
     worker_command(

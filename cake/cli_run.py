@@ -36,6 +36,8 @@ class RunOptions:
     topology: Path | None = None
     retry_timeout: float = 30.0
     client_key: Path | None = None
+    workers: str | None = None  # with topology "auto"
+    bench_timeout: float = 300.0
 
 
 def run_command(o: RunOptions) -> None:
@@ -64,6 +66,13 @@ def run_command(o: RunOptions) -> None:
 
 
 def _load(o: RunOptions, err: Console) -> cake.Model:
+    topology: str | Path | None = o.topology
+    if o.topology is not None and str(o.topology) == "auto":
+        topology = "auto"
+        if not o.workers:
+            raise CakeError("--topology auto needs --workers HOST:PORT,...")
+    elif o.workers:
+        raise CakeError("--workers goes with --topology auto")
     with Progress(
         TextColumn("loading"),
         BarColumn(),
@@ -83,9 +92,11 @@ def _load(o: RunOptions, err: Console) -> cake.Model:
             dtype=o.dtype,
             max_context=o.context,
             progress=progress,
-            topology=o.topology,
+            topology=topology,
             retry_timeout=o.retry_timeout,
             client_key=o.client_key,
+            workers=o.workers,
+            bench_timeout=o.bench_timeout,
         )
 
 

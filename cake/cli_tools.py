@@ -3,7 +3,6 @@ cake.plan and cake.split. `register(app)` adds them to the typer app."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,34 +29,14 @@ def _pair(v: tuple[float, float]) -> str:
 
 def _workers(topology: Path | None, workers: str | None) -> list:
     """WorkerSpecs to probe, from a topology file or HOST:PORT,... (named so)."""
-    from cake.topology import WorkerSpec, load_topology
+    from cake.net.bench import worker_specs
+    from cake.topology import load_topology
 
     if topology is not None and workers is not None:
         raise CakeError("give --topology or --workers, not both")
     if topology is not None:
         return list(load_topology(topology).workers)
-    specs = []
-    for item in (workers or "").split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise CakeError(f"bad worker {item.strip()!r} in --workers: use HOST:PORT")
-        host = host.strip("[]")
-        shown = f"[{host}]" if ":" in host else host
-        specs.append(WorkerSpec(item.strip(), host, int(port), f"tcp://{shown}:{port}"))
-    return specs
-
-
-def _probe_workers():
-    if importlib.util.find_spec("cake.net.bench") is not None:
-        from cake.net import bench as net_bench
-
-        fn = getattr(net_bench, "probe_workers", None)
-        if fn is not None:
-            return fn
-    raise CakeError(
-        "remote probing needs the network layer (cake.net.bench.probe_workers), "
-        "which this install lacks: probe each machine with `cake bench` there"
-    )
+    return worker_specs(workers)
 
 
 def bench_command(
@@ -94,15 +73,25 @@ def bench_command(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write every figure here as JSON.")
     ] = None,
+    client_key: Annotated[
+        Path | None,
+        typer.Option("--client-key", help="This master's NAME.key_secret (cake keys)."),
+    ] = None,
+    bench_timeout: Annotated[
+        float,
+        typer.Option(
+            "--bench-timeout", min=1.0, help="Seconds one worker's probe may take."
+        ),
+    ] = 300.0,
 ) -> None:
     """Measure each device: time per layer, memory, and (workers) the network."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from cake.bench import profile_local, save_profiles, synthetic_config
+    from cake.net.bench import probe_workers
 
     remote = _workers(topology, workers) if topology or workers else []
-    probe_remote = _probe_workers() if remote else None
     if model is not None:
         from cake.weights.checkpoint import open_checkpoint
 
@@ -136,6 +125,22 @@ def bench_command(
                 trackers[device] = tracker(device)
             trackers[device](phase, done, total)
 
+        local = tracker(name)
+        # The workers first: an unreachable one fails before the local probe.
+        others = (
+            probe_workers(
+                remote,
+                synthetic=None if model is not None else synthetic,
+                context=context,
+                layers=layers,
+                dtype=dtype,
+                progress=remote_progress,
+                client_key=client_key,
+                bench_timeout=bench_timeout,
+            )
+            if remote
+            else []
+        )
         profiles = [
             profile_local(
                 backend,
@@ -146,18 +151,10 @@ def bench_command(
                 dtype=dtype,
                 name=name,
                 label=label,
-                progress=tracker(name),
-            )
+                progress=local,
+            ),
+            *others,
         ]
-        if probe_remote is not None:
-            profiles += probe_remote(
-                remote,
-                synthetic=None if model is not None else synthetic,
-                context=context,
-                layers=layers,
-                dtype=dtype,
-                progress=remote_progress,
-            )
     _print_profiles(profiles, config.num_hidden_layers)
     if json_path is not None:
         save_profiles(json_path, profiles)

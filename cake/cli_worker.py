@@ -1,4 +1,7 @@
-"""`cake worker` and `cake keys`: serve a range of layers; create CurveZMQ keys."""
+"""`cake worker` and `cake keys`: serve a range of layers; create CurveZMQ keys.
+
+Without --layers and --name a worker loads no layers: it waits for a master to
+assign them (`cake run --topology auto`, or any topology naming its address)."""
 
 from __future__ import annotations
 
@@ -34,17 +37,17 @@ def worker_command(o: WorkerOptions) -> None:
     from cake.shard import parse_layer_range
     from cake.weights.checkpoint import open_checkpoint
 
-    if (o.layers is None) == (o.name is None):
+    if o.layers is not None and o.name is not None:
         raise CakeError("give either --layers A-B or --name NAME with --topology FILE")
     if o.name is not None and o.topology is None:
         raise CakeError("--name needs --topology FILE")
     model = o.model or default_model_path()
     config, _ = open_checkpoint(model)
     n = config.num_hidden_layers
-    spec = None
+    spec, ranges = None, None  # None: a master assigns the layers
     if o.layers is not None:
         ranges = [parse_layer_range(o.layers, n)]
-    else:
+    elif o.name is not None:
         from cake.topology import load_topology, validate_topology
 
         topo = load_topology(o.topology)
@@ -95,12 +98,18 @@ def worker_command(o: WorkerOptions) -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         endpoint = server.bind(bind, keys=keys, allow=allow)
-        dev = server.stages[server.ranges[0]].device
+        dev = server.device
         security = "curve" + (" + allowed keys" if allow else "") if keys else "no keys"
+        what = (
+            f"layers {format_ranges(server.ranges)}"
+            if ranges is not None
+            else "no layers yet, a master assigns them"
+        )
+        upto = "" if ranges is not None else "up to "
         print(
-            f"cake worker: ready on {endpoint}: layers {format_ranges(server.ranges)} "
-            f"on {server.backend} ({dev.kind}:{dev.name}, {server.dtype}), "
-            f"context {server.context}, max sequences {server.max_sequences}, "
+            f"cake worker: ready on {endpoint}: {what} on {server.backend} "
+            f"({dev.kind}:{dev.name}, {server.dtype}), {upto}context "
+            f"{server.context}, {upto}max sequences {server.max_sequences}, "
             f"{security}",
             file=sys.stderr,
             flush=True,

@@ -14,8 +14,9 @@ from pathlib import Path
 from cake.config import ModelConfig
 from cake.errors import NetworkError
 from cake.net import keys as curve
+from cake.net.handshake import Expect
 from cake.net.protocol import fingerprint, format_ranges
-from cake.net.remote import Expect, RemoteStage, WorkerClient, _say
+from cake.net.remote import RemoteStage, WorkerClient, _say
 from cake.pipeline import Stage, load_local_stage
 from cake.shard import Shard
 from cake.weights.names import shard_tensor_names
@@ -31,9 +32,15 @@ def connect_workers(
     client_key: str | os.PathLike[str] | None = None,
     retry_timeout: float = 30.0,
     request_timeout: float = 300.0,
+    context: int = 0,
 ) -> dict[str, WorkerClient]:
-    """Connect to every worker of `topology` and check it; name -> client."""
+    """Connect to every worker of `topology` and check it; name -> client.
+
+    A worker that waits for layers (started without --layers) is sent a `load`
+    of its topology layers, with `context` positions (0: as many as it allows).
+    """
     keys = curve.load_secret_key(client_key) if client_key is not None else None
+    model = fingerprint(config, [], tensors)
     clients: dict[str, WorkerClient] = {}
     try:
         for w in topology.workers:
@@ -49,6 +56,8 @@ def connect_workers(
                 model_type=config.model_type,
                 n_layers=config.num_hidden_layers,
                 hidden_size=config.hidden_size,
+                model_fingerprint=model,
+                context=context,
             )
             server_key = curve.load_public_key(w.public_key) if w.public_key else None
             client = WorkerClient(

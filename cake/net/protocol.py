@@ -30,7 +30,8 @@ MAX_IDS = 4096  # entries in seq_ids / positions / lengths of one request
 
 # ops a master sends; a worker answers with the same op, or with "error"
 HELLO, FORWARD, RELEASE, PING, ERROR = "hello", "forward", "release", "ping", "error"
-OPS = (HELLO, FORWARD, RELEASE, PING)
+ECHO, BENCH, LOAD = "echo", "bench", "load"  # network probe, device probe, assign
+OPS = (HELLO, FORWARD, RELEASE, PING, ECHO, BENCH, LOAD)
 
 # error codes a worker sends back
 E_BAD_REQUEST = "bad_request"  # malformed message: the master has a bug or is hostile
@@ -39,6 +40,7 @@ E_CACHE_FULL = "cache_full"  # the worker holds --max-sequences sequences
 E_CONTEXT = "context"  # a sequence would pass the worker's --context
 E_POSITION = "position"  # the worker's cache does not hold what the step assumes
 E_INTERNAL = "internal"  # the backend failed
+E_ASSIGN = "assign"  # a load the worker refuses: fixed layers, or another master's
 
 
 class ProtocolError(NetworkError):
@@ -103,6 +105,16 @@ def int_list(header: dict[str, Any], key: str, lo: int = 0, hi: int = 2**62) -> 
     for i in v:
         if type(i) is not int or not lo <= i < hi:
             raise ProtocolError(f"'{key}' must hold integers in [{lo}, {hi})")
+    return v
+
+
+def int_field(
+    header: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None
+) -> int:
+    """header[key] as an int in [lo, hi] (`default` if absent), else ProtocolError."""
+    v = header.get(key, default)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise ProtocolError(f"'{key}' must be an integer in [{lo}, {hi}]")
     return v
 
 

@@ -1,7 +1,8 @@
 """The master's side: one DEALER socket per worker, and RemoteStage over it.
 
 A WorkerClient connects, checks the worker with a hello (protocol version, model
-fingerprint, layers, dtype), and sends one request at a time. A socket monitor
+fingerprint, layers, dtype; a worker waiting for layers is first sent a `load`,
+cake/net/handshake.py), and sends one request at a time. A socket monitor
 reports disconnects and failed Curve handshakes; ZMTP heartbeats find a peer that
 went silent. When a worker is lost, the client says so on stderr and waits up to
 `retry_timeout` seconds for it to come back at the same address; if it does, the
@@ -13,8 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from cake.backends.base import DeviceInfo, Step
 from cake.errors import ContextLengthError, NetworkError
 from cake.kv import DTYPES, CacheFullError
 from cake.net import keys as curve
+from cake.net.handshake import Expect, check_hello, ensure_layers
 from cake.net.protocol import (
     E_CACHE_FULL,
     E_CONTEXT,
@@ -37,7 +38,6 @@ from cake.net.protocol import (
     array_from_frame,
     decode_header,
     encode_header,
-    format_ranges,
     forward_header,
     payload,
 )
@@ -56,18 +56,6 @@ def _say(message: str) -> None:
     print(f"cake: {message}", file=sys.stderr, flush=True)
 
 
-@dataclass(frozen=True)
-class Expect:
-    """What the master requires of a worker, from its own checkpoint and topology."""
-
-    fingerprint: str
-    ranges: tuple[tuple[int, int], ...]
-    dtype: str
-    model_type: str
-    n_layers: int
-    hidden_size: int
-
-
 class WorkerClient:
     """A connection to one worker; `request` sends one message and awaits its reply."""
 
@@ -75,7 +63,7 @@ class WorkerClient:
         self,
         name: str,
         address: str,
-        expect: Expect,
+        expect: Expect | None,
         *,
         server_key: bytes | None = None,
         client_keys: tuple[bytes, bytes] | None = None,
@@ -100,9 +88,11 @@ class WorkerClient:
         return f"worker {self.name!r} at {self.address}"
 
     def connect(self) -> dict[str, Any]:
-        """Connect and hello, waiting up to retry_timeout for the worker to be up."""
+        """Connect and hello, waiting up to retry_timeout for the worker to be up.
+        With `expect` None nothing is checked (a probe of any worker)."""
         self._open()
-        self.info = self._hello(time.monotonic() + self.retry_timeout, announce=True)
+        deadline = time.monotonic() + self.retry_timeout
+        self.info = self._handshake(deadline, announce=True)
         return self.info
 
     def close(self) -> None:
@@ -113,11 +103,19 @@ class WorkerClient:
             self._sock = self._mon = None
 
     def request(
-        self, header: dict[str, Any], data: Any = None, *, recover: bool = True
+        self,
+        header: dict[str, Any],
+        data: Any = None,
+        *,
+        recover: bool = True,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> tuple[dict[str, Any], Any]:
         """Send `header` (+ `data` frame); return the reply header and its frame.
 
         recover=False: a lost worker raises NetworkError at once (no waiting).
+        timeout: seconds for this request (default request_timeout).
+        on_progress: called with the `progress` of interim replies (bench).
         """
         if self._sock is None:
             self._lost("it is not connected", recover)
@@ -128,7 +126,8 @@ class WorkerClient:
         rid = header["id"] = self._new_id()
         head = encode_header(header)
         self._sock.send_multipart([head] if data is None else [head, data], copy=False)
-        deadline = time.monotonic() + self.request_timeout
+        limit = self.request_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         while True:
             reply = self._recv()
             if reply is None:  # nothing for WAIT_MS: look at the connection
@@ -136,13 +135,17 @@ class WorkerClient:
                 if self._dropped:
                     self._lost("the connection dropped", recover)
                 if time.monotonic() > deadline:
-                    self._lost(f"no answer within {self.request_timeout:g} s", recover)
+                    self._lost(f"no answer within {limit:g} s", recover)
                 continue
             h = self._decode(reply[0])
             if h["id"] != rid:
                 continue  # a late reply to an abandoned request
             if h["op"] == ERROR:
                 self._raise_error(h, recover)
+            if "progress" in h and h["op"] == header["op"]:
+                if on_progress is not None and isinstance(h["progress"], dict):
+                    on_progress(h["progress"])
+                continue  # an interim reply; the answer follows
             return h, (reply[1] if len(reply) > 1 else None)
 
     def _recv(self) -> list | None:
@@ -222,8 +225,8 @@ class WorkerClient:
         def send() -> None:
             rid = self._new_id()
             sent.add(rid)
-            msg = {"op": HELLO, "v": PROTOCOL_VERSION, "id": rid,
-                   "fingerprint": self.expect.fingerprint}  # fmt: skip
+            fp = self.expect.fingerprint if self.expect else None
+            msg = {"op": HELLO, "v": PROTOCOL_VERSION, "id": rid, "fingerprint": fp}
             self._sock.send(encode_header(msg))
 
         send()
@@ -249,9 +252,14 @@ class WorkerClient:
                         raise NetworkError(
                             f"{self.who} refused the hello: {h.get('message')}"
                         )
-                    self._check_hello(h)
                     self._dropped = False
                     return h
+
+    def _handshake(self, deadline: float, announce: bool = False) -> dict[str, Any]:
+        """Hello, load the expected layers if the worker waits for some, check."""
+        h = ensure_layers(self, self._hello(deadline, announce))
+        check_hello(self, h)
+        return h
 
     def _no_hello_reason(self) -> str:
         if self.server_key is not None and not self._secured:
@@ -262,37 +270,6 @@ class WorkerClient:
         if not self._secured:
             return f"cannot reach {self.who}: is `cake worker` running there?"
         return f"{self.who} accepted the connection but did not answer the hello"
-
-    def _check_hello(self, h: dict[str, Any]) -> None:
-        e = self.expect
-        ranges = h.get("layers")
-        theirs = tuple(tuple(r) for r in ranges) if isinstance(ranges, list) else ()
-        if theirs != e.ranges:
-            raise NetworkError(
-                f"{self.who} serves layers {format_ranges(theirs)} but the topology "
-                f"gives it {format_ranges(e.ranges)}: restart it with --layers or "
-                "--name and --topology"
-            )
-        if h.get("fingerprint") != e.fingerprint:
-            diffs = [
-                f"{k} {h.get(k)!r} there, {v!r} here"
-                for k, v in (
-                    ("model_type", e.model_type),
-                    ("n_layers", e.n_layers),
-                    ("hidden_size", e.hidden_size),
-                )
-                if h.get(k) != v
-            ]
-            what = ", ".join(diffs) or "different tensor names or shapes"
-            raise NetworkError(
-                f"{self.who} runs a different model than the master ({what}): "
-                "start it with the same --model"
-            )
-        if h.get("dtype") != e.dtype:
-            raise NetworkError(
-                f"{self.who} runs {h.get('dtype')} but the master {e.dtype}: "
-                "start both with the same --dtype"
-            )
 
     def _decode(self, frame: Any) -> dict[str, Any]:
         try:
@@ -311,7 +288,7 @@ class WorkerClient:
         _say(f"lost {self.who} ({reason}); waiting up to {t:g} s for it to come back")
         self._open()
         try:
-            self.info = self._hello(time.monotonic() + t)
+            self.info = self._handshake(time.monotonic() + t)
         except NetworkError as e:
             raise NetworkError(
                 f"lost {self.who}: it did not come back within {t:g} s "

@@ -1,9 +1,11 @@
 """The worker: serves forward requests for its layers over a ZeroMQ ROUTER socket.
 
 One thread answers one request at a time; libzmq's I/O thread answers heartbeats
-meanwhile. KV caches are kept per (connection, master sequence id): a connection
-is a master session, and its caches are released when it asks, or when it
-disconnects (a socket-monitor event names the connection's file descriptor,
+meanwhile (also during a bench or a load, which take seconds to minutes). A
+worker started without layers holds none until a master assigns them (`load`,
+cake/net/worker_ops.py). KV caches are kept per (connection, master sequence id):
+a connection is a master session, and its caches are released when it asks, or
+when it disconnects (a socket-monitor event names the connection's file descriptor,
 which each received message carries as ZMQ_SRCFD). Any malformed message gets an
 error reply and the worker goes on; message sizes are capped by MAXMSGSIZE.
 """
@@ -23,18 +25,21 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from cake.backends.base import StageModel, Step
+from cake.backends.base import DeviceInfo, StageModel, Step, get_backend
 from cake.config import ModelConfig
 from cake.errors import CakeError, ContextLengthError, NetworkError
 from cake.kv import CacheFullError, dtype_of
 from cake.net import keys as curve
 from cake.net.protocol import (
+    BENCH,
     E_CACHE_FULL,
     E_CONTEXT,
     E_INTERNAL,
     E_POSITION,
+    ECHO,
     FORWARD,
     HELLO,
+    LOAD,
     MAX_HEADER,
     PING,
     PROTOCOL_VERSION,
@@ -49,6 +54,10 @@ from cake.net.protocol import (
     payload,
     step_from_header,
 )
+from cake.net.worker_ops import handle_bench, handle_load, load_worker
+from cake.weights.source import TensorSource
+
+__all__ = ["DEFAULT_BIND", "WorkerServer", "check_bind", "heartbeat", "load_worker"]
 
 DEFAULT_BIND = "tcp://127.0.0.1:10128"
 HEARTBEAT_IVL_MS = 500  # ZMTP PINGs, answered by libzmq's I/O thread
@@ -89,7 +98,8 @@ def check_bind(address: str, secure: bool, insecure: bool) -> None:
 
 @dataclass
 class WorkerServer:
-    """Answers hello/forward/release/ping for `stages` (one per layer range)."""
+    """Answers the protocol's ops for `stages` (one per layer range; none yet when
+    the worker waits for a master to assign its layers: `fixed` False)."""
 
     name: str
     config: ModelConfig
@@ -99,6 +109,12 @@ class WorkerServer:
     backend: str
     context: int
     max_sequences: int
+    tensors: TensorSource | None = None  # the checkpoint: for bench and load
+    label: str = ""  # the model, as a bench profile names it
+    fixed: bool = True  # started with --layers: a load may not change them
+    limit_context: int = 0  # the most a load may ask for (0: `context`)
+    limit_sequences: int = 0  # (0: `max_sequences`)
+    model_fingerprint: str = ""  # the config's alone, before any layers
     sock: zmq.Socket | None = None
     # (connection routing id, master seq id) -> our seq id, the one the stages see
     _seqs: dict[tuple[bytes, int], int] = field(default_factory=dict)
@@ -116,10 +132,19 @@ class WorkerServer:
 
     @property
     def max_message(self) -> int:
-        """The largest frame a legal request can need: a full batch of full contexts."""
+        """The largest frame a legal request can need: a full batch of full contexts
+        (for any layers and dtype a load may ask for, if it may)."""
+        seqs, ctx = self.max_sequences, self.context
         item = dtype_of(self.dtype).itemsize
-        act = self.max_sequences * self.context * self.config.hidden_size * item
-        return max(MAX_HEADER, act)
+        if not self.fixed:  # a load may ask for up to the limits, in float32
+            seqs, ctx, item = self.limit_sequences or seqs, self.limit_context or ctx, 4
+        return max(MAX_HEADER, seqs * ctx * self.config.hidden_size * item)
+
+    @property
+    def device(self) -> DeviceInfo:
+        if self.stages:
+            return self.stages[self.ranges[0]].device
+        return get_backend(self.backend).devices()[0]
 
     def bind(
         self,
@@ -208,10 +233,13 @@ class WorkerServer:
             op = header["op"]
             if op == FORWARD:
                 return self._forward(peer, header, frames)
+            if op == ECHO and len(frames) <= 2:  # the payload comes back as it came
+                head = {"op": ECHO, "v": PROTOCOL_VERSION, "id": rid}
+                return [encode_header(head), *frames[1:]]
             if len(frames) != 1:
                 raise ProtocolError(f"a {op!r} request has 1 frame, got {len(frames)}")
             if op == HELLO:
-                return [encode_header(self._hello(rid))]
+                return [encode_header(self.hello(rid))]
             if op == RELEASE:
                 self._release(peer, int_list(header, "seq_ids"))
                 return [
@@ -219,6 +247,10 @@ class WorkerServer:
                 ]
             if op == PING:
                 return [encode_header({"op": PING, "v": PROTOCOL_VERSION, "id": rid})]
+            if op == BENCH:
+                return [encode_header(handle_bench(self, peer, header))]
+            if op == LOAD:
+                return [encode_header(handle_load(self, peer, header))]
             raise ProtocolError(f"unknown op {op[:40]!r}")
         except ProtocolError as e:
             self._log_bad(str(e))
@@ -227,10 +259,17 @@ class WorkerServer:
             traceback.print_exc(file=sys.stderr)
             return [encode_header(error_header(rid, E_INTERNAL, f"worker failed: {e}"))]
 
-    def _hello(self, rid: int) -> dict:
-        stage = self.stages[self.ranges[0]]
+    def send_progress(self, peer: bytes, rid: int, progress: dict) -> None:
+        """An interim reply to a long request (bench): the master's display."""
+        if self.sock is not None:
+            head = {"op": BENCH, "v": PROTOCOL_VERSION, "id": rid, "progress": progress}
+            self.sock.send_multipart([peer, encode_header(head)])
+
+    def hello(self, rid: int, op: str = HELLO) -> dict:
+        """What the worker is (also the reply to a load)."""
+        dev = self.device
         return {
-            "op": HELLO,
+            "op": op,
             "v": PROTOCOL_VERSION,
             "id": rid,
             "name": self.name,
@@ -240,10 +279,16 @@ class WorkerServer:
             "hidden_size": self.config.hidden_size,
             "fingerprint": self.fingerprint,
             "backend": self.backend,
-            "device": {"kind": stage.device.kind, "name": stage.device.name},
+            "device": {"kind": dev.kind, "name": dev.name},
             "dtype": self.dtype,
             "context": self.context,
             "max_sequences": self.max_sequences,
+            "context_limit": self.limit_context or self.context,  # for a load
+            "sequences_limit": self.limit_sequences or self.max_sequences,
+            "assigned": bool(self.stages),
+            "fixed": self.fixed,
+            "model_fingerprint": self.model_fingerprint,
+            "max_message": self.max_message,
         }
 
     def _forward(self, peer: bytes, header: dict, frames: Sequence[Any]) -> list:
@@ -251,6 +296,11 @@ class WorkerServer:
             raise ProtocolError(f"a forward request has 2 frames, got {len(frames)}")
         layers = header.get("layers")
         key = tuple(layers) if isinstance(layers, list) else None
+        if not self.stages:
+            raise ProtocolError(
+                f"worker {self.name!r} holds no layers yet: a master assigns them "
+                "(`cake run --topology auto`, or a topology file)"
+            )
         if key not in self.stages:
             raise ProtocolError(
                 f"layers {layers!r}: this worker serves {format_ranges(self.ranges)}"
@@ -336,53 +386,3 @@ class WorkerServer:
         n = self._bad
         if n <= 10 or n % 1000 == 0:
             print(f"cake worker: bad request #{n}: {message[:200]}", file=sys.stderr)
-
-
-def load_worker(
-    model: str | Path,
-    ranges: Sequence[tuple[int, int]],
-    *,
-    name: str = "worker",
-    backend: str = "auto",
-    dtype: str = "auto",
-    context: int | None = None,
-    max_sequences: int = 4,
-    progress: Callable[[int, int], None] | None = None,
-) -> WorkerServer:
-    """Load only `ranges` (half-open) of the model at `model` on `backend`."""
-    from cake.api import DEFAULT_CONTEXT, resolve_dtype
-    from cake.backends.base import auto_backend
-    from cake.net.protocol import fingerprint
-    from cake.pipeline import load_local_stage
-    from cake.shard import Shard
-    from cake.weights.checkpoint import open_checkpoint
-
-    config, tensors = open_checkpoint(model)
-    n = config.num_hidden_layers
-    dtype = resolve_dtype(dtype, tensors, config)
-    ctx = context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
-    if backend == "auto":
-        backend = auto_backend()
-    stages = {
-        (a, b): load_local_stage(
-            config,
-            Shard(a, b, n),
-            tensors,
-            backend,
-            dtype,
-            max_context=ctx,
-            max_sequences=max_sequences,
-            progress=progress,
-        )
-        for a, b in ranges
-    }
-    return WorkerServer(
-        name=name,
-        config=config,
-        stages=stages,
-        fingerprint=fingerprint(config, list(stages), tensors),
-        dtype=dtype,
-        backend=backend,
-        context=ctx,
-        max_sequences=max_sequences,
-    )

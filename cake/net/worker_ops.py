@@ -1,0 +1,296 @@
+"""The worker's long ops, `bench` and `load`, and loading a worker.
+
+`bench` runs `cake.bench.profile_local` on the worker's own backend (its model's
+layers, or a synthetic shape) and answers with the DeviceProfile, sending
+progress replies meanwhile. `load` gives a worker that was started without
+layers the ones a master planned; a worker started with --layers keeps them.
+See docs/protocol.md. The server is a `cake.net.worker.WorkerServer` (not
+imported here: it imports this module).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cake.errors import CakeError
+from cake.kv import DTYPES
+from cake.net.protocol import (
+    BENCH,
+    E_ASSIGN,
+    LOAD,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    fingerprint,
+    format_ranges,
+    int_field,
+)
+
+if TYPE_CHECKING:
+    from cake.config import ModelConfig
+    from cake.net.worker import WorkerServer
+    from cake.weights.source import TensorSource
+
+MAX_BENCH_CONTEXT = 1 << 17  # positions a bench request may ask for
+PROBE_MEMORY_FRACTION = 0.5  # of the available memory a probe's layers may take
+MAX_RANGES = 64  # layer ranges in one load request
+PROGRESS_EVERY_S = 0.2  # interim bench replies at most this often
+
+
+def _say(message: str) -> None:
+    print(f"cake worker: {message}", file=sys.stderr, flush=True)
+
+
+def handle_bench(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> dict:
+    """Probe this worker's device; the reply carries `profile` (a DeviceProfile dict).
+
+    Fields: `synthetic` (a shape name, or null for the worker's own model),
+    `context`, `layers`, `dtype` ("auto" or a dtype), and optionally `short`,
+    `chunk`, `batch`, `repeats` (cake.bench.profile_local's parameters).
+    """
+    from cake.bench import SYNTHETIC, profile_local, synthetic_config
+
+    rid = header["id"]
+    synthetic = header.get("synthetic")
+    if synthetic is not None and synthetic not in SYNTHETIC:
+        raise ProtocolError(
+            f"'synthetic' must be null or one of {', '.join(SYNTHETIC)}"
+        )
+    dtype = header.get("dtype", "auto")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ProtocolError(f"'dtype' must be auto or one of {', '.join(DTYPES)}")
+    kw = dict(
+        context=int_field(header, "context", 2, MAX_BENCH_CONTEXT),
+        layers=int_field(header, "layers", 1, 8, 2),
+        short=int_field(header, "short", 1, MAX_BENCH_CONTEXT, 128),
+        chunk=int_field(header, "chunk", 1, MAX_BENCH_CONTEXT, 512),
+        batch=int_field(header, "batch", 1, 64, 8),
+        repeats=int_field(header, "repeats", 1, 10, 3),
+    )
+    if synthetic is not None:
+        config, tensors, label = (
+            synthetic_config(synthetic),
+            None,
+            f"synthetic {synthetic}",
+        )
+    else:
+        config, tensors, label = server.config, server.tensors, server.label
+        if tensors is None:
+            raise ProtocolError("this worker has no checkpoint to probe: ask synthetic")
+    kw["layers"] = layers_that_fit(
+        config, dtype, kw["context"], kw["batch"], server.backend, kw["layers"]
+    )
+    last = [0.0]
+
+    def progress(phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < PROGRESS_EVERY_S:
+            return
+        last[0] = now
+        server.send_progress(peer, rid, {"phase": phase, "done": done, "total": total})
+
+    _say(f"bench of {label} ({kw['layers']} layers, context {kw['context']})")
+    try:
+        p = profile_local(
+            server.backend,
+            config,
+            tensors,
+            dtype=dtype,
+            name=server.name,
+            label=label,
+            progress=progress,
+            **kw,
+        )
+    except CakeError as e:
+        raise ProtocolError(f"bench on worker {server.name!r} failed: {e}") from None
+    finally:
+        gc.collect()  # the probe's stage and caches
+    return {"op": BENCH, "v": PROTOCOL_VERSION, "id": rid, "profile": p.to_dict()}
+
+
+def layers_that_fit(
+    config: ModelConfig, dtype: str, context: int, batch: int, backend: str, want: int
+) -> int:
+    """`want` probe layers, fewer if they (with `batch` caches of `context`
+    positions) would take over half the device's available memory; at least 1."""
+    from cake.backends.base import get_backend
+    from cake.bench import available_memory
+    from cake.plan import model_sizes
+
+    s = model_sizes(config, "float32" if dtype == "auto" else dtype)
+    per_layer = s.layer_bytes + s.kv_bytes_per_token * context * batch
+    free = available_memory(get_backend(backend).devices()[0])
+    return max(1, min(want, int(PROBE_MEMORY_FRACTION * free // per_layer)))
+
+
+def _ranges(header: dict[str, Any], n: int) -> list[tuple[int, int]]:
+    v = header.get("layers")
+    if type(v) is not list or not 0 < len(v) <= MAX_RANGES:
+        raise ProtocolError(
+            f"'layers' must be a list of 1 to {MAX_RANGES} [a, b] pairs"
+        )
+    out = []
+    for r in v:
+        if (
+            type(r) is not list
+            or len(r) != 2
+            or not all(type(i) is int for i in r)
+            or not 0 <= r[0] < r[1] <= n
+        ):
+            raise ProtocolError(f"'layers' needs [a, b] pairs with 0 <= a < b <= {n}")
+        out.append((r[0], r[1]))
+    out.sort()
+    if any(b[0] < a[1] for a, b in zip(out, out[1:], strict=False)):
+        raise ProtocolError("'layers' overlap")
+    return out
+
+
+def handle_load(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> dict:
+    """Load `layers` ([[a, b], ...], half-open) with `dtype`, `context` and
+    `max_sequences`, unless the worker already holds exactly that; the reply is
+    the hello after loading. A fixed worker, or one serving another master's
+    sequences, refuses (`assign`)."""
+    rid = header["id"]
+    ranges = _ranges(header, server.config.num_hidden_layers)
+    dtype = header.get("dtype")
+    if dtype not in DTYPES:
+        raise ProtocolError(f"'dtype' must be one of {', '.join(DTYPES)}")
+    limit_ctx = server.limit_context or server.context
+    limit_seq = server.limit_sequences or server.max_sequences
+    context = int_field(header, "context", 1, 2**31)
+    max_sequences = int_field(header, "max_sequences", 1, 2**31)
+    same = ranges == server.ranges and dtype == server.dtype
+    if server.fixed:
+        if same and context <= server.context and max_sequences <= server.max_sequences:
+            return server.hello(rid, LOAD)
+        raise ProtocolError(
+            f"worker {server.name!r} was started with layers "
+            f"{format_ranges(server.ranges)} ({server.dtype}, context "
+            f"{server.context}) and serves only those, not "
+            f"{format_ranges(ranges)} ({dtype}, context {context}): restart it "
+            "without --layers and --name to let the master assign its layers",
+            E_ASSIGN,
+        )
+    if context > limit_ctx or max_sequences > limit_seq:
+        raise ProtocolError(
+            f"worker {server.name!r} holds at most {limit_ctx} positions and "
+            f"{limit_seq} sequences, not {context} and {max_sequences}: restart it "
+            "with a larger --context / --max-sequences, or lower --context",
+            E_ASSIGN,
+        )
+    if same and (context, max_sequences) == (server.context, server.max_sequences):
+        return server.hello(rid, LOAD)
+    others = {p for p, _ in server._seqs if p != peer}
+    if others:
+        raise ProtocolError(
+            f"worker {server.name!r} serves another master ({len(others)} "
+            "connection(s) with sequences): wait for it to finish",
+            E_ASSIGN,
+        )
+    server._release(peer, [s for p, s in list(server._seqs) if p == peer])
+    server.stages = {}  # free the old layers before loading the new ones
+    gc.collect()
+    _say(f"loading layers {format_ranges(ranges)} ({dtype}, context {context})")
+    t0 = time.perf_counter()
+    try:
+        stages = load_stages(
+            server.config, server.tensors, ranges, server.backend, dtype,
+            context, max_sequences,
+        )  # fmt: skip
+    except CakeError as e:
+        raise ProtocolError(
+            f"worker {server.name!r} cannot load: {e}", E_ASSIGN
+        ) from None
+    server.stages, server.dtype = stages, dtype
+    server.context, server.max_sequences = context, max_sequences
+    server.fingerprint = fingerprint(server.config, ranges, server.tensors)
+    dev = server.device
+    _say(
+        f"serving layers {format_ranges(ranges)} on {server.backend} "
+        f"({dev.kind}:{dev.name}, {dtype}), context {context}, max sequences "
+        f"{max_sequences}; loaded in {time.perf_counter() - t0:.1f} s"
+    )
+    return server.hello(rid, LOAD)
+
+
+def load_stages(
+    config: ModelConfig,
+    tensors: TensorSource,
+    ranges: Sequence[tuple[int, int]],
+    backend: str,
+    dtype: str,
+    context: int,
+    max_sequences: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """One stage per half-open range: (a, b) -> StageModel."""
+    from cake.pipeline import load_local_stage
+    from cake.shard import Shard
+
+    n = config.num_hidden_layers
+    return {
+        (a, b): load_local_stage(
+            config,
+            Shard(a, b, n),
+            tensors,
+            backend,
+            dtype,
+            max_context=context,
+            max_sequences=max_sequences,
+            progress=progress,
+        )
+        for a, b in ranges
+    }
+
+
+def load_worker(
+    model: str | Path,
+    ranges: Sequence[tuple[int, int]] | None,
+    *,
+    name: str = "worker",
+    backend: str = "auto",
+    dtype: str = "auto",
+    context: int | None = None,
+    max_sequences: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> WorkerServer:
+    """Load only `ranges` (half-open) of the model at `model` on `backend`.
+
+    ranges None: load nothing yet and wait for a master's `load`; `context` and
+    `max_sequences` are then the most a load may ask for.
+    """
+    from cake.api import DEFAULT_CONTEXT, resolve_dtype
+    from cake.backends.base import auto_backend
+    from cake.net.worker import WorkerServer
+    from cake.weights.checkpoint import open_checkpoint
+
+    config, tensors = open_checkpoint(model)
+    dtype = resolve_dtype(dtype, tensors, config)
+    ctx = context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+    if backend == "auto":
+        backend = auto_backend()
+    stages = {}
+    if ranges is not None:
+        stages = load_stages(
+            config, tensors, ranges, backend, dtype, ctx, max_sequences, progress
+        )
+    return WorkerServer(
+        name=name,
+        config=config,
+        stages=stages,
+        fingerprint=fingerprint(config, list(stages), tensors),
+        dtype=dtype,
+        backend=backend,
+        context=ctx,
+        max_sequences=max_sequences,
+        tensors=tensors,
+        label=Path(model).name,
+        fixed=ranges is not None,
+        limit_context=ctx,
+        limit_sequences=max_sequences,
+        model_fingerprint=fingerprint(config, [], tensors),
+    )
