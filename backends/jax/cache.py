@@ -1,0 +1,72 @@
+"""The KV cache pool of a JAX stage: fixed-shape device buffers, slots kept on the host.
+
+The buffer holds `max_sequences` slots x `max_context` positions for every layer
+and never changes shape, so a step compiles once per (batch, length bucket,
+cache bucket). Which slot a sequence uses and how many tokens it holds lives
+here, on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from cake.kv import CacheFullError
+
+# Attention reads at least this many cache positions: fewer, larger buckets.
+MIN_CACHE_BUCKET = 64
+
+
+def bucket(n: int, cap: int | None = None, floor: int = 1) -> int:
+    """The smallest power of two >= max(n, floor), capped at `cap`."""
+    b = max(floor, 1 << max(n - 1, 0).bit_length())
+    return min(b, cap) if cap is not None else b
+
+
+def allocate(
+    n_layers: int,
+    max_sequences: int,
+    n_kv: int,
+    max_context: int,
+    head_dim: int,
+    dtype: jnp.dtype,
+    device: jax.Device,
+) -> jax.Array:
+    """The zeroed KV buffer (n_layers, 2, max_sequences, n_kv, max_context, head_dim).
+
+    One buffer for every layer's k and v: one donated argument per step, not
+    two per layer (each argument costs host time at every dispatch).
+    """
+    shape = (n_layers, 2, max_sequences, n_kv, max_context, head_dim)
+    with jax.default_device(device):
+        return jnp.zeros(shape, dtype)
+
+
+class SlotPool:
+    """seq_id -> slot in the cache buffers, and how many tokens each sequence holds."""
+
+    def __init__(self, max_sequences: int) -> None:
+        self.free = list(range(max_sequences - 1, -1, -1))
+        self.slot: dict[int, int] = {}
+        self.length: dict[int, int] = {}
+
+    def acquire(self, seq_ids: Sequence[int]) -> list[int]:
+        """Slots for `seq_ids`, taking a free one for each sequence not yet held."""
+        new = [s for s in seq_ids if s not in self.slot]
+        if len(new) > len(self.free):
+            raise CacheFullError(
+                f"the KV cache is full: {len(self.slot)} sequences held; "
+                "release finished sequences first"
+            )
+        for s in new:
+            self.slot[s] = self.free.pop()
+            self.length[s] = 0
+        return [self.slot[s] for s in seq_ids]
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        for s in seq_ids:
+            if s in self.slot:
+                self.free.append(self.slot.pop(s))
+                del self.length[s]

@@ -1,0 +1,146 @@
+"""JaxLlamaStage: the host side of a JAX stage (NumPy in and out, slots, buckets)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cake.backends.base import DeviceInfo, Step
+from cake.backends.jax import cache as kvcache
+from cake.backends.jax.llama import load_params, stage_step
+from cake.config import ModelConfig
+from cake.errors import CakeError
+from cake.kv import check_step, dtype_of
+from cake.shard import Shard
+from cake.weights import TensorSource
+
+CAUSAL_CHUNK = 128  # query block of a prefill's attention, see llama.attention
+
+
+class JaxLlamaStage:
+    """Layers [shard.start, shard.end) of a llama-family model on one JAX device.
+
+    `trace_count` counts how often the step function was traced (compiled):
+    once per batch size, prefill-length bucket and cache-length bucket.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        shard: Shard,
+        tensors: TensorSource,
+        dtype: str,
+        max_context: int,
+        max_sequences: int,
+        device: DeviceInfo,
+        jax_device: jax.Device,
+    ) -> None:
+        if max_context < 1 or max_sequences < 1:
+            raise CakeError("max_context and max_sequences must be at least 1")
+        self.config, self.shard, self.dtype, self.device = config, shard, dtype, device
+        self.max_context, self.max_sequences = max_context, max_sequences
+        self._jax_device = jax_device
+        model_dtype = dtype_of(dtype)
+        # XLA on the CPU turns a bfloat16/float16 matrix-vector product into a
+        # full conversion of the weight matrix per call (measured ~5 tokens/s on
+        # SmolLM2-135M), so there narrow weights are widened to float32 at load.
+        # GPUs and TPUs multiply them natively and keep them narrow.
+        on_cpu = jax_device.platform == "cpu"
+        store = np.dtype(np.float32) if on_cpu else model_dtype
+        self._params = load_params(
+            config,
+            shard,
+            tensors,
+            model_dtype,
+            store,
+            max_context,
+            put=lambda a: jax.device_put(a, jax_device),
+        )
+        self._cache = kvcache.allocate(
+            len(shard),
+            max_sequences,
+            config.num_key_value_heads,
+            max_context,
+            config.head_dim,
+            jnp.dtype(store),
+            jax_device,
+        )
+        self._slots = kvcache.SlotPool(max_sequences)
+        self.trace_count = 0
+        self._step = jax.jit(
+            self._traced_step,
+            static_argnames=("t_len", "all_logits", "causal_chunk"),
+            donate_argnames=("cache",),
+        )
+
+    def _traced_step(self, params, cache, x, slots, positions, lengths, **static):
+        self.trace_count += 1  # runs only while JAX traces, i.e. compiles
+        return stage_step(
+            params,
+            cache,
+            x,
+            slots,
+            positions,
+            lengths,
+            cfg=self.config,
+            embed=self.shard.embed,
+            head=self.shard.head,
+            out_dtype=self.dtype,
+            **static,
+        )
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        """Forget these sequences and free their cache slots (unknown ids are ignored)."""
+        self._slots.release(seq_ids)
+
+    def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
+        """See `cake.backends.base.StageModel`: NumPy in, NumPy out."""
+        cfg = self.config
+        x = np.asarray(x)
+        check_step(
+            step,
+            x,
+            self.shard,
+            cfg,
+            self._slots.length,
+            self.max_context,
+            self.max_sequences,
+        )
+        if self.shard.embed and x.size and (x.min() < 0 or x.max() >= cfg.vocab_size):
+            raise CakeError(
+                f"token ids must lie in [0, {cfg.vocab_size}): got {x.min()}..{x.max()}"
+            )
+        n = step.max_len
+        width = kvcache.bucket(n)  # prefill lengths padded to powers of two
+        ends = max(p + k for p, k in zip(step.positions, step.lengths, strict=True))
+        t_len = kvcache.bucket(
+            ends, cap=self.max_context, floor=kvcache.MIN_CACHE_BUCKET
+        )
+        if self.shard.embed:
+            xp = np.zeros((step.batch, width), np.int32)
+            xp[:, :n] = x
+        else:
+            xp = np.zeros((step.batch, width, cfg.hidden_size), dtype_of(self.dtype))
+            xp[:, :n] = x
+        slots = self._slots.acquire(step.seq_ids)
+        ints = [np.asarray(a, np.int32) for a in (slots, step.positions, step.lengths)]
+        out, self._cache = self._step(
+            self._params,
+            self._cache,
+            *jax.device_put([xp, *ints], self._jax_device),
+            t_len=t_len,
+            all_logits=step.all_logits,
+            # a prefill from position 0 skips the masked half of its attention
+            causal_chunk=CAUSAL_CHUNK
+            if width > CAUSAL_CHUNK and not any(step.positions)
+            else None,
+        )
+        for sid, pos, k in zip(step.seq_ids, step.positions, step.lengths, strict=True):
+            self._slots.length[sid] = pos + k
+        out = np.array(out)  # a private, writable NumPy copy: no JAX array leaks
+        if self.shard.head and not step.all_logits:
+            return out
+        return out[:, :n]

@@ -1,0 +1,197 @@
+"""JAX backend properties: batched = sequential, split = whole, bfloat16, compiles, caches."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+
+from cake.backends import Step  # noqa: E402
+from cake.backends.jax import JaxBackend  # noqa: E402
+from cake.backends.jax.cache import bucket  # noqa: E402
+from cake.errors import CakeError, ContextLengthError  # noqa: E402
+from cake.kv import CacheFullError  # noqa: E402
+from cake.shard import Shard  # noqa: E402
+from cake.weights.checkpoint import open_checkpoint  # noqa: E402
+from tests.models import make_checkpoint  # noqa: E402
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {
+        arch: make_checkpoint(arch, tmp_path_factory.mktemp(arch))
+        for arch in ("llama", "mistral", "qwen3")
+    }
+
+
+def load(folder, shard=None, dtype="float32", max_context=64, max_sequences=4):
+    config, tensors = open_checkpoint(folder)
+    if shard is None:
+        shard = Shard.whole(config.num_hidden_layers)
+    return JaxBackend().load(
+        config,
+        shard,
+        tensors,
+        dtype,
+        max_context=max_context,
+        max_sequences=max_sequences,
+    )
+
+
+def ids(n: int) -> list[int]:
+    return [int(t) for t in RNG.integers(3, 128, n)]
+
+
+def run(stage, batch: list[tuple[int, int, list[int]]]) -> list[np.ndarray]:
+    """One forward of (seq_id, position, new tokens) entries; each one's logits (n, V)."""
+    n = max(len(t) for _, _, t in batch)
+    x = np.zeros((len(batch), n), np.int32)
+    for b, (_, _, toks) in enumerate(batch):
+        x[b, : len(toks)] = toks
+    step = Step(
+        tuple(s for s, _, _ in batch),
+        tuple(p for _, p, _ in batch),
+        tuple(len(t) for _, _, t in batch),
+        all_logits=True,
+    )
+    out = stage.forward(x, step)
+    assert out.shape == (len(batch), n, 128) and out.dtype == np.float32
+    return [out[b, : len(t)] for b, (_, _, t) in enumerate(batch)]
+
+
+def test_devices_and_availability():
+    assert JaxBackend.is_available()
+    devs = JaxBackend.devices()
+    assert devs and devs[0].kind in ("cpu", "gpu", "tpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_batched_equals_sequential(folders, arch):
+    # three sequences, different prompt lengths; the second step mixes decode,
+    # a continued prefill and a new prompt; mistral's window (6) is crossed
+    a, b, c = ids(5), ids(9), ids(7)
+    steps = [
+        [(10, 0, a[:4]), (11, 0, b)],
+        [(10, 4, a[4:]), (11, 9, ids(3)), (12, 0, c)],
+        [(10, 5, ids(1)), (11, 12, ids(1)), (12, 7, ids(2))],
+    ]
+    batched = load(folders[arch])
+    together = [run(batched, s) for s in steps]
+    alone = load(folders[arch])
+    for i, s in enumerate(steps):
+        for j, entry in enumerate(s):
+            (single,) = run(alone, [entry])
+            np.testing.assert_allclose(together[i][j], single, atol=2e-5, rtol=1e-5)
+
+
+def test_split_equals_whole(folders):
+    folder = folders["qwen3"]
+    whole = load(folder)
+    parts = [
+        load(folder, Shard(0, 1, 3, embed=True)),
+        load(folder, Shard(1, 1, 3)),  # no layers: passes hidden through
+        load(folder, Shard(1, 3, 3, head=True)),
+    ]
+    prompt = np.array([ids(6)], np.int32)
+    for pos, x in [(0, prompt), (6, np.array([[7]], np.int32))]:
+        step = Step((0,), (pos,), (x.shape[1],), all_logits=True)
+        h = x
+        for p in parts:
+            h = p.forward(h, step)
+            # NumPy, owned and writable: no JAX array leaks out of a stage
+            assert type(h) is np.ndarray and h.flags.writeable
+            if not p.shard.head:
+                assert h.dtype == np.float32 and h.shape == (*x.shape, 64)
+        np.testing.assert_allclose(h, whole.forward(x, step), atol=2e-5, rtol=1e-5)
+
+
+def test_bfloat16_checkpoint_close_to_float32(tmp_path):
+    folder = make_checkpoint("llama", tmp_path / "bf16", dtype="bfloat16")
+    prompt = np.array([ids(8)], np.int32)
+    step = Step((0,), (0,), (8,))
+    ref = load(folder, dtype="float32").forward(prompt, step)
+    first = load(folder, Shard(0, 2, 3, embed=True), dtype="bfloat16")
+    last = load(folder, Shard(2, 3, 3, head=True), dtype="bfloat16")
+    h = first.forward(prompt, step)
+    assert h.dtype == ml_dtypes.bfloat16  # activations cross as the model dtype
+    logits = last.forward(h, step)
+    assert logits.dtype == np.float32 and logits.shape == (1, 128)
+    assert np.abs(logits - ref).max() < 2e-2 * np.abs(ref).max()
+
+
+def test_decode_compiles_once_per_bucket(folders):
+    stage = load(folders["llama"], max_context=128)
+    prompt = ids(4)
+    lg = stage.forward(np.array([prompt], np.int32), Step((0,), (0,), (4,)))
+    before = stage.trace_count
+    for pos in range(4, 44):  # positions 4..43: all in the 64-position bucket
+        tok = int(lg[0].argmax())
+        lg = stage.forward(np.array([[tok]], np.int32), Step((0,), (pos,), (1,)))
+    assert stage.trace_count - before <= 1
+    # crossing into the next cache bucket (128 positions) compiles once more
+    before = stage.trace_count
+    for pos in range(44, 70):
+        lg = stage.forward(np.array([[3]], np.int32), Step((0,), (pos,), (1,)))
+    assert stage.trace_count - before == 1
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
+    assert bucket(3, floor=64) == 64 and bucket(300, cap=256) == 256
+
+
+def test_release_frees_a_slot_and_full_cache_raises(folders):
+    stage = load(folders["mistral"], max_sequences=2)
+    fresh = load(folders["mistral"], max_sequences=2)
+    one = np.array([ids(5)], np.int32)
+    for sid in (1, 2):
+        stage.forward(one, Step((sid,), (0,), (5,)))
+    other = np.array([ids(7)], np.int32)
+    with pytest.raises(CacheFullError):
+        stage.forward(other, Step((3,), (0,), (7,)))
+    stage.release([1])
+    with pytest.raises(CakeError):  # released: its cache is gone
+        stage.forward(np.array([[5]], np.int32), Step((1,), (5,), (1,)))
+    # the reused slot holds seq 1's stale keys: they must not leak into seq 3
+    got = stage.forward(other, Step((3,), (0,), (7,), all_logits=True))
+    want = fresh.forward(other, Step((3,), (0,), (7,), all_logits=True))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_context_limits(folders):
+    stage = load(folders["llama"], max_context=16)
+    with pytest.raises(ContextLengthError):
+        stage.forward(np.array([ids(17)], np.int32), Step((0,), (0,), (17,)))
+    stage.forward(np.array([ids(16)], np.int32), Step((0,), (0,), (16,)))
+    with pytest.raises(ContextLengthError):
+        stage.forward(np.array([[5]], np.int32), Step((0,), (16,), (1,)))
+
+
+def test_long_prefill_matches_numpy(folders):
+    # 300 tokens from position 0: attention runs in causal query chunks; the
+    # sliding window (6) masks inside every chunk
+    arch = "mistral"
+    from cake.backends.numpy import NumpyBackend
+
+    config, tensors = open_checkpoint(folders[arch])
+    ref = NumpyBackend().load(
+        config,
+        Shard.whole(3),
+        tensors,
+        "float32",
+        max_context=320,
+        max_sequences=1,
+    )
+    stage = load(folders[arch], max_context=320, max_sequences=2)
+    prompt = np.array([ids(300)], np.int32)
+    step = Step((0,), (0,), (300,), all_logits=True)
+    want = ref.forward(prompt, step)
+    np.testing.assert_allclose(stage.forward(prompt, step), want, atol=1e-4, rtol=1e-4)
+    # the same prompt in two pieces: no chunking, the cache carries the rest
+    (a,) = run(stage, [(1, 0, prompt[0, :170].tolist())])
+    (b,) = run(stage, [(1, 170, prompt[0, 170:].tolist())])
+    np.testing.assert_allclose(np.concatenate([a, b]), want[0], atol=1e-4, rtol=1e-4)
