@@ -238,8 +238,11 @@ def test_run_topology_auto_spreads_layers(tiny, reference, procs):
 
 def test_api_auto_leaves_unhelpful_workers_untouched(tiny, reference, procs):
     ports = [free_port(), free_port()]
-    procs.extend(start_worker(tiny, None, p) for p in ports)
-    # the model is tiny: a hop costs more than the workers' layers would save
+    # workers slower than the master by 50 ms per forward, whatever the load on
+    # this machine: they cannot help, so the plan must leave them untouched
+    procs.extend(
+        start_worker(tiny, None, p, backend="slownumpy", delay=0.05) for p in ports
+    )
     m = cake.load(tiny, backend="numpy", topology="auto",
                   workers=[f"127.0.0.1:{p}" for p in ports])  # fmt: skip
     try:
