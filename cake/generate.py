@@ -132,22 +132,26 @@ class Generator:
         came back after a failure) everything is replayed from position 0, so the
         result is the same as without the failure.
         """
-        ids = self._cached[:pos] + list(tokens)
-        for _ in range(MAX_REPLAYS + 1):
-            try:
-                logits = None
-                while pos < len(ids):
-                    chunk = ids[pos : pos + PREFILL_CHUNK]
-                    logits = self._forward(chunk, pos)
-                    pos += len(chunk)
-                    self._cached = ids[:pos]
-                return logits
-            except StageReset:
-                pos = 0
-        raise NetworkError(
-            f"a worker lost its caches {MAX_REPLAYS + 1} times in one step; "
-            "check the workers' logs"
-        )
+        ids = self._cached  # grown in place: no copy of the history per token
+        del ids[pos:]
+        ids.extend(tokens)
+        try:
+            for _ in range(MAX_REPLAYS + 1):
+                try:
+                    logits = None
+                    while pos < len(ids):
+                        chunk = ids[pos : pos + PREFILL_CHUNK]
+                        logits = self._forward(chunk, pos)
+                        pos += len(chunk)
+                    return logits
+                except StageReset:
+                    pos = 0
+            raise NetworkError(
+                f"a worker lost its caches {MAX_REPLAYS + 1} times in one step; "
+                "check the workers' logs"
+            )
+        finally:
+            del ids[pos:]  # keep exactly what the stages hold, even after an error
 
     def _forward(self, tokens: list[int], pos: int) -> np.ndarray:
         step = Step((self.seq_id,), (pos,), (len(tokens),))

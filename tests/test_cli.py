@@ -25,8 +25,11 @@ def tiny(tmp_path_factory) -> Path:
 
 def cake(*args: str, stdin: str | None = None, timeout: float = 240):
     return subprocess.run(
-        [sys.executable, "-m", "cake", *args], input=stdin, capture_output=True,
-        text=True, timeout=timeout,
+        [sys.executable, "-m", "cake", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -41,23 +44,51 @@ def assert_one_line_error(r, *words: str) -> None:
 
 def test_stdout_carries_only_the_generated_text(tiny, tmp_path):
     stats = tmp_path / "s.json"
-    r = cake("run", "--model", str(tiny), "--backend", "numpy", "--raw",
-             "--temperature", "0", "--max-tokens", "5", "--stats-json", str(stats),
-             "Hello world")
+    r = cake(
+        "run",
+        "--model",
+        str(tiny),
+        "--backend",
+        "numpy",
+        "--raw",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "5",
+        "--stats-json",
+        str(stats),
+        "Hello world",
+    )
     assert r.returncode == 0, r.stderr
     assert "Hello world" not in r.stdout and "tok/s" not in r.stdout
     assert "tok/s" in r.stderr
     s = json.loads(stats.read_text())
     assert s["decode_tokens"] == 5 and s["prompt_tokens"] == 2
     # same seed, same sampled output
-    args = ["run", "--model", str(tiny), "--backend", "numpy", "--raw", "--seed", "3",
-            "--temperature", "1.0", "--max-tokens", "6", "Hello world"]
+    args = [
+        "run",
+        "--model",
+        str(tiny),
+        "--backend",
+        "numpy",
+        "--raw",
+        "--seed",
+        "3",
+        "--temperature",
+        "1.0",
+        "--max-tokens",
+        "6",
+        "Hello world",
+    ]
     assert cake(*args).stdout == cake(*args).stdout
 
 
 def test_missing_model_path():
-    assert_one_line_error(cake("run", "--model", "/nonexistent/model", "hi"),
-                          "/nonexistent/model", "does not exist")
+    assert_one_line_error(
+        cake("run", "--model", "/nonexistent/model", "hi"),
+        "/nonexistent/model",
+        "does not exist",
+    )
 
 
 def test_unsupported_model_type(tiny, tmp_path):
@@ -74,12 +105,19 @@ def test_missing_tensor_and_wrong_shape(tiny, tmp_path):
 
     tensors = load_file(tiny / "model.safetensors")
     for case, mutate, words in [
-        ("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
-         ["model.layers.1.mlp.up_proj.weight"]),
-        ("shape", lambda t: t.__setitem__(
-            "model.layers.0.self_attn.k_proj.weight",
-            t["model.layers.0.self_attn.k_proj.weight"][:-1]),
-         ["model.layers.0.self_attn.k_proj.weight", "shape"]),
+        (
+            "missing",
+            lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+            ["model.layers.1.mlp.up_proj.weight"],
+        ),
+        (
+            "shape",
+            lambda t: t.__setitem__(
+                "model.layers.0.self_attn.k_proj.weight",
+                t["model.layers.0.self_attn.k_proj.weight"][:-1],
+            ),
+            ["model.layers.0.self_attn.k_proj.weight", "shape"],
+        ),
     ]:
         folder = tmp_path / case
         folder.mkdir()
@@ -94,8 +132,17 @@ def test_missing_tensor_and_wrong_shape(tiny, tmp_path):
 
 
 def test_prompt_longer_than_context(tiny):
-    r = cake("run", "--model", str(tiny), "--backend", "numpy", "--raw",
-             "--context", "8", "one two three four five six seven eight nine ten")
+    r = cake(
+        "run",
+        "--model",
+        str(tiny),
+        "--backend",
+        "numpy",
+        "--raw",
+        "--context",
+        "8",
+        "one two three four five six seven eight nine ten",
+    )
     assert_one_line_error(r, "context")
 
 
@@ -115,3 +162,17 @@ def test_not_a_model_file(tmp_path):
     g = tmp_path / "weights.bin"
     g.write_bytes(b"\0" * 10)
     assert_one_line_error(cake("run", "--model", str(g), "hi"), "gguf")
+
+
+def test_cached_prefix_reuse_gives_the_fresh_result(tiny):
+    import cake
+
+    m = cake.load(tiny, backend="numpy")
+    "".join(m.generate("Hello world, this is", max_tokens=5, temperature=0))
+    again = "".join(
+        m.generate("Hello world, this is a test", max_tokens=5, temperature=0)
+    )
+    fresh = cake.load(tiny, backend="numpy")
+    assert again == "".join(
+        fresh.generate("Hello world, this is a test", max_tokens=5, temperature=0)
+    )
