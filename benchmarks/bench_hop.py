@@ -21,17 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import zmq
+from procs import ECHO_SERVER, free_port, start
 
 from cake.backends.base import Step
 from cake.net.protocol import (
@@ -53,39 +52,6 @@ SMOL = dict(
     intermediate_size=64,
     num_hidden_layers=2,
 )
-ECHO_PROC = """
-import sys, zmq
-s = zmq.Context().socket(zmq.ROUTER)
-s.bind(sys.argv[1])
-print("ready", flush=True)
-while True:
-    f = s.recv_multipart(copy=False)
-    s.send_multipart(f, copy=False)
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], ready: str, timeout: float = 120) -> subprocess.Popen:
-    """A child process, returned once `ready` shows up on its stdout/stderr."""
-    p = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
-    )
-    t0, lines = time.monotonic(), []
-    while time.monotonic() - t0 < timeout:
-        line = p.stdout.readline()
-        if not line and p.poll() is not None:
-            break
-        lines.append(line)
-        if ready in line:
-            threading.Thread(target=p.stdout.read, daemon=True).start()
-            return p
-    p.kill()
-    raise SystemExit(f"{args[:4]} did not start:\n{''.join(lines[-20:])}")
 
 
 def cake_hops(stage: RemoteStage, n: int, out: list[tuple[float, float]]) -> None:
@@ -155,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             procs.append(start(cmd, "ready on"))
             procs.append(
                 start(
-                    [sys.executable, "-c", ECHO_PROC, f"tcp://127.0.0.1:{eport}"],
+                    [sys.executable, "-c", ECHO_SERVER, f"tcp://127.0.0.1:{eport}"],
                     "ready",
                 )
             )

@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import zmq
+from procs import ECHO_SERVER, free_port, start
 
 import cake
 from cake.api import default_model_path
@@ -41,40 +39,6 @@ from cake.net.remote import RemoteStage
 from cake.weights.checkpoint import open_checkpoint
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a cake."}]
-ECHO = """
-import sys, zmq
-s = zmq.Context().socket(zmq.ROUTER)
-s.bind(sys.argv[1])
-print("ready", flush=True)
-while True:
-    f = s.recv_multipart(copy=False)
-    s.send_multipart(f, copy=False)
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], ready: str, timeout: float = 600) -> subprocess.Popen:
-    """A child process, returned once `ready` shows up on its stderr/stdout."""
-    p = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    t0 = time.monotonic()
-    lines = []
-    while time.monotonic() - t0 < timeout:
-        line = p.stdout.readline()
-        if not line and p.poll() is not None:
-            break
-        lines.append(line)
-        if ready in line:
-            threading.Thread(target=lambda: p.stdout.read(), daemon=True).start()
-            return p
-    p.kill()
-    raise SystemExit(f"{args[:4]} did not start:\n{''.join(lines[-20:])}")
 
 
 def start_worker(model: Path, a: int, b: int, port: int, backend: str):
@@ -118,7 +82,7 @@ class BareEcho:
     def __init__(self, header: bytes, nbytes: int) -> None:
         port = free_port()
         self.proc = start(
-            [sys.executable, "-c", ECHO, f"tcp://127.0.0.1:{port}"], "ready"
+            [sys.executable, "-c", ECHO_SERVER, f"tcp://127.0.0.1:{port}"], "ready"
         )
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)

@@ -29,13 +29,14 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from procs import free_port
 
 import cake
 from cake.api import default_model_path
@@ -46,12 +47,6 @@ from cake.plan import even_split
 from cake.topology import Topology
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a cake."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_worker(model: Path, port: int, backend: str, context: int):

@@ -1,0 +1,47 @@
+"""Child processes for the network benchmarks: free ports, waiting for readiness,
+and a bare ZeroMQ echo server to compare cake's hops with."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a bare ROUTER that sends every message back: `python -c ECHO_SERVER tcp://...`
+ECHO_SERVER = """
+import sys, zmq
+s = zmq.Context().socket(zmq.ROUTER)
+s.bind(sys.argv[1])
+print("ready", flush=True)
+while True:
+    f = s.recv_multipart(copy=False)
+    s.send_multipart(f, copy=False)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], ready: str, timeout: float = 600) -> subprocess.Popen:
+    """A child process, returned once `ready` shows up on its stdout/stderr."""
+    p = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+    )
+    t0, lines = time.monotonic(), []
+    while time.monotonic() - t0 < timeout:
+        line = p.stdout.readline()
+        if not line and p.poll() is not None:
+            break
+        lines.append(line)
+        if ready in line:  # keep draining so the child never blocks on a full pipe
+            threading.Thread(target=p.stdout.read, daemon=True).start()
+            return p
+    p.kill()
+    raise SystemExit(f"{args[:4]} did not start:\n{''.join(lines[-20:])}")
