@@ -54,6 +54,11 @@ def check_step(
         raise CakeError(
             f"input of shape {tuple(x.shape)} does not match the step {want}"
         )
+    if shard.embed and x.size and (x.min() < 0 or x.max() >= config.vocab_size):
+        raise CakeError(
+            f"token ids must be in [0, {config.vocab_size}): got "
+            f"{x.min()}..{x.max()}; is the tokenizer the model's own?"
+        )
     new = [s for s in step.seq_ids if s not in cached]
     if len(cached) + len(new) > max_sequences:
         raise CacheFullError(
