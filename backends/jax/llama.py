@@ -10,91 +10,20 @@ in float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cake.backends.jax.params import Params
 from cake.config import ModelConfig
-from cake.rope import rope_cos_sin, rope_inv_freq
-from cake.shard import Shard
-from cake.weights import TensorSource
 
-Params = dict[str, Any]  # pytree of arrays, see `load_params`
 # KV cache: one buffer (n_layers, 2 [k, v], S slots, n_kv, T positions, hd)
 
 # A finite mask value: a row with every key masked (padding only) gets uniform
 # weights instead of NaN, and exp(_MASKED - max) is exactly 0 in real rows.
 _MASKED = float(np.finfo(np.float32).min)
 _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: float32 means float32
-
-
-def load_params(
-    config: ModelConfig,
-    shard: Shard,
-    tensors: TensorSource,
-    model_dtype: np.dtype,
-    store_dtype: np.dtype,
-    max_context: int,
-    put: Callable[[np.ndarray], Any] = lambda a: a,
-) -> Params:
-    """The stage's weights, fused and pre-transposed for `x @ W`, each through `put`.
-
-    `put` moves an array to the device as soon as it is built, so the host
-    holds one tensor at a time, not the stage.
-
-    Each tensor is first rounded to `model_dtype` (the precision the model
-    runs at); matrices are then stored as `store_dtype` (float32 on the CPU,
-    see stage.py). The RMSNorm weight before a projection is folded into its
-    rows: (x * r * g) @ W == (x * r) @ (g[:, None] * W). Layer entries:
-    wqkv (D, (nh + 2 nkv) hd); wo (nh hd, D); wgu (D, 2 I); wd (I, D); with
-    attention_bias bqkv ((nh + 2 nkv) hd,); with qk_norm q_norm, k_norm (hd,).
-    """
-
-    def get(name: str) -> np.ndarray:  # float32 holding model_dtype values
-        return np.asarray(tensors.get(name)).astype(model_dtype).astype(np.float32)
-
-    def store(w: np.ndarray) -> Any:
-        return put(np.ascontiguousarray(w.astype(store_dtype)))
-
-    params: Params = {"layers": []}
-    for i in shard.layers:
-        p = f"model.layers.{i}."
-        at, mlp = p + "self_attn.", p + "mlp."
-        ln1 = get(p + "input_layernorm.weight")[:, None]
-        ln2 = get(p + "post_attention_layernorm.weight")[:, None]
-        qkv = np.concatenate([get(at + f"{x}_proj.weight") for x in "qkv"])
-        gu = np.concatenate(
-            [get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]
-        )
-        layer = {
-            "wqkv": store(ln1 * qkv.T),
-            "wo": store(get(at + "o_proj.weight").T),
-            "wgu": store(ln2 * gu.T),
-            "wd": store(get(mlp + "down_proj.weight").T),
-        }
-        if config.attention_bias:
-            bias = np.concatenate([get(at + f"{x}_proj.bias") for x in "qkv"])
-            layer["bqkv"] = put(bias)
-        if config.qk_norm:
-            layer["q_norm"] = put(get(at + "q_norm.weight"))
-            layer["k_norm"] = put(get(at + "k_norm.weight"))
-        params["layers"].append(layer)
-    tied = config.tie_word_embeddings
-    if shard.head:
-        params["norm"] = put(get("model.norm.weight"))
-        head = "model.embed_tokens.weight" if tied else "lm_head.weight"
-        params["head"] = store(get(head).T)  # (D, V)
-    if shard.embed and not (tied and shard.head):
-        params["embed"] = store(get("model.embed_tokens.weight"))  # (V, D)
-    # RoPE tables for every position of the context: (max_context, hd/2) each
-    cos, sin = rope_cos_sin(rope_inv_freq(config), np.arange(max_context))
-    half = config.head_dim // 2
-    params["rope_cos"], params["rope_sin"] = put(cos[:, :half]), put(sin[:, :half])
-    return params
 
 
 def rms(x: jax.Array, eps: float) -> jax.Array:

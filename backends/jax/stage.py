@@ -10,7 +10,8 @@ import numpy as np
 
 from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
-from cake.backends.jax.llama import load_params, stage_step
+from cake.backends.jax.llama import stage_step
+from cake.backends.jax.params import load_params
 from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import check_step, dtype_of
@@ -57,7 +58,7 @@ class JaxLlamaStage:
             model_dtype,
             store,
             max_context,
-            put=lambda a: jax.device_put(a, jax_device),
+            jax_device,
         )
         self._cache = kvcache.allocate(
             len(shard),
