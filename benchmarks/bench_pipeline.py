@@ -53,10 +53,11 @@ def decode_round(model, tokens: int) -> tuple[float, list[str]]:
     return model.stats.decode_tokens_per_s, pieces
 
 
-def instrument(model) -> list[tuple[float, float]]:
-    """Record (round-trip s, worker compute s) of every single-token forward."""
-    samples: list[tuple[float, float]] = []
-    for stage in model.pipeline.stages:
+def instrument(model) -> list[tuple[int, float, float]]:
+    """Record (stage index, round-trip s, worker compute s) of every single-token
+    forward to a worker."""
+    samples: list[tuple[int, float, float]] = []
+    for i, stage in enumerate(model.pipeline.stages):
         if not isinstance(stage, RemoteStage):
             continue
         client = stage.client
@@ -64,15 +65,33 @@ def instrument(model) -> list[tuple[float, float]]:
             continue
         request = client.request
 
-        def timed(header, data=None, _request=request, **kw):
+        def timed(header, data=None, _request=request, _i=i, **kw):
             t0 = time.perf_counter()
             reply, frame = _request(header, data, **kw)
             dt = time.perf_counter() - t0
             if header.get("op") == "forward" and header["shape"][1] == 1:
-                samples.append((dt, reply.get("compute_us", 0) / 1e6))
+                samples.append((_i, dt, reply.get("compute_us", 0) / 1e6))
             return reply, frame
 
         client.request, client._bench = timed, True
+    return samples
+
+
+def time_local(model) -> dict[int, list[float]]:
+    """Record the seconds of every single-token forward of each in-process stage."""
+    samples: dict[int, list[float]] = {}
+    for i, stage in enumerate(model.pipeline.stages):
+        if isinstance(stage, RemoteStage):
+            continue
+
+        def timed(x, step, _forward=stage.forward, _i=i):
+            t0 = time.perf_counter()
+            out = _forward(x, step)
+            if step.max_len == 1:
+                samples.setdefault(_i, []).append(time.perf_counter() - t0)
+            return out
+
+        stage.forward = timed
     return samples
 
 
@@ -146,9 +165,12 @@ def main(argv: list[str] | None = None) -> None:
                 model_path, backend=backend, topology=topo, max_context=1024
             )
         samples = instrument(piped)
+        local = {"single": time_local(single), "pipeline": time_local(piped)}
         for m in (single, piped):
             decode_round(m, 8)  # warm up (compilation, caches)
         samples.clear()
+        for v in local.values():
+            v.clear()
         x = np.zeros((1, 1, config.hidden_size), DTYPES[piped.info.dtype])
         header = encode_header(forward_header(1, cuts[0], Step((0,), (100,), (1,)), x))
         bare = BareEcho(header, x.nbytes)  # the same frames as a decode request
@@ -172,7 +194,14 @@ def main(argv: list[str] | None = None) -> None:
         for w in workers:
             w.terminate()
             w.wait(30)
-    hop = [(rt - c) * 1e6 for rt, c in samples]
+    hop = [(rt - c) * 1e6 for _, rt, c in samples]
+    ms = {  # per token, medians of each stage's share
+        k: sum(statistics.median(t) * 1e3 for t in v.values()) for k, v in local.items()
+    }
+    workers_ms = sum(
+        statistics.median(c for j, _, c in samples if j == i) * 1e3
+        for i in {j for j, _, _ in samples}
+    )
     med = {k: statistics.median(v) for k, v in tps.items()}
     hops = len(cuts)
     r = {
@@ -192,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
             "idle_median": statistics.median(bare.idle),
             "idle_gap_ms": round(gap * 1e3, 2),
         },
+        "per_token_ms": {
+            "single_step": ms["single"],
+            "master_stages": ms["pipeline"],
+            "worker_compute": workers_ms,
+        },
         "activation_bytes": int(x.nbytes),
         "header_bytes": len(header),
         "cpus": os.cpu_count(),
@@ -206,7 +240,10 @@ def main(argv: list[str] | None = None) -> None:
         f"hop (round trip - worker compute): {r['hop_us']['median']:.0f} us; bare "
         f"ZeroMQ round trip {r['bare_us']['hot_median']:.0f} us back-to-back "
         f"({r['hop_vs_bare_hot']:.2f}x), {r['bare_us']['idle_median']:.0f} us after "
-        f"idling like a stage ({r['hop_vs_bare_idle']:.2f}x); target <= 2x"
+        f"idling like a stage ({r['hop_vs_bare_idle']:.2f}x); target <= 2x\n"
+        f"per token: single process {ms['single']:.2f} ms; pipeline: master's "
+        f"stages {ms['pipeline']:.2f} ms + workers' compute {workers_ms:.2f} ms + "
+        f"{hops} hops"
     )
     if a.json:
         a.json.write_text(json.dumps(r, indent=1) + "\n")
