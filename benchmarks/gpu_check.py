@@ -77,33 +77,12 @@ class RandomSource:
     """
 
     def __init__(self, config) -> None:
+        from cake.pipeline import expected_shape
         from cake.shard import Shard
         from cake.weights.names import shard_tensor_names
 
-        c = config
-        d, i, hd = c.hidden_size, c.intermediate_size, c.head_dim
-        nq, nkv = c.num_attention_heads * hd, c.num_key_value_heads * hd
-        per_layer = {
-            "input_layernorm.weight": (d,),
-            "post_attention_layernorm.weight": (d,),
-            "self_attn.q_proj.weight": (nq, d),
-            "self_attn.k_proj.weight": (nkv, d),
-            "self_attn.v_proj.weight": (nkv, d),
-            "self_attn.o_proj.weight": (d, nq),
-            "mlp.gate_proj.weight": (i, d),
-            "mlp.up_proj.weight": (i, d),
-            "mlp.down_proj.weight": (d, i),
-        }
-        self.shapes = {
-            "model.embed_tokens.weight": (c.vocab_size, d),
-            "model.norm.weight": (d,),
-        }
-        if not c.tie_word_embeddings:
-            self.shapes["lm_head.weight"] = (c.vocab_size, d)
-        for n in range(c.num_hidden_layers):
-            self.shapes |= {f"model.layers.{n}.{k}": s for k, s in per_layer.items()}
-        missing = set(shard_tensor_names(c, Shard.whole(c.num_hidden_layers)))
-        assert missing <= set(self.shapes), missing - set(self.shapes)
+        names = shard_tensor_names(config, Shard.whole(config.num_hidden_layers))
+        self.shapes = {n: expected_shape(config, n) for n in names}
         self.rng = np.random.default_rng(0)
         bits = np.frombuffer(self.rng.bytes(2 * 2**26), np.uint16)
         self.pool = (bits & np.uint16(0x807F)) | np.uint16(0x3C00)  # sign, mantissa
