@@ -10,9 +10,11 @@ Everything is measured in one run, on one machine, on the same backend:
   * the cost of one hop per token: each decode request's round trip as the
     master sees it minus the compute time the worker reports (`compute_us`);
   * a bare ZeroMQ DEALER/ROUTER round trip of the same frames (the same header
-    and activation sizes) to an echo process, back to back and after idling as
-    long as a stage computes (as a worker does between hops), measured between
-    the rounds; target: the hop within 2x of it.
+    and activation sizes) to an echo process, measured between the rounds in
+    three ways: back to back; after idling as long as a stage computes (as a
+    worker idles between its hops); and answered after as much busy time as a
+    worker's compute, which is subtracted (as the master waits for a worker).
+    Target: the hop within 2x of it.
 """
 
 from __future__ import annotations
@@ -96,13 +98,17 @@ def time_local(model) -> dict[int, list[float]]:
 
 
 class BareEcho:
-    """A ROUTER echo process and a DEALER: ZeroMQ round trips with nothing else."""
+    """A ROUTER echo process and a DEALER: ZeroMQ round trips with nothing else.
 
-    def __init__(self, header: bytes, nbytes: int) -> None:
+    `delay`: the echo holds each message that long, busy, before sending it back
+    (a worker's compute); the recorded round trips have it subtracted.
+    """
+
+    def __init__(self, header: bytes, nbytes: int, delay: float = 0.0) -> None:
         port = free_port()
-        self.proc = start(
-            [sys.executable, "-c", ECHO_SERVER, f"tcp://127.0.0.1:{port}"], "ready"
-        )
+        cmd = [sys.executable, "-c", ECHO_SERVER, f"tcp://127.0.0.1:{port}"]
+        self.proc = start([*cmd, str(delay)], "ready")
+        self.delay = delay
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
@@ -120,7 +126,7 @@ class BareEcho:
             t0 = time.perf_counter()
             self.sock.send_multipart(self.frames, copy=False)
             self.sock.recv_multipart(copy=False)
-            out.append((time.perf_counter() - t0) * 1e6)
+            out.append((time.perf_counter() - t0 - self.delay) * 1e6)
 
     def close(self) -> None:
         self.sock.close()
@@ -168,12 +174,15 @@ def main(argv: list[str] | None = None) -> None:
         local = {"single": time_local(single), "pipeline": time_local(piped)}
         for m in (single, piped):
             decode_round(m, 8)  # warm up (compilation, caches)
+        compute = statistics.median(c for _, _, c in samples)
         samples.clear()
         for v in local.values():
             v.clear()
         x = np.zeros((1, 1, config.hidden_size), DTYPES[piped.info.dtype])
         header = encode_header(forward_header(1, cuts[0], Step((0,), (100,), (1,)), x))
         bare = BareEcho(header, x.nbytes)  # the same frames as a decode request
+        # ... and answered as late as a worker answers, after as much busy time
+        late = BareEcho(header, x.nbytes, delay=compute)
         tps: dict[str, list[float]] = {"single": [], "pipeline": []}
         same = True
         for r in range(a.rounds):
@@ -187,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
             gap = min(0.05, 1 / tps["single"][-1] / (len(cuts) + 1))
             bare.measure(1000, 0.0)
             bare.measure(100, gap)
+            late.measure(int(1 / compute) + 1, 0.0)  # about a second
         bare.close()
+        late.close()
         single.close()
         piped.close()
     finally:
@@ -220,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             "hot_median": statistics.median(bare.hot),
             "idle_median": statistics.median(bare.idle),
             "idle_gap_ms": round(gap * 1e3, 2),
+            "late_median": statistics.median(late.hot),
+            "late_after_ms": round(compute * 1e3, 2),
         },
         "per_token_ms": {
             "single_step": ms["single"],
@@ -232,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     r["hop_vs_bare_hot"] = r["hop_us"]["median"] / r["bare_us"]["hot_median"]
     r["hop_vs_bare_idle"] = r["hop_us"]["median"] / r["bare_us"]["idle_median"]
+    r["hop_vs_bare_late"] = r["hop_us"]["median"] / r["bare_us"]["late_median"]
     print(json.dumps(r, indent=1))
     print(
         f"\ndecode {backend}: single {med['single']:.1f} tok/s, 2 workers "
@@ -240,7 +254,10 @@ def main(argv: list[str] | None = None) -> None:
         f"hop (round trip - worker compute): {r['hop_us']['median']:.0f} us; bare "
         f"ZeroMQ round trip {r['bare_us']['hot_median']:.0f} us back-to-back "
         f"({r['hop_vs_bare_hot']:.2f}x), {r['bare_us']['idle_median']:.0f} us after "
-        f"idling like a stage ({r['hop_vs_bare_idle']:.2f}x); target <= 2x\n"
+        f"idling like a stage ({r['hop_vs_bare_idle']:.2f}x), "
+        f"{r['bare_us']['late_median']:.0f} us when answered after "
+        f"{r['bare_us']['late_after_ms']:.1f} ms of busy time like a worker "
+        f"({r['hop_vs_bare_late']:.2f}x); target <= 2x\n"
         f"per token: single process {ms['single']:.2f} ms; pipeline: master's "
         f"stages {ms['pipeline']:.2f} ms + workers' compute {workers_ms:.2f} ms + "
         f"{hops} hops"

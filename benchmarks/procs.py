@@ -11,14 +11,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# a bare ROUTER that sends every message back: `python -c ECHO_SERVER tcp://...`
+# A bare ROUTER that sends every message back: `python -c ECHO_SERVER tcp://... [S]`.
+# With S, it first keeps a core busy for S seconds, as a worker computing does
+# (a busy loop, not a sleep: exact, and the core stays awake as in a compute).
 ECHO_SERVER = """
-import sys, zmq
+import sys, time, zmq
+delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
 s = zmq.Context().socket(zmq.ROUTER)
 s.bind(sys.argv[1])
 print("ready", flush=True)
 while True:
     f = s.recv_multipart(copy=False)
+    t = time.perf_counter()
+    while time.perf_counter() - t < delay:
+        pass
     s.send_multipart(f, copy=False)
 """
 
