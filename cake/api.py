@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cake.backends.base import auto_backend
+from cake.backends.base import auto_backend, get_backend
 from cake.config import ModelConfig
 from cake.errors import CakeError, ModelError
 from cake.generate import GenerationStats, Generator
@@ -242,7 +242,8 @@ def load(
                 progress=progress,
             )
         ]
-    device = next((s.device.name for s in stages if hasattr(s, "device")), "?")
+    devices = get_backend(name).devices()  # where the master's own stages run
+    device = devices[0].name if devices else "?"
     info = LoadInfo(name, device, dtype, time.perf_counter() - t0)
     return Model(config, tokenizer, Pipeline(stages, ctx), info, plan)
 

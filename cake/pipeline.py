@@ -14,6 +14,7 @@ import numpy as np
 
 from cake.backends.base import Step, get_backend
 from cake.config import ModelConfig
+from cake.embedding import EmbeddingStage
 from cake.errors import CakeError
 from cake.shard import Shard
 from cake.weights.names import shard_tensor_names
@@ -102,7 +103,11 @@ def load_local_stage(
     max_sequences: int,
     progress: Callable[[int, int], None] | None = None,
 ):
-    """Load `shard` on `backend`; `progress(done, total)` after each tensor read."""
+    """Load `shard` on `backend`; `progress(done, total)` after each tensor read.
+
+    The embedding alone (a master whose first worker holds layer 0) is an
+    EmbeddingStage on the host whatever the backend: see cake.embedding.
+    """
     names = shard_tensor_names(config, shard)
     missing = [n for n in names if n not in tensors]
     if missing:
@@ -118,6 +123,15 @@ def load_local_stage(
             progress(done[0], len(names))
 
         tensors = _CountingSource(tensors, tick)
+    if shard.embed and not len(shard) and not shard.head:
+        return EmbeddingStage(
+            config,
+            shard,
+            tensors,
+            dtype,
+            max_context=max_context,
+            max_sequences=max_sequences,
+        )
     be = get_backend(backend)
     return be.load(
         config,

@@ -142,16 +142,12 @@ def build_stages(
             if progress is not None:
                 progress(base + k, total)
 
-        # An embedding alone is a row lookup whose result goes to a worker as a
-        # host array: NumPy does it without a trip through a device and its
-        # thread pool (0.3 ms a token with JAX on the CPU, a tenth of that here).
-        embed_only = len(shard) == 0 and not shard.head
         stages.append(
             load_local_stage(
                 config,
                 shard,
                 tensors,
-                "numpy" if embed_only else backend,
+                backend,
                 dtype,
                 max_context=max_context,
                 max_sequences=1,

@@ -1,0 +1,69 @@
+"""The embedding alone, on the host: the master's first stage when a worker holds layer 0."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from cake.backends.base import Step
+from cake.config import ModelConfig
+from cake.kv import check_step, dtype_of
+from cake.shard import Shard
+from cake.weights.source import TensorSource
+
+EMBED = "model.embed_tokens.weight"
+
+
+class EmbeddingStage:
+    """Token ids -> hidden states in the model dtype by a row lookup, on the host.
+
+    The output goes to a worker as a NumPy array, so a device would only add a
+    round trip through it and its thread pool (0.31 ms a token with JAX on the
+    CPU against 0.17 ms for a NumPy stage, measured in the pipeline). The table
+    stays as the checkpoint gives it when that is the model dtype (a
+    memory-mapped tensor is then read a row at a time, never loaded whole), else
+    it is converted once; no backend's float32 widening doubles it.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        shard: Shard,
+        tensors: TensorSource,
+        dtype: str,
+        *,
+        max_context: int,
+        max_sequences: int,
+    ) -> None:
+        if not shard.embed or len(shard) or shard.head:
+            raise ValueError(
+                f"an EmbeddingStage holds the embedding alone, not {shard}"
+            )
+        self.config, self.shard, self.dtype = config, shard, dtype
+        self.max_context, self.max_sequences = max_context, max_sequences
+        table = np.asarray(tensors.get(EMBED))
+        want = dtype_of(dtype)
+        self._table = table if table.dtype == want else table.astype(want)
+        self._length: dict[int, int] = {}
+
+    def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
+        """ids (B, L) -> (B, L, D) in the model dtype; see StageModel.forward."""
+        x = np.asarray(x)
+        check_step(
+            step,
+            x,
+            self.shard,
+            self.config,
+            self._length,
+            self.max_context,
+            self.max_sequences,
+        )
+        out = self._table[x]  # fancy indexing: a new, writable array
+        for sid, pos, n in zip(step.seq_ids, step.positions, step.lengths, strict=True):
+            self._length[sid] = pos + n
+        return out
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        for s in seq_ids:
+            self._length.pop(s, None)
