@@ -40,5 +40,7 @@ def hf_greedy(prompt_ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             tok = int(out.logits[0, -1].argmax())
             out_ids.append(tok)
-            out = model(torch.tensor([[tok]]), cache=out.past_key_values, use_cache=True)
+            out = model(
+                torch.tensor([[tok]]), cache=out.past_key_values, use_cache=True
+            )
     return out_ids

@@ -33,8 +33,15 @@ class Float64Stage:
 
     def forward(self, x, step: Step):
         self.calls += 1
-        check_step(step, x, self.shard, self.config,
-                   {s: len(t) for s, t in self.seen.items()}, 1 << 30, 8)
+        check_step(
+            step,
+            x,
+            self.shard,
+            self.config,
+            {s: len(t) for s, t in self.seen.items()},
+            1 << 30,
+            8,
+        )
         out = []
         for b, (sid, pos, n) in enumerate(
             zip(step.seq_ids, step.positions, step.lengths, strict=True)
@@ -53,12 +60,19 @@ class Float64Stage:
 
         def rot(t):
             half = hd // 2
-            return t * cos[:, None] + np.concatenate(
-                [-t[..., half:], t[..., :half]], -1) * sin[:, None]
+            return (
+                t * cos[:, None]
+                + np.concatenate([-t[..., half:], t[..., :half]], -1) * sin[:, None]
+            )
 
         for i in range(c.num_hidden_layers):
-            p = dict(zip([n.split(f"layers.{i}.")[1] for n in layer_tensor_names(c, i)],
-                         [w[n] for n in layer_tensor_names(c, i)], strict=True))
+            p = dict(
+                zip(
+                    [n.split(f"layers.{i}.")[1] for n in layer_tensor_names(c, i)],
+                    [w[n] for n in layer_tensor_names(c, i)],
+                    strict=True,
+                )
+            )
             a = rms_norm(h, p["input_layernorm.weight"], c.rms_norm_eps)
             q = rot((a @ p["self_attn.q_proj.weight"].T).reshape(-1, nh, hd))
             k = rot((a @ p["self_attn.k_proj.weight"].T).reshape(-1, nkv, hd))

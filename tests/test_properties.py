@@ -27,14 +27,19 @@ def stage(folder, backend, start, end, dtype="float32"):
     config, tensors = open_checkpoint(folder)
     n = config.num_hidden_layers
     shard = Shard(start, end, n, embed=start == 0, head=end == n)
-    return load_local_stage(config, shard, tensors, backend, dtype,
-                            max_context=64, max_sequences=4)
+    return load_local_stage(
+        config, shard, tensors, backend, dtype, max_context=64, max_sequences=4
+    )
 
 
 def run(pipe: Pipeline, prompt: list[int], steps: int) -> np.ndarray:
     """Prefill logits of every position, then greedy decode logits, stacked."""
-    out = [pipe.forward(np.array([prompt], np.int32),
-                        Step((0,), (0,), (len(prompt),), all_logits=True))[0]]
+    out = [
+        pipe.forward(
+            np.array([prompt], np.int32),
+            Step((0,), (0,), (len(prompt),), all_logits=True),
+        )[0]
+    ]
     tok, pos = int(out[0][-1].argmax()), len(prompt)
     for _ in range(steps):
         lg = pipe.forward(np.array([[tok]], np.int32), Step((0,), (pos,), (1,)))
@@ -50,8 +55,9 @@ PAIRS = list(itertools.product(BACKENDS, BACKENDS))
 def test_split_equals_whole(qwen3, first, second):
     prompt = [3, 14, 15, 92, 65, 35]
     whole = run(Pipeline([stage(qwen3, "numpy", 0, 3)], 64), prompt, 4)
-    split = run(Pipeline([stage(qwen3, first, 0, 1), stage(qwen3, second, 1, 3)], 64),
-                prompt, 4)
+    split = run(
+        Pipeline([stage(qwen3, first, 0, 1), stage(qwen3, second, 1, 3)], 64), prompt, 4
+    )
     np.testing.assert_allclose(split, whole, atol=1e-4, rtol=1e-4)
 
 
@@ -71,7 +77,9 @@ def test_batched_equals_sequential(qwen3, backend):
         ids[i, : len(p)] = p
     lens = tuple(len(p) for p in prompts.values())
     first = s.forward(ids, Step(tuple(prompts), (0, 0, 0), lens))
-    second = s.forward(np.full((3, 1), 11, np.int32), Step(tuple(prompts), lens, (1, 1, 1)))
+    second = s.forward(
+        np.full((3, 1), 11, np.int32), Step(tuple(prompts), lens, (1, 1, 1))
+    )
     for i, sid in enumerate(prompts):
         np.testing.assert_allclose(first[i], alone[sid][0], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(second[i], alone[sid][1], atol=1e-4, rtol=1e-4)
@@ -84,7 +92,8 @@ def test_bfloat16_hidden_state_at_the_boundary(tmp_path, backend):
     h = first.forward(np.array([[1, 2, 3]], np.int32), Step((0,), (0,), (3,)))
     assert h.dtype == np.dtype(ml_dtypes.bfloat16) and h.shape == (1, 3, 64)
     ref = stage(folder, "numpy", 0, 2, dtype="bfloat16").forward(
-        np.array([[1, 2, 3]], np.int32), Step((0,), (0,), (3,)))
+        np.array([[1, 2, 3]], np.int32), Step((0,), (0,), (3,))
+    )
     # a backend may compute in bfloat16 (MLX does): compare on the scale of the values
     h, ref = h.astype(np.float32), ref.astype(np.float32)
     assert np.abs(h - ref).max() <= 0.05 * np.abs(ref).max()

@@ -25,8 +25,12 @@ BACKENDS = [b for b in ("numpy", "jax") if b in available_backends()]
 def cake_run(*args: str, stdin: str | None = None, timeout: float = 300):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [*CAKE, "run", *args], input=stdin, capture_output=True, text=True,
-        timeout=timeout, env=env,
+        [*CAKE, "run", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -45,8 +49,16 @@ def test_raw_greedy_matches_hf(backend, expected, tmp_path: Path):
     for p in PROMPTS:
         stats = tmp_path / "stats.json"
         r = cake_run(
-            "--raw", "--temperature", "0", "--max-tokens", str(N),
-            "--backend", backend, "--stats-json", str(stats), p,
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            str(N),
+            "--backend",
+            backend,
+            "--stats-json",
+            str(stats),
+            p,
         )
         assert r.returncode == 0, r.stderr
         assert r.stdout == expected[p] + "\n", (p, r.stdout, expected[p])
@@ -54,14 +66,22 @@ def test_raw_greedy_matches_hf(backend, expected, tmp_path: Path):
 
         s = json.loads(stats.read_text())
         assert s["backend"] == backend and s["decode_tokens"] == N
-        for key in ("device", "dtype", "prompt_tokens", "prompt_tokens_per_s",
-                    "decode_tokens_per_s", "load_s", "first_token_s"):
+        for key in (
+            "device",
+            "dtype",
+            "prompt_tokens",
+            "prompt_tokens_per_s",
+            "decode_tokens_per_s",
+            "load_s",
+            "first_token_s",
+        ):
             assert key in s
 
 
 def test_chat_answers_paris():
-    r = cake_run("--temperature", "0", "--max-tokens", "24",
-                 "What is the capital of France?")
+    r = cake_run(
+        "--temperature", "0", "--max-tokens", "24", "What is the capital of France?"
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "backend auto -> " in r.stderr
@@ -70,8 +90,16 @@ def test_chat_answers_paris():
 def test_prompt_from_stdin_and_api_stream_match():
     import cake
 
-    r = cake_run("--raw", "--temperature", "0", "--max-tokens", "8",
-                 "--backend", "numpy", stdin="The capital of France is")
+    r = cake_run(
+        "--raw",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--backend",
+        "numpy",
+        stdin="The capital of France is",
+    )
     assert r.returncode == 0, r.stderr
     m = cake.load(smollm_gguf(), backend="numpy")
     pieces = list(m.generate("The capital of France is", max_tokens=8, temperature=0))

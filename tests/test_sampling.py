@@ -40,7 +40,9 @@ def test_top_k_top_p_min_p_restrict_the_support():
 
 
 def test_repetition_penalty_follows_hf_rule():
-    out = apply_repetition_penalty(np.array([2.0, -2.0, 1.0], np.float32), [0, 1, 1], 2.0)
+    out = apply_repetition_penalty(
+        np.array([2.0, -2.0, 1.0], np.float32), [0, 1, 1], 2.0
+    )
     np.testing.assert_allclose(out, [1.0, -4.0, 1.0])
 
 
