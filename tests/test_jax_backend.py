@@ -10,7 +10,7 @@ pytest.importorskip("jax")
 
 from cake.backends import Step  # noqa: E402
 from cake.backends.jax import JaxBackend  # noqa: E402
-from cake.backends.jax.cache import bucket  # noqa: E402
+from cake.backends.jax.cache import MIN_CACHE_BUCKET, bucket  # noqa: E402
 from cake.errors import CakeError, ContextLengthError  # noqa: E402
 from cake.kv import CacheFullError  # noqa: E402
 from cake.shard import Shard  # noqa: E402
@@ -125,17 +125,18 @@ def test_bfloat16_checkpoint_close_to_float32(tmp_path):
 
 
 def test_decode_compiles_once_per_bucket(folders):
-    stage = load(folders["llama"], max_context=128)
+    first = MIN_CACHE_BUCKET  # the smallest cache bucket
+    stage = load(folders["llama"], max_context=2 * first)
     prompt = ids(4)
     lg = stage.forward(np.array([prompt], np.int32), Step((0,), (0,), (4,)))
     before = stage.trace_count
-    for pos in range(4, 44):  # positions 4..43: all in the 64-position bucket
+    for pos in range(4, first - 20):  # all in the first cache bucket
         tok = int(lg[0].argmax())
         lg = stage.forward(np.array([[tok]], np.int32), Step((0,), (pos,), (1,)))
     assert stage.trace_count - before <= 1
-    # crossing into the next cache bucket (128 positions) compiles once more
+    # crossing into the next cache bucket (twice as many positions) compiles once more
     before = stage.trace_count
-    for pos in range(44, 70):
+    for pos in range(first - 20, first + 20):
         lg = stage.forward(np.array([[3]], np.int32), Step((0,), (pos,), (1,)))
     assert stage.trace_count - before == 1
 
