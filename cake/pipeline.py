@@ -123,17 +123,9 @@ def load_local_stage(
             progress(done[0], len(names))
 
         tensors = _CountingSource(tensors, tick)
-    if shard.embed and not len(shard) and not shard.head:
-        return EmbeddingStage(
-            config,
-            shard,
-            tensors,
-            dtype,
-            max_context=max_context,
-            max_sequences=max_sequences,
-        )
-    be = get_backend(backend)
-    return be.load(
+    embed_only = shard.embed and not len(shard) and not shard.head
+    load = EmbeddingStage if embed_only else get_backend(backend).load
+    return load(
         config,
         shard,
         tensors,
