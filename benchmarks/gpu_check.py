@@ -193,16 +193,12 @@ def compare(jax_stage, np_stage, prompt: list[int], steps: int) -> tuple[float, 
 
 
 def load(backend: str, config, tensors, dtype: str):
-    from cake.backends import get_backend
+    from cake.pipeline import load_local_stage
     from cake.shard import Shard
 
-    return get_backend(backend).load(
-        config,
-        Shard.whole(config.num_hidden_layers),
-        tensors,
-        dtype,
-        max_context=256,
-        max_sequences=1,
+    whole = Shard.whole(config.num_hidden_layers)
+    return load_local_stage(
+        config, whole, tensors, backend, dtype, max_context=256, max_sequences=1
     )
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from cake.backends import Step
 from cake.backends.jax import JaxBackend
 from cake.config import ModelConfig
+from cake.pipeline import expected_shape
 from cake.shard import Shard
 from cake.weights.names import shard_tensor_names
 
@@ -65,25 +66,8 @@ class DictSource:
 def random_model() -> tuple[ModelConfig, DictSource]:
     """SmolLM2-135M's shapes with random float32 weights."""
     cfg = ModelConfig.from_dict(SMOLLM2)
-    d, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    nq, nkv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    shapes = {
-        "model.embed_tokens.weight": (cfg.vocab_size, d),
-        "model.norm.weight": (d,),
-    }
-    for n in range(cfg.num_hidden_layers):
-        p = f"model.layers.{n}."
-        shapes |= {
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (nq, d),
-            p + "self_attn.k_proj.weight": (nkv, d),
-            p + "self_attn.v_proj.weight": (nkv, d),
-            p + "self_attn.o_proj.weight": (d, nq),
-            p + "mlp.gate_proj.weight": (i, d),
-            p + "mlp.up_proj.weight": (i, d),
-            p + "mlp.down_proj.weight": (d, i),
-        }
+    names = shard_tensor_names(cfg, Shard.whole(cfg.num_hidden_layers))
+    shapes = {n: expected_shape(cfg, n) for n in names}
     rng = np.random.default_rng(0)
     tensors = {
         k: (1.0 + 0.1 * rng.standard_normal(s)).astype(np.float32)
