@@ -57,6 +57,17 @@ def tiny_model(folder: Path, arch: str = "llama", dtype: str = "float32", seed=0
     return add_tokenizer(make_checkpoint(arch, folder, dtype=dtype, seed=seed))
 
 
+def greedy_text(model: Path, prompt: str, n: int) -> str:
+    """The single-process NumPy greedy output: what every distributed run must equal."""
+    import cake
+
+    m = cake.load(model, backend="numpy")
+    try:
+        return "".join(m.generate(prompt, max_tokens=n, temperature=0))
+    finally:
+        m.close()
+
+
 def write_topology(path: Path, workers: dict[str, tuple[int, str]], **extra) -> Path:
     """workers: name -> (port, "A-B" inclusive); extra: name -> {key: value}."""
     lines = []

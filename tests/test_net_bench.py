@@ -26,6 +26,7 @@ from tests.netutil import (
     PYTHON,
     Proc,
     free_port,
+    greedy_text,
     start_worker,
     tiny_model,
     write_topology,
@@ -47,10 +48,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny):
-    m = cake.load(tiny, backend="numpy")
-    text = "".join(m.generate(PROMPT, max_tokens=N, temperature=0))
-    m.close()
-    return text
+    return greedy_text(tiny, PROMPT, N)
 
 
 @pytest.fixture

@@ -18,7 +18,13 @@ from cake.kv import CacheFullError
 from cake.net.keys import create_keys, load_public_key
 from cake.net.protocol import encode_header, forward_header, payload
 from tests.netutil import cake as cake_proc
-from tests.netutil import free_port, start_worker, tiny_model, write_topology
+from tests.netutil import (
+    free_port,
+    greedy_text,
+    start_worker,
+    tiny_model,
+    write_topology,
+)
 
 PROMPT = "w5 w17 w99 w3 w42 w7"
 N = 40  # tokens; the slow worker takes DELAY s per token
@@ -32,10 +38,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny):
-    m = cake.load(tiny, backend="numpy")
-    text = "".join(m.generate(PROMPT, max_tokens=N, temperature=0))
-    m.close()
-    return text
+    return greedy_text(tiny, PROMPT, N)
 
 
 def _run_master(tiny, topo, retry: float):
