@@ -125,7 +125,12 @@ class WorkerClient:
             self._lost("the connection dropped", recover)
         rid = header["id"] = self._new_id()
         head = encode_header(header)
-        self._sock.send_multipart([head] if data is None else [head, data], copy=False)
+        try:
+            self._sock.send_multipart(
+                [head] if data is None else [head, data], copy=False
+            )
+        except zmq.Again:
+            self._lost("it takes no messages", recover)
         limit = self.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:
@@ -168,6 +173,9 @@ class WorkerClient:
         sock = self.ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.rcvtimeo = WAIT_MS
+        # A DEALER with no live connection blocks in send (seen after a refused
+        # Curve handshake): never wait there, the callers retry or report.
+        sock.sndtimeo = WAIT_MS
         sock.reconnect_ivl = RECONNECT_IVL_MS
         sock.reconnect_ivl_max = RECONNECT_IVL_MAX_MS
         heartbeat(sock)
@@ -222,14 +230,19 @@ class WorkerClient:
     def _hello(self, deadline: float, announce: bool = False) -> dict[str, Any]:
         sent: set[int] = set()
 
-        def send() -> None:
+        def send() -> bool:
+            """Send a hello; False when no connection takes it yet."""
             rid = self._new_id()
-            sent.add(rid)
             fp = self.expect.fingerprint if self.expect else None
             msg = {"op": HELLO, "v": PROTOCOL_VERSION, "id": rid, "fingerprint": fp}
-            self._sock.send(encode_header(msg))
+            try:
+                self._sock.send(encode_header(msg))
+            except zmq.Again:
+                return False
+            sent.add(rid)
+            return True
 
-        send()
+        pending = not send()
         said = False
         while True:
             now = time.monotonic()
@@ -243,7 +256,9 @@ class WorkerClient:
             if self._drain_events() and self._dropped:
                 # A new connection after a drop: the hello may have been lost with it.
                 self._dropped = False
-                send()
+                pending = True
+            if pending:
+                pending = not send()
             if reply is not None:
                 h = self._decode(reply[0])
                 if h["id"] in sent:
