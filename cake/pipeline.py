@@ -18,6 +18,7 @@ from cake.embedding import EmbeddingStage
 from cake.errors import CakeError
 from cake.shard import Shard
 from cake.weights.names import shard_tensor_names
+from cake.weights.packed import Stored, stored_tensor
 from cake.weights.source import TensorSource
 
 
@@ -88,6 +89,11 @@ class _CountingSource:
 
     def get(self, name: str) -> np.ndarray:
         t = self._inner.get(name)
+        self._tick(name)
+        return t
+
+    def stored(self, name: str) -> Stored:
+        t = stored_tensor(self._inner, name)
         self._tick(name)
         return t
 

@@ -14,6 +14,7 @@ from gguf.quants import dequantize, quantize
 from cake.errors import ModelError
 from cake.weights import TensorSource
 from cake.weights.gguf import GGUFSource, gguf_config, llama3_rope_factors
+from tests.blocks import random_blocks
 
 Q = gguf.GGMLQuantizationType
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -256,15 +257,35 @@ def test_hand_made_q4_blocks(tmp_path):
 
 
 def test_unsupported_type_names_tensor(tmp_path):
-    # Q5_K: 256-wide blocks of 176 bytes, written raw (zeros are a valid block)
-    raw = np.zeros((V, 176), dtype=np.uint8)
-    _write(tmp_path / "m.gguf", {"token_embd.weight": (raw, Q.Q5_K)})
+    # IQ4_NL: 32-wide blocks of 18 bytes, written raw (zeros are a valid block)
+    raw = np.zeros((V, 18), dtype=np.uint8)
+    _write(tmp_path / "m.gguf", {"token_embd.weight": (raw, Q.IQ4_NL)})
     src = GGUFSource(tmp_path / "m.gguf")
-    assert src.shape("model.embed_tokens.weight") == (V, 256)
-    with pytest.raises(ModelError, match=r"token_embd\.weight.*Q5_K"):
+    assert src.shape("model.embed_tokens.weight") == (V, 32)
+    with pytest.raises(ModelError, match=r"token_embd\.weight.*IQ4_NL.*Q4_K"):
         src.get("model.embed_tokens.weight")
     with pytest.raises(ModelError, match="no tensor"):
         src.get("model.layers.0.self_attn.q_proj.weight")
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"],
+)
+def test_every_supported_type_is_stored_as_in_the_file(tmp_path, fmt):
+    from cake.weights.packed import Packed
+
+    raw = random_blocks(fmt, V, 256)
+    _write(tmp_path / "m.gguf", {"token_embd.weight": (raw, Q[fmt])})
+    src = GGUFSource(tmp_path / "m.gguf")
+    w = src.stored("model.embed_tokens.weight")
+    assert isinstance(w, Packed) and w.format == fmt and w.shape == (V, 256)
+    np.testing.assert_array_equal(w.data, raw)  # the file's bytes, no decoding
+    assert isinstance(w.data.base, np.memmap) or isinstance(w.data, np.memmap)
+    assert src.nbytes("model.embed_tokens.weight") == raw.nbytes == w.nbytes
+    want = dequantize(raw, Q[fmt]).reshape(V, 256)
+    np.testing.assert_array_equal(src.get("model.embed_tokens.weight"), want)
+    assert np.isfinite(want).all()
 
 
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path):

@@ -3,9 +3,9 @@
 One call of `stage_step` runs a whole stage for a batch: embedding (if the stage
 owns it), its layers unrolled, final norm and head (if it owns them). The KV
 cache is one fixed-shape buffer for all layers, written by index and returned,
-so the caller can donate it. Math is float32; weights may be stored
-in a narrower dtype (GPU/TPU), then matmuls take them natively and accumulate
-in float32.
+so the caller can donate it. Math is float32; weights stay in their stored
+form (16-bit floats, quantized blocks) and every product reads them as they
+are (see linear.py), accumulating in float32.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cake.backends.jax.linear import QMat, mm, mm_cat, take_rows
 from cake.backends.jax.params import Params
 from cake.config import ModelConfig
 
@@ -29,13 +30,6 @@ _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: float32 means float32
 def rms(x: jax.Array, eps: float) -> jax.Array:
     """x / sqrt(mean(x^2) + eps) over the last axis; the weight is applied elsewhere."""
     return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-
-
-def mm(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., K) float32 @ w (K, N) -> (..., N) float32, w in its stored dtype."""
-    if w.dtype == jnp.float32:
-        return jnp.dot(x, w, precision=_HIGHEST)
-    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -105,7 +99,7 @@ def layer(
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     eps, t_len = cfg.rms_norm_eps, allowed.shape[-1]
     with jax.named_scope("attention"):
-        qkv = mm(rms(x, eps), w["wqkv"])
+        qkv = mm_cat(w["ln1"] * rms(x, eps), w["wqkv"])
         if "bqkv" in w:
             qkv = qkv + w["bqkv"]
         q = qkv[..., : nh * hd].reshape(b, n, nh, hd)
@@ -123,7 +117,7 @@ def layer(
         attn = attention(q, kv[0], kv[1], allowed, causal_chunk)
         x = x + mm(attn, w["wo"])
     with jax.named_scope("mlp"):
-        gate, up = jnp.split(mm(rms(x, eps), w["wgu"]), 2, axis=-1)
+        gate, up = jnp.split(mm_cat(w["ln2"] * rms(x, eps), w["wgu"]), 2, axis=-1)
         x = x + mm(jax.nn.silu(gate) * up, w["wd"])
     return x, cache
 
@@ -157,9 +151,10 @@ def stage_step(
         if not embed:
             h = x.astype(jnp.float32)
         elif "embed" in params:
-            h = jnp.take(params["embed"], x, axis=0, mode="clip")
-        else:  # tied head (D, V) doubles as the embedding
-            h = jnp.take(params["head"], x, axis=1, mode="clip").transpose(1, 2, 0)
+            h = take_rows(params["embed"], x, transposed=False)
+        else:  # the tied head doubles as the embedding
+            table = params["head"]
+            h = take_rows(table, x, transposed=not isinstance(table, QMat))
         h = h.astype(jnp.float32)
     tpos = positions[:, None] + jnp.arange(n, dtype=jnp.int32)  # (B, L)
     valid = jnp.arange(n)[None, :] < lengths[:, None]  # (B, L)

@@ -1,9 +1,15 @@
-"""A JAX stage's weights: read from a TensorSource, then fused and laid out on the device.
+"""A JAX stage's weights: read from a TensorSource as stored, placed on the device.
 
-Layer entries (see llama.stage_step): wqkv (D, (nh + 2 nkv) hd); wo (nh hd, D);
-wgu (D, 2 I); wd (I, D); with attention_bias bqkv ((nh + 2 nkv) hd,); with
-qk_norm q_norm, k_norm (hd,). The RMSNorm weight before a projection is folded
-into its rows: (x * r * g) @ W == (x * r) @ (g[:, None] * W).
+Layer entries (see llama.layer): ln1, ln2 (D,) float32 RMSNorm weights; wqkv,
+wgu: tuples of weights whose outputs concatenate to the q|k|v and gate|up
+projections (one fused weight when the parts share a format, else one per
+part); wo, wd: single weights; with attention_bias bqkv ((nh + 2 nkv) hd,);
+with qk_norm q_norm, k_norm (hd,). A weight is a float (K, N) matrix for XLA
+(`x @ W`) or a linear.QMat in the checkpoint's format (see linear.py).
+
+Nothing is widened: quantized matrices keep their blocks, 16-bit floats stay
+16-bit (on the CPU the kernels read them as they are), and a read-only
+memory-mapped tensor goes onto the CPU device without a copy.
 """
 
 from __future__ import annotations
@@ -15,23 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cake.backends.jax.linear import QMat, Weight
 from cake.config import ModelConfig
 from cake.rope import rope_cos_sin, rope_inv_freq
 from cake.shard import Shard
 from cake.weights import TensorSource
+from cake.weights.packed import Packed, stored_tensor
 
 Params = dict[str, Any]  # pytree of arrays
 _F32 = jnp.float32
-
-
-# Each runs jitted on the device that holds its inputs, compiled once per shape
-# (every layer of a model shares them). The math is float32 on values already
-# rounded to the model dtype; only the result is rounded to the stored dtype.
-@partial(jax.jit, static_argnames="store")
-def _fold(norm: jax.Array, *ws: jax.Array, store: np.dtype) -> jax.Array:
-    """norm[:, None] * concat(ws).T: projections fused for `x @ W`, norm folded in."""
-    w = jnp.concatenate(ws).astype(_F32)
-    return (norm.astype(_F32)[:, None] * w.T).astype(store)
+_FLOAT_FORMATS = {np.dtype(jnp.float16): "F16", np.dtype(jnp.bfloat16): "BF16"}
 
 
 @partial(jax.jit, static_argnames="store")
@@ -39,9 +38,103 @@ def _transpose(w: jax.Array, *, store: np.dtype) -> jax.Array:
     return w.astype(_F32).T.astype(store)
 
 
-@partial(jax.jit, static_argnames="store")
-def _cast(w: jax.Array, *, store: np.dtype) -> jax.Array:
-    return w.astype(_F32).astype(store)
+class _Loader:
+    """Turns stored tensors into device weights, one matrix at a time.
+
+    kernels: the formats the CPU kernels multiply on this device (empty off the
+    CPU). model_dtype: float matrices wider than it are rounded to it, as the
+    model runs at that precision; narrower ones stay as stored.
+    """
+
+    def __init__(
+        self,
+        tensors: TensorSource,
+        model_dtype: np.dtype,
+        device: jax.Device,
+        kernels: frozenset[str],
+    ) -> None:
+        self.tensors, self.model_dtype, self.device = tensors, model_dtype, device
+        self.kernels = kernels
+        self.on_cpu = device.platform == "cpu"
+
+    def put(self, a: np.ndarray) -> jax.Array:
+        # a read-only host array is aliased on the CPU device (no copy)
+        if a.flags.writeable:
+            a = a.copy()
+            a.setflags(write=False)
+        return jax.device_put(a, self.device, may_alias=True)
+
+    def vector(self, name: str) -> jax.Array:
+        w = stored_tensor(self.tensors, name)
+        return jax.device_put(np.asarray(w, np.float32), self.device)
+
+    def _float(self, w: np.ndarray) -> np.ndarray:
+        if w.dtype.itemsize > self.model_dtype.itemsize or (
+            w.dtype.itemsize == self.model_dtype.itemsize
+            and w.dtype != self.model_dtype
+        ):
+            return w.astype(self.model_dtype)
+        return w
+
+    def matrices(self, names: list[str], rows: bool = False) -> tuple[Weight, ...]:
+        """The (out, in) tensors `names` as weights whose outputs concatenate.
+
+        rows: for a table looked up by rows, a float matrix stays (out, in).
+        """
+        parts = [stored_tensor(self.tensors, n) for n in names]
+        parts = [p if isinstance(p, Packed) else self._float(p) for p in parts]
+        groups: list[list] = []
+        for p in parts:
+            if groups and _kind(groups[-1][0]) == _kind(p):
+                groups[-1].append(p)
+            else:
+                groups.append([p])
+        return tuple(self._weight(g, rows) for g in groups)
+
+    def _weight(self, group: list, rows: bool) -> Weight:
+        first = group[0]
+        if isinstance(first, Packed):
+            cat = [
+                np.concatenate([getattr(p, a) for p in group])
+                if len(group) > 1
+                else getattr(first, a)
+                for a in ("data", "scales", "biases")
+                if getattr(first, a) is not None
+            ]
+            data, *sb = cat
+            scales, biases = (sb + [None, None])[:2]
+            on = self.on_cpu and first.format in self.kernels and first.scales is None
+            return QMat(
+                self.put(data),
+                None if scales is None else self.put(scales),
+                None if biases is None else self.put(biases),
+                fmt=first.format,
+                cols=first.shape[1],
+                kernel=on,
+            )
+        w = np.concatenate(group) if len(group) > 1 else first  # (N, K)
+        fmt = _FLOAT_FORMATS.get(w.dtype)
+        if self.on_cpu and fmt is not None:
+            # XLA on the CPU widens a 16-bit matrix on every product (~250 ms
+            # for SmolLM2's products vs 25 in float32): the kernels read it as
+            # it is; without them it is widened once here, with a warning.
+            if fmt in self.kernels:
+                return QMat(
+                    self.put(np.ascontiguousarray(w)),
+                    fmt=fmt,
+                    cols=w.shape[1],
+                    kernel=True,
+                )
+            w = w.astype(np.float32)
+        if rows:
+            return self.put(np.ascontiguousarray(w))
+        return _transpose(self.put(np.ascontiguousarray(w)), store=w.dtype)
+
+
+def _kind(p) -> tuple:
+    if isinstance(p, Packed):
+        return ("packed", p.format, p.shape[1])
+    return ("float", p.dtype, p.shape[1])
 
 
 def load_params(
@@ -49,56 +142,50 @@ def load_params(
     shard: Shard,
     tensors: TensorSource,
     model_dtype: np.dtype,
-    store_dtype: np.dtype,
     max_context: int,
     device: jax.Device,
+    kernels: frozenset[str] = frozenset(),
 ) -> Params:
-    """The stage's weights on `device`, fused and pre-transposed for `x @ W`.
-
-    Each tensor is rounded to `model_dtype` (the precision the model runs at) on
-    the host and copied to the device as it is, one at a time; fusing, norm
-    folding and transposes run there. Matrices are stored as `store_dtype`
-    (float32 on the CPU, see stage.py), vectors as float32. Doing that work in
-    NumPy instead took 37 of the 47 seconds of loading a 1B model on 2 cores.
-    """
-
-    def get(name: str) -> jax.Array:
-        host = np.asarray(tensors.get(name)).astype(model_dtype, copy=False)
-        return jax.device_put(host, device)
-
-    def vec(name: str) -> jax.Array:
-        return get(name).astype(_F32)
-
-    store = np.dtype(store_dtype)
+    """The stage's weights on `device`, as stored (see the module docstring)."""
+    load = _Loader(tensors, np.dtype(model_dtype), device, kernels)
     params: Params = {"layers": []}
     for i in shard.layers:
         p = f"model.layers.{i}."
         at, mlp = p + "self_attn.", p + "mlp."
-        qkv = [get(at + f"{x}_proj.weight") for x in "qkv"]
-        gu = [get(mlp + f"{x}_proj.weight") for x in ("gate", "up")]
         layer = {
-            "wqkv": _fold(get(p + "input_layernorm.weight"), *qkv, store=store),
-            "wo": _transpose(get(at + "o_proj.weight"), store=store),
-            "wgu": _fold(get(p + "post_attention_layernorm.weight"), *gu, store=store),
-            "wd": _transpose(get(mlp + "down_proj.weight"), store=store),
+            "ln1": load.vector(p + "input_layernorm.weight"),
+            "ln2": load.vector(p + "post_attention_layernorm.weight"),
+            "wqkv": load.matrices([at + f"{x}_proj.weight" for x in "qkv"]),
+            "wo": load.matrices([at + "o_proj.weight"])[0],
+            "wgu": load.matrices([mlp + f"{x}_proj.weight" for x in ("gate", "up")]),
+            "wd": load.matrices([mlp + "down_proj.weight"])[0],
         }
-        del qkv, gu  # the unfused copies leave the device before the next layer
         if config.attention_bias:
-            layer["bqkv"] = jnp.concatenate([vec(at + f"{x}_proj.bias") for x in "qkv"])
+            bias = [load.vector(at + f"{x}_proj.bias") for x in "qkv"]
+            layer["bqkv"] = jnp.concatenate(bias)
         if config.qk_norm:
-            layer["q_norm"] = vec(at + "q_norm.weight")
-            layer["k_norm"] = vec(at + "k_norm.weight")
+            layer["q_norm"] = load.vector(at + "q_norm.weight")
+            layer["k_norm"] = load.vector(at + "k_norm.weight")
         params["layers"].append(layer)
     tied = config.tie_word_embeddings
     if shard.head:
-        params["norm"] = vec("model.norm.weight")
+        params["norm"] = load.vector("model.norm.weight")
         head = "model.embed_tokens.weight" if tied else "lm_head.weight"
-        params["head"] = _transpose(get(head), store=store)  # (D, V)
+        params["head"] = load.matrices([head])[0]  # (D, V) float or QMat (V, ...)
     if shard.embed and not (tied and shard.head):
-        params["embed"] = _cast(get("model.embed_tokens.weight"), store=store)  # (V, D)
+        # (V, D) float, or QMat (V, ...)
+        params["embed"] = load.matrices(["model.embed_tokens.weight"], rows=True)[0]
     # RoPE tables for every position of the context: (max_context, hd/2) each
     cos, sin = rope_cos_sin(rope_inv_freq(config), np.arange(max_context))
     half = config.head_dim // 2
     params["rope_cos"] = jax.device_put(cos[:, :half], device)
     params["rope_sin"] = jax.device_put(sin[:, :half], device)
     return params
+
+
+def weight_bytes(params: Params) -> int:
+    """Bytes of the weights the params hold (the RoPE tables excluded)."""
+    leaves = jax.tree_util.tree_leaves(
+        {k: v for k, v in params.items() if not k.startswith("rope_")}
+    )
+    return sum(int(a.nbytes) for a in leaves)

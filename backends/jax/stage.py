@@ -10,8 +10,9 @@ import numpy as np
 
 from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
+from cake.backends.jax.linear import cpu_kernel_formats
 from cake.backends.jax.llama import stage_step
-from cake.backends.jax.params import load_params
+from cake.backends.jax.params import load_params, weight_bytes
 from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import check_step, dtype_of
@@ -45,21 +46,20 @@ class JaxLlamaStage:
         self.max_context, self.max_sequences = max_context, max_sequences
         self._jax_device = jax_device
         model_dtype = dtype_of(dtype)
-        # XLA on the CPU turns a bfloat16/float16 matrix-vector product into a
-        # full conversion of the weight matrix per call (measured ~5 tokens/s on
-        # SmolLM2-135M), so there narrow weights are widened to float32 at load.
-        # GPUs and TPUs multiply them natively and keep them narrow.
         on_cpu = jax_device.platform == "cpu"
+        # The KV cache is float32 on the CPU: XLA there computes in float32 and
+        # converting the cache at every read costs more than its bytes save.
         store = np.dtype(np.float32) if on_cpu else model_dtype
         self._params = load_params(
             config,
             shard,
             tensors,
             model_dtype,
-            store,
             max_context,
             jax_device,
+            kernels=cpu_kernel_formats() if on_cpu else frozenset(),
         )
+        self.weight_bytes = weight_bytes(self._params)
         self._cache = kvcache.allocate(
             len(shard),
             max_sequences,

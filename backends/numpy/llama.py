@@ -1,7 +1,10 @@
 """Llama family (llama, mistral, qwen2, qwen3) in plain NumPy, float32 math.
 
 The reference: written for reading, not speed. Hidden states leave the stage in
-the model dtype; inside, everything is float32.
+the model dtype; inside, everything is float32. Weights stay as the checkpoint
+stores them (bfloat16 arrays, quantized `Packed` blocks, memory-mapped where the
+reader allows); each matrix is widened to float32 only while it is multiplied,
+one at a time, so the stage never holds a float32 copy of the model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from cake.rope import rope_cos_sin, rope_inv_freq
 from cake.shard import Shard
 from cake.weights import TensorSource
 from cake.weights.names import head_tensor_names, layer_tensor_names
+from cake.weights.packed import Stored, as_float, lookup_rows, stored_tensor
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -33,6 +37,11 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def linear(x: np.ndarray, w: Stored) -> np.ndarray:
+    """x (..., in) float32 @ w.T, w (out, in) widened to float32 for this product only."""
+    return x @ np.asarray(as_float(w), np.float32).T
 
 
 class _SeqCache:
@@ -67,8 +76,10 @@ class NumpyLlamaStage:
         self.config, self.shard, self.dtype, self.device = config, shard, dtype, device
         self.max_context, self.max_sequences = max_context, max_sequences
 
-        def get(name: str) -> np.ndarray:
-            return np.asarray(tensors.get(name), dtype=np.float32)
+        def get(name: str) -> Stored:
+            w = stored_tensor(tensors, name)
+            # vectors (norms, biases) are small: float32 once
+            return as_float(w).astype(np.float32) if w.ndim == 1 else w
 
         self.embed = get("model.embed_tokens.weight") if shard.embed else None
         self.layers = []
@@ -77,7 +88,15 @@ class NumpyLlamaStage:
             self.layers.append({n.split(f"layers.{i}.", 1)[1]: get(n) for n in names})
         if shard.head:
             norm, head = head_tensor_names(config)
-            self.norm, self.lm_head = get(norm), get(head)
+            self.norm = get(norm)
+            same = shard.embed and head == "model.embed_tokens.weight"
+            self.lm_head = self.embed if same else get(head)
+        held = [*(w for layer in self.layers for w in layer.values())]
+        if shard.embed:
+            held.append(self.embed)
+        if shard.head:
+            held += [self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        self.weight_bytes = sum(int(w.nbytes) for w in held)
         self.inv_freq = rope_inv_freq(config)
         self.caches: dict[int, _SeqCache] = {}
 
@@ -92,7 +111,7 @@ class NumpyLlamaStage:
             step, x, self.shard, cfg, cached, self.max_context, self.max_sequences
         )
         if self.shard.embed:
-            h = self.embed[x]  # (B, L, D)
+            h = lookup_rows(self.embed, x).astype(np.float32)  # (B, L, D)
         else:
             h = np.asarray(x, dtype=np.float32)
         for b, (sid, pos, n) in enumerate(
@@ -113,16 +132,16 @@ class NumpyLlamaStage:
         h = rms_norm(h, self.norm, cfg.rms_norm_eps)
         if not step.all_logits:
             h = h[np.arange(step.batch), np.asarray(step.lengths) - 1]  # (B, D)
-        return (h @ self.lm_head.T).astype(np.float32)
+        return linear(h, self.lm_head).astype(np.float32)
 
     def _layer(self, x, w, j, cache, pos, cos, sin):
         cfg = self.config
         n, hd = x.shape[0], cfg.head_dim
         nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         a = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
-        q = a @ w["self_attn.q_proj.weight"].T
-        k = a @ w["self_attn.k_proj.weight"].T
-        v = a @ w["self_attn.v_proj.weight"].T
+        q = linear(a, w["self_attn.q_proj.weight"])
+        k = linear(a, w["self_attn.k_proj.weight"])
+        v = linear(a, w["self_attn.v_proj.weight"])
         if cfg.attention_bias:
             q = q + w["self_attn.q_proj.bias"]
             k = k + w["self_attn.k_proj.bias"]
@@ -149,8 +168,8 @@ class NumpyLlamaStage:
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         probs = scores / scores.sum(-1, keepdims=True)
         attn = np.einsum("hqk,khd->qhd", probs, vals).reshape(n, nh * hd)
-        x = x + attn @ w["self_attn.o_proj.weight"].T
+        x = x + linear(attn, w["self_attn.o_proj.weight"])
         m = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        gate = m @ w["mlp.gate_proj.weight"].T
-        up = m @ w["mlp.up_proj.weight"].T
-        return x + (silu(gate) * up) @ w["mlp.down_proj.weight"].T
+        gate = linear(m, w["mlp.gate_proj.weight"])
+        up = linear(m, w["mlp.up_proj.weight"])
+        return x + linear(silu(gate) * up, w["mlp.down_proj.weight"])

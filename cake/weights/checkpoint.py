@@ -24,4 +24,15 @@ def open_checkpoint(path: str | Path) -> tuple[ModelConfig, TensorSource]:
     from cake.weights.safetensors import SafetensorsSource
 
     config = ModelConfig.from_file(path / "config.json")
-    return config, SafetensorsSource(path)
+    return config, SafetensorsSource(path, _quantization(path / "config.json"))
+
+
+def _quantization(config_json: Path) -> dict | None:
+    """mlx-lm's "quantization" entry ({group_size, bits, ...}) or None."""
+    import json
+
+    try:
+        q = json.loads(config_json.read_text()).get("quantization")
+    except (OSError, ValueError):
+        return None  # ModelConfig.from_file has already said what is wrong
+    return q if isinstance(q, dict) else None

@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp) of the llama architecture as a TensorSource.
 
-The file is memory-mapped by `gguf.GGUFReader`; a tensor is read and decoded
-only when `get` asks for it. Names are mapped to Hugging Face names, shapes are
+The file is memory-mapped by `gguf.GGUFReader`. `stored` hands a tensor out as
+the file holds it (float arrays, quantized types as `Packed` blocks, no
+decoding pass); `get` is the float view, decoded only when asked for. Names are mapped to Hugging Face names, shapes are
 (out, in) as in PyTorch, and Q/K projections are un-permuted from llama.cpp's
 rotary layout back to Hugging Face's.
 """
@@ -16,14 +17,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
 
 from cake.config import ModelConfig
 from cake.errors import ModelError
+from cake.weights.packed import GGUF_FORMATS, Packed, Stored, as_float
 
 Q = GGMLQuantizationType
 _FLOAT = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: ml_dtypes.bfloat16}
-_QUANT = (Q.Q8_0, Q.Q4_0, Q.Q4_1)  # dequantized to float32
+_QUANT = tuple(Q[f] for f in GGUF_FORMATS)
 
 _TOP = {
     "token_embd": "model.embed_tokens",
@@ -89,16 +90,19 @@ def _architecture(reader: GGUFReader) -> str:
     return arch
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _unpermute(w: Stored, n_head: int) -> Stored:
     """Undo llama.cpp's `LlamaModel.permute` on the rows of a Q or K projection.
 
     llama.cpp rotates adjacent pairs (2i, 2i+1) of each head; Hugging Face
     rotates halves (i, i + head_dim/2). The converter reordered each head's
-    rows from (2, head_dim/2) to (head_dim/2, 2); swap them back.
+    rows from (2, head_dim/2) to (head_dim/2, 2); swap them back. Only rows
+    move, so quantized blocks move whole and stay as they are.
     """
-    half = w.shape[0] // n_head // 2
-    # (n_head, head_dim/2, 2, in) -> (n_head, 2, head_dim/2, in)
-    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    rows = w.shape[0]
+    # row order (n_head, head_dim/2, 2) -> (n_head, 2, head_dim/2)
+    order = np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2)
+    order = order.reshape(-1)
+    return w.take_rows(order) if isinstance(w, Packed) else w[order]
 
 
 def llama3_rope_factors(
@@ -206,9 +210,11 @@ def gguf_config(path_or_reader: str | Path | GGUFReader) -> ModelConfig:
 class GGUFSource:
     """Lazy TensorSource over a llama GGUF file, speaking Hugging Face names.
 
-    F32/F16/BF16 tensors come back in their dtype (BF16 as ml_dtypes.bfloat16);
-    Q8_0/Q4_0/Q4_1 come back dequantized to float32; other types raise
-    ModelError when read. `config` is the file's ModelConfig.
+    `stored(name)`: F32/F16/BF16 tensors as arrays of their dtype (BF16 as
+    ml_dtypes.bfloat16) and the quantized types of `GGUF_FORMATS` as `Packed`,
+    memory-mapped. `get(name)`: the float view (quantized types dequantized to
+    float32). Any other type raises ModelError naming it. `config` is the
+    file's ModelConfig.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -236,22 +242,35 @@ class GGUFSource:
         # GGUF lists ne[0] (the innermost, contiguous dim) first: reverse it.
         return tuple(int(n) for n in reversed(self._tensor(name).shape.tolist()))
 
-    def get(self, name: str) -> np.ndarray:
+    def format(self, name: str) -> str:
+        """The stored type's name: F32, F16, BF16, Q4_K, ..."""
+        return self._tensor(name).tensor_type.name
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the tensor takes in the file."""
+        return int(self._tensor(name).n_bytes)
+
+    def stored(self, name: str) -> Stored:
         t = self._tensor(name)
         shape = self.shape(name)
         kind = t.tensor_type
         if kind in _FLOAT:
             # The reader exposes BF16 as raw bytes (rows, 2*cols): view as bfloat16.
-            w = np.array(t.data.view(_FLOAT[kind]).reshape(shape))
-        elif kind in _QUANT:
-            w = dequantize(t.data, kind).reshape(shape)
+            w: Stored = t.data.view(_FLOAT[kind]).reshape(shape)
+        elif kind in _QUANT and len(shape) == 2:
+            w = Packed(kind.name, shape, t.data.reshape(shape[0], -1))
         else:
+            known = ", ".join(["F32", "F16", "BF16", *GGUF_FORMATS])
             raise ModelError(
                 f"GGUF tensor {t.name!r} has type {kind.name}, which cake cannot "
-                f"read: use a file quantized as F32, F16, BF16, Q8_0, Q4_0 or Q4_1"
+                f"read: use a file quantized as one of {known}"
             )
         if ".self_attn.q_proj." in name:
             w = _unpermute(w, self.config.num_attention_heads)
         elif ".self_attn.k_proj." in name:
             w = _unpermute(w, self.config.num_key_value_heads)
         return w
+
+    def get(self, name: str) -> np.ndarray:
+        w = self.stored(name)
+        return as_float(w) if isinstance(w, Packed) else np.array(w)

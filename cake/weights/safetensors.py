@@ -5,6 +5,11 @@ so a stage touches only the bytes of the tensors it asks for. The `safetensors`
 package's NumPy path cannot return bfloat16 (NumPy has no such type), hence
 the direct read of its documented layout: 8-byte little-endian header length,
 JSON header {name: {dtype, shape, data_offsets}}, then the raw data.
+
+Folders quantized by mlx-lm (config.json "quantization": {group_size, bits},
+optionally per module) store a linear `X.weight` as packed uint32 beside
+`X.scales` and `X.biases`; `stored` hands those out as one `Packed` and `get`
+dequantizes them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from cake.errors import ModelError
+from cake.weights.packed import Packed, Stored, mlx_format, parse_mlx_format
 
 _DTYPES = {
     "F32": np.dtype(np.float32),
@@ -68,9 +74,13 @@ class _File:
 
 
 class SafetensorsSource:
-    """All `*.safetensors` of a model folder (via `model.safetensors.index.json` if sharded)."""
+    """All `*.safetensors` of a model folder (via `model.safetensors.index.json` if sharded).
 
-    def __init__(self, folder: str | Path) -> None:
+    quantization: config.json's "quantization" entry of an mlx-lm folder
+    ({"group_size", "bits"} and optional per-module overrides), or None.
+    """
+
+    def __init__(self, folder: str | Path, quantization: dict | None = None) -> None:
         folder = Path(folder)
         index = folder / "model.safetensors.index.json"
         self._where: dict[str, Path] = {}
@@ -89,6 +99,33 @@ class SafetensorsSource:
                 for name in _File(f).entries:
                     self._where[name] = f
         self._files: dict[Path, _File] = {}
+        self._quant = quantization or {}
+        # X.weight -> its mlx format, for every X with X.scales beside it
+        self._packed = {
+            f"{m}.weight": self._format(m)
+            for n in self._where
+            if n.endswith(".scales") and f"{(m := n[: -len('.scales')])}.weight" in self
+        }
+        if self._packed and not self._quant:
+            raise ModelError(
+                f"{folder} holds quantized weights (.scales tensors) but config.json "
+                "has no 'quantization' entry saying their bits and group size"
+            )
+        hidden = {
+            n[: -len("weight")] + x for n in self._packed for x in ("scales", "biases")
+        }
+        self._names = [n for n in self._where if n not in hidden]
+
+    def _format(self, module: str) -> str:
+        q = self._quant.get(module, self._quant)
+        if not isinstance(q, dict) or "bits" not in q:
+            q = self._quant
+        try:
+            return mlx_format(int(q["bits"]), int(q["group_size"]))
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(
+                f"config.json 'quantization' lacks bits/group_size for {module}"
+            ) from None
 
     def _file(self, path: Path) -> _File:
         f = self._files.get(path)
@@ -98,17 +135,53 @@ class SafetensorsSource:
             f = self._files[path] = _File(path)
         return f
 
+    def _raw(self, name: str) -> np.ndarray:
+        return self._file(self._path(name)).get(name)
+
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._names)
 
     def __contains__(self, name: object) -> bool:
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(self._path(name)).entries[name]["shape"])
+        shape = tuple(self._file(self._path(name)).entries[name]["shape"])
+        fmt = self._packed.get(name)
+        if fmt is None:
+            return shape
+        bits, _ = parse_mlx_format(fmt)
+        return (shape[0], shape[1] * 32 // bits)
+
+    def format(self, name: str) -> str:
+        """mlx formats by name (MLX4G64), floats by safetensors dtype (BF16, F32)."""
+        if name in self._packed:
+            return self._packed[name]
+        return self._file(self._path(name)).entries[name]["dtype"]
+
+    def nbytes(self, name: str) -> int:
+        fmt = self._packed.get(name)
+        names = [name] if fmt is None else [name, *self._companions(name)]
+        total = 0
+        for n in names:
+            e = self._file(self._path(n)).entries[n]
+            a, b = e["data_offsets"]
+            total += b - a
+        return total
+
+    def _companions(self, name: str) -> list[str]:
+        base = name[: -len("weight")]
+        return [base + "scales", base + "biases"]
+
+    def stored(self, name: str) -> Stored:
+        fmt = self._packed.get(name)
+        if fmt is None:
+            return self._raw(name)
+        scales, biases = (self._raw(n) for n in self._companions(name))
+        return Packed(fmt, self.shape(name), self._raw(name), scales, biases)
 
     def get(self, name: str) -> np.ndarray:
-        return self._file(self._path(name)).get(name)
+        w = self.stored(name)
+        return w.dequantize() if isinstance(w, Packed) else w
 
     def _path(self, name: str) -> Path:
         try:

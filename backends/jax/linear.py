@@ -1,0 +1,115 @@
+"""Linear weights of a JAX stage as stored, and the products over them.
+
+A weight is either a float matrix laid out for `x @ W` (K, N), which XLA
+multiplies natively (float32 on the CPU; any float on GPUs/TPUs), or a
+`QMat` (N, ...) in the checkpoint's own format (GGUF blocks, MLX
+affine, or 16-bit floats on the CPU) that is never widened in memory:
+
+* on the CPU, `cake.kernels.cpu` multiplies the packed rows directly (XLA FFI
+  custom calls from the jitted step; activations quantized per block for the
+  integer formats, as llama.cpp does);
+* elsewhere, or where no compiler built those kernels, `cake.kernels.jax`
+  decodes the blocks inside the jitted step, where XLA can fuse the decode
+  into the product.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: float32 means float32
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class QMat:
+    """A (rows, cols) matrix as stored (see cake.weights.packed.Packed), on the device.
+
+    data: GGUF uint8 (rows, row_bytes); MLX uint32 (rows, cols*bits/32) with
+    scales/biases (rows, cols/group); F16/BF16 (rows, cols) in that dtype.
+    `kernel`: multiplied by the CPU kernels (else decoded by cake.kernels.jax).
+    """
+
+    data: jax.Array
+    scales: jax.Array | None = None
+    biases: jax.Array | None = None
+    fmt: str = field(default="", metadata={"static": True})
+    cols: int = field(default=0, metadata={"static": True})
+    kernel: bool = field(default=False, metadata={"static": True})
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+
+Weight = jax.Array | QMat
+
+
+def cpu_kernel_formats() -> frozenset[str]:
+    """Formats the CPU kernels multiply here; empty when they could not be built
+    or CAKE_CPU_KERNELS=0 turns them off (to measure the fallback)."""
+    if os.environ.get("CAKE_CPU_KERNELS", "1") == "0":
+        return frozenset()
+    try:
+        from cake.kernels import cpu
+    except ImportError as e:  # pragma: no cover - the package ships with cake
+        print(f"cake: CPU kernels unavailable ({e})", file=sys.stderr)
+        return frozenset()
+    return frozenset(cpu.FORMATS) if cpu.available() else frozenset()
+
+
+def mm(x: jax.Array, w: Weight) -> jax.Array:
+    """x (..., K) float32 @ W -> (..., N) float32, W in its stored form."""
+    if isinstance(w, QMat):
+        if w.kernel:
+            from cake.kernels import cpu
+
+            return cpu.matmul(x.astype(jnp.float32), w.data, w.fmt, w.cols)
+        if w.fmt in ("F16", "BF16"):
+            return jnp.dot(
+                x.astype(w.data.dtype), w.data.T, preferred_element_type=jnp.float32
+            )
+        from cake.kernels import jax as jk
+
+        return jk.matmul(x, w.data, w.fmt, w.cols, w.scales, w.biases)
+    if w.dtype == jnp.float32:
+        return jnp.dot(x, w, precision=_HIGHEST)
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def mm_cat(x: jax.Array, ws: tuple[Weight, ...]) -> jax.Array:
+    """x @ [W0 | W1 | ...]: one product for a fused group, else one per part."""
+    outs = [mm(x, w) for w in ws]
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+
+
+def take_rows(table: Weight, ids: jax.Array, *, transposed: bool) -> jax.Array:
+    """Embedding rows `ids` (B, L) as float32 (B, L, D).
+
+    table: QMat (V, ...), or a float (V, D) matrix, or with `transposed` the
+    head's (D, V) float matrix doubling as the embedding.
+    """
+    if isinstance(table, QMat):
+        flat = ids.reshape(-1)
+        pick = [
+            None if a is None else jnp.take(a, flat, axis=0, mode="clip")
+            for a in (table.data, table.scales, table.biases)
+        ]
+        if table.fmt in ("F16", "BF16"):
+            rows = pick[0].astype(jnp.float32)
+        else:
+            from cake.kernels import jax as jk
+
+            rows = jk.dequantize(
+                pick[0], table.fmt, table.cols, jnp.float32, pick[1], pick[2]
+            )
+        return rows.reshape(*ids.shape, table.cols)
+    if transposed:
+        return jnp.take(table, ids, axis=1, mode="clip").transpose(1, 2, 0)
+    return jnp.take(table, ids, axis=0, mode="clip")

@@ -1,0 +1,83 @@
+// The contract between the CPU matmul driver and the per-format dot kernels.
+//
+// y (M, N) = x (M, K) @ W^T, W (N, K) stored row by row exactly as in the GGUF
+// file: each row is K / block_elems blocks of block_bytes (see the structs in
+// gguf.quants / ggml-common.h). x is float32. For the quantized formats x is
+// first quantized once per call, row by row, into the activation blocks below
+// (as llama.cpp does); the dot kernels then use integer products.
+//
+// Activation quantization, the same for every row and format family, and what
+// kernels/cpu/reference.py reproduces in NumPy:
+//   d = max|x_blk| / 127 (d = 0 -> all q = 0), q = rint(x / d) (half to even,
+//   like np.rint), |q| <= 127.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Activations for the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+typedef struct {
+  float d;        // scale
+  float s;        // d * sum(qs): what a block's min/bias multiplies
+  int8_t qs[32];
+} cake_q8_32;     // 40 bytes
+
+// Activations for the 256-element K-quants (Q2_K ... Q6_K).
+typedef struct {
+  float d;
+  int16_t bsums[16];  // sum of each run of 16 qs
+  int8_t qs[256];
+} cake_q8_256;        // 292 bytes
+
+void cake_quantize_q8_32(const float* x, cake_q8_32* y, int64_t k);    // k % 32 == 0
+void cake_quantize_q8_256(const float* x, cake_q8_256* y, int64_t k);  // k % 256 == 0
+
+// One weight row against `nrows` activation rows:
+//   out[r] = dot(W row w, activation row r), r < nrows,
+// activation row r starting at (const char*)x + r * x_stride bytes.
+// A kernel decodes each weight block once and reuses it for every row: that is
+// what keeps a step for 8 sequences close to the cost of one.
+// x is cake_q8_32 rows for the 32-element formats, cake_q8_256 rows for the
+// K-quants, float32 rows for F16 and BF16.
+typedef void (*cake_dot_fn)(int64_t k, const void* w, const void* x,
+                            size_t x_stride, int nrows, float* out);
+
+void cake_dot_q4_0(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_q4_1(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_q5_0(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_q5_1(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_q8_0(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_q2_k(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_q3_k(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_q4_k(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_q5_k(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_q6_k(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_f16(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_bf16(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+
+// One weight row dequantized to float32 (k elements): the prefill path may
+// widen one matrix at a time into a scratch buffer and multiply in float.
+typedef void (*cake_dequant_fn)(int64_t k, const void* w, float* out);
+
+void cake_dequant_q4_0(int64_t k, const void* w, float* out);
+void cake_dequant_q4_1(int64_t k, const void* w, float* out);
+void cake_dequant_q5_0(int64_t k, const void* w, float* out);
+void cake_dequant_q5_1(int64_t k, const void* w, float* out);
+void cake_dequant_q8_0(int64_t k, const void* w, float* out);
+void cake_dequant_q2_k(int64_t k, const void* w, float* out);
+void cake_dequant_q3_k(int64_t k, const void* w, float* out);
+void cake_dequant_q4_k(int64_t k, const void* w, float* out);
+void cake_dequant_q5_k(int64_t k, const void* w, float* out);
+void cake_dequant_q6_k(int64_t k, const void* w, float* out);
+void cake_dequant_f16(int64_t k, const void* w, float* out);
+void cake_dequant_bf16(int64_t k, const void* w, float* out);
+
+// float16 <-> float32 helpers every file may use (F16C where compiled in).
+float cake_f16_to_f32(uint16_t h);
+
+#ifdef __cplusplus
+}
+#endif

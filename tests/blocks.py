@@ -1,0 +1,37 @@
+"""Random valid GGUF blocks for the tests of readers and kernels."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+Q = gguf.GGMLQuantizationType
+
+# byte offsets of each type's float16 fields (d, and dmin / m where it has one)
+F16_FIELDS = {
+    "Q8_0": [0],
+    "Q4_0": [0],
+    "Q5_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_1": [0, 2],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+}
+
+
+def random_blocks(fmt: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random valid blocks of a GGUF type: random bytes, float16 scales set finite.
+
+    The float16 fields (d, and dmin/m where the type has one) sit at the
+    offsets gguf.quants reads them from; each gets a value in [1e-3, 1e-1).
+    """
+    elems, nbytes = gguf.GGML_QUANT_SIZES[Q[fmt]]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // elems, nbytes), dtype=np.uint8)
+    for off in F16_FIELDS[fmt]:
+        h = rng.uniform(1e-3, 1e-1, raw.shape[:2]).astype(np.float16)
+        raw[..., off : off + 2] = h.view(np.uint8).reshape(*raw.shape[:2], 2)
+    return raw.reshape(rows, -1)
