@@ -71,10 +71,8 @@ def mm(x: jax.Array, w: Weight) -> jax.Array:
             from cake.kernels import cpu
 
             return cpu.matmul(x.astype(jnp.float32), w.data, w.fmt, w.cols)
-        if w.fmt in ("F16", "BF16"):
-            return jnp.dot(
-                x.astype(w.data.dtype), w.data.T, preferred_element_type=jnp.float32
-            )
+        if w.fmt in ("F16", "BF16"):  # widened inside the product only
+            return jnp.dot(x, w.data.astype(jnp.float32).T, precision=_HIGHEST)
         from cake.kernels import jax as jk
 
         return jk.matmul(x, w.data, w.fmt, w.cols, w.scales, w.biases)

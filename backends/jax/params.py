@@ -117,15 +117,13 @@ class _Loader:
         if self.on_cpu and fmt is not None:
             # XLA on the CPU widens a 16-bit matrix on every product (~250 ms
             # for SmolLM2's products vs 25 in float32): the kernels read it as
-            # it is; without them it is widened once here, with a warning.
-            if fmt in self.kernels:
-                return QMat(
-                    self.put(np.ascontiguousarray(w)),
-                    fmt=fmt,
-                    cols=w.shape[1],
-                    kernel=True,
-                )
-            w = w.astype(np.float32)
+            # it is. Without them it stays 16-bit all the same (slow, compact).
+            return QMat(
+                self.put(np.ascontiguousarray(w)),
+                fmt=fmt,
+                cols=w.shape[1],
+                kernel=fmt in self.kernels,
+            )
         if rows:
             return self.put(np.ascontiguousarray(w))
         return _transpose(self.put(np.ascontiguousarray(w)), store=w.dtype)
