@@ -10,6 +10,7 @@ rotary layout back to Hugging Face's.
 from __future__ import annotations
 
 import math
+import mmap
 import re
 from pathlib import Path
 from typing import Any
@@ -265,11 +266,35 @@ class GGUFSource:
                 f"GGUF tensor {t.name!r} has type {kind.name}, which cake cannot "
                 f"read: use a file quantized as one of {known}"
             )
-        if ".self_attn.q_proj." in name:
-            w = _unpermute(w, self.config.num_attention_heads)
-        elif ".self_attn.k_proj." in name:
-            w = _unpermute(w, self.config.num_key_value_heads)
+        heads = {
+            ".self_attn.q_proj.": self.config.num_attention_heads,
+            ".self_attn.k_proj.": self.config.num_key_value_heads,
+        }
+        for part, n_head in heads.items():
+            if part in name:
+                w = _unpermute(w, n_head)
+                self._release(t.data)
         return w
+
+    def _release(self, view: np.ndarray) -> None:
+        """Drop the file pages of `view` from this process's resident memory.
+
+        A Q/K projection is copied to un-permute its rows: without this its
+        file pages, read once for the copy, stay resident beside the copy.
+        """
+        mm = getattr(self._reader.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        base = self._reader.data.ctypes.data
+        start = view.ctypes.data - base
+        page = mmap.PAGESIZE
+        a = -(-start // page) * page  # whole pages inside the tensor only
+        b = (start + view.nbytes) // page * page
+        if b > a:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, ValueError):
+                pass  # only memory is at stake
 
     def get(self, name: str) -> np.ndarray:
         w = self.stored(name)

@@ -1,0 +1,184 @@
+"""Resident memory a worker adds for its layers, against those layers' bytes in the file.
+
+Each checkpoint is measured in a fresh process per backend: RSS after the
+backend is imported and has run one jitted op (the baseline), then after the
+stage holding every transformer layer (no embedding, no head: a worker's
+share) has loaded and run a prefill and a decode step (so every weight page
+it needs is resident). The KV cache the stage allocates is subtracted (its
+size is known exactly); the rest is what the layers cost. The anchor is the
+layers' tensor bytes in the file, summed from the reader.
+
+    .venv/bin/python benchmarks/bench_memory.py FILE.gguf [FILE ...] [--backends jax,numpy]
+    .venv/bin/python benchmarks/bench_memory.py --synthetic-1b DIR   # writes a 1B-shaped Q4_0 GGUF
+
+Target (issue 12): added RSS <= 1.15x the layers' file bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MAX_CONTEXT, MAX_SEQUENCES = 256, 1
+
+
+def rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(path: str, backend: str) -> dict:
+    """Runs in the child process: load a worker's share, report bytes."""
+    import numpy as np
+
+    from cake.backends.base import Step
+    from cake.pipeline import load_local_stage
+    from cake.shard import Shard
+    from cake.weights.checkpoint import open_checkpoint
+    from cake.weights.names import layer_tensor_names
+
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        jnp.ones(4).sum().block_until_ready()
+    config, tensors = open_checkpoint(path)
+    n = config.num_hidden_layers
+    names = [t for i in range(n) for t in layer_tensor_names(config, i)]
+    file_bytes = sum(tensors.nbytes(t) for t in names)
+    formats = sorted({tensors.format(t) for t in names})
+    base = rss_bytes()
+    shard = Shard(0, n, n, embed=False, head=False)
+    stage = load_local_stage(
+        config,
+        shard,
+        tensors,
+        backend,
+        "float32",
+        max_context=MAX_CONTEXT,
+        max_sequences=MAX_SEQUENCES,
+    )
+    x = np.zeros((1, 8, config.hidden_size), np.float32)
+    stage.forward(x, Step((0,), (0,), (8,)))
+    stage.forward(x[:, :1], Step((0,), (8,), (1,)))
+    after = rss_bytes()
+    kv = 0
+    if backend == "jax":  # allocated at load: 2 x layers x slots x kv heads x T x hd
+        kv = 2 * n * MAX_SEQUENCES * config.num_key_value_heads * MAX_CONTEXT
+        kv *= config.head_dim * 4
+    added = after - base - kv
+    return {
+        "file": Path(path).name,
+        "backend": backend,
+        "formats": formats,
+        "layers": n,
+        "layer_file_bytes": file_bytes,
+        "stage_weight_bytes": getattr(stage, "weight_bytes", None),
+        "kv_bytes": kv,
+        "rss_added_bytes": added,
+        "ratio": added / file_bytes,
+    }
+
+
+def write_synthetic_1b(folder: Path) -> Path:
+    """A Llama-3.2-1B-shaped GGUF (16 layers, hidden 2048, ffn 8192, 32/8 heads),
+    matrices Q4_0 quantized by gguf-py from random normals, one tensor at a time."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    path = folder / "synthetic-1b.Q4_0.gguf"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    d, f, h, kv, hd, vocab, layers = 2048, 8192, 32, 8, 64, 32768, 16
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(f)
+    w.add_head_count(h)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(hd)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(500000.0)
+    rng = np.random.default_rng(0)
+
+    def q4(shape):
+        a = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float32)
+        return quantize(a, gguf.GGMLQuantizationType.Q4_0)
+
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    w.add_tensor("token_embd.weight", q4((vocab, d)), raw_dtype=q4_0)
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    for i in range(layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(d, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(d, np.float32))
+        for name, shape in [
+            ("attn_q", (h * hd, d)),
+            ("attn_k", (kv * hd, d)),
+            ("attn_v", (kv * hd, d)),
+            ("attn_output", (d, h * hd)),
+            ("ffn_gate", (f, d)),
+            ("ffn_up", (f, d)),
+            ("ffn_down", (d, f)),
+        ]:
+            w.add_tensor(p + name + ".weight", q4(shape), raw_dtype=q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="*")
+    ap.add_argument("--backends", default="jax,numpy")
+    ap.add_argument("--synthetic-1b", type=Path, help="folder for the 1B Q4_0 GGUF")
+    ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(measure(*a.child)))
+        return
+    files = list(a.files)
+    if a.synthetic_1b:
+        files.append(str(write_synthetic_1b(a.synthetic_1b)))
+    rows = []
+    for f in files:
+        for be in a.backends.split(","):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", f, be],
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode:
+                print(f"{f} {be}: failed: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(
+        "| file | backend | formats | layers' bytes in file (MB) | stage holds (MB) "
+        "| RSS added (MB) | ratio |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        held = r["stage_weight_bytes"]
+        print(
+            f"| {r['file']} | {r['backend']} | {' '.join(r['formats'])} "
+            f"| {r['layer_file_bytes'] / 1e6:.1f} "
+            f"| {'' if held is None else f'{held / 1e6:.1f}'} "
+            f"| {r['rss_added_bytes'] / 1e6:.1f} | {r['ratio']:.2f}x |"
+        )
+    if a.json_out:
+        a.json_out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
