@@ -125,15 +125,21 @@ def _tokenizer_for(path: Path, tensors) -> Tokenizer:
 
 
 def resolve_dtype(dtype: str, tensors, config: ModelConfig) -> str:
-    """'auto' means the checkpoint's own dtype (quantized GGUF: float32)."""
+    """'auto' means the checkpoint's own dtype (quantized GGUF: float32; an
+    mlx-lm folder: its scales' dtype)."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise CakeError(
                 f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16"
             )
         return dtype
-    probe = tensors.get("model.layers.0.self_attn.q_proj.weight")
-    name = probe.dtype.name
+    from cake.weights.packed import Packed, stored_tensor
+
+    probe = stored_tensor(tensors, "model.layers.0.self_attn.q_proj.weight")
+    if isinstance(probe, Packed):  # no decoding just to learn a dtype
+        name = "float32" if probe.scales is None else probe.scales.dtype.name
+    else:
+        name = probe.dtype.name
     return name if name in DTYPES else "float32"
 
 

@@ -3,8 +3,10 @@
 `profile_local` loads a stage of a few layers on a backend (of the given model, or
 of a synthetic model of a stated shape), feeds it hidden states and times decode
 (batch 1 and batch 8) and a prefill chunk, each at a short and a long context.
-Times are per layer: the stage's time divided by its layer count. A worker calls
-the same function for a remote probe. See docs/bench.md.
+Times are per layer: the stage's time divided by its layer count. Bytes are
+counted as the checkpoint stores them (quantized layers by their blocks), with
+what the backend said it held beside them. A worker calls the same function
+for a remote probe. See docs/bench.md.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import DTYPES, dtype_of
 from cake.pipeline import expected_shape, load_local_stage
-from cake.plan import model_sizes
+from cake.plan import model_sizes, stored_bytes
 from cake.shard import Shard
 from cake.weights.names import layer_tensor_names
 from cake.weights.source import TensorSource
@@ -110,7 +112,9 @@ class SyntheticSource:
 @dataclass(frozen=True)
 class DeviceProfile:
     """What one device did in a probe. Seconds are per layer, as (short, long)
-    context pairs; bytes are of the probed model at the probed dtype."""
+    context pairs; weight bytes are the probed layers' as stored in the
+    checkpoint (parameters x dtype for a synthetic model), cache bytes at the
+    probed dtype."""
 
     name: str  # "master" or the worker's name
     backend: str
@@ -127,13 +131,16 @@ class DeviceProfile:
     decode_s: tuple[float, float]  # decode, 1 sequence, 1 token
     decode_batch_s: tuple[float, float]  # decode, decode_batch sequences, 1 token
     prefill_s: tuple[float, float]  # prefill of prefill_chunk tokens, 1 sequence
-    layer_bytes: int  # weights of one layer
+    layer_bytes: int  # weights of one probed layer, as stored
     kv_bytes_per_1k: int  # K and V of one layer for 1,000 positions
     estimated: tuple[str, ...] = ()  # figures whose long value is estimated
     probe_seconds: float = 0.0  # wall time of the whole probe
     address: str | None = None  # "host:port" of a worker
     rtt_s: float | None = None  # worker round trip (filled by the network probe)
     bandwidth_bytes_s: float | None = None  # master <-> worker, activation sized
+    # what the backend's stage held per probed layer (its weight_bytes), if it says
+    held_layer_bytes: int | None = None
+    loaded_bytes: int | None = None  # weights a worker holds now (its own layers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -305,6 +312,7 @@ def profile_local(
     stage = load_local_stage(
         config, shard, tensors, backend, dtype, max_context=context, max_sequences=batch
     )
+    held = getattr(stage, "weight_bytes", None)
     rng = np.random.default_rng(0)
     dt = dtype_of(dtype)
 
@@ -369,6 +377,11 @@ def profile_local(
     finally:
         stage.release(seqs)
     sizes = model_sizes(config, dtype)
+    if isinstance(tensors, SyntheticSource):
+        layer_bytes = sizes.layer_bytes  # parameters x dtype, as it holds them
+    else:
+        names = [n for i in span for n in layer_tensor_names(config, i)]
+        layer_bytes = round(stored_bytes(tensors, names) / k)
     kind = stage.device.kind
     dev_name = stage.device.name
     if kind == "cpu":
@@ -389,8 +402,9 @@ def profile_local(
         decode_s=(d_short, d_long),
         decode_batch_s=(b_short, b_long),
         prefill_s=(p_short, p_long),
-        layer_bytes=sizes.layer_bytes,
+        layer_bytes=layer_bytes,
         kv_bytes_per_1k=sizes.kv_bytes_per_token * 1000,
         estimated=tuple(estimated),
         probe_seconds=time.perf_counter() - t_start,
+        held_layer_bytes=None if held is None else round(held / k),
     )

@@ -193,11 +193,19 @@ def _print_profiles(profiles: list, n_layers: int) -> None:
             )
             net = f"; round trip {_ms(p.rtt_s)} ms{bw}"
         alone = 1.0 / (n_layers * p.decode_s[1])
+        held = ""
+        ratio = p.held_layer_bytes / p.layer_bytes if p.layer_bytes else 1.0
+        if p.held_layer_bytes and abs(ratio - 1) > 0.05:
+            held = f" ({p.held_layer_bytes / 1e6:.1f} MB as {p.backend} holds them)"
+        loaded = ""
+        if p.loaded_bytes is not None:
+            loaded = f"; holds {_gb(p.loaded_bytes)} GB of weights now"
         print(
             f"{p.name}: {p.backend} on {p.device_kind}: {p.device_name}; "
-            f"{_gb(p.memory_bytes)} GB free; weights {p.layer_bytes / 1e6:.1f} MB "
-            f"and KV cache {p.kv_bytes_per_1k / 1e6:.2f} MB per 1k tokens per "
-            f"layer{net}; all {n_layers} layers here: about {alone:.1f} tokens/s "
+            f"{_gb(p.memory_bytes)} GB free{loaded}; weights "
+            f"{p.layer_bytes / 1e6:.1f} MB{held} and KV cache "
+            f"{p.kv_bytes_per_1k / 1e6:.2f} MB per 1k tokens per layer{net}; "
+            f"all {n_layers} layers here: about {alone:.1f} tokens/s "
             f"({p.model}, {p.dtype}; probe {p.probe_seconds:.0f} s)"
         )
 
@@ -224,30 +232,43 @@ def plan_command(
     """Place the model's layers on the profiled devices for the fastest decode."""
     from cake.api import DEFAULT_CONTEXT, resolve_dtype
     from cake.bench import load_profiles
-    from cake.plan import even_split, memory_share_split, model_sizes, plan, to_topology
+    from cake.plan import (
+        checkpoint_sizes,
+        even_split,
+        memory_share_split,
+        plan,
+        to_topology,
+    )
     from cake.topology import dump_topology
     from cake.weights.checkpoint import open_checkpoint
 
     profiles = load_profiles(profile)
     config, tensors = open_checkpoint(model)
-    sizes = model_sizes(config, resolve_dtype(dtype, tensors, config))
+    sizes = checkpoint_sizes(config, tensors, resolve_dtype(dtype, tensors, config))
     ctx = context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
     args = (
         profiles,
         sizes.n_layers,
-        sizes.layer_bytes,
+        sizes.per_layer,
         sizes.kv_bytes_per_token,
         ctx,
         master,
     )
     kw = dict(activation_bytes=sizes.activation_bytes, master_bytes=sizes.master_bytes)
+    mean = sizes.mean_layer_bytes
+    print(
+        f"{model}: {sizes.weight_bytes / 1e9:.2f} GB of weights as stored, "
+        f"{mean / 1e6:.1f} MB per layer on average (largest "
+        f"{sizes.layer_bytes / 1e6:.1f} MB)",
+        file=sys.stderr,
+    )
     for p in profiles:
-        ratio = sizes.layer_bytes / p.layer_bytes if p.layer_bytes else 1.0
+        ratio = mean / p.layer_bytes if p.layer_bytes else 1.0
         if not 0.5 <= ratio <= 2:
             print(
                 f"cake: note: {p.name} was probed with {p.layer_bytes / 1e6:.0f} MB "
                 f"layers; its times are scaled to this model's "
-                f"{sizes.layer_bytes / 1e6:.0f} MB (probe with --model for accuracy)",
+                f"{mean / 1e6:.0f} MB (probe with --model for accuracy)",
                 file=sys.stderr,
             )
     best = plan(*args, **kw)
@@ -322,7 +343,7 @@ def split_command(
 
         folders = split_model(model, topology, output, master=master, progress=progress)
     for name, folder in folders.items():
-        size = (folder / "model.safetensors").stat().st_size
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
         print(f"{name}: {folder} ({size / 1e6:.1f} MB)")
 
 

@@ -11,12 +11,23 @@ weights part by layer bytes, the attention part by KV bytes per token); a remote
 device's hop is its round trip plus the activation sent and returned. Since the
 time is additive, the optimum is found exactly: for every subset of devices,
 fill the fastest first up to memory, and keep the cheapest. See docs/bench.md.
+
+Layers are counted by the bytes the checkpoint stores (`checkpoint_sizes`), so
+a quantized model is placed by its real size. A mixed file (llama.cpp's Q4_K_M
+gives some layers Q6_K tensors) has layers of different sizes; the search
+reserves the largest for every layer. That keeps it exact: a device's room is a
+number of layers wherever its range falls, so "fill the fastest first" over
+layer counts still finds the optimum, and any range of k layers fits in k times
+the largest. Counting each range's real bytes instead would make room depend on
+the order of the devices and the position of their ranges (a search over orders
+and cut points, not counts). Time is predicted from the mean layer, and the
+plan reports each device's memory and time from the bytes of its actual range.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +39,8 @@ from cake.kv import dtype_of
 from cake.pipeline import expected_shape
 from cake.topology import Topology, parse_topology
 from cake.weights.names import head_tensor_names, layer_tensor_names
+from cake.weights.packed import stored_tensor
+from cake.weights.source import TensorSource
 
 if TYPE_CHECKING:
     from cake.bench import DeviceProfile
@@ -42,17 +55,61 @@ class PlanError(CakeError):
 
 @dataclass(frozen=True)
 class ModelSizes:
-    """Byte counts of one model at one dtype, all that planning needs of it."""
+    """Byte counts of one model, all that planning needs of it.
+
+    Weights are counted as the checkpoint stores them (`checkpoint_sizes`), or
+    as parameters x a dtype (`model_sizes`); the KV cache and activations are in
+    the compute dtype. `each_layer` lists every layer's weights when they
+    differ (a quantized file mixing formats); `layer_bytes` is then the largest,
+    what the planner reserves for every layer.
+    """
 
     n_layers: int
-    layer_bytes: int  # weights of one transformer layer
+    layer_bytes: int  # weights of the largest transformer layer
     kv_bytes_per_token: int  # K and V of one layer for one position
     activation_bytes: int  # hidden state of one token crossing a hop
     master_bytes: int  # embedding, final norm and head: always on the master
+    each_layer: tuple[int, ...] = ()  # weights of layers 0, 1, ...; () if uniform
+
+    def __post_init__(self) -> None:
+        each = self.each_layer
+        if each and (len(each) != self.n_layers or max(each) != self.layer_bytes):
+            raise PlanError(
+                f"{len(each)} layer sizes for {self.n_layers} layers, or their "
+                f"largest is not layer_bytes {self.layer_bytes}"
+            )
+
+    @property
+    def per_layer(self) -> tuple[int, ...]:
+        """Every layer's weights, in order."""
+        return self.each_layer or (self.layer_bytes,) * self.n_layers
+
+    @property
+    def mean_layer_bytes(self) -> float:
+        return sum(self.per_layer) / self.n_layers if self.n_layers else 0.0
+
+    def range_bytes(self, start: int, end: int) -> int:
+        """Weights of layers [start, end)."""
+        if not self.each_layer:
+            return (end - start) * self.layer_bytes
+        return sum(self.each_layer[start:end])
+
+    @property
+    def weight_bytes(self) -> int:
+        """Every weight of the model: the layers and the master's part."""
+        return self.range_bytes(0, self.n_layers) + self.master_bytes
+
+
+def _master_names(config: ModelConfig) -> list[str]:
+    """The embedding, final norm and head (a tied head is the embedding)."""
+    names = ["model.embed_tokens.weight", *head_tensor_names(config)]
+    return list(dict.fromkeys(names))
 
 
 def model_sizes(config: ModelConfig, dtype: str) -> ModelSizes:
-    """Sizes of `config` with weights, cache and activations in `dtype`."""
+    """Sizes of `config` with weights, cache and activations in `dtype` (for a
+    model without a file, e.g. a synthetic probe; a checkpoint's weights are
+    counted by `checkpoint_sizes`)."""
     item = dtype_of(dtype).itemsize
 
     def nbytes(names: list[str]) -> int:
@@ -64,9 +121,82 @@ def model_sizes(config: ModelConfig, dtype: str) -> ModelSizes:
         layer_bytes=nbytes(layer_tensor_names(c, 0)),
         kv_bytes_per_token=2 * c.num_key_value_heads * c.head_dim * item,
         activation_bytes=c.hidden_size * item,
-        master_bytes=nbytes(["model.embed_tokens.weight", *head_tensor_names(c)])
-        if not c.tie_word_embeddings
-        else nbytes(["model.embed_tokens.weight", "model.norm.weight"]),
+        master_bytes=nbytes(_master_names(c)),
+    )
+
+
+def byte_counter(tensors: TensorSource) -> Callable[[str], int]:
+    """name -> bytes the tensor takes as stored: the source's own `nbytes(name)`
+    where it has one (GGUF, safetensors, mlx-quantized: the bytes in the file);
+    else its elements x the bytes per element of the stored form, read once from
+    the first tensor of each rank asked for (a source without `nbytes` is
+    expected to hold one dtype for its matrices and one for its vectors)."""
+    own = getattr(tensors, "nbytes", None)
+    if own is not None:
+        return lambda name: int(own(name))
+    per_element: dict[int, float] = {}
+
+    def count(name: str) -> int:
+        shape = tuple(tensors.shape(name))
+        if len(shape) not in per_element:
+            w = stored_tensor(tensors, name)
+            per_element[len(shape)] = w.nbytes / max(math.prod(shape), 1)
+        return round(math.prod(shape) * per_element[len(shape)])
+
+    return count
+
+
+def stored_bytes(tensors: TensorSource, names: Iterable[str]) -> int:
+    """Bytes the tensors `names` take as the checkpoint stores them."""
+    count = byte_counter(tensors)
+    return sum(count(n) for n in names)
+
+
+def checkpoint_sizes(
+    config: ModelConfig, tensors: TensorSource, dtype: str
+) -> ModelSizes:
+    """Sizes of the checkpoint `tensors`: each layer's weights as stored (a
+    quantized layer by its blocks, a mixed file layer by layer), the KV cache and
+    activations in the compute `dtype`. Tensors the source lacks (a split part
+    holds only some layers) count as parameters x `dtype`."""
+    count = byte_counter(tensors)
+    fallback = model_sizes(config, dtype)
+    item = dtype_of(dtype).itemsize
+
+    def nbytes(names: list[str]) -> int:
+        return sum(
+            count(n)
+            if n in tensors
+            else item * math.prod(expected_shape(config, n) or ())
+            for n in names
+        )
+
+    each = tuple(
+        nbytes(layer_tensor_names(config, i)) for i in range(config.num_hidden_layers)
+    )
+    return ModelSizes(
+        n_layers=config.num_hidden_layers,
+        layer_bytes=max(each, default=0),
+        kv_bytes_per_token=fallback.kv_bytes_per_token,
+        activation_bytes=fallback.activation_bytes,
+        master_bytes=nbytes(_master_names(config)),
+        each_layer=each if len(set(each)) > 1 else (),
+    )
+
+
+def _sizes(n_layers, layer_bytes, kv_bytes_per_token, activation, master):
+    """ModelSizes from plan()'s arguments: layer_bytes an int or one per layer."""
+    if isinstance(layer_bytes, Sequence):
+        each = tuple(int(b) for b in layer_bytes)
+        if len(each) != n_layers:
+            raise PlanError(f"{len(each)} layer sizes given for {n_layers} layers")
+        uniform = len(set(each)) <= 1
+        return ModelSizes(
+            n_layers, max(each, default=0), kv_bytes_per_token, activation, master,
+            () if uniform else each,
+        )  # fmt: skip
+    return ModelSizes(
+        n_layers, int(layer_bytes), kv_bytes_per_token, activation, master
     )
 
 
@@ -117,13 +247,15 @@ class Plan:
 
 
 def layer_seconds(
-    p: DeviceProfile, context: int, layer_bytes: int, kv_bytes_per_token: int
+    p: DeviceProfile, context: int, layer_bytes: float, kv_bytes_per_token: int
 ) -> float:
     """Predicted decode seconds per layer on `p` for this model at `context`.
 
     The probe gives decode (batch 1) at a short and a long context; the line
     through them splits into a fixed part (reading the weights) and a part per
-    cached position (attention). Each is scaled from the probed layer to this one.
+    cached position (attention). Each is scaled from the probed layer to this one
+    by bytes: a decode step reads every weight once, so its time goes with the
+    bytes stored (float or quantized blocks alike).
     """
     (t_short, t_long), c0, c1 = p.decode_s, p.short_context, p.long_context
     slope = max(t_long - t_short, 0.0) / max(c1 - c0, 1)  # seconds per position
@@ -132,6 +264,14 @@ def layer_seconds(
     probe_kv = p.kv_bytes_per_1k / 1000
     kv_scale = kv_bytes_per_token / probe_kv if probe_kv else 1.0
     return fixed * w_scale + slope * kv_scale * context
+
+
+def held_factor(p: DeviceProfile) -> float:
+    """Bytes the device's backend holds per byte stored, from its probe (a backend
+    that widens bfloat16 to float32 holds 2); 1 when the probe did not say."""
+    if p.held_layer_bytes and p.layer_bytes:
+        return p.held_layer_bytes / p.layer_bytes
+    return 1.0
 
 
 def hop_seconds(p: DeviceProfile, activation_bytes: int) -> float:
@@ -149,6 +289,7 @@ class _Dev:
     t: float  # seconds per layer
     hop: float
     cap: int  # layers it can hold
+    per_layer: float  # bytes one (largest) layer takes here with its KV cache
 
     @property
     def name(self) -> str:
@@ -162,9 +303,10 @@ def _devices(profiles, sizes: ModelSizes, context, master, fraction) -> list[_De
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise PlanError(f"two device profiles are named {dup!r}: names must differ")
-    per_layer = sizes.layer_bytes + sizes.kv_bytes_per_token * context
     out = []
     for i, p in enumerate(profiles):
+        per_layer = held_factor(p) * sizes.layer_bytes
+        per_layer += sizes.kv_bytes_per_token * context
         reserved = sizes.master_bytes if p.name == master else 0
         usable = fraction * p.memory_bytes - reserved
         if p.name == master and usable < 0:
@@ -174,8 +316,10 @@ def _devices(profiles, sizes: ModelSizes, context, master, fraction) -> list[_De
                 "larger master or a smaller dtype"
             )
         cap = min(sizes.n_layers, max(0, int(usable // per_layer)))
-        t = layer_seconds(p, context, sizes.layer_bytes, sizes.kv_bytes_per_token)
-        out.append(_Dev(i, p, t, hop_seconds(p, sizes.activation_bytes), cap))
+        kv = sizes.kv_bytes_per_token
+        t = layer_seconds(p, context, sizes.mean_layer_bytes, kv)
+        hop = hop_seconds(p, sizes.activation_bytes)
+        out.append(_Dev(i, p, t, hop, cap, per_layer))
     return out
 
 
@@ -224,11 +368,14 @@ def _order(devs: list[_Dev], counts: Mapping[int, int], master: str) -> list[_De
 
 
 def _make_plan(method, devs, counts, sizes, context, master, dropped) -> Plan:
-    per_layer = sizes.layer_bytes + sizes.kv_bytes_per_token * context
     out, pos = [], 0
+    kv = sizes.kv_bytes_per_token
     for d in _order(devs, counts, master):
         k, p = counts[d.index], d.profile
         extra = sizes.master_bytes if d.name == master else 0
+        weights = sizes.range_bytes(pos, pos + k)  # this range's real bytes
+        held = round(held_factor(p) * weights)
+        t = d.t if not sizes.each_layer else layer_seconds(p, context, weights / k, kv)
         out.append(
             Assignment(
                 name=d.name,
@@ -237,9 +384,9 @@ def _make_plan(method, devs, counts, sizes, context, master, dropped) -> Plan:
                 address=p.address,
                 start=pos,
                 end=pos + k,
-                layer_seconds=d.t,
+                layer_seconds=t,
                 hop_seconds=d.hop,
-                memory_bytes=k * per_layer + extra,
+                memory_bytes=held + k * kv * context + extra,
                 memory_available=p.memory_bytes,
             )
         )
@@ -247,10 +394,10 @@ def _make_plan(method, devs, counts, sizes, context, master, dropped) -> Plan:
     return Plan(method, master, sizes.n_layers, context, tuple(out), tuple(dropped))
 
 
-def _why_dropped(d: _Dev, used: list[_Dev], counts, per_layer, fraction) -> str:
+def _why_dropped(d: _Dev, used: list[_Dev], counts, fraction) -> str:
     if d.cap == 0:
         return (
-            f"cannot hold one layer ({_gb(per_layer)} with its KV cache; "
+            f"cannot hold one layer ({_gb(d.per_layer)} with its KV cache; "
             f"{_gb(fraction * d.profile.memory_bytes)} usable)"
         )
     slower = sorted(
@@ -270,7 +417,7 @@ def _why_dropped(d: _Dev, used: list[_Dev], counts, per_layer, fraction) -> str:
 def plan(
     profiles: Sequence[DeviceProfile],
     n_layers: int,
-    layer_bytes: int,
+    layer_bytes: int | Sequence[int],
     kv_bytes_per_token: int,
     context: int,
     master: str = "master",
@@ -281,6 +428,9 @@ def plan(
 ) -> Plan:
     """The placement with the least predicted time per token that fits in memory.
 
+    layer_bytes: one layer's weights, or each layer's (n_layers of them) when
+    they differ, e.g. `ModelSizes.per_layer`; a device reserves the largest for
+    every layer it holds (see the module docstring for why).
     kv_bytes_per_token: K and V of one layer for one position. master: the name
     of the profile that is the master process (it keeps the embedding and head,
     `master_bytes`, and runs the first layers if it runs any). A device that
@@ -289,11 +439,11 @@ def plan(
     """
     if n_layers < 1 or context < 1:
         raise PlanError("planning needs at least one layer and a context of 1")
-    sizes = ModelSizes(
+    sizes = _sizes(
         n_layers, layer_bytes, kv_bytes_per_token, activation_bytes, master_bytes
     )
     devs = _devices(profiles, sizes, context, master, memory_fraction)
-    per_layer = layer_bytes + kv_bytes_per_token * context
+    per_layer = sizes.layer_bytes + kv_bytes_per_token * context
     found = _search(devs, n_layers)
     if found is None:
         room = sum(d.cap for d in devs)
@@ -307,7 +457,7 @@ def plan(
     method, counts = found
     used = [d for d in devs if counts.get(d.index)]
     dropped = [
-        (d.name, _why_dropped(d, used, counts, per_layer, memory_fraction))
+        (d.name, _why_dropped(d, used, counts, memory_fraction))
         for d in devs
         if not counts.get(d.index)
     ]
@@ -340,7 +490,7 @@ def _baseline(method, weights, profiles, sizes, context, master, fraction):
 def even_split(
     profiles: Sequence[DeviceProfile],
     n_layers: int,
-    layer_bytes: int,
+    layer_bytes: int | Sequence[int],
     kv_bytes_per_token: int,
     context: int,
     master: str = "master",
@@ -350,7 +500,7 @@ def even_split(
     memory_fraction: float = MEMORY_FRACTION,
 ) -> Plan | None:
     """Every device the same number of layers (mlx-lm's way); None if it does not fit."""
-    sizes = ModelSizes(
+    sizes = _sizes(
         n_layers, layer_bytes, kv_bytes_per_token, activation_bytes, master_bytes
     )
     return _baseline(
@@ -367,7 +517,7 @@ def even_split(
 def memory_share_split(
     profiles: Sequence[DeviceProfile],
     n_layers: int,
-    layer_bytes: int,
+    layer_bytes: int | Sequence[int],
     kv_bytes_per_token: int,
     context: int,
     master: str = "master",
@@ -377,7 +527,7 @@ def memory_share_split(
     memory_fraction: float = MEMORY_FRACTION,
 ) -> Plan | None:
     """Layers in proportion to usable memory (exo's way); None if it does not fit."""
-    sizes = ModelSizes(
+    sizes = _sizes(
         n_layers, layer_bytes, kv_bytes_per_token, activation_bytes, master_bytes
     )
 

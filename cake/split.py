@@ -1,11 +1,15 @@
 """`cake split`: one folder per worker holding only that worker's tensors.
 
-Each folder is a Hugging Face model folder (config.json, tokenizer files,
-model.safetensors) that the normal reader opens, plus `cake-shard.json`
-recording which layers it holds. A GGUF source is written in the Hugging Face
-layout: tensors dequantized and un-permuted as `GGUFSource.get` returns them,
-a config.json built from the GGUF metadata and a tokenizer.json exported from
-cake's tokenizer. See docs/bench.md.
+Each folder is a model folder that `open_checkpoint` opens, plus
+`cake-shard.json` recording which layers it holds. Tensors are copied as
+stored, never decoded, so a part is as large as its share of the original. A
+safetensors source (float, or mlx-quantized) gives `model.safetensors` beside
+its config.json and tokenizer files. A GGUF source gives `model.gguf`: the
+part's tensors under their GGUF names in their stored types and all of the
+original metadata (tokenizer included), beside a config.json of the whole
+model (a part lacks tensors the GGUF reader infers facts from, such as an
+untied head) and tokenizer files exported from cake's tokenizer. See
+docs/bench.md.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import gguf
 import ml_dtypes
 import numpy as np
 
@@ -27,7 +32,9 @@ from cake.errors import CakeError
 from cake.shard import Shard
 from cake.topology import Topology, load_topology, placements
 from cake.weights.checkpoint import open_checkpoint
+from cake.weights.gguf import GGUFSource, hf_name
 from cake.weights.names import head_tensor_names, shard_tensor_names
+from cake.weights.packed import Packed, Stored, stored_tensor
 from cake.weights.source import TensorSource
 
 TOKENIZER_FILES = (
@@ -39,6 +46,8 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 SHARD_FILE = "cake-shard.json"
+GGUF_PART = "model.gguf"  # a part of a GGUF source
+SAFETENSORS_PART = "model.safetensors"  # a part of a safetensors source
 MASTER = "master"  # the folder of the master's part (embedding, head, its layers)
 
 _CODES = {
@@ -48,6 +57,7 @@ _CODES = {
     np.dtype(np.float64): "F64",
     np.dtype(np.int64): "I64",
     np.dtype(np.int32): "I32",
+    np.dtype(np.uint32): "U32",  # mlx-quantized weights
     np.dtype(np.int8): "I8",
     np.dtype(np.uint8): "U8",
     np.dtype(np.bool_): "BOOL",
@@ -60,22 +70,51 @@ _ARCHITECTURES = {
 }
 
 
+def _raw_tensors(name: str, w: Stored) -> list[tuple[str, np.ndarray]]:
+    """The safetensors entries that store `w`: one array, or an mlx-quantized
+    matrix's packed weight, scales and biases (mlx-lm's names)."""
+    if not isinstance(w, Packed):
+        return [(name, w)]
+    if not w.is_mlx:
+        raise CakeError(
+            f"tensor {name} is stored as {w.format} blocks, which a safetensors "
+            "file cannot hold: split the GGUF file itself"
+        )
+    base = name.removesuffix("weight")
+    return [(name, w.data), (base + "scales", w.scales), (base + "biases", w.biases)]
+
+
+def _entry_bounds(tensors: TensorSource, name: str) -> list[tuple[str, tuple]]:
+    """Names and shape bounds of `name`'s entries, for the header's room: an mlx
+    matrix's three entries are each at most its logical shape."""
+    shape = tuple(int(n) for n in tensors.shape(name))
+    fmt = getattr(tensors, "format", None)
+    if fmt is not None and fmt(name).startswith("MLX"):
+        base = name.removesuffix("weight")
+        return [(name, shape), (base + "scales", shape), (base + "biases", shape)]
+    return [(name, shape)]
+
+
 def write_safetensors(
     path: str | os.PathLike[str],
     names: Sequence[str],
     tensors: TensorSource,
     metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
 ) -> int:
-    """Write `names` from `tensors` as one safetensors file; returns the data bytes.
+    """Write `names` from `tensors` as one safetensors file, each tensor as the
+    checkpoint stores it (its dtype; an mlx-quantized matrix as its packed
+    weight, scales and biases); returns the data bytes. on_tensor(name) after
+    each.
 
     Streams: one tensor is in memory at a time (safetensors' own `save_file`
-    wants them all at once, too much for a dequantized GGUF). The header goes
-    last, into room reserved for its largest possible size and padded with
-    spaces, which the format allows: 8-byte little-endian header length, JSON
-    header {name: {dtype, shape, data_offsets}}, then the raw data.
+    wants them all at once). The header goes last, into room reserved for its
+    largest possible size and padded with spaces, which the format allows:
+    8-byte little-endian header length, JSON header {name: {dtype, shape,
+    data_offsets}}, then the raw data.
     """
-    shapes = [tuple(int(n) for n in tensors.shape(name)) for name in names]
-    bound = 8 * sum(math.prod(s) for s in shapes)  # no dtype is wider than 8 bytes
+    bounds = [e for name in names for e in _entry_bounds(tensors, name)]
+    bound = 8 * sum(math.prod(s) for _, s in bounds)  # no dtype is over 8 bytes
 
     def header(entries: dict[str, Any]) -> bytes:
         meta = {"__metadata__": metadata} if metadata else {}
@@ -84,32 +123,94 @@ def write_safetensors(
     worst = header(
         {
             n: {"dtype": "BOOL", "shape": list(s), "data_offsets": [bound, bound]}
-            for n, s in zip(names, shapes, strict=True)
+            for n, s in bounds
         }
     )
     room = len(worst) + (-(8 + len(worst)) % 8)  # data starts 8-byte aligned
+    planned = dict(bounds)
     entries: dict[str, Any] = {}
     offset = 0
     with open(path, "wb") as f:
         f.seek(8 + room)
-        for name, shape in zip(names, shapes, strict=True):
-            a = np.ascontiguousarray(tensors.get(name))
-            code = _CODES.get(a.dtype)
-            if code is None or a.shape != shape:
-                raise CakeError(
-                    f"tensor {name}: cannot write dtype {a.dtype} shape {a.shape}"
+        for name in names:
+            for raw, a in _raw_tensors(name, stored_tensor(tensors, name)):
+                a = np.ascontiguousarray(a)
+                code, bound_shape = _CODES.get(a.dtype), planned.get(raw, ())
+                fits = a.ndim == len(bound_shape) and all(
+                    n <= b for n, b in zip(a.shape, bound_shape, strict=True)
                 )
-            f.write(a.reshape(-1).view(np.uint8).data)
-            entries[name] = {
-                "dtype": code,
-                "shape": list(shape),
-                "data_offsets": [offset, offset + a.nbytes],
-            }
-            offset += a.nbytes
+                if code is None or not fits:
+                    raise CakeError(
+                        f"tensor {raw}: cannot write dtype {a.dtype} shape {a.shape}"
+                    )
+                f.write(a.reshape(-1).view(np.uint8).data)
+                entries[raw] = {
+                    "dtype": code,
+                    "shape": list(a.shape),
+                    "data_offsets": [offset, offset + a.nbytes],
+                }
+                offset += a.nbytes
+            if on_tensor is not None:
+                on_tensor(name)
         head = header(entries)
         f.seek(0)
         f.write(struct.pack("<Q", room) + head + b" " * (room - len(head)))
     return offset
+
+
+def write_gguf(
+    path: str | os.PathLike[str],
+    reader: gguf.GGUFReader,
+    names: Sequence[str],
+    on_tensor: Callable[[str], None] | None = None,
+) -> int:
+    """Write the tensors `names` (Hugging Face names) of the GGUF file `reader`
+    as a GGUF file with all of its metadata; returns the tensor data bytes.
+
+    Each tensor keeps its GGUF name, its stored type and llama.cpp's Q/K row
+    order, its bytes copied as they are (the reader un-permutes on reading);
+    tensors with no Hugging Face name (`rope_freqs.weight`) go into every part.
+    The vocabulary size is added to the metadata if missing: the reader takes
+    it from `token_embd.weight`, which only the master's part holds.
+    """
+    keep = set(names) | {None}
+    picked = [t for t in reader.tensors if hf_name(t.name) in keep]
+    found = {hf_name(t.name) for t in picked}
+    if missing := [n for n in names if n not in found]:
+        raise CakeError(f"the GGUF file has no tensor for {missing[0]}")
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(path, arch)
+    align = reader.fields.get("general.alignment")
+    if align is not None:
+        writer.data_alignment = int(align.contents())
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # the writer's own: architecture, version, counts
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    if f"{arch}.vocab_size" not in reader.fields:
+        vocab = next(
+            (int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight"),
+            None,
+        )
+        if vocab is not None:
+            writer.add_vocab_size(vocab)
+    for t in picked:
+        writer.add_tensor_info(
+            t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total = 0
+    for t in picked:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        total += int(t.n_bytes)
+        if on_tensor is not None and (hf := hf_name(t.name)) is not None:
+            on_tensor(hf)
+    writer.close()
+    return total
 
 
 def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
@@ -154,14 +255,20 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _write_meta(
-    model_path: Path, config: ModelConfig, folder: Path, done: Path | None
+    model_path: Path,
+    config: ModelConfig,
+    folder: Path,
+    done: Path | None,
+    reader: gguf.GGUFReader | None,
 ) -> None:
-    """config.json and tokenizer files; copied from `done`, a finished folder."""
+    """config.json and tokenizer files; copied from `done`, a finished folder.
+    reader: the source's, when it is a GGUF file."""
     if done is not None:
         model_path = done
     elif model_path.is_file():  # GGUF: build them from its metadata
         _write_json(folder / "config.json", hf_config_dict(config))
-        _export_tokenizer(model_path, folder)
+        if reader is not None and "tokenizer.ggml.tokens" in reader.fields:
+            _export_tokenizer(model_path, folder)
         return
     for f in ("config.json", *TOKENIZER_FILES):
         if (model_path / f).is_file():
@@ -217,11 +324,17 @@ def split_model(
             names += shard_tensor_names(config, Shard(start, end, n))
         if is_master:
             names += [x for x in head_tensor_names(config) if x not in names]
-        _write_meta(model_path, config, folder, next(iter(folders.values()), None))
-        counted = _Counting(tensors, name, len(names), progress)
-        nbytes = write_safetensors(
-            folder / "model.safetensors", names, counted, {"format": "pt"}
+        reader = tensors.reader if isinstance(tensors, GGUFSource) else None
+        _write_meta(
+            model_path, config, folder, next(iter(folders.values()), None), reader
         )
+        tick = _ticker(progress, name, len(names))
+        if reader is not None:
+            file = folder / GGUF_PART
+            nbytes = write_gguf(file, reader, names, tick)
+        else:
+            file = folder / SAFETENSORS_PART
+            nbytes = write_safetensors(file, names, tensors, {"format": "pt"}, tick)
         _write_json(
             folder / SHARD_FILE,
             {
@@ -234,26 +347,22 @@ def split_model(
                 "embed": is_master,
                 "head": is_master,
                 "tensors": len(names),
-                "bytes": nbytes,
+                "file": file.name,
+                "bytes": nbytes,  # of tensor data, as stored
             },
         )
         folders[name] = folder
     return folders
 
 
-class _Counting:
-    """Passes a TensorSource through, reporting each tensor read."""
+def _ticker(progress, part: str, total: int) -> Callable[[str], None]:
+    """A per-tensor callback calling progress(part, tensors done, total)."""
+    done = 0
 
-    def __init__(self, inner: TensorSource, name: str, total: int, progress) -> None:
-        self._inner, self._name, self._total = inner, name, total
-        self._progress, self._done = progress, 0
+    def tick(_: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(part, done, total)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._inner.shape(name)
-
-    def get(self, name: str) -> np.ndarray:
-        a = self._inner.get(name)
-        self._done += 1
-        if self._progress is not None:
-            self._progress(self._name, self._done, self._total)
-        return a
+    return tick

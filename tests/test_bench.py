@@ -71,6 +71,7 @@ def test_probe_of_a_checkpoint_counts_its_bytes(tiny):
     p = profile_local("numpy", config, tensors, layers=3, label="tiny", **SMALL)
     names = layer_tensor_names(config, 0)
     assert p.layer_bytes == sum(tensors.get(n).nbytes for n in names)
+    assert p.held_layer_bytes == p.layer_bytes  # NumPy keeps float32 as stored
     assert p.dtype == "float32" and p.layers_probed == 3 and p.model == "tiny"
 
 

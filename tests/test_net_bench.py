@@ -39,6 +39,7 @@ SMALL = dict(context=256, short=16, chunk=64, batch=2, repeats=2)
 # the tiny model in float32 at 256 positions: 123,392 bytes of weights and
 # 65,536 of KV cache per layer; 90 % of this holds one layer, not two
 ONE_LAYER = 250_000
+ONE_LAYER_WEIGHTS = 123_392
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,8 @@ def test_bench_echo_and_load_ops(tiny, procs):
         assert p["model"] == "synthetic tiny" and p["long_context"] == 256
         assert all(0 < t < 1 for t in p["decode_s"] + p["prefill_s"])
         assert p["memory_bytes"] > 10**8 and p["layer_bytes"] == 4 * 30848
+        assert p["held_layer_bytes"] == p["layer_bytes"]  # NumPy holds float32
+        assert p["loaded_bytes"] == 2 * ONE_LAYER_WEIGHTS  # its own layers 1-2
         _, (h,) = _ask(a, [_h("bench", synthetic=None, **SMALL)])
         assert h["profile"]["model"] == tiny.name and h["profile"]["dtype"] == "float32"
         for bad in (dict(synthetic="gpt5"), dict(context=50), dict(layers=9)):
@@ -130,6 +133,8 @@ def test_bench_echo_and_load_ops(tiny, procs):
         assert h["op"] == "load" and h["layers"] == [[1, 3]]  # its own: accepted
         _, (h,) = _ask(b, [_h("hello")])
         assert (h["assigned"], h["fixed"], h["layers"]) == (False, False, [])
+        _, (h,) = _ask(b, [_h("bench", **bench)])
+        assert h["profile"]["loaded_bytes"] == 0  # waits for layers: holds none
         x = np.zeros((1, 1, 64), np.float32)
         fwd = dict(layers=[0, 2], seq_ids=[0], positions=[0], lengths=[1],
                    dtype="float32", shape=[1, 1, 64])  # fmt: skip
@@ -210,8 +215,10 @@ def test_cli_bench_with_workers(tiny, tmp_path, procs):
         assert f"127.0.0.1:{p}" in r.stdout
     data = json.loads(out.read_text())["devices"]
     assert [d["name"] for d in data] == ["master"] + [f"127.0.0.1:{p}" for p in ports]
-    assert data[0]["rtt_s"] is None
+    assert data[0]["rtt_s"] is None and data[0]["loaded_bytes"] is None
     assert all(d["rtt_s"] > 0 and d["bandwidth_bytes_s"] > 0 for d in data[1:])
+    assert all(d["loaded_bytes"] == 0 for d in data[1:])
+    assert r.stdout.count("holds 0.00 GB of weights now") == 2
     assert all(d["model"] == "synthetic tiny" for d in data)
 
 

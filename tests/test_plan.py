@@ -1,16 +1,21 @@
 """Placement: a table of Llama-3-70B-sized clusters, optimality against brute force,
-baselines, dropped devices, clear errors, and the topology a plan becomes."""
+baselines, dropped devices, clear errors, the topology a plan becomes, and a
+quantized 70B placed by the bytes it stores."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from cake.bench import DeviceProfile, synthetic_config
+from cake.pipeline import expected_shape
 from cake.plan import (
     PlanError,
+    checkpoint_sizes,
     even_split,
     layer_seconds,
     memory_share_split,
@@ -19,6 +24,7 @@ from cake.plan import (
     to_topology,
 )
 from cake.topology import dump_topology, parse_topology, placements
+from cake.weights.names import layer_tensor_names
 
 # Llama-3-70B: 80 layers, hidden 8192, intermediate 28672, 8 KV heads of 128, bf16
 SIZES = model_sizes(synthetic_config("llama3-70b"), "bfloat16")
@@ -276,3 +282,107 @@ def test_plan_becomes_a_topology():
         to_topology(plan(*_args(local), **KW))
     with pytest.raises(PlanError, match="no topology file is needed"):
         to_topology(plan(*_args([dev("master", 256, 9.0, None)]), **KW))
+
+
+# --- a quantized checkpoint: placement by the bytes it stores ------------------------
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's rule (src/llama-quant.cpp) for the layers Q4_K_M gives more bits."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+class Q4KMSource:
+    """Llama-3-70B as llama.cpp's Q4_K_M preset stores it: names, shapes, formats
+    and bytes, no data. Q4_K by default; attn_v and ffn_down Q6_K in the layers
+    `_use_more_bits` picks, elsewhere attn_v Q5_K (the 70B bump: its attn_v is 8x
+    smaller than attn_q) and ffn_down Q4_K; the output Q6_K; norms F32."""
+
+    def __init__(self, config):
+        self.config = config
+        n = config.num_hidden_layers
+        self._fmt = {
+            "model.embed_tokens.weight": "Q4_K",
+            "model.norm.weight": "F32",
+            "lm_head.weight": "Q6_K",
+        }
+        for i in range(n):
+            more = _use_more_bits(i, n)
+            for name in layer_tensor_names(config, i):
+                fmt = "F32" if name.endswith("norm.weight") else "Q4_K"
+                if ".v_proj." in name:
+                    fmt = "Q6_K" if more else "Q5_K"
+                elif ".down_proj." in name and more:
+                    fmt = "Q6_K"
+                self._fmt[name] = fmt
+
+    def keys(self):
+        return list(self._fmt)
+
+    def __contains__(self, name):
+        return name in self._fmt
+
+    def shape(self, name):
+        return expected_shape(self.config, name)
+
+    def format(self, name):
+        return self._fmt[name]
+
+    def nbytes(self, name):
+        count = math.prod(self.shape(name))
+        if self._fmt[name] == "F32":
+            return 4 * count
+        elems, block = GGML_QUANT_SIZES[GGMLQuantizationType[self._fmt[name]]]
+        return count // elems * block
+
+    def get(self, name):
+        raise AssertionError("planning reads no tensor data")
+
+
+def test_a_q4_k_m_70b_fits_four_16_gb_devices_that_float32_overflows():
+    config = synthetic_config("llama3-70b")
+    source = Q4KMSource(config)
+    q = checkpoint_sizes(config, source, "float32")  # KV cache in float32
+    n = config.num_hidden_layers
+    assert sum(_use_more_bits(i, n) for i in range(n)) == 40
+    small, large = sorted(set(q.per_layer))  # Q4_K/Q5_K and Q6_K-heavy layers
+    assert (small, large) == (482_410_496, 544_079_872) and q.layer_bytes == large
+    params = sum(math.prod(source.shape(k)) for k in source.keys())
+    assert 41.5e9 < q.weight_bytes < 43.5e9  # ~42.5 GB: 4.8 bits per weight
+    assert 4.7 < 8 * q.weight_bytes / params < 5.0
+
+    def gpu16(name, rtt_ms):
+        p = dev(name, 16, 2.0, rtt_ms)  # probed on this model
+        layer, kv = round(q.mean_layer_bytes), q.kv_bytes_per_token * 1000
+        return DeviceProfile(**{**p.to_dict(), "layer_bytes": layer,
+                                "kv_bytes_per_1k": kv, "dtype": "float32"})  # fmt: skip
+
+    profiles = [gpu16("master", None), gpu16("w1", 0.3), gpu16("w2", 0.3),
+                gpu16("w3", 0.3)]  # fmt: skip
+    args = (profiles, n, q.per_layer, q.kv_bytes_per_token, CONTEXT, "master")
+    kw = dict(activation_bytes=q.activation_bytes, master_bytes=q.master_bytes)
+    best = plan(*args, **kw)
+    assert [a.name for a in best.assignments] == ["master", "w1", "w2", "w3"]
+    assert best.assignments[-1].end == n
+    kv_ctx = q.kv_bytes_per_token * CONTEXT
+    for a in best.assignments:
+        extra = q.master_bytes if a.name == "master" else 0
+        weights = q.range_bytes(a.start, a.end)  # the range's real bytes
+        assert a.memory_bytes == weights + a.layers * kv_ctx + extra
+        # reserved as the largest layer each, so any range fits
+        assert a.layers * (large + kv_ctx) + extra <= 0.9 * a.memory_available
+    held = [a.memory_bytes - a.layers * kv_ctx for a in best.assignments]
+    assert sum(held) == q.weight_bytes
+    # the same model counted as float32 (what cake counted before) does not fit
+    f32 = model_sizes(config, "float32")
+    assert f32.layer_bytes > 6 * q.mean_layer_bytes
+    with pytest.raises(PlanError, match="hold 13 of 80 layers"):
+        plan(profiles, n, f32.layer_bytes, f32.kv_bytes_per_token, CONTEXT,
+             "master", master_bytes=f32.master_bytes)  # fmt: skip
+
+
+def test_layer_sizes_must_match_the_layers():
+    with pytest.raises(PlanError, match="3 layer sizes given for 4 layers"):
+        plan([dev("master", 256, 9.0, None)], 4, [1, 2, 3], 1, 16)
+    even = plan([dev("master", 256, 9.0, None)], 4, [5, 5, 5, 5], 1, 16)
+    assert even == plan([dev("master", 256, 9.0, None)], 4, 5, 1, 16)

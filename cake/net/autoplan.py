@@ -31,7 +31,14 @@ from cake.net.bench import open_clients, probe_client, worker_specs
 from cake.net.protocol import fingerprint, format_ranges
 from cake.net.worker_ops import layers_that_fit
 from cake.pipeline import load_local_stage
-from cake.plan import ModelSizes, Plan, hop_seconds, layer_seconds, model_sizes, plan
+from cake.plan import (
+    ModelSizes,
+    Plan,
+    checkpoint_sizes,
+    hop_seconds,
+    layer_seconds,
+    plan,
+)
 from cake.shard import Shard
 from cake.topology import Topology, WorkerSpec
 from cake.weights.source import TensorSource
@@ -66,7 +73,8 @@ class AutoPlan:
         total = self.head_seconds
         for a in self.plan.assignments:
             p = by_name[a.name]
-            t = layer_seconds(p, context, s.layer_bytes, s.kv_bytes_per_token)
+            weights = s.range_bytes(a.start, a.end) / a.layers
+            t = layer_seconds(p, context, weights, s.kv_bytes_per_token)
             total += a.layers * t + hop_seconds(p, s.activation_bytes)
         return total
 
@@ -227,11 +235,11 @@ def auto_plan(
             f"{p.decode_s[0] * 1e3:.2f} / {p.decode_s[1] * 1e3:.2f} ms per layer at "
             f"{p.short_context} / {p.long_context} positions{net}"
         )
-    sizes = model_sizes(config, dtype)
+    sizes = checkpoint_sizes(config, tensors, dtype)
     best = plan(
         profiles,
         sizes.n_layers,
-        sizes.layer_bytes,
+        sizes.per_layer,
         sizes.kv_bytes_per_token,
         ctx,
         MASTER,

@@ -54,7 +54,7 @@ from cake.net.protocol import (
     payload,
     step_from_header,
 )
-from cake.net.worker_ops import handle_bench, handle_load, load_worker
+from cake.net.worker_ops import handle_bench, handle_load, held_bytes, load_worker
 from cake.weights.source import TensorSource
 
 __all__ = ["DEFAULT_BIND", "WorkerServer", "check_bind", "heartbeat", "load_worker"]
@@ -289,6 +289,7 @@ class WorkerServer:
             "fixed": self.fixed,
             "model_fingerprint": self.model_fingerprint,
             "max_message": self.max_message,
+            "weight_bytes": held_bytes(self),  # what its stages really hold
         }
 
     def _forward(self, peer: bytes, header: dict, frames: Sequence[Any]) -> list:

@@ -2,8 +2,10 @@
 
 `bench` runs `cake.bench.profile_local` on the worker's own backend (its model's
 layers, or a synthetic shape) and answers with the DeviceProfile, sending
-progress replies meanwhile. `load` gives a worker that was started without
-layers the ones a master planned; a worker started with --layers keeps them.
+progress replies meanwhile; the profile's `loaded_bytes` says how many bytes of
+weights the worker's own layers hold (`held_bytes`). `load` gives a worker that
+was started without layers the ones a master planned; a worker started with
+--layers keeps them.
 See docs/protocol.md. The server is a `cake.net.worker.WorkerServer` (not
 imported here: it imports this module).
 """
@@ -109,7 +111,28 @@ def handle_bench(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> d
         raise ProtocolError(f"bench on worker {server.name!r} failed: {e}") from None
     finally:
         gc.collect()  # the probe's stage and caches
-    return {"op": BENCH, "v": PROTOCOL_VERSION, "id": rid, "profile": p.to_dict()}
+    # a field older masters ignore (DeviceProfile.from_dict drops unknown keys)
+    profile = {**p.to_dict(), "loaded_bytes": held_bytes(server)}
+    return {"op": BENCH, "v": PROTOCOL_VERSION, "id": rid, "profile": profile}
+
+
+def held_bytes(server: WorkerServer) -> int:
+    """Bytes of weights the worker's loaded stages hold: each stage's own
+    `weight_bytes` where its backend reports one, else its tensors' bytes as
+    stored in the checkpoint. 0 for a worker that waits for layers."""
+    from cake.plan import stored_bytes
+    from cake.shard import Shard
+    from cake.weights.names import shard_tensor_names
+
+    n = server.config.num_hidden_layers
+    total = 0
+    for (a, b), stage in server.stages.items():
+        held = getattr(stage, "weight_bytes", None)
+        if held is None and server.tensors is not None:
+            names = shard_tensor_names(server.config, Shard(a, b, n))
+            held = stored_bytes(server.tensors, names)
+        total += int(held or 0)
+    return total
 
 
 def layers_that_fit(

@@ -1,4 +1,5 @@
-"""Open a model by path: a Hugging Face folder or a `.gguf` file."""
+"""Open a model by path: a Hugging Face folder, a `.gguf` file, or a folder
+holding one `.gguf` (a part written by `cake split`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def open_checkpoint(path: str | Path) -> tuple[ModelConfig, TensorSource]:
 
         source = GGUFSource(path)
         return source.config, source
+    ggufs = sorted(path.glob("*.gguf"))
+    if ggufs and not any(path.glob("*.safetensors")):
+        return _gguf_folder(path, ggufs)
     from cake.weights.safetensors import SafetensorsSource
 
     config = ModelConfig.from_file(path / "config.json")
@@ -36,3 +40,21 @@ def _quantization(config_json: Path) -> dict | None:
     except (OSError, ValueError):
         return None  # ModelConfig.from_file has already said what is wrong
     return q if isinstance(q, dict) else None
+
+
+def _gguf_folder(path: Path, ggufs: list[Path]) -> tuple[ModelConfig, TensorSource]:
+    """A folder with one .gguf. Its config.json, if any, gives the config: a part
+    written by `cake split` lacks tensors the GGUF reader infers facts from (no
+    `output.weight` would read as a tied head), and the split writes the whole
+    model's config there."""
+    if len(ggufs) > 1:
+        raise ModelError(
+            f"{path} holds {len(ggufs)} .gguf files: point --model at one of them"
+        )
+    from cake.weights.gguf import GGUFSource
+
+    source = GGUFSource(ggufs[0])
+    config_json = path / "config.json"
+    if config_json.is_file():
+        return ModelConfig.from_file(config_json), source
+    return source.config, source

@@ -32,6 +32,8 @@ _DTYPES = {
     "F64": np.dtype(np.float64),
     "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),

@@ -1,0 +1,107 @@
+"""Decode step time for a batch of B sequences against a step for one, per file.
+
+Loads each checkpoint whole (embedding, layers, head) on one backend, prefills
+B sequences of 16 tokens, then times decode steps of 1 and of B sequences,
+interleaved, median of the rounds. The anchor is the step for one sequence in
+the same run: the ratio is what batching costs (target, issue 12: B=8 at most
+1.5x; a kernel that reads each weight once for all rows gets there).
+
+    .venv/bin/python benchmarks/bench_batch.py FILE.gguf [FILE ...] [--backend jax] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def bench_file(path: str, backend: str, batch: int, rounds: int, steps: int) -> dict:
+    from cake.backends.base import Step
+    from cake.pipeline import load_local_stage
+    from cake.shard import Shard
+    from cake.weights.checkpoint import open_checkpoint
+
+    config, tensors = open_checkpoint(path)
+    t0 = time.perf_counter()
+    stage = load_local_stage(
+        config,
+        Shard.whole(config.num_hidden_layers),
+        tensors,
+        backend,
+        "float32",
+        max_context=256,
+        max_sequences=batch + 1,
+    )
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    seqs = list(range(batch + 1))
+    ids = rng.integers(0, config.vocab_size, (batch + 1, 16), dtype=np.int32)
+    stage.forward(ids, Step(tuple(seqs), (0,) * len(seqs), (16,) * len(seqs)))
+    pos = {s: 16 for s in seqs}
+
+    def step(group: list[int]) -> float:
+        x = rng.integers(0, config.vocab_size, (len(group), 1), dtype=np.int32)
+        st = Step(tuple(group), tuple(pos[s] for s in group), (1,) * len(group))
+        t = time.perf_counter()
+        stage.forward(x, st)
+        dt = time.perf_counter() - t
+        for s in group:
+            pos[s] += 1
+        return dt
+
+    one, many = [seqs[0]], seqs[1:]
+    for _ in range(3):  # compile both shapes
+        step(one), step(many)
+    t1, tb = [], []
+    for _ in range(rounds):
+        t1.append(min(step(one) for _ in range(steps)))
+        tb.append(min(step(many) for _ in range(steps)))
+        for s in seqs:  # stay inside the context
+            pos[s] = 16
+    a, b = statistics.median(t1), statistics.median(tb)
+    return {
+        "file": Path(path).name,
+        "backend": backend,
+        "batch": batch,
+        "load_s": load_s,
+        "step_1_ms": a * 1e3,
+        f"step_{batch}_ms": b * 1e3,
+        "ratio": b / a,
+        "tok_s_1": 1 / a,
+        f"tok_s_{batch}": batch / b,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--backend", default="jax")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8, help="best of this many per round")
+    ap.add_argument("--json-out", type=Path)
+    a = ap.parse_args()
+    rows = [bench_file(f, a.backend, a.batch, a.rounds, a.steps) for f in a.files]
+    b = a.batch
+    print(
+        f"| file | backend | step B=1 (ms) | step B={b} (ms) | B={b} / B=1 "
+        f"| tok/s B=1 | tok/s B={b} |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['file']} | {r['backend']} | {r['step_1_ms']:.1f} "
+            f"| {r[f'step_{b}_ms']:.1f} | {r['ratio']:.2f}x | {r['tok_s_1']:.1f} "
+            f"| {r[f'tok_s_{b}']:.1f} |"
+        )
+    if a.json_out:
+        a.json_out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
