@@ -1,5 +1,8 @@
 """Llama family (llama, mistral, qwen2, qwen3) on MLX, in the model dtype.
 
+Weights stay as compact as the checkpoint (see quant.py): float matrices in
+their stored dtype, quantized ones as `mx.quantized_matmul` operands.
+
 Each layer is two compiled functions around the attention: `_attn_in` (norm,
 fused q/k/v projection, q/k norm, RoPE) and `_attn_out` (o projection and the
 MLP). Attention itself runs per sequence on that sequence's own KV cache, so a
@@ -15,24 +18,31 @@ from collections.abc import Sequence
 import ml_dtypes
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from cake.backends.base import DeviceInfo, Step
+from cake.backends.mlx.quant import (
+    from_numpy,
+    fuse,
+    linear,
+    linears,
+    load_linear,
+    take_rows,
+)
 from cake.config import ModelConfig
 from cake.kv import check_step, dtype_of
 from cake.rope import rope_inv_freq
 from cake.shard import Shard
 from cake.weights import TensorSource
 from cake.weights.names import head_tensor_names
+from cake.weights.packed import stored_tensor
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def to_mx(a: np.ndarray, dtype: str) -> mx.array:
     """A NumPy array as an MLX array of `dtype`; bfloat16 goes over as its bits."""
-    a = np.ascontiguousarray(np.asarray(a).astype(dtype_of(dtype), copy=False))
-    if dtype == "bfloat16":
-        return mx.array(a.view(np.uint16)).view(mx.bfloat16)
-    return mx.array(a)
+    return from_numpy(np.asarray(a).astype(dtype_of(dtype), copy=False))
 
 
 def to_numpy(a: mx.array) -> np.ndarray:
@@ -40,6 +50,12 @@ def to_numpy(a: mx.array) -> np.ndarray:
     if a.dtype == mx.bfloat16:
         return np.array(a.view(mx.uint16)).view(ml_dtypes.bfloat16)
     return np.array(a)
+
+
+def _arrays(tree) -> list[mx.array]:
+    """The distinct MLX arrays among the leaves of nested lists and dicts."""
+    leaves = (v for _, v in tree_flatten(tree) if isinstance(v, mx.array))
+    return list({id(a): a for a in leaves}.values())
 
 
 class _SeqCache:
@@ -98,49 +114,54 @@ class MlxLlamaStage:
     ) -> None:
         self.config, self.shard, self.dtype, self.device = config, shard, dtype, device
         self.max_context, self.max_sequences = max_context, max_sequences
-        self.mx_dtype = MX_DTYPES[dtype_of(dtype).name]
+        model_dtype = dtype_of(dtype)
+        self.mx_dtype = MX_DTYPES[model_dtype.name]
 
-        def get(name: str) -> mx.array:
+        def vector(name: str) -> mx.array:  # norms and biases: small, model dtype
             return to_mx(tensors.get(name), dtype)
 
-        self.embed = get("model.embed_tokens.weight") if shard.embed else None
-        self.layers = [self._load_layer(get, i) for i in shard.layers]
+        def matrix(name: str) -> dict:
+            return load_linear(stored_tensor(tensors, name), model_dtype)
+
+        self.embed = matrix("model.embed_tokens.weight") if shard.embed else None
+        self.layers = [self._load_layer(vector, matrix, i) for i in shard.layers]
+        held = [self.embed, *self.layers]
         if shard.head:
             norm, head = head_tensor_names(config)
-            self.norm = get(norm)
+            self.norm = vector(norm)
             tied = head == "model.embed_tokens.weight" and self.embed is not None
-            self.lm_head = self.embed if tied else get(head)
+            self.lm_head = self.embed if tied else matrix(head)
+            held += [self.norm, self.lm_head]
+        # bytes of every array the stage keeps (a tied head counted once)
+        self.weight_bytes = sum(a.nbytes for a in _arrays(held))
         # mx.fast.rope takes periods (1 / inverse frequency), not frequencies.
         self.rope_periods = mx.array(1.0 / rope_inv_freq(config))
         self._attn_in = mx.compile(self._attn_in_fn)
         self._attn_out = mx.compile(self._attn_out_fn)
-        mx.eval(self.embed, self.layers, getattr(self, "lm_head", None))
+        mx.eval(held)
         self.caches: dict[int, _SeqCache] = {}
 
-    def _load_layer(self, get, i: int) -> dict[str, mx.array]:
-        # q/k/v as one (q+2kv)*hd x D matrix and gate/up as one 2I x D matrix:
-        # fewer, larger matmuls per layer.
+    def _load_layer(self, vector, matrix, i: int) -> dict:
+        # q/k/v as one (q+2kv)*hd x D product and gate/up as one 2I x D product
+        # where their layouts match (fuse); else a list of separate products.
         p = f"model.layers.{i}."
         w = {
-            "ln1": get(p + "input_layernorm.weight"),
-            "ln2": get(p + "post_attention_layernorm.weight"),
-            "qkv": mx.concatenate(
-                [get(p + f"self_attn.{x}_proj.weight") for x in "qkv"], axis=0
+            "ln1": vector(p + "input_layernorm.weight"),
+            "ln2": vector(p + "post_attention_layernorm.weight"),
+            "qkv": fuse([matrix(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+            "o": matrix(p + "self_attn.o_proj.weight"),
+            "gate_up": fuse(
+                [matrix(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
             ),
-            "o": get(p + "self_attn.o_proj.weight"),
-            "gate_up": mx.concatenate(
-                [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")],
-                axis=0,
-            ),
-            "down": get(p + "mlp.down_proj.weight"),
+            "down": matrix(p + "mlp.down_proj.weight"),
         }
         if self.config.attention_bias:
             w["qkv_bias"] = mx.concatenate(
-                [get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]
+                [vector(p + f"self_attn.{x}_proj.bias") for x in "qkv"]
             )
         if self.config.qk_norm:
-            w["q_norm"] = get(p + "self_attn.q_norm.weight")
-            w["k_norm"] = get(p + "self_attn.k_norm.weight")
+            w["q_norm"] = vector(p + "self_attn.q_norm.weight")
+            w["k_norm"] = vector(p + "self_attn.k_norm.weight")
         return w
 
     def release(self, seq_ids: Sequence[int]) -> None:
@@ -155,7 +176,7 @@ class MlxLlamaStage:
         )
         if self.shard.embed:
             x = np.asarray(x, np.int32)
-            h = self.embed[mx.array(x)]  # (B, L, D)
+            h = take_rows(self.embed, mx.array(x), self.mx_dtype)  # (B, L, D)
         else:
             h = to_mx(x, self.dtype)  # (B, L, D)
         caches = [
@@ -180,7 +201,7 @@ class MlxLlamaStage:
         h = mx.fast.rms_norm(h, self.norm, cfg.rms_norm_eps)
         if not step.all_logits:
             h = h[mx.arange(step.batch), lengths - 1]  # (B, D)
-        logits = (h @ self.lm_head.T).astype(mx.float32)
+        logits = linear(h, self.lm_head, mx.float32)
         return self._finish(logits, caches)
 
     def _finish(self, out: mx.array, caches: list[_SeqCache]) -> np.ndarray:
@@ -230,7 +251,7 @@ class MlxLlamaStage:
         B, L, _ = h.shape
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         a = mx.fast.rms_norm(h, w["ln1"], cfg.rms_norm_eps)
-        qkv = a @ w["qkv"].T  # (B, L, (nh + 2 nkv) hd)
+        qkv = linears(a, w["qkv"])  # (B, L, (nh + 2 nkv) hd)
         if "qkv_bias" in w:
             qkv = qkv + w["qkv_bias"]
         q, k, v = mx.split(qkv, [nh * hd, (nh + nkv) * hd], axis=-1)
@@ -256,7 +277,7 @@ class MlxLlamaStage:
         cfg = self.config
         B, L, _ = h.shape
         attn = attn.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        h = h + attn @ w["o"].T
+        h = h + linear(attn, w["o"])
         m = mx.fast.rms_norm(h, w["ln2"], cfg.rms_norm_eps)
-        gate, up = mx.split(m @ w["gate_up"].T, 2, axis=-1)
-        return h + (gate * mx.sigmoid(gate) * up) @ w["down"].T
+        gate, up = mx.split(linears(m, w["gate_up"]), 2, axis=-1)
+        return h + linear(gate * mx.sigmoid(gate) * up, w["down"])
