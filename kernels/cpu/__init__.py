@@ -1,0 +1,280 @@
+"""Fused dequantize-and-multiply CPU kernels that read GGUF weight blocks directly.
+
+`y (..., N) = x (..., K) @ W^T` with W kept as compact as in the file. Weight
+arrays hold N rows of K values:
+
+- block formats (Q4_0 ... Q6_K): uint8 `(N, K // block_elems * block_bytes)`,
+  exactly the file's bytes (block sizes: `gguf.constants.GGML_QUANT_SIZES`);
+- F16: float16 `(N, K)`; BF16: bfloat16 (`ml_dtypes` / `jnp.bfloat16`) `(N, K)`.
+
+For the block formats x is first quantized to 8 bits per block of 32 (256 for
+the K-quants) as llama.cpp does; `reference.py` says exactly how. `matmul_np`
+and `dequantize_np` call the library through ctypes; `matmul` and `dequantize`
+are the same kernels as XLA custom calls, usable inside `jax.jit` on the CPU.
+The library is compiled on first use (`build.py`) and cached per machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from cake.errors import BackendError
+
+__all__ = [
+    "ALL_FORMATS",
+    "FORMATS",
+    "KernelsUnavailable",
+    "available",
+    "check_format",
+    "dequantize",
+    "dequantize_np",
+    "matmul",
+    "matmul_np",
+    "num_threads",
+    "weight_spec",
+]
+
+# Every format the driver knows; FORMATS is the subset compiled into this build.
+ALL_FORMATS = (
+    *("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
+    *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
+    *("F16", "BF16"),
+)
+
+
+class KernelsUnavailable(BackendError):
+    """The CPU kernel library (or one format in it) is not available here."""
+
+
+def check_format(fmt: str) -> None:
+    """A ValueError unless `fmt` is one of ALL_FORMATS."""
+    if fmt not in ALL_FORMATS:
+        raise ValueError(
+            f"unknown weight format {fmt!r}: expected one of {ALL_FORMATS}"
+        )
+
+
+def weight_spec(fmt: str, n: int, k: int) -> tuple[tuple[int, int], np.dtype]:
+    """The (shape, dtype) of an N x K weight matrix in format `fmt`."""
+    check_format(fmt)
+    if fmt == "F16":
+        return (n, k), np.dtype(np.float16)
+    if fmt == "BF16":
+        import ml_dtypes
+
+        return (n, k), np.dtype(ml_dtypes.bfloat16)
+    elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
+    if k % elems:
+        raise ValueError(f"{fmt} needs K to be a multiple of {elems}; got K={k}")
+    return (n, k // elems * nbytes), np.dtype(np.uint8)
+
+
+def _check_weights(shape: tuple[int, ...], dtype: Any, fmt: str, k: int) -> int:
+    """N, or a one-line ValueError saying what the weights should look like."""
+    if len(shape) != 2:
+        raise ValueError(
+            f"{fmt} weights must be 2-D (N, row); got shape {tuple(shape)}"
+        )
+    want_shape, want_dtype = weight_spec(fmt, shape[0], k)
+    if tuple(shape) != want_shape or np.dtype(dtype) != want_dtype:
+        raise ValueError(
+            f"{fmt} weights for K={k} must be {want_dtype} {want_shape}; "
+            f"got {np.dtype(dtype)} {tuple(shape)}"
+        )
+    return shape[0]
+
+
+class _Library:
+    """One compiled kernel library, loaded through ctypes."""
+
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.cake_format_count.restype = ctypes.c_int
+        lib.cake_format_name.restype = ctypes.c_char_p
+        lib.cake_format_name.argtypes = [ctypes.c_int]
+        lib.cake_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
+        lib.cake_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+        lib.cake_quantize_q8_32.argtypes = [ptr, ptr, i64]
+        lib.cake_quantize_q8_256.argtypes = [ptr, ptr, i64]
+        self.raw = lib
+        self.path = path
+        names = [
+            lib.cake_format_name(i).decode() for i in range(lib.cake_format_count())
+        ]
+        self.codes = {name: i for i, name in enumerate(names)}
+
+    def code(self, fmt: str) -> int:
+        check_format(fmt)
+        if fmt not in self.codes:
+            raise KernelsUnavailable(
+                f"the CPU kernels were built without {fmt} (compiled in: "
+                f"{', '.join(self.codes)}); dequantize the weights instead"
+            )
+        return self.codes[fmt]
+
+    def matmul(self, x: np.ndarray, w: np.ndarray, fmt: str) -> np.ndarray:
+        code = self.code(fmt)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim < 1:
+            raise ValueError(f"x must be (..., K); got a {x.ndim}-D array")
+        k = x.shape[-1]
+        n = _check_weights(w.shape, w.dtype, fmt, k)
+        w = np.ascontiguousarray(w)
+        y = np.empty((*x.shape[:-1], n), dtype=np.float32)
+        m = x.size // k if k else 0
+        if k == 0:
+            y[...] = 0.0
+        elif m and n:
+            rc = self.raw.cake_matmul(
+                code, x.ctypes.data, m, k, w.ctypes.data, n, y.ctypes.data
+            )
+            assert rc == 0, f"cake_matmul returned {rc}"
+        return y
+
+    def dequantize(self, w: np.ndarray, fmt: str, k: int) -> np.ndarray:
+        code = self.code(fmt)
+        n = _check_weights(w.shape, w.dtype, fmt, k)
+        w = np.ascontiguousarray(w)
+        out = np.empty((n, k), dtype=np.float32)
+        if n and k:
+            rc = self.raw.cake_dequantize(code, w.ctypes.data, n, k, out.ctypes.data)
+            assert rc == 0, f"cake_dequantize returned {rc}"
+        return out
+
+
+_lock = threading.Lock()
+_lib: _Library | None = None
+_why = ""  # why there is no library
+_tried = False
+_registered = False
+
+
+def _load() -> _Library | None:
+    # build is imported here, not at the top: `python -m cake.kernels.cpu.build`
+    # imports this package first, and must find build.py not yet loaded.
+    from . import build as _build
+
+    global _lib, _why, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        try:
+            path = _build.library_path()
+            if not path.exists():
+                print(
+                    f"cake: compiling the CPU kernels once (~{_build.ESTIMATE_S} s)",
+                    file=sys.stderr,
+                )
+                path = _build.build()
+            _lib = _Library(str(path))
+        except (_build.BuildError, OSError, subprocess.SubprocessError) as e:
+            _why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"cake: CPU kernels unavailable: {_why}", file=sys.stderr)
+        return _lib
+
+
+def _require() -> _Library:
+    lib = _load()
+    if lib is None:
+        raise KernelsUnavailable(
+            f"the CPU kernels are not available ({_why}); check available() first"
+        )
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel library is usable; builds it on first use (one stderr line).
+
+    A missing compiler or a failed build prints one line with the reason and
+    returns False.
+    """
+    return _load() is not None
+
+
+def __getattr__(name: str) -> Any:
+    # FORMATS loads (and if need be builds) the library on first access only.
+    if name == "FORMATS":
+        lib = _load()
+        return tuple(lib.codes) if lib is not None else ()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def num_threads() -> int:
+    """Threads the kernels use: `$CAKE_NUM_THREADS`, else the CPUs this process may run on."""
+    return int(_require().raw.cake_num_threads())
+
+
+def matmul_np(x: np.ndarray, w: np.ndarray, fmt: str) -> np.ndarray:
+    """`x (..., K) @ W^T` -> float32 `(..., N)`, W in `fmt` (see the module docstring)."""
+    return _require().matmul(x, w, fmt)
+
+
+def dequantize_np(w: np.ndarray, fmt: str, k: int) -> np.ndarray:
+    """The N x K weights `w` in `fmt`, widened to float32 `(N, K)`."""
+    return _require().dequantize(w, fmt, k)
+
+
+def _register_jax() -> None:
+    global _registered
+    lib = _require()
+    with _lock:
+        if _registered:
+            return
+        import jax
+
+        from . import build as _build
+
+        for name in ("matmul", "dequantize"):
+            symbol = getattr(lib.raw, f"cake_ffi_{name}", None)
+            if symbol is None:
+                raise KernelsUnavailable(
+                    "the CPU kernels were built without the XLA FFI handlers "
+                    "(jax was not importable at build time); delete the kernel "
+                    f"cache under {_build.cache_dir()} and rebuild"
+                )
+            jax.ffi.register_ffi_target(
+                f"cake_cpu_{name}", jax.ffi.pycapsule(symbol), platform="cpu"
+            )
+        _registered = True
+
+
+def matmul(x: Any, w: Any, fmt: str, k: int) -> Any:
+    """`x (..., K) @ W^T` -> float32 `(..., N)` as an XLA CPU custom call (jit-able).
+
+    `x` is cast to float32; `w` is laid out as in `weight_spec(fmt, N, k)`.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    _register_jax()
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must be (..., K={k}); got shape {tuple(x.shape)}")
+    n = _check_weights(w.shape, w.dtype, fmt, k)
+    _require().code(fmt)
+    if k == 0:
+        return jnp.zeros((*x.shape[:-1], n), jnp.float32)
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32)
+    call = jax.ffi.ffi_call("cake_cpu_matmul", out, vmap_method="sequential")
+    return call(x.astype(jnp.float32), w, fmt=fmt)
+
+
+def dequantize(w: Any, fmt: str, k: int) -> Any:
+    """The N x K weights `w` in `fmt` as float32 `(N, K)`, an XLA CPU custom call."""
+    import jax
+    import jax.numpy as jnp
+
+    _register_jax()
+    n = _check_weights(w.shape, w.dtype, fmt, k)
+    _require().code(fmt)
+    out = jax.ShapeDtypeStruct((n, k), jnp.float32)
+    call = jax.ffi.ffi_call("cake_cpu_dequantize", out, vmap_method="sequential")
+    return call(w, fmt=fmt)

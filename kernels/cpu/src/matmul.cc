@@ -1,0 +1,482 @@
+// The driver: y (M, N) = x (M, K) @ W^T for every format, on a persistent
+// thread pool, as plain C entry points (ctypes) and XLA FFI handlers (jax).
+//
+// x is quantized once per call into the activation blocks of qdot.h (a scratch
+// buffer), then threads take blocks of weight rows from a shared counter and
+// run the format's dot for tiles of up to kTileRows activation rows.
+//
+// The K-quant kernels live in kquants.cc, which may be absent or incomplete:
+// on ELF systems their symbols are weak references (null when missing) and a
+// format is listed only if both its dot and dequantize are present; elsewhere
+// build.py passes -DCAKE_HAVE_KQUANTS when kquants.cc exists.
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "qdot.h"
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#include <unistd.h>
+
+#if defined(__ELF__)
+#pragma weak cake_dot_q2_k
+#pragma weak cake_dot_q3_k
+#pragma weak cake_dot_q4_k
+#pragma weak cake_dot_q5_k
+#pragma weak cake_dot_q6_k
+#pragma weak cake_dequant_q2_k
+#pragma weak cake_dequant_q3_k
+#pragma weak cake_dequant_q4_k
+#pragma weak cake_dequant_q5_k
+#pragma weak cake_dequant_q6_k
+#define KQUANT(sym) sym
+#elif defined(CAKE_HAVE_KQUANTS)
+#define KQUANT(sym) sym
+#else
+#define KQUANT(sym) nullptr
+#endif
+
+// The library's interface (built with -fvisibility=hidden: only these are exported).
+#pragma GCC visibility push(default)
+extern "C" {
+int cake_format_count(void);
+const char* cake_format_name(int code);
+int cake_format_code(const char* name);
+int cake_num_threads(void);
+void cake_set_num_threads(int n);
+int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n, float* y);
+int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out);
+}
+#pragma GCC visibility pop
+
+namespace {
+
+// Activation rows per dot call: the legacy kernels' kMaxRows, chosen by
+// measurement there (8 against 4, 12 and 16 rows).
+constexpr int kTileRows = 8;
+// Activation rows per pass over a block of weight rows, so that they stay in
+// L2 next to it (64 rows of K = 1536 in q8_32: 120 KiB). Q4_0 3072 x 576 at
+// M = 512, 2 threads: 12.0-12.9 ms per matrix in chunks of 16 or 64 rows,
+// 14.1-14.4 ms in one pass of all 512.
+constexpr int64_t kChunkRows = 64;
+
+enum Act { kF32, kQ8_32, kQ8_256 };
+
+struct Format {
+  const char* name;
+  int64_t block_elems, block_bytes;
+  Act act;
+  cake_dot_fn dot;
+  cake_dequant_fn dequant;
+};
+
+const Format kAll[] = {
+    {"Q4_0", 32, 18, kQ8_32, cake_dot_q4_0, cake_dequant_q4_0},
+    {"Q4_1", 32, 20, kQ8_32, cake_dot_q4_1, cake_dequant_q4_1},
+    {"Q5_0", 32, 22, kQ8_32, cake_dot_q5_0, cake_dequant_q5_0},
+    {"Q5_1", 32, 24, kQ8_32, cake_dot_q5_1, cake_dequant_q5_1},
+    {"Q8_0", 32, 34, kQ8_32, cake_dot_q8_0, cake_dequant_q8_0},
+    {"Q2_K", 256, 84, kQ8_256, KQUANT(cake_dot_q2_k), KQUANT(cake_dequant_q2_k)},
+    {"Q3_K", 256, 110, kQ8_256, KQUANT(cake_dot_q3_k), KQUANT(cake_dequant_q3_k)},
+    {"Q4_K", 256, 144, kQ8_256, KQUANT(cake_dot_q4_k), KQUANT(cake_dequant_q4_k)},
+    {"Q5_K", 256, 176, kQ8_256, KQUANT(cake_dot_q5_k), KQUANT(cake_dequant_q5_k)},
+    {"Q6_K", 256, 210, kQ8_256, KQUANT(cake_dot_q6_k), KQUANT(cake_dequant_q6_k)},
+    {"F16", 1, 2, kF32, cake_dot_f16, cake_dequant_f16},
+    {"BF16", 1, 2, kF32, cake_dot_bf16, cake_dequant_bf16},
+};
+
+// The formats whose kernels are linked in; a format's code is its index here.
+const std::vector<const Format*>& formats() {
+  static const std::vector<const Format*> v = [] {
+    std::vector<const Format*> out;
+    for (const Format& f : kAll)
+      if (f.dot != nullptr && f.dequant != nullptr) out.push_back(&f);
+    return out;
+  }();
+  return v;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// A fixed set of threads that run fn(ctx, i, n) for i in [0, n), the caller
+// being i = 0. Idle workers spin for kSpin before sleeping: the matmuls of one
+// decode step come microseconds apart, and a futex wake costs more than that;
+// spinning longer takes the cores from XLA's own threads between the calls.
+// 30 SmolLM2 layers of Q4_0 with XLA ops between the products, 2 threads, ms
+// per step at M = 1 / M = 8 over 3 rounds: no spin 7.1-9.0 / 24-29; 50 us
+// 5.8-6.6 / 14-16 (one 19 / 17); 200 us 4.9-10 / 14-15; 1 ms 8-22 / 57-350;
+// OpenMP (libgomp's default wait policy) instead of this pool 6.6-10.5 / 23-30.
+class Pool {
+ public:
+  using Fn = void (*)(void*, int, int);
+  static constexpr std::chrono::microseconds kSpin{50};
+
+  explicit Pool(int n) : n_(n < 1 ? 1 : n) {
+    for (int i = 1; i < n_; i++) threads_.emplace_back([this, i] { loop(i); });
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_.store(true);
+      epoch_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (std::thread& t : threads_) t.join();
+  }
+
+  int size() const { return n_; }
+
+  void run(Fn fn, void* ctx) {
+    if (n_ == 1) return fn(ctx, 0, 1);
+    fn_ = fn;
+    ctx_ = ctx;
+    remaining_.store(n_ - 1);
+    epoch_.fetch_add(1);
+    if (sleepers_.load() > 0) {
+      std::lock_guard<std::mutex> lk(mu_);
+      wake_.notify_all();
+    }
+    fn(ctx, 0, n_);
+    if (!spin_until([this] { return remaining_.load() == 0; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      caller_waiting_.store(true);
+      done_.wait(lk, [this] { return remaining_.load() == 0; });
+      caller_waiting_.store(false);
+    }
+  }
+
+ private:
+  // Past the first ~microsecond the spin yields: on a busy machine the thread
+  // waited for may be queued behind us on the same core.
+  template <class P>
+  static bool spin_until(P ready) {
+    for (int i = 0; i < 256; i++) {
+      if (ready()) return true;
+      cpu_relax();
+    }
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (;;) {
+      if (ready()) return true;
+      std::this_thread::yield();
+      if (std::chrono::steady_clock::now() > until) return false;
+    }
+  }
+
+  void loop(int i) {
+    uint64_t seen = 0;
+    for (;;) {
+      if (!spin_until([&] { return epoch_.load() != seen; })) {
+        std::unique_lock<std::mutex> lk(mu_);
+        sleepers_.fetch_add(1);
+        wake_.wait(lk, [&] { return epoch_.load() != seen; });
+        sleepers_.fetch_sub(1);
+      }
+      seen = epoch_.load();
+      if (stop_) return;
+      fn_(ctx_, i, n_);
+      if (remaining_.fetch_sub(1) == 1 && caller_waiting_.load()) {
+        std::lock_guard<std::mutex> lk(mu_);
+        done_.notify_one();
+      }
+    }
+  }
+
+  const int n_;
+  std::vector<std::thread> threads_;
+  // seq_cst throughout: sleepers_/epoch_ and caller_waiting_/remaining_ are
+  // each a Dekker pair (a wake-up must not be lost between check and sleep).
+  std::atomic<uint64_t> epoch_{0};
+  std::atomic<int> remaining_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> caller_waiting_{false};
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  Fn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  std::atomic<bool> stop_{false};
+};
+
+int default_threads() {
+  if (const char* env = std::getenv("CAKE_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+  const unsigned n = std::thread::hardware_concurrency();
+  return n > 0 ? (int)n : 1;
+}
+
+// One call at a time (XLA may run two custom calls concurrently; they would
+// share the same cores anyway): g_mu guards the pool and the scratch buffer.
+std::mutex g_mu;
+Pool* g_pool = nullptr;  // never deleted at exit: workers may be asleep in it
+pid_t g_pool_pid = 0;
+int g_threads = 0;
+std::vector<char> g_scratch;
+
+Pool& pool() {
+  if (g_threads == 0) g_threads = default_threads();
+  if (g_pool == nullptr || g_pool_pid != getpid()) {  // a forked child has no workers
+    if (g_pool != nullptr && g_pool_pid == getpid()) delete g_pool;
+    g_pool = new Pool(g_threads);
+    g_pool_pid = getpid();
+  }
+  return *g_pool;
+}
+
+// Rows [0, count) handed out in blocks of `step` from a shared counter, so a
+// thread slowed down by another process does not hold up the others.
+struct Counter {
+  std::atomic<int64_t> next{0};
+  int64_t count, step;
+  bool take(int64_t* begin, int64_t* end) {
+    *begin = next.fetch_add(step);
+    if (*begin >= count) return false;
+    *end = *begin + step < count ? *begin + step : count;
+    return true;
+  }
+};
+
+int64_t block_step(int64_t count, int threads, int64_t align) {
+  int64_t s = count / ((int64_t)threads * 8);
+  s = (s + align - 1) / align * align;
+  return s < align ? align : s;
+}
+
+struct QuantizeJob {
+  const Format* f;
+  const float* x;
+  int64_t k;
+  char* xa;
+  size_t xs;
+  Counter rows;
+};
+
+void quantize_work(void* p, int, int) {
+  QuantizeJob& j = *(QuantizeJob*)p;
+  int64_t b, e;
+  while (j.rows.take(&b, &e))
+    for (int64_t r = b; r < e; r++) {
+      if (j.f->act == kQ8_32)
+        cake_quantize_q8_32(j.x + r * j.k, (cake_q8_32*)(j.xa + r * j.xs), j.k);
+      else
+        cake_quantize_q8_256(j.x + r * j.k, (cake_q8_256*)(j.xa + r * j.xs), j.k);
+    }
+}
+
+struct MatmulJob {
+  const Format* f;
+  const char* xa;  // activation rows, xs bytes apart
+  size_t xs;
+  int64_t m, k, n;
+  const char* w;
+  size_t wrow;  // bytes per weight row
+  float* y;
+  Counter rows;  // weight rows
+};
+
+void matmul_work(void* p, int, int) {
+  MatmulJob& j = *(MatmulJob*)p;
+  float out[kTileRows];
+  int64_t b, e;
+  while (j.rows.take(&b, &e))
+    for (int64_t m0 = 0; m0 < j.m; m0 += kChunkRows) {
+      const int64_t m1 = m0 + kChunkRows < j.m ? m0 + kChunkRows : j.m;
+      for (int64_t row = b; row < e; row++) {
+        const char* wr = j.w + row * j.wrow;
+        for (int64_t t = m0; t < m1; t += kTileRows) {
+          const int r = (int)(m1 - t < kTileRows ? m1 - t : kTileRows);
+          j.f->dot(j.k, wr, j.xa + t * j.xs, j.xs, r, out);
+          for (int i = 0; i < r; i++) j.y[(t + i) * j.n + row] = out[i];
+        }
+      }
+    }
+}
+
+struct DequantJob {
+  const Format* f;
+  const char* w;
+  size_t wrow;
+  int64_t k;
+  float* out;
+  Counter rows;
+};
+
+void dequant_work(void* p, int, int) {
+  DequantJob& j = *(DequantJob*)p;
+  int64_t b, e;
+  while (j.rows.take(&b, &e))
+    for (int64_t r = b; r < e; r++) j.f->dequant(j.k, j.w + r * j.wrow, j.out + r * j.k);
+}
+
+// Too little work to be worth waking the other threads.
+bool small(int64_t elems) { return elems < (1 << 15); }
+
+}  // namespace
+
+int cake_format_count(void) { return (int)formats().size(); }
+
+const char* cake_format_name(int code) {
+  return code >= 0 && code < cake_format_count() ? formats()[code]->name : nullptr;
+}
+
+int cake_format_code(const char* name) {
+  for (int i = 0; i < cake_format_count(); i++)
+    if (std::strcmp(formats()[i]->name, name) == 0) return i;
+  return -1;
+}
+
+int cake_num_threads(void) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  return pool().size();
+}
+
+void cake_set_num_threads(int n) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_threads = n > 0 ? n : default_threads();
+  if (g_pool != nullptr && g_pool_pid == getpid()) delete g_pool;
+  g_pool = nullptr;
+}
+
+// 0 on success; -1 unknown format code; -2 k not a positive multiple of the block.
+int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n, float* y) {
+  if (code < 0 || code >= cake_format_count()) return -1;
+  const Format* f = formats()[code];
+  if (k <= 0 || k % (f->act == kQ8_256 ? 256 : f->block_elems) != 0) return -2;
+  if (m <= 0 || n <= 0) return 0;
+  std::lock_guard<std::mutex> lk(g_mu);
+  Pool& threads = pool();
+  const bool one = small(m * n * k);
+
+  MatmulJob job{f, (const char*)x, (size_t)k * sizeof(float), m, k, n, (const char*)w,
+                (size_t)(k / f->block_elems * f->block_bytes), y, {}};
+  if (f->act != kF32) {
+    job.xs = f->act == kQ8_32 ? (size_t)(k / 32) * sizeof(cake_q8_32) : (size_t)(k / 256) * sizeof(cake_q8_256);
+    if (g_scratch.size() < (size_t)m * job.xs) g_scratch.resize((size_t)m * job.xs);
+    QuantizeJob q{f, x, k, g_scratch.data(), job.xs, {}};
+    q.rows.count = m;
+    q.rows.step = block_step(m, threads.size(), 1);
+    if (one || m < 4)
+      quantize_work(&q, 0, 1);
+    else
+      threads.run(quantize_work, &q);
+    job.xa = g_scratch.data();
+  }
+  job.rows.count = n;
+  job.rows.step = block_step(n, threads.size(), 16);  // 16 floats: one cache line of y
+  if (one)
+    matmul_work(&job, 0, 1);
+  else
+    threads.run(matmul_work, &job);
+  return 0;
+}
+
+// out (n, k) float32. Same return codes as cake_matmul.
+int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out) {
+  if (code < 0 || code >= cake_format_count()) return -1;
+  const Format* f = formats()[code];
+  if (k <= 0 || k % f->block_elems != 0) return -2;
+  if (n <= 0) return 0;
+  std::lock_guard<std::mutex> lk(g_mu);
+  Pool& threads = pool();
+  DequantJob job{f, (const char*)w, (size_t)(k / f->block_elems * f->block_bytes), k, out, {}};
+  job.rows.count = n;
+  job.rows.step = block_step(n, threads.size(), 1);
+  if (small(n * k))
+    dequant_work(&job, 0, 1);
+  else
+    threads.run(dequant_work, &job);
+  return 0;
+}
+
+#if defined(CAKE_WITH_XLA_FFI)
+#include <string>
+#include <string_view>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+int code_of(std::string_view name) {
+  for (int i = 0; i < cake_format_count(); i++)
+    if (name == formats()[i]->name) return i;
+  return -1;
+}
+
+// w: (N, row bytes) uint8 for the block formats, (N, K) float16 / bfloat16.
+ffi::Error check_weights(const Format* f, const ffi::AnyBuffer& w, int64_t k, int64_t* n) {
+  const auto dims = w.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("cake: weights must be 2-D (N, row)");
+  const int64_t row_bytes = dims[1] * (int64_t)ffi::ByteWidth(w.element_type());
+  if (k % f->block_elems != 0 || row_bytes != k / f->block_elems * f->block_bytes)
+    return ffi::Error::InvalidArgument(std::string("cake: weight rows do not hold K values of ") + f->name);
+  *n = dims[0];
+  return ffi::Error::Success();
+}
+
+ffi::Error ffi_matmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, std::string_view fmt) {
+  const int code = code_of(fmt);
+  if (code < 0) return ffi::Error::InvalidArgument("cake: format not compiled in: " + std::string(fmt));
+  if (x.element_type() != ffi::DataType::F32 || y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("cake: x and y must be float32");
+  const auto xd = x.dimensions();
+  if (xd.size() < 1 || xd.back() <= 0) return ffi::Error::InvalidArgument("cake: x must be (..., K), K > 0");
+  const int64_t k = xd.back(), m = (int64_t)x.element_count() / k;
+  int64_t n;
+  if (ffi::Error e = check_weights(formats()[code], w, k, &n); e.failure()) return e;
+  if ((int64_t)y->element_count() != m * n) return ffi::Error::InvalidArgument("cake: y must be (..., N)");
+  const int rc = cake_matmul(code, (const float*)x.untyped_data(), m, k, w.untyped_data(), n,
+                             (float*)y->untyped_data());
+  if (rc != 0) return ffi::Error::InvalidArgument("cake: K is not a multiple of the format's block");
+  return ffi::Error::Success();
+}
+
+ffi::Error ffi_dequantize(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out, std::string_view fmt) {
+  const int code = code_of(fmt);
+  if (code < 0) return ffi::Error::InvalidArgument("cake: format not compiled in: " + std::string(fmt));
+  const auto od = out->dimensions();
+  if (out->element_type() != ffi::DataType::F32 || od.size() != 2)
+    return ffi::Error::InvalidArgument("cake: out must be float32 (N, K)");
+  int64_t n;
+  if (ffi::Error e = check_weights(formats()[code], w, od[1], &n); e.failure()) return e;
+  if (n != od[0]) return ffi::Error::InvalidArgument("cake: out must have the weights' N rows");
+  cake_dequantize(code, w.untyped_data(), n, od[1], (float*)out->untyped_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#pragma GCC visibility push(default)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_matmul, ffi_matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x (..., K) float32
+                                  .Arg<ffi::AnyBuffer>()  // w (N, row)
+                                  .Ret<ffi::AnyBuffer>()  // y (..., N) float32
+                                  .Attr<std::string_view>("fmt"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_dequantize, ffi_dequantize,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // w (N, row)
+                                  .Ret<ffi::AnyBuffer>()  // out (N, K) float32
+                                  .Attr<std::string_view>("fmt"));
+#pragma GCC visibility pop
+#endif

@@ -1,0 +1,242 @@
+"""The CPU kernels (kernels/cpu) against the NumPy reference, format by format.
+
+Weights are random blocks: random bytes with the float16 scale fields set to
+finite values of a sensible size. matmul_np must equal matmul_ref within float32
+rounding (relative to sum |x| |w|), dequantize_np must equal gguf's dequantizer,
+and the JAX FFI path inside jit must equal matmul_np bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from cake.kernels import cpu
+from cake.kernels.cpu import build
+from cake.kernels.cpu import reference as ref
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    scales: tuple[int, ...]  # byte offsets of the float16 scale fields in one block
+    exact_dequant: bool = True  # False: dequantize_np within float32 rounding
+
+
+# Every format, in one place (block layouts: gguf.quants / ggml-common.h).
+FORMATS = [
+    Format("Q4_0", (0,)),
+    Format("Q4_1", (0, 2)),
+    Format("Q5_0", (0,)),
+    Format("Q5_1", (0, 2)),
+    Format("Q8_0", (0,)),
+    Format("Q2_K", (80, 82)),
+    Format("Q3_K", (108,)),
+    Format("Q4_K", (0, 2)),
+    Format("Q5_K", (0, 2)),
+    Format("Q6_K", (208,)),
+    Format("F16", ()),
+    Format("BF16", ()),
+]
+assert [f.name for f in FORMATS] == list(cpu.ALL_FORMATS)
+
+# (M, which K, N): M = 1, 3, 8 and 17 / 70 (more than a tile, more than a chunk);
+# N = 129 with K = 1536 is enough work for the thread pool.
+CASES = [(1, 0, 5), (3, 1, 64), (8, 2, 40), (17, 2, 129), (70, 1, 33)]
+
+
+def ks(fmt: str) -> tuple[int, int, int]:
+    """Three K for `fmt`: multiples of its block (floats: any K, tails included)."""
+    block = ref.activation_block(fmt)
+    if block == 0:
+        return (7, 577, 1536)
+    return (block, 576 if block == 32 else 768, 1536)
+
+
+def random_weights(fmt: Format, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    shape, dtype = cpu.weight_spec(fmt.name, n, k)
+    if fmt.name in ("F16", "BF16"):
+        return rng.standard_normal(shape).astype(dtype)
+    w = rng.integers(0, 256, shape, dtype=np.uint8)
+    block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[fmt.name]][1]
+    blocks = w.reshape(n, -1, block_bytes)
+    for off in fmt.scales:
+        d = rng.uniform(0.5, 1.5, blocks.shape[:2]) * rng.choice(
+            [-1, 1], blocks.shape[:2]
+        )
+        blocks[:, :, off : off + 2] = (
+            (d / 64).astype(np.float16)[..., None].view(np.uint8)
+        )
+    return w
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if build.compiler() is None:
+        pytest.skip("no C++ compiler: the kernels cannot be built here")
+    assert cpu.available(), "the CPU kernels failed to build (see stderr)"
+    return cpu._load()
+
+
+def compiled(lib, fmt: Format) -> None:
+    if fmt.name not in lib.codes:
+        pytest.skip(f"{fmt.name} is not compiled in (its kernel file is absent)")
+
+
+def assert_matmul_close(y: np.ndarray, x: np.ndarray, w: np.ndarray, fmt: str) -> None:
+    k = x.shape[-1]
+    want = ref.matmul_ref(x, w, fmt, k)
+    scale = (
+        np.abs(ref.quantize_activations(x, fmt))
+        @ np.abs(ref.dequantize_ref(w, fmt, k).astype(np.float64)).T
+    )
+    assert y.shape == want.shape and y.dtype == np.float32
+    err = np.abs(y - want) / np.maximum(scale, 1e-30)
+    assert err.max() < 1e-5, f"{fmt}: max error {err.max():.2e} of sum |x||w|"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("m,ki,n", CASES)
+def test_matmul_equals_reference(lib, fmt, m, ki, n):
+    compiled(lib, fmt)
+    k = ks(fmt.name)[ki]
+    rng = np.random.default_rng([m, k, n])
+    w = random_weights(fmt, n, k, rng)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, : k // 2] *= 100.0  # blocks of very different scales in one row
+    assert_matmul_close(cpu.matmul_np(x, w, fmt.name), x, w, fmt.name)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_dequantize_equals_gguf(lib, fmt):
+    compiled(lib, fmt)
+    k = ks(fmt.name)[2]
+    w = random_weights(fmt, 37, k, np.random.default_rng(1))
+    got, want = cpu.dequantize_np(w, fmt.name, k), ref.dequantize_ref(w, fmt.name, k)
+    assert got.shape == (37, k) and got.dtype == np.float32
+    if fmt.exact_dequant:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_jax_ffi_in_jit_equals_ctypes(lib, fmt):
+    jax = pytest.importorskip("jax")
+    compiled(lib, fmt)
+    k = ks(fmt.name)[1]
+    rng = np.random.default_rng(2)
+    w = random_weights(fmt, 65, k, rng)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)  # any leading shape
+    y = jax.jit(lambda x, w: cpu.matmul(x, w, fmt.name, k))(x, w)
+    np.testing.assert_array_equal(np.asarray(y), cpu.matmul_np(x, w, fmt.name))
+    d = jax.jit(lambda w: cpu.dequantize(w, fmt.name, k))(w)
+    np.testing.assert_array_equal(np.asarray(d), cpu.dequantize_np(w, fmt.name, k))
+
+
+def test_zero_rows_and_empty_shapes(lib):
+    x = np.zeros((4, 64), np.float32)  # d = 0 blocks: q = 0
+    w = random_weights(FORMATS[0], 3, 64, np.random.default_rng(3))
+    np.testing.assert_array_equal(cpu.matmul_np(x, w, "Q4_0"), np.zeros((4, 3)))
+    assert cpu.matmul_np(np.zeros((0, 64), np.float32), w, "Q4_0").shape == (0, 3)
+
+
+def test_shape_mismatch_fails_in_one_line(lib):
+    w = random_weights(FORMATS[0], 3, 64, np.random.default_rng(4))
+    cases = [
+        (np.zeros((2, 96), np.float32), w),  # K does not match the rows' bytes
+        (np.zeros((2, 64), np.float32), w.view(np.int8)),  # wrong dtype
+        (np.zeros((2, 48), np.float32), w),  # K not a multiple of the block
+    ]
+    for x, bad in cases:
+        with pytest.raises(ValueError) as e:
+            cpu.matmul_np(x, bad, "Q4_0")
+        assert "\n" not in str(e.value) and "Q4_0" in str(e.value)
+    with pytest.raises(ValueError, match="Q4_0 weights for K=96"):
+        cpu.matmul(np.zeros((2, 96), np.float32), w, "Q4_0", 96)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        cpu.matmul_np(np.zeros((2, 64), np.float32), w, "Q4_2")
+
+
+@pytest.mark.parametrize("block", [32, 256])
+def test_activation_quantization_is_the_reference(lib, block):
+    rng = np.random.default_rng(block)
+    x = rng.standard_normal((3, 4 * block)).astype(np.float32)
+    x[1, :block] = 0.0  # d = 0
+    x[2, :block] = 0.5  # every q a tie at first ...
+    x[2, 0], x[2, 1:6] = 127.0, [2.5, 3.5, -2.5, 0.5, -126.5]  # ... d = 1: half to even
+    if block == 32:
+        dt = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
+        fn = lib.raw.cake_quantize_q8_32
+    else:
+        dt = np.dtype([("d", "<f4"), ("bsums", "<i2", 16), ("qs", "i1", 256)])
+        fn = lib.raw.cake_quantize_q8_256
+    d, q = ref.quantize_q8(x, block)
+    for r in range(3):
+        out = np.zeros(4, dt)
+        fn(x[r].ctypes.data, out.ctypes.data, x.shape[1])
+        np.testing.assert_array_equal(out["d"], d[r])
+        np.testing.assert_array_equal(out["qs"].ravel(), q[r])
+        sums = q[r].reshape(4, -1, 16).sum(-1)
+        if block == 32:
+            np.testing.assert_allclose(out["s"], d[r] * sums.sum(-1), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(out["bsums"], sums)
+    assert list(q[2, 1:6]) == [2, 4, -2, 0, -126]
+
+
+@pytest.fixture(scope="module")
+def portable_libs(tmp_path_factory):
+    """The AVX2 and plain C++ paths, built from a clean cache (no FFI: faster)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not build.compiler():
+        pytest.skip("the AVX2 / plain builds are checked on x86-64 with a compiler")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAKE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        return {
+            m: cpu._Library(str(build.build(march=m, ffi=False)))
+            for m in ("x86-64-v3", "x86-64")
+        }
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_portable_paths(portable_libs, march, fmt):
+    lib = portable_libs[march]
+    compiled(lib, fmt)
+    k = ks(fmt.name)[2]
+    rng = np.random.default_rng(5)
+    w = random_weights(fmt, 70, k, rng)
+    x = rng.standard_normal((9, k)).astype(np.float32)
+    assert_matmul_close(lib.matmul(x, w, fmt.name), x, w, fmt.name)
+    got, want = lib.dequantize(w, fmt.name, k), ref.dequantize_ref(w, fmt.name, k)
+    if fmt.exact_dequant:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_no_compiler_is_one_line_and_false(tmp_path):
+    env = dict(
+        os.environ, CXX=str(tmp_path / "no-such-compiler"), CAKE_CACHE_DIR=str(tmp_path)
+    )
+    code = "from cake.kernels import cpu; print(cpu.available(), cpu.FORMATS)"
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "False ()"
+    assert len(r.stderr.strip().splitlines()) == 1 and "compiler" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "cake.kernels.cpu.build"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1
+    assert "fallback" in r.stdout and not r.stderr
