@@ -286,9 +286,9 @@ _GGUF_IDS = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
 
 def _from_gguf(path: Path) -> Tokenizer:
     try:
-        from gguf import GGUFReader
+        from cake.weights.gguf import _Reader
 
-        reader = GGUFReader(path)
+        reader = _Reader(path, "r")
     except Exception as err:  # numpy/struct errors on a truncated or foreign file
         raise TokenizerError(f"cannot read {path} as GGUF: {err}") from err
     return gguf_tokenizer(reader)
