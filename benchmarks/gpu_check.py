@@ -1,20 +1,34 @@
 """The JAX backend on a GPU: correctness against the NumPy backend, decode speed.
 
     python3 benchmarks/gpu_check.py check             # JAX (default device) vs NumPy
-    python3 benchmarks/gpu_check.py speed --model llama-1b [--json FILE]
+    python3 benchmarks/gpu_check.py check-packed      # the same, GGUF-quantized models
+    python3 benchmarks/gpu_check.py speed --model llama-8b --weights Q8_0,Q4_0 [--json F]
     python3 benchmarks/gpu_check.py hf --model llama-1b [--json FILE]
 
-`benchmarks/gpu_check.sh` runs all three on a CUDA machine in one go.
+`benchmarks/gpu_check.sh` runs them all on a CUDA machine in one go. `--smoke`
+runs any of them with tiny shapes and few steps on whatever JAX device is
+there (on the CPU with CAKE_CPU_KERNELS=0, so that packed weights take the
+jnp decode path that GPUs take): a check of this script, not a measurement.
 
 check: tiny random checkpoints of every architecture (tests/models.py, float32
 and bfloat16) and random SmolLM2-135M shapes in float32; the JAX stage on its
 default device against the NumPy stage on the CPU: prefill logits and greedy
 decode steps, largest difference, tokens equal.
 
-speed: random weights of the named shapes, generated on the host (no download),
-bfloat16; decode tok/s (16-token prompt, 128 greedy steps, best of 3), 512-token
-prefill tok/s, and the decode bound: bytes of weights read per token / the
-device's read bandwidth (a jitted sum over 4 GiB, best of 10).
+check-packed: tiny llama GGUFs of random valid blocks (Q8_0 with tied
+embeddings, Q4_0, Q4_K, Q6_K, a Q4_K_M-like mix), the same comparison: both
+stages decode the same blocks exactly and multiply in float32 (HIGHEST on the
+GPU), so the float32 limit holds.
+
+speed: random weights of the named shapes, made on the host tensor by tensor
+(no download), for each of --weights; decode tok/s after a 1-token prompt (so
+one compiled step: positions stay in the first cache bucket) and the jitted
+step alone. bfloat16: 128 greedy steps, best of 3, and 512-token prefill tok/s.
+A GGUF type (every matrix in it, random valid blocks): 64 steps, best of 2, no
+prefill, and whether XLA fused the decode of one matrix (the fused gate|up)
+into its product, from the optimized HLO. Each row has the bound: bytes of
+weights read per token as stored / the device's read bandwidth (a jitted sum
+over 4 GiB, best of 10, once per process).
 
 hf: the anchor: HF transformers (PyTorch) on the same shapes, bfloat16, on CUDA,
 random init, eager `generate` with its default KV cache; decode tok/s is
@@ -24,10 +38,15 @@ random init, eager `generate` with its default KV cache; decode tok/s is
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
@@ -36,6 +55,34 @@ import numpy as np
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # tests.models
 
 from jax_decode_profile import SMOLLM2, decode_run, prefill_run  # noqa: E402
+
+from cake.weights.packed import Packed, as_float, gguf_block  # noqa: E402
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """A progress line: wall clock and seconds since this process started."""
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:.0f}s] {msg}")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each part measures: the full run, or --smoke's quick pass."""
+
+    steps: int = 128  # bfloat16 decode steps per run
+    repeats: int = 3  # bfloat16 decode runs and prefill runs (best of)
+    prefill: int = 512
+    packed_steps: int = 64
+    packed_repeats: int = 2
+    device_calls: int = 50  # device_step_ms
+    read_mib: int = 4096  # device_read_bandwidth
+    pool_mib: int = 128  # random weights are cut from a pool of this size
+    smollm2: bool = True  # check: the SmolLM2-135M-shape row
+
+
+FULL = Sizes()
+SMOKE = Sizes(8, 1, 32, 8, 1, 5, 64, 4, False)
 
 _LLAMA3 = dict(
     model_type="llama",
@@ -66,26 +113,166 @@ MODELS: dict[str, dict] = {
         tie_word_embeddings=False,
     ),
 }
+# --smoke: a model keeps its family and head tying, at this size (in-dims are
+# multiples of 256, as K-quants need)
+_TINY = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+)
+
+
+def model_dict(model: str, smoke: bool) -> dict:
+    return MODELS[model] | (_TINY if smoke else {})
+
+
+# --- random valid GGUF blocks -------------------------------------------------
+# As tests/blocks.py makes them; written again here so that benchmarks need
+# nothing from tests/ for packed weights.
+
+# byte offsets of each type's float16 fields (d, and dmin / m where it has one)
+F16_FIELDS = {
+    "Q8_0": [0],
+    "Q4_0": [0],
+    "Q5_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_1": [0, 2],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+}
+
+
+def random_blocks(
+    fmt: str, n_blocks: int, std: float, rng: np.random.Generator
+) -> np.ndarray:
+    """uint8 (n_blocks, block_bytes): random valid `fmt` blocks that decode to
+    mean ~0 and spread ~`std`.
+
+    Random bytes with each float16 field set finite. Decoding is linear in those
+    fields: the second (a min) is scaled to cancel the mean the first one's
+    codes give, then both by one factor for the spread (fitted on a sample).
+    """
+    elems, nbytes = gguf_block(fmt)
+    raw = rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
+    fields = F16_FIELDS[fmt]
+    h = rng.uniform(0.25, 1.0, (len(fields), n_blocks)).astype(np.float32)
+
+    def scaled(k: list[float], n: int) -> np.ndarray:
+        b = raw[:n].copy()
+        for off, hf, kf in zip(fields, h[:, :n], k, strict=True):
+            b[:, off : off + 2] = (
+                (hf * kf).astype(np.float16).view(np.uint8).reshape(-1, 2)
+            )
+        return b
+
+    def decoded(k: list[float]) -> np.ndarray:
+        n = min(n_blocks, 4096)
+        return Packed(fmt, (n, elems), scaled(k, n)).dequantize()
+
+    k = [1.0] * len(fields)
+    if len(fields) == 2:
+        k[1] = -decoded([1.0, 0.0]).mean() / decoded([0.0, 1.0]).mean()
+    unit = decoded(k).std()
+    return scaled([kf * std / unit for kf in k], n_blocks)
+
+
+def random_packed(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> Packed:
+    """A random (rows, cols) `fmt` matrix of spread 1/sqrt(cols), as trained ones."""
+    elems, _ = gguf_block(fmt)
+    data = random_blocks(fmt, rows * cols // elems, cols**-0.5, rng)
+    return Packed(fmt, (rows, cols), data.reshape(rows, -1))
+
+
+def write_random_gguf(
+    path: Path, model: dict, fmt: Callable[[str], str], seed: int = 0
+) -> Path:
+    """A llama GGUF of `model`'s shapes: matrices random valid blocks of
+    `fmt(hf_name)`, norms float32 near 1. Rows are not permuted as llama.cpp's
+    converter does: they are random, and both stages read them the same way."""
+    import gguf
+
+    from cake.config import ModelConfig
+    from cake.pipeline import expected_shape
+    from cake.weights.gguf import hf_name
+
+    cfg = ModelConfig.from_dict(model)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    parts = (
+        "attn_q attn_k attn_v attn_output ffn_gate ffn_up ffn_down attn_norm ffn_norm"
+    )
+    names = ["token_embd", "output_norm"] + ["output"] * (not cfg.tie_word_embeddings)
+    names += [
+        f"blk.{i}.{p}" for i in range(cfg.num_hidden_layers) for p in parts.split()
+    ]
+    rng = np.random.default_rng(seed)
+    for name in names:
+        hf = hf_name(name + ".weight")
+        shape = expected_shape(cfg, hf)
+        if len(shape) == 1:
+            w.add_tensor(
+                name + ".weight",
+                (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32),
+            )
+        else:
+            kind = fmt(hf)
+            m = random_packed(kind, *shape, rng)
+            w.add_tensor(
+                name + ".weight", m.data, raw_dtype=gguf.GGMLQuantizationType[kind]
+            )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 class RandomSource:
-    """A TensorSource of random bfloat16 weights made on demand (no full copy held).
+    """A TensorSource of random weights of `config`'s shapes, each tensor made
+    when asked (the loader puts it on the device and drops it: the model is
+    never held on the host).
 
-    Matrix entries are +-[2**-7, 2**-6) with random mantissas (activations stay
-    finite), cut at a random offset from a 128 MiB pool of random bits: making
-    fresh bits for 8 billion entries took longer than loading them.
+    weights="bfloat16": matrix entries are +-[2**-7, 2**-6) with random
+    mantissas (activations stay finite). A GGUF type ("Q8_0", ...): every
+    matrix as `Packed` random valid blocks of that type, of spread
+    1/sqrt(hidden). Either way a tensor is cut at a random offset from a pool
+    of `pool_mib` MiB made once: fresh random bits for 8 billion entries took
+    longer than loading them. Vectors are ones.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, weights: str = "bfloat16", pool_mib: int = 128) -> None:
         from cake.pipeline import expected_shape
         from cake.shard import Shard
         from cake.weights.names import shard_tensor_names
 
         names = shard_tensor_names(config, Shard.whole(config.num_hidden_layers))
         self.shapes = {n: expected_shape(config, n) for n in names}
+        self.weights = weights
         self.rng = np.random.default_rng(0)
-        bits = np.frombuffer(self.rng.bytes(2 * 2**26), np.uint16)
-        self.pool = (bits & np.uint16(0x807F)) | np.uint16(0x3C00)  # sign, mantissa
+        if weights == "bfloat16":
+            bits = np.frombuffer(self.rng.bytes(pool_mib * 2**20), np.uint16)
+            self.pool = (bits & np.uint16(0x807F)) | np.uint16(0x3C00)  # sign, mantissa
+        else:
+            _, nbytes = gguf_block(weights)
+            n = pool_mib * 2**20 // nbytes
+            self.pool = random_blocks(weights, n, config.hidden_size**-0.5, self.rng)
 
     def keys(self) -> list[str]:
         return list(self.shapes)
@@ -96,29 +283,55 @@ class RandomSource:
     def __contains__(self, name: object) -> bool:
         return name in self.shapes
 
-    def get(self, name: str) -> np.ndarray:
+    def _cut(self, n: int) -> np.ndarray:
+        """n consecutive entries (bf16 bits or blocks) of the pool, wrapping, read-only."""
+        k = len(self.pool)
+        off = int(self.rng.integers(k))
+        reps = (-(-(n + off) // k),) + (1,) * (self.pool.ndim - 1)
+        out = np.tile(self.pool, reps)[off : off + n]
+        out.setflags(write=False)  # the loader aliases read-only arrays, no copy
+        return out
+
+    def stored(self, name: str) -> np.ndarray | Packed:
         shape = self.shapes[name]
         if len(shape) == 1:
-            return np.ones(shape, ml_dtypes.bfloat16)
-        n, k = int(np.prod(shape)), len(self.pool)
-        off = int(self.rng.integers(k))
-        bits = np.tile(self.pool, -(-(n + off) // k))[off : off + n]
-        return bits.view(ml_dtypes.bfloat16).reshape(shape)
+            return np.ones(shape, np.float32)
+        if self.weights == "bfloat16":
+            return (
+                self._cut(int(np.prod(shape))).view(ml_dtypes.bfloat16).reshape(shape)
+            )
+        elems, _ = gguf_block(self.weights)
+        data = self._cut(shape[0] * shape[1] // elems).reshape(shape[0], -1)
+        return Packed(self.weights, shape, data)
+
+    def get(self, name: str) -> np.ndarray:
+        return as_float(self.stored(name))
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the tensor takes on the device (vectors are float32 there)."""
+        shape = self.shapes[name]
+        n = int(np.prod(shape))
+        if len(shape) == 1:
+            return 4 * n
+        if self.weights == "bfloat16":
+            return 2 * n
+        elems, nbytes = gguf_block(self.weights)
+        return n // elems * nbytes
 
     def weight_bytes_per_token(self) -> int:
         """Bytes decode reads per token: every matrix, the head, one embedding row."""
-        total = sum(2 * int(np.prod(s)) for s in self.shapes.values())
+        total = sum(self.nbytes(n) for n in self.shapes)
         if "lm_head.weight" in self.shapes:  # untied: the embedding is only indexed
-            total -= 2 * int(np.prod(self.shapes["model.embed_tokens.weight"]))
+            total -= self.nbytes("model.embed_tokens.weight")
         return total
 
 
-def device_read_bandwidth(gib: int = 4) -> float:
-    """Bytes/s of a jitted sum over `gib` GiB of bfloat16 on JAX's default device."""
+def device_read_bandwidth(mib: int = 4096) -> float:
+    """Bytes/s of a jitted sum over `mib` MiB of bfloat16 on JAX's default device."""
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((gib * 2**30 // 2,), jnp.bfloat16)
+    x = jnp.ones((mib * 2**20 // 2,), jnp.bfloat16)
     f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
     f(x).block_until_ready()
     best = float("inf")
@@ -127,7 +340,7 @@ def device_read_bandwidth(gib: int = 4) -> float:
         f(x).block_until_ready()
         best = min(best, time.perf_counter() - t)
     del x
-    return gib * 2**30 / best
+    return mib * 2**20 / best
 
 
 def device_step_ms(stage, pos: int, n: int = 50) -> float:
@@ -168,6 +381,55 @@ def device_step_ms(stage, pos: int, n: int = 50) -> float:
     return 1e3 * (time.perf_counter() - t) / n
 
 
+_FLOAT_SHAPE = re.compile(r"\b(?:f32|bf16|f16)\[([\d,]+)\]")
+_PLUMBING = {"parameter", "bitcast", "get-tuple-element", "tuple", "constant"}
+
+
+def decode_fusion(fmt: str, n: int, k: int, hlo_out: str | None = None) -> str:
+    """One line: does the optimized HLO of a jitted `cake.kernels.jax.matmul`
+    of x f32 (1, K) by a packed (N, K) matrix hold the decoded matrix as a
+    buffer of its own (a fusion writing f32/bf16 [N, K] for a separate dot)?
+
+    Only the entry computation's instructions are buffers: shapes inside a
+    fused computation live in registers.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from cake.kernels import jax as jk
+
+    elems, nbytes = gguf_block(fmt)
+    x = jax.ShapeDtypeStruct((1, k), jnp.float32)
+    data = jax.ShapeDtypeStruct((n, k // elems * nbytes), jnp.uint8)
+    f = jax.jit(lambda x, d: jk.matmul(x, d, fmt, k))
+    text = f.lower(x, data).compile().as_text()
+    if hlo_out:
+        with open(hlo_out, "a") as fh:
+            fh.write(f"# {fmt} x f32[1,{k}] @ W({n},{k}).T\n{text}\n")
+    lines = iter(text.splitlines())
+    any(s.startswith("ENTRY") for s in lines)  # skip to the entry computation
+    big, ops = [], []
+    for s in itertools.takewhile(lambda s: not s.startswith("}"), lines):
+        if " = " not in s:
+            continue
+        name, rhs = s.strip().removeprefix("ROOT ").split(" = ", 1)
+        m = re.search(r"(?:^|\s)([a-z][\w-]*)\(", rhs)  # the opcode ends the type
+        op, result = (m[1], rhs[: m.start()]) if m else ("?", rhs)
+        if op in _PLUMBING:
+            continue
+        dims = [[int(d) for d in t.split(",")] for t in _FLOAT_SHAPE.findall(result)]
+        if any(int(np.prod(d)) == n * k for d in dims):
+            big.append(f"{name} {op}")
+        extra = re.search(r'kind=(\w+)|custom_call_target="([^"]+)"', rhs)
+        ops.append(op + (f"[{extra[1] or extra[2]}]" if extra else ""))
+    verdict = (
+        f"NOT fused: a float [{n},{k}] temporary ({', '.join(big)}) feeds the product"
+        if big
+        else "fused: no float [N,K] temporary"
+    )
+    return f"decode fusion {fmt} W({n},{k}): {verdict}; entry ops: {' '.join(ops)}"
+
+
 # --- check ---------------------------------------------------------------------
 
 
@@ -202,7 +464,12 @@ def load(backend: str, config, tensors, dtype: str):
     )
 
 
-def check() -> bool:
+PROMPT = [1, 5, 17, 99, 3, 42, 7, 64, 12, 33, 8]
+# float32 must agree to rounding; bfloat16 differs by where each side rounds
+LIMITS = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def check(sizes: Sizes) -> bool:
     import jax
     from jax_decode_profile import random_model
 
@@ -210,13 +477,11 @@ def check() -> bool:
     from cake.weights.checkpoint import open_checkpoint
     from tests.models import ARCHS, make_checkpoint
 
-    print(f"jax {jax.__version__}, default device {jax.devices()[0]}")
+    log(f"jax {jax.__version__}, default device {jax.devices()[0]}")
     ok = True
-    # float32 must agree to rounding; bfloat16 differs by where each side rounds
-    limits = {"float32": 1e-4, "bfloat16": 5e-2}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in sorted(ARCHS):
-            for dtype, limit in limits.items():
+            for dtype, limit in LIMITS.items():
                 folder = make_checkpoint(
                     arch, Path(tmp) / f"{arch}-{dtype}", dtype=dtype
                 )
@@ -224,16 +489,18 @@ def check() -> bool:
                 worst, same = compare(
                     load("jax", config, tensors, dtype),
                     load("numpy", config, tensors, dtype),
-                    [1, 5, 17, 99, 3, 42, 7, 64, 12, 33, 8],
+                    PROMPT,
                     8,
                 )
                 good = worst <= limit and (same or dtype != "float32")
                 ok &= good
-                print(
+                log(
                     f"{'ok  ' if good else 'FAIL'} {arch:8} {dtype:9} max rel diff "
                     f"{worst:.2e} (limit {limit:.0e}), greedy tokens "
                     f"{'equal' if same else 'differ'}"
                 )
+    if not sizes.smollm2:
+        return ok
     config, tensors = random_model()
     assert isinstance(config, ModelConfig)
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, 49152, 24)]
@@ -243,54 +510,134 @@ def check() -> bool:
         prompt,
         32,
     )
-    good = worst <= 1e-4 and same
+    good = worst <= LIMITS["float32"] and same
     ok &= good
-    print(
+    log(
         f"{'ok  ' if good else 'FAIL'} SmolLM2-135M shapes float32, 24-token prompt + "
         f"32 steps: max rel diff {worst:.2e}, greedy tokens {'equal' if same else 'differ'}"
     )
     return ok
 
 
+def q4_k_m(name: str) -> str:
+    """A Q4_K_M-like mix: v and down projections and the head Q6_K, rest Q4_K."""
+    return (
+        "Q6_K" if any(p in name for p in ("v_proj", "down_proj", "lm_head")) else "Q4_K"
+    )
+
+
+# name: (format of each matrix by its HF name, tied embeddings)
+PACKED_MODELS: dict[str, tuple[Callable[[str], str], bool]] = {
+    "Q8_0 (tied)": (lambda _: "Q8_0", True),
+    "Q4_0": (lambda _: "Q4_0", False),
+    "Q4_K": (lambda _: "Q4_K", False),
+    "Q6_K": (lambda _: "Q6_K", False),
+    "Q4_K_M-like": (q4_k_m, False),
+}
+
+
+def check_packed() -> bool:
+    """Tiny GGUFs of random blocks: the JAX stage (blocks decoded in the jitted
+    step) against the NumPy one (the same blocks, gguf-py's decode), float32."""
+    import jax
+
+    from cake.weights.checkpoint import open_checkpoint
+
+    log(f"jax {jax.__version__}, default device {jax.devices()[0]}")
+    base = MODELS["llama-8b"] | _TINY | dict(vocab_size=512)
+    ok, limit = True, LIMITS["float32"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, (fmt, tied)) in enumerate(PACKED_MODELS.items()):
+            model = base | dict(tie_word_embeddings=tied)
+            path = write_random_gguf(Path(tmp) / f"m{i}.gguf", model, fmt, seed=i)
+            config, tensors = open_checkpoint(path)
+            worst, same = compare(
+                load("jax", config, tensors, "float32"),
+                load("numpy", config, tensors, "float32"),
+                PROMPT,
+                8,
+            )
+            good = worst <= limit and same
+            ok &= good
+            log(
+                f"{'ok  ' if good else 'FAIL'} llama GGUF {name:12} float32 max rel "
+                f"diff {worst:.2e} (limit {limit:.0e}), greedy tokens "
+                f"{'equal' if same else 'differ'}"
+            )
+    return ok
+
+
 # --- speed ---------------------------------------------------------------------
 
 
-def speed(model: str) -> dict:
+def speed(
+    model: str,
+    weights: list[str],
+    sizes: Sizes,
+    smoke: bool,
+    json_out: str | None,
+    hlo_out: str | None,
+) -> list[dict]:
+    """One row per entry of `weights`, against one bandwidth measurement."""
+    import jax
+
+    from cake.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(model_dict(model, smoke))
+    shapes = " (smoke shapes)" if smoke else ""
+    log(f"{model}{shapes} on {jax.devices()[0]}: read bandwidth")
+    bw = device_read_bandwidth(sizes.read_mib)
+    log(f"read bandwidth {bw / 1e9:.0f} GB/s")
+    rows = []
+    for w in weights:
+        rows.append(speed_row(model, cfg, w, bw, sizes, hlo_out))
+        emit(rows[-1], json_out)  # at once: a later row may run out of time
+    return rows
+
+
+def speed_row(
+    model: str, cfg, weights: str, bw: float, sizes: Sizes, hlo_out: str | None
+) -> dict:
     import jax
 
     from cake.backends.jax import JaxBackend
-    from cake.config import ModelConfig
     from cake.shard import Shard
 
-    cfg = ModelConfig.from_dict(MODELS[model])
-    src = RandomSource(cfg)
+    log(f"{model} {weights}: making and loading random weights")
+    src = RandomSource(cfg, weights, sizes.pool_mib)
+    wbytes = src.weight_bytes_per_token()
     t = time.perf_counter()
     stage = JaxBackend().load(
         cfg,
         Shard.whole(cfg.num_hidden_layers),
         src,
-        "bfloat16",
+        # packed: the dtype "auto" gives a quantized GGUF (only the KV cache's)
+        "bfloat16" if weights == "bfloat16" else "float32",
         max_context=1024,
         max_sequences=1,
     )
     load_s = time.perf_counter() - t
-    bw = device_read_bandwidth()
-    wbytes = src.weight_bytes_per_token()
+    del src
     bound = bw / wbytes
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, cfg.vocab_size, (1, 16)).astype(np.int32)
+    packed = weights != "bfloat16"
+    # a 1-token prompt: prefill and decode are one compiled step (positions
+    # stay in the first cache bucket, 256)
+    prompt = rng.integers(0, cfg.vocab_size, (1, 1)).astype(np.int32)
+    steps = sizes.packed_steps if packed else sizes.steps
+    log(f"{model} {weights}: loaded in {load_s:.1f} s; compiling and warming up")
     t = time.perf_counter()
-    decode_run(stage, prompt, 128)
+    decode_run(stage, prompt, 4)
     warm_s = time.perf_counter() - t
-    runs = [decode_run(stage, prompt, 128) for _ in range(3)]
-    decode = max(128 / r.sum() for r in runs)
-    dev_ms = device_step_ms(stage, 16 + 64)
-    long = rng.integers(0, cfg.vocab_size, (1, 512)).astype(np.int32)
-    prefill_run(stage, long)
-    prefill = max(prefill_run(stage, long) for _ in range(3))
+    log(f"{model} {weights}: warm-up {warm_s:.1f} s; decoding {steps} steps")
+    repeats = sizes.packed_repeats if packed else sizes.repeats
+    runs = [decode_run(stage, prompt, steps) for _ in range(repeats)]
+    decode = max(steps / r.sum() for r in runs)
+    dev_ms = device_step_ms(stage, 1 + steps // 2, sizes.device_calls)
     out = dict(
         system="cake jax",
         model=model,
+        weights=weights,
         device=str(jax.devices()[0]),
         load_s=round(load_s, 1),
         warmup_s=round(warm_s, 1),
@@ -301,28 +648,54 @@ def speed(model: str) -> dict:
         decode_of_bound=round(decode / bound, 3),
         step_ms_median=round(1e3 * float(np.median(np.concatenate(runs))), 3),
         device_step_ms=round(dev_ms, 3),
-        prefill_tok_s=round(prefill, 0),
+        device_of_bound=round(1e3 / dev_ms / bound, 3),
     )
-    print(json.dumps(out))
+    if packed:
+        # one matrix: the fused gate|up projection, (2 * ffn, hidden)
+        n, k = 2 * cfg.intermediate_size, cfg.hidden_size
+        line = decode_fusion(weights, n, k, hlo_out)
+        out["decode_fused"] = line.split(": ", 1)[1].startswith("fused")
+        log(line)
+    else:
+        log(f"{model} {weights}: {sizes.prefill}-token prefill")
+        long = rng.integers(0, cfg.vocab_size, (1, sizes.prefill)).astype(np.int32)
+        prefill_run(stage, long)
+        out["prefill_tok_s"] = round(
+            max(prefill_run(stage, long) for _ in range(sizes.repeats)), 0
+        )
+    del stage  # frees the device memory for the next row
+    # the issue's target: an 8B model in int8 / int4 blocks at >= 70 % of the bound
+    target = packed and model == "llama-8b"
+    met = "met" if decode / bound >= 0.7 else "missed"
+    log(
+        f"{model} {weights}: {decode:.1f} tok/s decode, {wbytes / 1e9:.2f} GB/token, "
+        f"{decode / bound:.1%} of the {bound:.0f} tok/s bound "
+        f"(jitted step alone {1e3 / dev_ms / bound:.1%})"
+        + (f"; target >= 70 %: {met}" if target else "")
+    )
     return out
 
 
-def hf(model: str) -> dict:
+def hf(model: str, sizes: Sizes, smoke: bool) -> dict:
     import torch
     import transformers
 
-    kw = dict(MODELS[model])
+    kw = model_dict(model, smoke)
     kw.pop("model_type")
     cfg = transformers.LlamaConfig(**kw)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    log(f"HF {model} on {dev}")
     with torch.device(dev):
         m = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     rng = np.random.default_rng(0)
     ids = torch.tensor(rng.integers(0, cfg.vocab_size, (1, 16)), device=dev)
 
-    def gen(n: int) -> float:
+    def sync() -> None:
         if dev == "cuda":
             torch.cuda.synchronize()
+
+    def gen(n: int) -> float:
+        sync()
         t = time.perf_counter()
         m.generate(
             ids,
@@ -332,26 +705,26 @@ def hf(model: str) -> dict:
             pad_token_id=0,
             eos_token_id=None,
         )
-        if dev == "cuda":
-            torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t
 
+    n = sizes.steps
     with torch.inference_mode():
         gen(8)
-        decode = max(128 / (gen(129) - gen(1)) for _ in range(3))
-        long = torch.tensor(rng.integers(0, cfg.vocab_size, (1, 512)), device=dev)
+        decode = max(n / (gen(n + 1) - gen(1)) for _ in range(sizes.repeats))
+        long = torch.tensor(
+            rng.integers(0, cfg.vocab_size, (1, sizes.prefill)), device=dev
+        )
         m(long, logits_to_keep=1)
 
         def pre() -> float:
-            if dev == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             m(long, logits_to_keep=1)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            return 512 / (time.perf_counter() - t)
+            sync()
+            return sizes.prefill / (time.perf_counter() - t)
 
-        prefill = max(pre() for _ in range(3))
+        prefill = max(pre() for _ in range(sizes.repeats))
     out = dict(
         system=f"HF transformers {transformers.__version__} (torch {torch.__version__})",
         model=model,
@@ -359,22 +732,48 @@ def hf(model: str) -> dict:
         decode_tok_s=round(decode, 1),
         prefill_tok_s=round(prefill, 0),
     )
-    print(json.dumps(out))
     return out
+
+
+def emit(row: dict, json_out: str | None) -> None:
+    """Print a result as one JSON line, and append it to `json_out`."""
+    print(json.dumps(row), flush=True)
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["check", "speed", "hf"])
+    ap.add_argument("what", choices=["check", "check-packed", "speed", "hf"])
     ap.add_argument("--model", default="llama-1b", choices=sorted(MODELS))
-    ap.add_argument("--json", help="append the result as one JSON line to this file")
+    ap.add_argument(
+        "--weights",
+        default="bfloat16",
+        help="speed: comma-separated, bfloat16 and/or GGUF types (Q8_0,Q4_0,Q4_K...)",
+    )
+    ap.add_argument("--json", help="append each result as one JSON line to this file")
+    ap.add_argument("--hlo", help="speed: append the optimized HLO of the decode here")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, few steps")
     args = ap.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    if args.smoke and args.what != "hf":
+        import jax
+
+        if jax.default_backend() == "cpu":
+            # the jnp decode path of packed weights, which GPUs take
+            os.environ["CAKE_CPU_KERNELS"] = "0"
+            log("smoke on the CPU: CAKE_CPU_KERNELS=0")
     if args.what == "check":
-        return 0 if check() else 1
-    out = speed(args.model) if args.what == "speed" else hf(args.model)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(out) + "\n")
+        return 0 if check(sizes) else 1
+    if args.what == "check-packed":
+        return 0 if check_packed() else 1
+    if args.what == "speed":
+        speed(
+            args.model, args.weights.split(","), sizes, args.smoke, args.json, args.hlo
+        )
+    else:
+        emit(hf(args.model, sizes, args.smoke), args.json)
     return 0
 
 
