@@ -10,7 +10,6 @@ rotary layout back to Hugging Face's.
 from __future__ import annotations
 
 import math
-import mmap
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,13 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from cake.config import ModelConfig
 from cake.errors import ModelError
-from cake.weights.packed import GGUF_FORMATS, Packed, Stored, as_float
+from cake.weights.packed import (
+    GGUF_FORMATS,
+    Packed,
+    Stored,
+    as_float,
+    release_pages,
+)
 
 Q = GGMLQuantizationType
 _FLOAT = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: ml_dtypes.bfloat16}
@@ -293,28 +298,8 @@ class GGUFSource:
         for part, n_head in heads.items():
             if part in name:
                 w = _unpermute(w, n_head)
-                self._release(t.data)
+                release_pages(t.data)  # the file's copy: only the un-permuted stays
         return w
-
-    def _release(self, view: np.ndarray) -> None:
-        """Drop the file pages of `view` from this process's resident memory.
-
-        A Q/K projection is copied to un-permute its rows: without this its
-        file pages, read once for the copy, stay resident beside the copy.
-        """
-        mm = getattr(self._reader.data, "_mmap", None)
-        if mm is None or not hasattr(mm, "madvise"):
-            return
-        base = self._reader.data.ctypes.data
-        start = view.ctypes.data - base
-        page = mmap.PAGESIZE
-        a = -(-start // page) * page  # whole pages inside the tensor only
-        b = (start + view.nbytes) // page * page
-        if b > a:
-            try:
-                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
-            except (OSError, ValueError):
-                pass  # only memory is at stake
 
     def get(self, name: str) -> np.ndarray:
         w = self.stored(name)

@@ -10,6 +10,7 @@ of about the same size; `dequantize` is the readable float32 reference.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,3 +168,33 @@ def lookup_rows(table: Stored, ids: np.ndarray) -> np.ndarray:
     else:
         rows = table[flat]  # fancy indexing: a new, writable array
     return rows.reshape(*np.shape(ids), -1)
+
+
+def release_pages(a: np.ndarray) -> None:
+    """Drop the file pages under `a` from this process's resident memory.
+
+    For a view of a read-only memory-mapped file (np.memmap or mmap.mmap) that
+    a backend has copied (e.g. fused with its neighbours): the copy is what it
+    keeps, and the pages read to make it would otherwise stay resident beside it.
+    Whole pages inside the array only; anything else is left alone.
+    """
+    base = a
+    while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
+        base = base.base
+    if isinstance(base, np.memmap):
+        mm, start = getattr(base, "_mmap", None), base.ctypes.data
+    elif isinstance(base, mmap.mmap):
+        mm, start = base, np.frombuffer(base, np.uint8, 1).ctypes.data
+    else:
+        return
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    offset = a.ctypes.data - start
+    page = mmap.PAGESIZE
+    lo = -(-offset // page) * page
+    hi = (offset + a.nbytes) // page * page
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):
+            pass  # only memory is at stake
