@@ -7,6 +7,7 @@ One pass is the weight products of all 30 layers (q/k/v fused 576->960, o
 576->576, gate/up fused 576->3072, down 1536->576: 106 M weights), each layer
 with its own random weights, as one jitted function of 120 products: the
 kernels as XLA FFI custom calls, the anchor as `jnp.dot` on float32 weights.
+The repacked formats (Q8_0R8 ...) follow the format they are repacked from.
 Every system and M is timed in interleaved rounds (order rotated each round);
 a figure is the best of --repeats. Printed: ms per pass, weight GB/s read at
 M = 1, the M=8 / M=1 ratio, M=512 against the anchor, and the machine's read
@@ -112,10 +113,25 @@ def main() -> None:
 
     if not cpu.available():
         raise SystemExit("the CPU kernels are not available here")
-    formats = [f for f in args.formats.split(",") if f] or list(cpu.FORMATS)
+    formats = [f for f in args.formats.split(",") if f] or [
+        f for f in cpu.FORMATS if f not in cpu.REPACKED.values()
+    ]
+    # each format's repacked form next to it, unless --formats names formats
+    if not args.formats:
+        formats = [
+            g
+            for f in formats
+            for g in (f, cpu.REPACKED.get(f))
+            if g is not None and g in cpu.FORMATS
+        ]
+    plain = {r: f for f, r in cpu.REPACKED.items()}
     # K = 576 is no multiple of 256: llama.cpp stores such tensors in a
     # 32-element format, and so do SmolLM2's K-quant GGUFs.
-    misfits = [f for f in formats if 576 % GGML_QUANT_SIZES[GGMLQuantizationType[f]][0]]
+    misfits = [
+        f
+        for f in formats
+        if 576 % GGML_QUANT_SIZES[GGMLQuantizationType[plain.get(f, f)]][0]
+    ]
     if misfits:
         print(
             f"skipped (K = 576 is not a multiple of their block): {', '.join(misfits)}"

@@ -56,7 +56,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # tests.models
 
 from jax_decode_profile import SMOLLM2, decode_run, prefill_run  # noqa: E402
 
-from cake.weights.packed import Packed, as_float, gguf_block  # noqa: E402
+from cake.weights.packed import F16_FIELDS, Packed, as_float, gguf_block  # noqa: E402
 
 _T0 = time.perf_counter()
 
@@ -133,20 +133,6 @@ def model_dict(model: str, smoke: bool) -> dict:
 # --- random valid GGUF blocks -------------------------------------------------
 # As tests/blocks.py makes them; written again here so that benchmarks need
 # nothing from tests/ for packed weights.
-
-# byte offsets of each type's float16 fields (d, and dmin / m where it has one)
-F16_FIELDS = {
-    "Q8_0": [0],
-    "Q4_0": [0],
-    "Q5_0": [0],
-    "Q4_1": [0, 2],
-    "Q5_1": [0, 2],
-    "Q2_K": [80, 82],
-    "Q3_K": [108],
-    "Q4_K": [0, 2],
-    "Q5_K": [0, 2],
-    "Q6_K": [208],
-}
 
 
 def random_blocks(

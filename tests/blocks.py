@@ -5,21 +5,9 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-Q = gguf.GGMLQuantizationType
+from cake.weights.packed import F16_FIELDS
 
-# byte offsets of each type's float16 fields (d, and dmin / m where it has one)
-F16_FIELDS = {
-    "Q8_0": [0],
-    "Q4_0": [0],
-    "Q5_0": [0],
-    "Q4_1": [0, 2],
-    "Q5_1": [0, 2],
-    "Q2_K": [80, 82],
-    "Q3_K": [108],
-    "Q4_K": [0, 2],
-    "Q5_K": [0, 2],
-    "Q6_K": [208],
-}
+Q = gguf.GGMLQuantizationType
 
 
 def random_blocks(fmt: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:

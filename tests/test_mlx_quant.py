@@ -31,26 +31,13 @@ from cake.shard import Shard  # noqa: E402
 from cake.weights.checkpoint import open_checkpoint  # noqa: E402
 from cake.weights.gguf import GGUFSource, hf_name  # noqa: E402
 from cake.weights.names import shard_tensor_names  # noqa: E402
-from cake.weights.packed import GGUF_FORMATS, Packed, gguf_block  # noqa: E402
+from cake.weights.packed import F16_FIELDS, GGUF_FORMATS, Packed, gguf_block  # noqa: E402
 from tests.models import hf_config, hf_reference, make_checkpoint  # noqa: E402
 from tests.test_gguf import _permute  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 F32 = np.dtype(np.float32)
 LOSSY = {"Q2_K", "Q6_K"}
-# where each block keeps its float16 fields (d, and m or dmin)
-F16_FIELDS = {
-    "Q8_0": [0],
-    "Q4_0": [0],
-    "Q4_1": [0, 2],
-    "Q5_0": [0],
-    "Q5_1": [0, 2],
-    "Q2_K": [80, 82],
-    "Q3_K": [108],
-    "Q4_K": [0, 2],
-    "Q5_K": [0, 2],
-    "Q6_K": [208],
-}
 # bytes held per 32 weights (quant.py's table)
 HELD = {
     "Q8_0": 36,

@@ -41,7 +41,9 @@ class QMat:
 
     data: GGUF uint8 (rows, row_bytes); MLX uint32 (rows, cols*bits/32) with
     scales/biases (rows, cols/group); F16/BF16 (rows, cols) in that dtype.
-    `kernel`: multiplied by the CPU kernels (else decoded by cake.kernels.jax).
+    `kernel`: multiplied by the CPU kernels (else decoded by cake.kernels.jax);
+    then `fmt` may be a repacked form (e.g. Q8_0R8, see params.py), which only
+    the CPU kernels read: such a matrix is never a table for take_rows.
     """
 
     data: jax.Array

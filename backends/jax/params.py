@@ -9,11 +9,17 @@ with qk_norm q_norm, k_norm (hd,). A weight is a float (K, N) matrix for XLA
 
 Nothing is widened: quantized matrices keep their blocks, 16-bit floats stay
 16-bit (on the CPU the kernels read them as they are), and a read-only
-memory-mapped tensor goes onto the CPU device without a copy.
+memory-mapped tensor goes onto the CPU device without a copy. The one change:
+layer matrices the CPU kernels multiply in Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 are
+repacked at load into their 8-row tiled forms (cake.kernels.cpu.repack_np, same
+size), which batches of sequences multiply at a fraction of the per-row cost;
+CAKE_CPU_REPACK=0 keeps the file's layout (to measure the difference). The head
+is not repacked: tied, it is also the embedding table, gathered by rows.
 """
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
@@ -56,6 +62,7 @@ class _Loader:
         self.tensors, self.model_dtype, self.device = tensors, model_dtype, device
         self.kernels = kernels
         self.on_cpu = device.platform == "cpu"
+        self.repack = os.environ.get("CAKE_CPU_REPACK", "1") != "0"
 
     def put(self, a: np.ndarray) -> jax.Array:
         # a read-only host array is aliased on the CPU device (no copy)
@@ -76,10 +83,15 @@ class _Loader:
             return w.astype(self.model_dtype)
         return w
 
-    def matrices(self, names: list[str], rows: bool = False) -> tuple[Weight, ...]:
+    def matrices(
+        self, names: list[str], rows: bool = False, repack: bool = False
+    ) -> tuple[Weight, ...]:
         """The (out, in) tensors `names` as weights whose outputs concatenate.
 
         rows: for a table looked up by rows, a float matrix stays (out, in).
+        repack: a matrix only multiplied (never looked up by rows, which
+        cake.kernels.jax decodes in the file's layout) may be repacked for the
+        CPU kernels.
         """
         parts = [stored_tensor(self.tensors, n) for n in names]
         parts = [p if isinstance(p, Packed) else self._float(p) for p in parts]
@@ -89,9 +101,9 @@ class _Loader:
                 groups[-1].append(p)
             else:
                 groups.append([p])
-        return tuple(self._weight(g, rows) for g in groups)
+        return tuple(self._weight(g, rows, repack) for g in groups)
 
-    def _weight(self, group: list, rows: bool) -> Weight:
+    def _weight(self, group: list, rows: bool, repack: bool) -> Weight:
         first = group[0]
         if isinstance(first, Packed):
             cat = [
@@ -104,11 +116,21 @@ class _Loader:
             data, *sb = cat
             scales, biases = (sb + [None, None])[:2]
             on = self.on_cpu and first.format in self.kernels and first.scales is None
+            fmt = first.format
+            if on and repack and self.repack:
+                from cake.kernels import cpu
+
+                if cpu.REPACKED.get(fmt) in self.kernels:
+                    fmt, repacked = cpu.repack_np(data, fmt)
+                    if repacked is not data:
+                        # a new array (the mapping is read, not copied): aliased by put
+                        data = repacked
+                        data.setflags(write=False)
             return QMat(
                 self.put(data),
                 None if scales is None else self.put(scales),
                 None if biases is None else self.put(biases),
-                fmt=first.format,
+                fmt=fmt,
                 cols=first.shape[1],
                 kernel=on,
             )
@@ -146,6 +168,7 @@ def load_params(
 ) -> Params:
     """The stage's weights on `device`, as stored (see the module docstring)."""
     load = _Loader(tensors, np.dtype(model_dtype), device, kernels)
+    mats = partial(load.matrices, repack=True)  # layer matrices: products only
     params: Params = {"layers": []}
     for i in shard.layers:
         p = f"model.layers.{i}."
@@ -153,10 +176,10 @@ def load_params(
         layer = {
             "ln1": load.vector(p + "input_layernorm.weight"),
             "ln2": load.vector(p + "post_attention_layernorm.weight"),
-            "wqkv": load.matrices([at + f"{x}_proj.weight" for x in "qkv"]),
-            "wo": load.matrices([at + "o_proj.weight"])[0],
-            "wgu": load.matrices([mlp + f"{x}_proj.weight" for x in ("gate", "up")]),
-            "wd": load.matrices([mlp + "down_proj.weight"])[0],
+            "wqkv": mats([at + f"{x}_proj.weight" for x in "qkv"]),
+            "wo": mats([at + "o_proj.weight"])[0],
+            "wgu": mats([mlp + f"{x}_proj.weight" for x in ("gate", "up")]),
+            "wd": mats([mlp + "down_proj.weight"])[0],
         }
         if config.attention_bias:
             bias = [load.vector(at + f"{x}_proj.bias") for x in "qkv"]

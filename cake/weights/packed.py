@@ -32,6 +32,20 @@ GGUF_FORMATS = (
     "Q5_K",
     "Q6_K",
 )
+# Byte offsets of the float16 fields (d, and m / dmin where the type has one)
+# inside one block of each GGUF type: what a tool setting scales needs.
+F16_FIELDS = {
+    "Q8_0": (0,),
+    "Q4_0": (0,),
+    "Q5_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_1": (0, 2),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
 MLX_BITS = (2, 3, 4, 5, 6, 8)
 MLX_GROUPS = (32, 64, 128)
 

@@ -7,6 +7,12 @@ arrays hold N rows of K values:
   exactly the file's bytes (block sizes: `gguf.constants.GGML_QUANT_SIZES`);
 - F16: float16 `(N, K)`; BF16: bfloat16 (`ml_dtypes` / `jnp.bfloat16`) `(N, K)`.
 
+`repack_np` turns Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices whose N is a
+multiple of 8 into `Q4_0R8` ... `Q8_0R8`: the same bytes reordered into tiles
+of 8 rows (layout: src/repack.cc), the same array shape, multiplied for any M
+by a GEMM that serves 8 weight rows per instruction (M = 8 sequences cost far
+less than 8 times one).
+
 For the block formats x is first quantized to 8 bits per block of 32 (256 for
 the K-quants) as llama.cpp does; `reference.py` says exactly how. `matmul_np`
 and `dequantize_np` call the library through ctypes; `matmul` and `dequantize`
@@ -31,6 +37,8 @@ __all__ = [
     "ALL_FORMATS",
     "FORMATS",
     "KernelsUnavailable",
+    "REPACKED",
+    "REPACK_ROWS",
     "available",
     "check_format",
     "dequantize",
@@ -38,15 +46,21 @@ __all__ = [
     "matmul",
     "matmul_np",
     "num_threads",
+    "repack_np",
     "weight_spec",
 ]
 
-# Every format the driver knows; FORMATS is the subset compiled into this build.
+# Every file format the driver knows; FORMATS is the subset compiled into this
+# build, with the repacked formats (REPACKED's values) it holds.
 ALL_FORMATS = (
     *("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
     *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
     *("F16", "BF16"),
 )
+# file format -> its repacked form (tiles of REPACK_ROWS rows, see repack_np)
+REPACKED = {f: f + "R8" for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")}
+REPACK_ROWS = 8
+_PLAIN = {r: p for p, r in REPACKED.items()}
 
 
 class KernelsUnavailable(BackendError):
@@ -54,10 +68,11 @@ class KernelsUnavailable(BackendError):
 
 
 def check_format(fmt: str) -> None:
-    """A ValueError unless `fmt` is one of ALL_FORMATS."""
-    if fmt not in ALL_FORMATS:
+    """A ValueError unless `fmt` is one of ALL_FORMATS or a repacked format."""
+    if fmt not in ALL_FORMATS and fmt not in _PLAIN:
         raise ValueError(
-            f"unknown weight format {fmt!r}: expected one of {ALL_FORMATS}"
+            f"unknown weight format {fmt!r}: expected one of "
+            f"{ALL_FORMATS + tuple(_PLAIN)}"
         )
 
 
@@ -70,7 +85,9 @@ def weight_spec(fmt: str, n: int, k: int) -> tuple[tuple[int, int], np.dtype]:
         import ml_dtypes
 
         return (n, k), np.dtype(ml_dtypes.bfloat16)
-    elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
+    if fmt in _PLAIN and n % REPACK_ROWS:
+        raise ValueError(f"{fmt} needs N to be a multiple of {REPACK_ROWS}; got N={n}")
+    elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[_PLAIN.get(fmt, fmt)]]
     if k % elems:
         raise ValueError(f"{fmt} needs K to be a multiple of {elems}; got K={k}")
     return (n, k // elems * nbytes), np.dtype(np.uint8)
@@ -102,6 +119,7 @@ class _Library:
         lib.cake_format_name.argtypes = [ctypes.c_int]
         lib.cake_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
         lib.cake_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+        lib.cake_repack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
         lib.cake_quantize_q8_32.argtypes = [ptr, ptr, i64]
         lib.cake_quantize_q8_256.argtypes = [ptr, ptr, i64]
         self.raw = lib
@@ -148,6 +166,22 @@ class _Library:
             rc = self.raw.cake_dequantize(code, w.ctypes.data, n, k, out.ctypes.data)
             assert rc == 0, f"cake_dequantize returned {rc}"
         return out
+
+    def repack(self, w: np.ndarray, fmt: str) -> tuple[str, np.ndarray]:
+        to = REPACKED.get(fmt)
+        if to not in self.codes or w.ndim != 2 or w.shape[0] % REPACK_ROWS:
+            return fmt, w
+        elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
+        k = w.shape[1] // nbytes * elems
+        n = _check_weights(w.shape, w.dtype, fmt, k)
+        w = np.ascontiguousarray(w)
+        out = np.empty(w.shape, w.dtype)
+        if n and k:
+            rc = self.raw.cake_repack(
+                self.code(fmt), w.ctypes.data, n, k, out.ctypes.data
+            )
+            assert rc == self.codes[to], f"cake_repack returned {rc}"
+        return to, out
 
 
 _lock = threading.Lock()
@@ -221,6 +255,16 @@ def matmul_np(x: np.ndarray, w: np.ndarray, fmt: str) -> np.ndarray:
 def dequantize_np(w: np.ndarray, fmt: str, k: int) -> np.ndarray:
     """The N x K weights `w` in `fmt`, widened to float32 `(N, K)`."""
     return _require().dequantize(w, fmt, k)
+
+
+def repack_np(w: np.ndarray, fmt: str) -> tuple[str, np.ndarray]:
+    """(`REPACKED[fmt]`, the weights `w` (N, row bytes) in it: a new array of
+    w's shape and dtype), or (fmt, w) unchanged where fmt has no repacked form
+    compiled in or N is not a multiple of REPACK_ROWS."""
+    check_format(fmt)
+    if fmt not in REPACKED:
+        return fmt, w
+    return _require().repack(w, fmt)
 
 
 def _register_jax() -> None:

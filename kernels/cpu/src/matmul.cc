@@ -3,7 +3,8 @@
 //
 // x is quantized once per call into the activation blocks of qdot.h (a scratch
 // buffer), then threads take blocks of weight rows from a shared counter and
-// run the format's dot for tiles of up to kTileRows activation rows.
+// run the format's dot for tiles of up to kTileRows activation rows. The
+// repacked formats (repack.cc) are taken in tiles of 8 weight rows instead.
 //
 // The K-quant kernels live in kquants.cc, which may be absent or incomplete:
 // on ELF systems their symbols are weak references (null when missing) and a
@@ -53,6 +54,7 @@ int cake_num_threads(void);
 void cake_set_num_threads(int n);
 int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n, float* y);
 int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out);
+int cake_repack(int code, const void* w, int64_t n, int64_t k, void* out);
 }
 #pragma GCC visibility pop
 
@@ -75,6 +77,8 @@ struct Format {
   Act act;
   cake_dot_fn dot;
   cake_dequant_fn dequant;
+  const cake_r8_kernels* r8 = nullptr;  // a repacked format: no dot, no dequant
+  const char* plain = nullptr;          // ... of this one
 };
 
 const Format kAll[] = {
@@ -90,14 +94,20 @@ const Format kAll[] = {
     {"Q6_K", 256, 210, kQ8_256, KQUANT(cake_dot_q6_k), KQUANT(cake_dequant_q6_k)},
     {"F16", 1, 2, kF32, cake_dot_f16, cake_dequant_f16},
     {"BF16", 1, 2, kF32, cake_dot_bf16, cake_dequant_bf16},
+    {"Q4_0R8", 32, 18, kQ8_32, nullptr, nullptr, &cake_r8_q4_0, "Q4_0"},
+    {"Q4_1R8", 32, 20, kQ8_32, nullptr, nullptr, &cake_r8_q4_1, "Q4_1"},
+    {"Q5_0R8", 32, 22, kQ8_32, nullptr, nullptr, &cake_r8_q5_0, "Q5_0"},
+    {"Q5_1R8", 32, 24, kQ8_32, nullptr, nullptr, &cake_r8_q5_1, "Q5_1"},
+    {"Q8_0R8", 32, 34, kQ8_32, nullptr, nullptr, &cake_r8_q8_0, "Q8_0"},
 };
+constexpr int64_t kR8 = 8;  // weight rows per repacked tile
 
 // The formats whose kernels are linked in; a format's code is its index here.
 const std::vector<const Format*>& formats() {
   static const std::vector<const Format*> v = [] {
     std::vector<const Format*> out;
     for (const Format& f : kAll)
-      if (f.dot != nullptr && f.dequant != nullptr) out.push_back(&f);
+      if ((f.dot != nullptr && f.dequant != nullptr) || f.r8 != nullptr) out.push_back(&f);
     return out;
   }();
   return v;
@@ -274,9 +284,12 @@ void quantize_work(void* p, int, int) {
   int64_t b, e;
   while (j.rows.take(&b, &e))
     for (int64_t r = b; r < e; r++) {
-      if (j.f->act == kQ8_32)
-        cake_quantize_q8_32(j.x + r * j.k, (cake_q8_32*)(j.xa + r * j.xs), j.k);
-      else
+      if (j.f->act == kQ8_32) {
+        cake_q8_32* y = (cake_q8_32*)(j.xa + r * j.xs);
+        cake_quantize_q8_32(j.x + r * j.k, y, j.k);
+        if (j.f->r8 != nullptr && j.f->r8->s_scale != 1.0f)
+          for (int64_t i = 0; i < j.k / 32; i++) y[i].s *= j.f->r8->s_scale;
+      } else
         cake_quantize_q8_256(j.x + r * j.k, (cake_q8_256*)(j.xa + r * j.xs), j.k);
     }
 }
@@ -310,6 +323,19 @@ void matmul_work(void* p, int, int) {
     }
 }
 
+// The repacked formats: rows counts tiles of kR8 weight rows, wrow is a tile's bytes.
+void gemm_work(void* p, int, int) {
+  MatmulJob& j = *(MatmulJob*)p;
+  int64_t b, e;
+  while (j.rows.take(&b, &e))
+    for (int64_t m0 = 0; m0 < j.m; m0 += kChunkRows) {
+      const int64_t m1 = m0 + kChunkRows < j.m ? m0 + kChunkRows : j.m;
+      for (int64_t tile = b; tile < e; tile++)
+        j.f->r8->gemm(j.k, j.w + tile * j.wrow, j.xa + m0 * j.xs, j.xs, (int)(m1 - m0),
+                      j.y + m0 * j.n + tile * kR8, (size_t)j.n);
+    }
+}
+
 struct DequantJob {
   const Format* f;
   const char* w;
@@ -323,7 +349,12 @@ void dequant_work(void* p, int, int) {
   DequantJob& j = *(DequantJob*)p;
   int64_t b, e;
   while (j.rows.take(&b, &e))
-    for (int64_t r = b; r < e; r++) j.f->dequant(j.k, j.w + r * j.wrow, j.out + r * j.k);
+    for (int64_t r = b; r < e; r++) {
+      if (j.f->r8 != nullptr)
+        j.f->r8->dequant(j.k, j.w + r * j.wrow, j.out + r * kR8 * j.k);
+      else
+        j.f->dequant(j.k, j.w + r * j.wrow, j.out + r * j.k);
+    }
 }
 
 // Too little work to be worth waking the other threads.
@@ -355,11 +386,13 @@ void cake_set_num_threads(int n) {
   g_pool = nullptr;
 }
 
-// 0 on success; -1 unknown format code; -2 k not a positive multiple of the block.
+// 0 on success; -1 unknown format code; -2 k not a positive multiple of the
+// block; -3 a repacked format's n not a multiple of its tile (8 rows).
 int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n, float* y) {
   if (code < 0 || code >= cake_format_count()) return -1;
   const Format* f = formats()[code];
   if (k <= 0 || k % (f->act == kQ8_256 ? 256 : f->block_elems) != 0) return -2;
+  if (f->r8 != nullptr && n % kR8 != 0) return -3;
   if (m <= 0 || n <= 0) return 0;
   std::lock_guard<std::mutex> lk(g_mu);
   Pool& threads = pool();
@@ -379,12 +412,19 @@ int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, i
       threads.run(quantize_work, &q);
     job.xa = g_scratch.data();
   }
+  Pool::Fn work = matmul_work;
   job.rows.count = n;
   job.rows.step = block_step(n, threads.size(), 16);  // 16 floats: one cache line of y
+  if (f->r8 != nullptr) {
+    work = gemm_work;
+    job.wrow *= kR8;
+    job.rows.count = n / kR8;
+    job.rows.step = block_step(n / kR8, threads.size(), 2);
+  }
   if (one)
-    matmul_work(&job, 0, 1);
+    work(&job, 0, 1);
   else
-    threads.run(matmul_work, &job);
+    threads.run(work, &job);
   return 0;
 }
 
@@ -393,17 +433,37 @@ int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out) {
   if (code < 0 || code >= cake_format_count()) return -1;
   const Format* f = formats()[code];
   if (k <= 0 || k % f->block_elems != 0) return -2;
+  if (f->r8 != nullptr && n % kR8 != 0) return -3;
   if (n <= 0) return 0;
   std::lock_guard<std::mutex> lk(g_mu);
   Pool& threads = pool();
-  DequantJob job{f, (const char*)w, (size_t)(k / f->block_elems * f->block_bytes), k, out, {}};
-  job.rows.count = n;
-  job.rows.step = block_step(n, threads.size(), 1);
+  const int64_t tile = f->r8 != nullptr ? kR8 : 1;  // rows per work item
+  DequantJob job{f, (const char*)w, (size_t)(k / f->block_elems * f->block_bytes * tile), k, out, {}};
+  job.rows.count = n / tile;
+  job.rows.step = block_step(n / tile, threads.size(), 1);
   if (small(n * k))
     dequant_work(&job, 0, 1);
   else
     threads.run(dequant_work, &job);
   return 0;
+}
+
+// The plain-format matrix w (n, k) (code: its format) as the repacked format
+// whose code is returned, into out (as many bytes); -1 no repacked form of
+// that format; -2 k not a positive multiple of the block; -3 n not a multiple of 8.
+int cake_repack(int code, const void* w, int64_t n, int64_t k, void* out) {
+  if (code < 0 || code >= cake_format_count()) return -1;
+  const Format* f = formats()[code];
+  int to = -1;
+  for (int i = 0; i < cake_format_count(); i++)
+    if (formats()[i]->plain != nullptr && std::strcmp(formats()[i]->plain, f->name) == 0) to = i;
+  if (to < 0) return -1;
+  if (k <= 0 || k % f->block_elems != 0) return -2;
+  if (n % kR8 != 0) return -3;
+  const size_t row = (size_t)(k / f->block_elems * f->block_bytes);
+  for (int64_t t = 0; t < n / kR8; t++)
+    formats()[to]->r8->repack(k, (const char*)w + t * kR8 * row, row, (char*)out + t * kR8 * row);
+  return to;
 }
 
 #if defined(CAKE_WITH_XLA_FFI)
@@ -446,6 +506,7 @@ ffi::Error ffi_matmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBu
   if ((int64_t)y->element_count() != m * n) return ffi::Error::InvalidArgument("cake: y must be (..., N)");
   const int rc = cake_matmul(code, (const float*)x.untyped_data(), m, k, w.untyped_data(), n,
                              (float*)y->untyped_data());
+  if (rc == -3) return ffi::Error::InvalidArgument("cake: a repacked format needs N to be a multiple of 8");
   if (rc != 0) return ffi::Error::InvalidArgument("cake: K is not a multiple of the format's block");
   return ffi::Error::Success();
 }
@@ -459,7 +520,8 @@ ffi::Error ffi_dequantize(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out, std
   int64_t n;
   if (ffi::Error e = check_weights(formats()[code], w, od[1], &n); e.failure()) return e;
   if (n != od[0]) return ffi::Error::InvalidArgument("cake: out must have the weights' N rows");
-  cake_dequantize(code, w.untyped_data(), n, od[1], (float*)out->untyped_data());
+  if (cake_dequantize(code, w.untyped_data(), n, od[1], (float*)out->untyped_data()) == -3)
+    return ffi::Error::InvalidArgument("cake: a repacked format needs N to be a multiple of 8");
   return ffi::Error::Success();
 }
 

@@ -75,6 +75,22 @@ void cake_dequant_q6_k(int64_t k, const void* w, float* out);
 void cake_dequant_f16(int64_t k, const void* w, float* out);
 void cake_dequant_bf16(int64_t k, const void* w, float* out);
 
+// Repacked formats (repack.cc): tiles of 8 weight rows interleaved so that one
+// product instruction serves all 8 (layouts at the top of repack.cc). A tile
+// of 8 rows of K values has the bytes of the 8 plain rows.
+typedef struct {
+  int64_t group_bytes;  // one 32-element block of the tile's 8 rows
+  float s_scale;        // gemm wants each cake_q8_32.s multiplied by this first
+  // y[i * y_stride + r] = dot(tile row r, activation row i), i < nrows, r < 8
+  void (*gemm)(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* y,
+               size_t y_stride);
+  void (*dequant)(int64_t k, const void* w, float* out);  // one tile -> out (8, k)
+  // 8 plain rows, w_stride bytes apart -> one tile at out
+  void (*repack)(int64_t k, const void* w, size_t w_stride, void* out);
+} cake_r8_kernels;
+
+extern const cake_r8_kernels cake_r8_q4_0, cake_r8_q4_1, cake_r8_q5_0, cake_r8_q5_1, cake_r8_q8_0;
+
 // float16 <-> float32 helpers every file may use (F16C where compiled in).
 float cake_f16_to_f32(uint16_t h);
 

@@ -1,0 +1,397 @@
+// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 repacked at load time into tiles of 8 weight
+// rows ("Q4_0R8" ...), and their GEMM against cake_q8_32 activations.
+//
+// The per-row kernels (legacy.cc) spend ~5 vector ops per (block, weight row,
+// activation row): product, conversion, scale multiplies, accumulation. Here
+// one 256-bit register holds 4 consecutive elements of each of 8 weight rows
+// (int32 lane r = row r), so one u8 x s8 product against 4 broadcast activation
+// bytes gives partial dots of all 8 rows; after a block the 8 lanes are whole
+// block dots, scaled by one FMA with the vector of the 8 rows' scales.
+//
+// A repacked matrix has the plain one's bytes, reordered: N / 8 tiles, each
+// K / 32 groups, group b holding block b of the tile's rows 0..7:
+//   d[8]   float16, row r's scale                                    16 bytes
+//   m[8]   Q4_1 / Q5_1 only, float16, row r's min                    16 bytes
+//   h[8]   Q5_0 / Q5_1 only, uint32: bit 4r + t of h[c] = high bit
+//          of element 4c + t of row r                                32 bytes
+//   qs     Q8_0: 8 chunks c of 32 bytes, bytes 4r .. 4r + 3 of chunk c =
+//          elements 4c .. 4c + 3 of row r (int8)                    256 bytes
+//          4- and 5-bit: 4 chunks v of 32 bytes, bytes 4r .. 4r + 3 of
+//          chunk v = bytes 4v .. 4v + 3 of row r's qs (low nibble
+//          element 4v + t, high nibble element 16 + 4v + t)         128 bytes
+// So chunk c (0 .. 7) of element values always covers elements 4c .. 4c + 3:
+// 4- and 5-bit chunks 0 .. 3 are the low nibbles, 4 .. 7 the high ones.
+//
+// The products take unsigned weights: the 4- and 5-bit formats their stored q
+// (value d (q - Z) with Z = 8 / 16, or d q + m), Q8_0 q + 128 (Z = 128) with
+// VNNI, which does not saturate. The -Z d_w s_x term is folded in by
+// multiplying the activations' s = d_x sum q_x by -Z once per call (s_scale
+// below), so a block costs per activation row: 8 products, one conversion, two
+// FMAs (the min formats: one more, m s_x). Plain AVX2's vpmaddubsw saturates at
+// (q + 128) q_x, so there Q8_0 multiplies |q| x sign(q_x, q) and needs no s
+// (s_scale 0).
+#include <string.h>
+
+#include "qdot.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CAKE_AVX2 1
+#endif
+#if CAKE_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define CAKE_AVX512 1
+#endif
+#if CAKE_AVX2 && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#define CAKE_VNNI 1
+#endif
+
+namespace {
+
+constexpr int kR = 8;  // weight rows per tile
+
+inline float load_f16(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return cake_f16_to_f32(h);
+}
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+
+// ---- formats: plain block bytes, group bytes, repack and decode ------------
+// repack(src, stride, g): the 8 rows' block at src + r * stride -> group g.
+// decode(g, r, q): row r's 32 values as ints, value_j = d_r * q_j.
+
+// kZ: the zero point the stored q carry (value d (q - kZ) + m); kMin: a min m.
+struct Q8_0 {
+  static constexpr int kBytes = 34, kGroup = 16 + 256, kZ = 0, kM = 0;
+  static constexpr bool kMin = false;
+  static void repack(const uint8_t* src, size_t stride, uint8_t* g) {
+    for (int r = 0; r < kR; r++)
+      for (int c = 0; c < 8; c++) memcpy(g + 16 + 32 * c + 4 * r, src + r * stride + 2 + 4 * c, 4);
+  }
+  static void decode(const uint8_t* g, int r, int q[32]) {
+    for (int c = 0; c < 8; c++)
+      for (int t = 0; t < 4; t++) q[4 * c + t] = (int8_t)g[16 + 32 * c + 4 * r + t];
+  }
+};
+
+// The 4- and 5-bit formats: kMin_ (Q4_1, Q5_1: a float16 min after d), kHigh
+// (Q5_0, Q5_1: uint32 qh of high bits before qs).
+template <bool kMin_, bool kHigh>
+struct Nibbles {
+  static constexpr bool kMin = kMin_;
+  static constexpr int kBytes = 18 + 2 * kMin + 4 * kHigh, kGroup = kR * kBytes;
+  static constexpr int kZ = kMin ? 0 : kHigh ? 16 : 8;
+  // offsets: plain block (qh, qs), group (m, h, qs)
+  static constexpr int kPlainQh = 2 + 2 * kMin, kPlainQs = kPlainQh + 4 * kHigh;
+  static constexpr int kM = 16, kH = 16 + 16 * kMin, kQs = kH + 32 * kHigh;
+
+  static void repack(const uint8_t* src, size_t stride, uint8_t* g) {
+    for (int r = 0; r < kR; r++) {
+      if (kMin) memcpy(g + kM + 2 * r, src + r * stride + 2, 2);
+      for (int v = 0; v < 4; v++) memcpy(g + kQs + 32 * v + 4 * r, src + r * stride + kPlainQs + 4 * v, 4);
+    }
+    if (kHigh)
+      for (int c = 0; c < 8; c++) {
+        uint32_t h = 0;
+        for (int r = 0; r < kR; r++) h |= ((load_u32(src + r * stride + kPlainQh) >> (4 * c)) & 0xf) << (4 * r);
+        memcpy(g + kH + 4 * c, &h, 4);
+      }
+  }
+  static void decode(const uint8_t* g, int r, int q[32]) {
+    for (int v = 0; v < 4; v++) {
+      uint32_t lo = 0, hi = 0;
+      if (kHigh) {
+        lo = load_u32(g + kH + 4 * v) >> (4 * r);
+        hi = load_u32(g + kH + 4 * (v + 4)) >> (4 * r);
+      }
+      for (int t = 0; t < 4; t++) {
+        const uint8_t b = g[kQs + 32 * v + 4 * r + t];
+        q[4 * v + t] = ((b & 0xf) | (((lo >> t) & 1) << 4)) - kZ;
+        q[16 + 4 * v + t] = ((b >> 4) | (((hi >> t) & 1) << 4)) - kZ;
+      }
+    }
+  }
+};
+
+using Q4_0 = Nibbles<false, false>;
+using Q4_1 = Nibbles<true, false>;
+using Q5_0 = Nibbles<false, true>;
+using Q5_1 = Nibbles<true, true>;
+
+template <class F>
+void repack_tile(int64_t k, const void* w, size_t stride, void* out) {
+  const uint8_t* src = (const uint8_t*)w;
+  uint8_t* g = (uint8_t*)out;
+  for (int64_t b = 0; b < k / 32; b++, src += F::kBytes, g += F::kGroup) {
+    for (int r = 0; r < kR; r++) memcpy(g + 2 * r, src + r * stride, 2);
+    F::repack(src, stride, g);
+  }
+}
+
+template <class F>
+void dequant_tile_scalar(int64_t k, const void* w, float* out) {
+  const uint8_t* g = (const uint8_t*)w;
+  int q[32];
+  for (int64_t b = 0; b < k / 32; b++, g += F::kGroup)
+    for (int r = 0; r < kR; r++) {
+      const float d = load_f16(g + 2 * r);
+      float* o = out + r * k + 32 * b;
+      F::decode(g, r, q);
+      if constexpr (F::kMin) {
+        const float m = load_f16(g + F::kM + 2 * r);
+        for (int j = 0; j < 32; j++) o[j] = d * (float)q[j] + m;
+      } else {
+        for (int j = 0; j < 32; j++) o[j] = d * (float)q[j];
+      }
+    }
+}
+
+// ---- GEMM: one tile x NR activation rows, y[i * ys + r] ---------------------
+
+#if CAKE_AVX2
+// chunk vectors for the products, unsigned (see the top of the file)
+template <class F>
+struct Simd;
+
+inline __m256i nib_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0xf)); }
+inline __m256i nib_hi(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0xf)); }
+inline __m256i load256(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+
+inline __m256i or_high_bits(__m256i lo, uint32_t h) {  // lo | 0x10 in each byte j with bit j of h
+#if CAKE_AVX512
+  return _mm256_mask_add_epi8(lo, (__mmask32)h, lo, _mm256_set1_epi8(0x10));
+#else
+  const __m256i bytes = _mm256_shuffle_epi8(
+      _mm256_set1_epi32((int)h),
+      _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201);
+  return _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit),
+                                              _mm256_set1_epi8(0x10)));
+#endif
+}
+
+template <>
+struct Simd<Q8_0> {
+#if CAKE_VNNI
+  static constexpr float kSScale = -128.0f;
+  static void unpack(const uint8_t* g, __m256i wq[8]) {
+    for (int c = 0; c < 8; c++) wq[c] = _mm256_xor_si256(load256(g + 16 + 32 * c), _mm256_set1_epi8((char)0x80));
+  }
+  static __m256i signed_x(__m256i x, const uint8_t*, int) { return x; }
+#else
+  static constexpr float kSScale = 0.0f;
+  static void unpack(const uint8_t* g, __m256i wq[8]) {
+    for (int c = 0; c < 8; c++) wq[c] = _mm256_abs_epi8(load256(g + 16 + 32 * c));
+  }
+  static __m256i signed_x(__m256i x, const uint8_t* g, int c) { return _mm256_sign_epi8(x, load256(g + 16 + 32 * c)); }
+#endif
+  // the chunks as value / d, int8
+  static void values(const uint8_t* g, __m256i v[8]) {
+    for (int c = 0; c < 8; c++) v[c] = load256(g + 16 + 32 * c);
+  }
+};
+
+template <bool kMin, bool kHigh>
+struct Simd<Nibbles<kMin, kHigh>> {
+  using F = Nibbles<kMin, kHigh>;
+  static constexpr float kSScale = kMin ? 1.0f : -(float)F::kZ;
+  static void unpack(const uint8_t* g, __m256i wq[8]) {
+    for (int v = 0; v < 4; v++) {
+      const __m256i b = load256(g + F::kQs + 32 * v);
+      wq[v] = nib_lo(b);
+      wq[v + 4] = nib_hi(b);
+      if (kHigh) {
+        wq[v] = or_high_bits(wq[v], load_u32(g + F::kH + 4 * v));
+        wq[v + 4] = or_high_bits(wq[v + 4], load_u32(g + F::kH + 4 * (v + 4)));
+      }
+    }
+  }
+  static __m256i signed_x(__m256i x, const uint8_t*, int) { return x; }
+  static void values(const uint8_t* g, __m256i v[8]) {  // (value - m) / d
+    unpack(g, v);
+    for (int c = 0; c < 8; c++) v[c] = _mm256_sub_epi8(v[c], _mm256_set1_epi8(F::kZ));
+  }
+};
+
+// acc + the sums of 4 adjacent u8 x s8 products per int32 lane
+inline __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// 32 ymm registers with AVX-512VL: 8 weight chunks + 8 rows of float and int
+// accumulators; AVX2's 16 hold half as many rows.
+#if CAKE_AVX512
+constexpr int kMaxRows = 8;
+#else
+constexpr int kMaxRows = 4;
+#endif
+
+template <class F, int NR>
+__attribute__((noinline)) void gemm_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y,
+                                         size_t ys) {
+  using S = Simd<F>;
+  // below 4 rows, two chains of products per row so that their latency does not bind
+  constexpr int U = NR < 4 ? 2 : 1;
+  __m256 acc[NR];
+  const cake_q8_32* xr[NR];
+  for (int i = 0; i < NR; i++) {
+    acc[i] = _mm256_setzero_ps();
+    xr[i] = (const cake_q8_32*)((const char*)x + (size_t)i * xs);
+  }
+  for (int64_t b = 0; b < nb; b++, w += F::kGroup) {
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
+    __m256 mw = _mm256_setzero_ps();
+    if constexpr (F::kMin) mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + F::kM)));
+    __m256i wq[8];
+    S::unpack(w, wq);
+    for (int i = 0; i < NR; i++) {
+      const cake_q8_32* xb = xr[i] + b;
+      __m256i s[U];
+      for (int u = 0; u < U; u++) s[u] = _mm256_setzero_si256();
+      for (int c = 0; c < 8; c++) {
+        const __m256i xv = _mm256_set1_epi32((int)load_u32((const uint8_t*)xb->qs + 4 * c));
+        s[c % U] = dot_acc(s[c % U], wq[c], S::signed_x(xv, w, c));
+      }
+      if (U == 2) s[0] = _mm256_add_epi32(s[0], s[U - 1]);
+      if constexpr (F::kMin) {
+        const __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(s[0]), _mm256_set1_ps(xb->d));
+        acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb->s), _mm256_fmadd_ps(p, dw, acc[i]));
+      } else {
+        const __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), _mm256_set1_ps(xb->d), _mm256_set1_ps(xb->s));
+        acc[i] = _mm256_fmadd_ps(p, dw, acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < NR; i++) _mm256_storeu_ps(y + i * ys, acc[i]);
+}
+
+template <class F>
+constexpr float s_scale() {
+  return Simd<F>::kSScale;
+}
+
+// One group as 8 rows of 32 int8 values (value / d): the chunks transposed as
+// an 8 x 8 matrix of int32 (chunk c, row r) -> (row r, chunk c).
+template <class F>
+inline void group_values(const uint8_t* g, int8_t rows[8][32]) {
+  __m256i v[8];
+  Simd<F>::values(g, v);
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int r = 0; r < 4; r++) {
+    _mm256_storeu_si256((__m256i*)rows[r], _mm256_permute2x128_si256(u[r], u[r + 4], 0x20));
+    _mm256_storeu_si256((__m256i*)rows[r + 4], _mm256_permute2x128_si256(u[r], u[r + 4], 0x31));
+  }
+}
+
+// value = d * q (+ m) as in the reference (the build keeps d * q unfused)
+template <class F>
+void dequant_tile(int64_t k, const void* w, float* out) {
+  const uint8_t* g = (const uint8_t*)w;
+  alignas(32) int8_t rows[8][32];
+  for (int64_t b = 0; b < k / 32; b++, g += F::kGroup) {
+    group_values<F>(g, rows);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)g));
+    alignas(32) float ds[8], ms[8] = {};
+    _mm256_store_ps(ds, d);
+    if constexpr (F::kMin) _mm256_store_ps(ms, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(g + F::kM))));
+    for (int r = 0; r < kR; r++) {
+      const __m256 vd = _mm256_set1_ps(ds[r]), vm = _mm256_set1_ps(ms[r]);
+      float* o = out + r * k + 32 * b;
+      for (int j = 0; j < 4; j++) {
+        const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(rows[r] + 8 * j)));
+        __m256 v = _mm256_mul_ps(vd, _mm256_cvtepi32_ps(q));
+        if constexpr (F::kMin) v = _mm256_add_ps(v, vm);
+        _mm256_storeu_ps(o + 8 * j, v);
+      }
+    }
+  }
+}
+#else
+constexpr int kMaxRows = 4;
+
+template <class F, int NR>
+void gemm_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y, size_t ys) {
+  float acc[NR][kR] = {};
+  const cake_q8_32* xr[NR];
+  for (int i = 0; i < NR; i++) xr[i] = (const cake_q8_32*)((const char*)x + (size_t)i * xs);
+  int q[kR][32];
+  float d[kR], m[kR] = {};
+  for (int64_t b = 0; b < nb; b++, w += F::kGroup) {
+    for (int r = 0; r < kR; r++) {
+      F::decode(w, r, q[r]);
+      d[r] = load_f16(w + 2 * r);
+      if constexpr (F::kMin) m[r] = load_f16(w + F::kM + 2 * r);
+    }
+    for (int i = 0; i < NR; i++) {
+      const cake_q8_32* xb = xr[i] + b;
+      for (int r = 0; r < kR; r++) {
+        int s = 0;
+        for (int j = 0; j < 32; j++) s += q[r][j] * xb->qs[j];
+        acc[i][r] += d[r] * xb->d * (float)s + m[r] * xb->s;
+      }
+    }
+  }
+  for (int i = 0; i < NR; i++)
+    for (int r = 0; r < kR; r++) y[i * ys + r] = acc[i][r];
+}
+
+template <class F>
+constexpr float s_scale() {
+  return 1.0f;  // s unused
+}
+
+template <class F>
+void dequant_tile(int64_t k, const void* w, float* out) {
+  dequant_tile_scalar<F>(k, w, out);
+}
+#endif
+
+// nrows (<= NR) as one compile-time row count, so the accumulators stay in registers
+template <class F, int NR>
+void gemm_upto(int nrows, int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y, size_t ys) {
+  if constexpr (NR > 1)
+    if (nrows < NR) return gemm_upto<F, NR - 1>(nrows, nb, w, x, xs, y, ys);
+  gemm_rows<F, NR>(nb, w, x, xs, y, ys);
+}
+
+template <class F>
+void gemm(int64_t k, const void* w, const void* x, size_t xs, int nrows, float* y, size_t ys) {
+  for (; nrows > 0; nrows -= kMaxRows) {
+    const int r = nrows < kMaxRows ? nrows : kMaxRows;
+    gemm_upto<F, kMaxRows>(r, k / 32, (const uint8_t*)w, x, xs, y, ys);
+    x = (const char*)x + (size_t)kMaxRows * xs;
+    y += (size_t)kMaxRows * ys;
+  }
+}
+
+}  // namespace
+
+const cake_r8_kernels cake_r8_q4_0 = {Q4_0::kGroup, s_scale<Q4_0>(), gemm<Q4_0>, dequant_tile<Q4_0>, repack_tile<Q4_0>};
+const cake_r8_kernels cake_r8_q4_1 = {Q4_1::kGroup, s_scale<Q4_1>(), gemm<Q4_1>, dequant_tile<Q4_1>, repack_tile<Q4_1>};
+const cake_r8_kernels cake_r8_q5_0 = {Q5_0::kGroup, s_scale<Q5_0>(), gemm<Q5_0>, dequant_tile<Q5_0>, repack_tile<Q5_0>};
+const cake_r8_kernels cake_r8_q5_1 = {Q5_1::kGroup, s_scale<Q5_1>(), gemm<Q5_1>, dequant_tile<Q5_1>, repack_tile<Q5_1>};
+const cake_r8_kernels cake_r8_q8_0 = {Q8_0::kGroup, s_scale<Q8_0>(), gemm<Q8_0>, dequant_tile<Q8_0>, repack_tile<Q8_0>};
