@@ -101,6 +101,21 @@ def mm_cat(x: jax.Array, ws: tuple[Weight, ...]) -> jax.Array:
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
 
 
+def _take_tiled_rows(table: QMat, flat: jax.Array) -> jax.Array:
+    """Rows `flat` (M,) of a matrix repacked in tiles of 8 interleaved rows
+    (kernels/cpu/src/repack.cc): each row's tile is taken whole and decoded by
+    the CPU kernels, then the row picked out of it. (M, cols) float32."""
+    from cake.kernels import cpu
+
+    rows, row_bytes = table.data.shape
+    tiles = table.data.reshape(rows // cpu.REPACK_ROWS, -1)
+    picked = jnp.take(tiles, flat // cpu.REPACK_ROWS, axis=0, mode="clip")
+    picked = picked.reshape(-1, row_bytes)  # M tiles of 8 rows, still interleaved
+    full = cpu.dequantize(picked, table.fmt, table.cols)  # (M * 8, cols)
+    full = full.reshape(-1, cpu.REPACK_ROWS, table.cols)
+    return full[jnp.arange(flat.shape[0]), flat % cpu.REPACK_ROWS]
+
+
 def take_rows(table: Weight, ids: jax.Array, *, transposed: bool) -> jax.Array:
     """Embedding rows `ids` (B, L) as float32 (B, L, D).
 
@@ -109,6 +124,8 @@ def take_rows(table: Weight, ids: jax.Array, *, transposed: bool) -> jax.Array:
     """
     if isinstance(table, QMat):
         flat = ids.reshape(-1)
+        if table.kernel and table.fmt.endswith("R8"):
+            return _take_tiled_rows(table, flat).reshape(*ids.shape, table.cols)
         pick = [
             None if a is None else jnp.take(a, flat, axis=0, mode="clip")
             for a in (table.data, table.scales, table.biases)

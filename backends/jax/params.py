@@ -32,7 +32,7 @@ from cake.config import ModelConfig
 from cake.rope import rope_cos_sin, rope_inv_freq
 from cake.shard import Shard
 from cake.weights import TensorSource
-from cake.weights.packed import Packed, stored_tensor
+from cake.weights.packed import Packed, release_pages, stored_tensor
 
 Params = dict[str, Any]  # pytree of arrays
 _F32 = jnp.float32
@@ -115,6 +115,9 @@ class _Loader:
             ]
             data, *sb = cat
             scales, biases = (sb + [None, None])[:2]
+            if len(group) > 1 or data is not first.data:
+                for p in group:  # copied: the file's pages need not stay resident
+                    release_pages(p.data)
             on = self.on_cpu and first.format in self.kernels and first.scales is None
             fmt = first.format
             if on and repack and self.repack:
@@ -123,7 +126,8 @@ class _Loader:
                 if cpu.REPACKED.get(fmt) in self.kernels:
                     fmt, repacked = cpu.repack_np(data, fmt)
                     if repacked is not data:
-                        # a new array (the mapping is read, not copied): aliased by put
+                        # a new array, aliased by put; the file's pages go
+                        release_pages(data)
                         data = repacked
                         data.setflags(write=False)
             return QMat(
@@ -135,6 +139,9 @@ class _Loader:
                 kernel=on,
             )
         w = np.concatenate(group) if len(group) > 1 else first  # (N, K)
+        if w is not first:
+            for p in group:
+                release_pages(p)
         fmt = _FLOAT_FORMATS.get(w.dtype)
         if self.on_cpu and fmt is not None:
             # XLA on the CPU widens a 16-bit matrix on every product (~250 ms
@@ -192,7 +199,9 @@ def load_params(
     if shard.head:
         params["norm"] = load.vector("model.norm.weight")
         head = "model.embed_tokens.weight" if tied else "lm_head.weight"
-        params["head"] = load.matrices([head])[0]  # (D, V) float or QMat (V, ...)
+        # (D, V) float or QMat (V, ...); repacked too: linear.take_rows reads
+        # the tiles when the tied head doubles as the embedding
+        params["head"] = mats([head])[0]
     if shard.embed and not (tied and shard.head):
         # (V, D) float, or QMat (V, ...)
         params["embed"] = load.matrices(["model.embed_tokens.weight"], rows=True)[0]
