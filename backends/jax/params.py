@@ -44,6 +44,19 @@ def _transpose(w: jax.Array, *, store: np.dtype) -> jax.Array:
     return w.astype(_F32).T.astype(store)
 
 
+_ALIGN = 64  # what XLA's CPU client needs to alias a host buffer
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A read-only copy of `a` starting on a 64-byte boundary."""
+    buf = np.empty(a.nbytes + _ALIGN, np.uint8)
+    start = -buf.ctypes.data % _ALIGN
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    out.setflags(write=False)
+    return out
+
+
 class _Loader:
     """Turns stored tensors into device weights, one matrix at a time.
 
@@ -65,10 +78,14 @@ class _Loader:
         self.repack = os.environ.get("CAKE_CPU_REPACK", "1") != "0"
 
     def put(self, a: np.ndarray) -> jax.Array:
-        # a read-only host array is aliased on the CPU device (no copy)
-        if a.flags.writeable:
-            a = a.copy()
-            a.setflags(write=False)
+        """`a` on the device. On the CPU a read-only, 64-byte aligned host array
+        is aliased (no copy), so each weight is held once: a file view that
+        qualifies stays the file's pages; anything else (the loader's own
+        copies, GGUF tensors aligned to 32 only) is first copied into an aligned
+        read-only buffer, and the file pages it came from are dropped."""
+        if a.flags.writeable or a.ctypes.data % _ALIGN:
+            src, a = a, _aligned_copy(a)
+            release_pages(src)
         return jax.device_put(a, self.device, may_alias=True)
 
     def vector(self, name: str) -> jax.Array:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cake import heap
 from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
 from cake.backends.jax.linear import cpu_kernel_formats
@@ -60,6 +61,7 @@ class JaxLlamaStage:
             kernels=cpu_kernel_formats() if on_cpu else frozenset(),
         )
         self.weight_bytes = weight_bytes(self._params)
+        heap.trim()  # the copies made while loading
         self._cache = kvcache.allocate(
             len(shard),
             max_sequences,
@@ -126,6 +128,7 @@ class JaxLlamaStage:
         ints = [np.asarray(a, np.int32) for a in (slots, step.positions, step.lengths)]
         # NumPy inputs go in as they are and the jitted call moves them to the
         # weights' device: a device_put per array first cost ~70 us each (CPU)
+        traced = self.trace_count
         out, self._cache = self._step(
             self._params,
             self._cache,
@@ -138,6 +141,8 @@ class JaxLlamaStage:
             if width > CAUSAL_CHUNK and not any(step.positions)
             else None,
         )
+        if self.trace_count != traced:
+            heap.trim()  # what XLA freed after compiling this shape
         for sid, pos, k in zip(step.seq_ids, step.positions, step.lengths, strict=True):
             self._slots.length[sid] = pos + k
         out = np.asarray(out).copy()  # a private, writable copy: no JAX array leaks
