@@ -43,7 +43,7 @@ class QMat:
     scales/biases (rows, cols/group); F16/BF16 (rows, cols) in that dtype.
     `kernel`: multiplied by the CPU kernels (else decoded by cake.kernels.jax);
     then `fmt` may be a repacked form (e.g. Q8_0R8, see params.py), which only
-    the CPU kernels read: such a matrix is never a table for take_rows.
+    the CPU kernels read (take_rows decodes its tiles through them).
     """
 
     data: jax.Array
@@ -52,10 +52,6 @@ class QMat:
     fmt: str = field(default="", metadata={"static": True})
     cols: int = field(default=0, metadata={"static": True})
     kernel: bool = field(default=False, metadata={"static": True})
-
-    @property
-    def rows(self) -> int:
-        return self.data.shape[0]
 
 
 Weight = jax.Array | QMat

@@ -132,7 +132,7 @@ class _Loader:
             ]
             data, *sb = cat
             scales, biases = (sb + [None, None])[:2]
-            if len(group) > 1 or data is not first.data:
+            if len(group) > 1:
                 for p in group:  # copied: the file's pages need not stay resident
                     release_pages(p.data)
             on = self.on_cpu and first.format in self.kernels and first.scales is None
