@@ -9,7 +9,6 @@ and the JAX FFI path inside jit must equal matmul_np bit for bit.
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -190,19 +189,6 @@ def test_activation_quantization_is_the_reference(lib, block):
         else:
             np.testing.assert_array_equal(out["bsums"], sums)
     assert list(q[2, 1:6]) == [2, 4, -2, 0, -126]
-
-
-@pytest.fixture(scope="module")
-def portable_libs(tmp_path_factory):
-    """The AVX2 and plain C++ paths, built from a clean cache (no FFI: faster)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not build.compiler():
-        pytest.skip("the AVX2 / plain builds are checked on x86-64 with a compiler")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CAKE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return {
-            m: cpu._Library(str(build.build(march=m, ffi=False)))
-            for m in ("x86-64-v3", "x86-64")
-        }
 
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])

@@ -8,8 +8,6 @@ plain C++ builds and through the XLA FFI.
 
 from __future__ import annotations
 
-import platform
-
 import numpy as np
 import pytest
 
@@ -82,19 +80,6 @@ def test_not_repackable_is_returned_as_is(lib):
     assert cpu.repack_np(w, "Q4_K") == ("Q4_K", w)
     with pytest.raises(ValueError, match="multiple of 8"):
         cpu.matmul_np(np.zeros((1, 64), np.float32), w12, "Q4_0R8")
-
-
-@pytest.fixture(scope="module")
-def portable_libs(tmp_path_factory):
-    """The AVX2 and plain C++ paths, built from a clean cache (no FFI: faster)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not build.compiler():
-        pytest.skip("the AVX2 / plain builds are checked on x86-64 with a compiler")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CAKE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return {
-            m: cpu._Library(str(build.build(march=m, ffi=False)))
-            for m in ("x86-64-v3", "x86-64")
-        }
 
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
