@@ -140,6 +140,74 @@ def test_jax_ffi_in_jit_equals_ctypes(lib, fmt):
     np.testing.assert_array_equal(np.asarray(d), cpu.dequantize_np(w, fmt.name, k))
 
 
+def _rms_input(x, norm, eps):
+    """The rms prologue as backends/jax/linear.py's prologue_of computes it."""
+    inv = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * inv * norm).astype(np.float32)
+
+
+def _swiglu_input(x):
+    g, u = np.split(x.astype(np.float64), 2, axis=-1)
+    return (g / (1.0 + np.exp(-g)) * u).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, Format("Q8_0R8", ())], ids=lambda f: f.name)
+@pytest.mark.parametrize("m", [1, 8, 19])
+def test_fused_prologues_and_residual(lib, fmt, m):
+    """matmul(x, prologue=..., residual=r) = r + (the prologue's x) @ W^T: the
+    kernel applies the prologue in float32 before quantizing, so it matches the
+    reference applied to the same transformed rows (to float32 rounding of
+    the transformed x, which can move a quantized activation by one step)."""
+    plain = fmt.name[:-2] if fmt.name.endswith("R8") else fmt.name
+    compiled(lib, Format(plain, ()))
+    k = ks(plain)[1]
+    rng = np.random.default_rng([m, k])
+    w = random_weights(next(f for f in FORMATS if f.name == plain), 64, k, rng)
+    if fmt.name != plain:
+        assert cpu.repack_np(w, plain)[0] == fmt.name
+        wk = cpu.repack_np(w, plain)[1]
+    else:
+        wk = w
+    x = rng.standard_normal((m, k)).astype(np.float32) * 3.0
+    norm = rng.uniform(0.5, 2.0, k).astype(np.float32)
+    res = rng.standard_normal((m, 64)).astype(np.float32)
+    got = cpu.matmul_np(
+        x, wk, fmt.name, prologue="rms", norm=norm, eps=1e-5, residual=res
+    )
+    xn = _rms_input(x, norm, 1e-5)
+    assert_matmul_close(got - res, xn, w, plain)
+    x2 = rng.standard_normal((m, 2 * k)).astype(np.float32)
+    got = cpu.matmul_np(x2, wk, fmt.name, prologue="swiglu")
+    assert_matmul_close(got, _swiglu_input(x2), w, plain)
+    jax = pytest.importorskip("jax")
+    fused = jax.jit(
+        lambda x, w, n, r: cpu.matmul(
+            x, w, fmt.name, k, prologue="rms", norm=n, eps=1e-5, residual=r
+        )
+    )
+    np.testing.assert_array_equal(
+        np.asarray(fused(x, wk, norm, res)),
+        cpu.matmul_np(
+            x, wk, fmt.name, prologue="rms", norm=norm, eps=1e-5, residual=res
+        ),
+    )
+
+
+def test_fused_arguments_fail_in_one_line(lib):
+    w = random_weights(FORMATS[4], 8, 64, np.random.default_rng(4))
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(ValueError, match="unknown prologue"):
+        cpu.matmul_np(x, w, "Q8_0", prologue="gelu")
+    with pytest.raises(ValueError, match="takes a norm weight"):
+        cpu.matmul_np(x, w, "Q8_0", prologue="rms")
+    with pytest.raises(ValueError, match="norm weight must be"):
+        cpu.matmul_np(x, w, "Q8_0", prologue="rms", norm=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="residual must be"):
+        cpu.matmul_np(x, w, "Q8_0", residual=np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="swiglu prologue needs"):
+        cpu.matmul_np(np.ones((2, 65), np.float32), w, "Q8_0", prologue="swiglu")
+
+
 def test_zero_rows_and_empty_shapes(lib):
     x = np.zeros((4, 64), np.float32)  # d = 0 blocks: q = 0
     w = random_weights(FORMATS[0], 3, 64, np.random.default_rng(3))

@@ -70,17 +70,69 @@ def cpu_kernel_formats() -> frozenset[str]:
     return frozenset(cpu.FORMATS) if cpu.available() else frozenset()
 
 
-def mm(x: jax.Array, w: Weight) -> jax.Array:
+def rms(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over the last axis; the weight is applied elsewhere."""
+    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def prologue_of(
+    x: jax.Array, prologue: str | None, norm: jax.Array | None, eps: float
+) -> jax.Array:
+    """What `mm` multiplies: x itself, `norm * rms(x, eps)` ("rms"), or
+    silu(x's first half) * its second half ("swiglu"), as the CPU kernels'
+    prologues (cake.kernels.cpu.PROLOGUES) compute it."""
+    if prologue == "rms":
+        return norm * rms(x, eps)
+    if prologue == "swiglu":
+        gate, up = jnp.split(x, 2, axis=-1)
+        return jax.nn.silu(gate) * up
+    return x
+
+
+def mm(
+    x: jax.Array,
+    w: Weight,
+    *,
+    prologue: str | None = None,
+    norm: jax.Array | None = None,
+    eps: float = 0.0,
+    residual: jax.Array | None = None,
+) -> jax.Array:
+    """`residual + prologue(x) @ W` -> (..., N) float32, W in its stored form.
+
+    prologue/norm/eps: see `prologue_of`; residual (..., N) or None. The CPU
+    kernels fold both into the product's one call (a decode step's layer is then
+    five library calls, not tens of XLA ops); elsewhere XLA fuses them.
+    """
+    if (
+        isinstance(w, QMat)
+        and w.kernel
+        and math.prod(x.shape[:-1]) < WIDEN_ROWS  # see WIDEN_ROWS
+    ):
+        from cake.kernels import cpu
+
+        return cpu.matmul(
+            x.astype(jnp.float32),
+            w.data,
+            w.fmt,
+            w.cols,
+            prologue=prologue,
+            norm=norm,
+            eps=eps,
+            residual=residual,
+        )
+    y = _product(prologue_of(x, prologue, norm, eps), w)
+    return y if residual is None else residual + y
+
+
+def _product(x: jax.Array, w: Weight) -> jax.Array:
     """x (..., K) float32 @ W -> (..., N) float32, W in its stored form."""
     if isinstance(w, QMat):
-        if w.kernel:
+        if w.kernel:  # a long prefill: one matrix widened at a time, freed after
             from cake.kernels import cpu
 
-            if math.prod(x.shape[:-1]) >= WIDEN_ROWS:
-                # one matrix widened at a time, freed after its product
-                full = cpu.dequantize(w.data, w.fmt, w.cols)  # (N, K) float32
-                return jnp.dot(x, full.T, precision=_HIGHEST)
-            return cpu.matmul(x.astype(jnp.float32), w.data, w.fmt, w.cols)
+            full = cpu.dequantize(w.data, w.fmt, w.cols)  # (N, K) float32
+            return jnp.dot(x, full.T, precision=_HIGHEST)
         if w.fmt in ("F16", "BF16"):  # widened inside the product only
             return jnp.dot(x, w.data.astype(jnp.float32).T, precision=_HIGHEST)
         from cake.kernels import jax as jk
@@ -91,10 +143,20 @@ def mm(x: jax.Array, w: Weight) -> jax.Array:
     return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def mm_cat(x: jax.Array, ws: tuple[Weight, ...]) -> jax.Array:
-    """x @ [W0 | W1 | ...]: one product for a fused group, else one per part."""
-    outs = [mm(x, w) for w in ws]
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+def mm_cat(
+    x: jax.Array,
+    ws: tuple[Weight, ...],
+    *,
+    prologue: str | None = None,
+    norm: jax.Array | None = None,
+    eps: float = 0.0,
+) -> jax.Array:
+    """prologue(x) @ [W0 | W1 | ...]: one product for a fused group, else one
+    per part after one shared prologue."""
+    if len(ws) == 1:
+        return mm(x, ws[0], prologue=prologue, norm=norm, eps=eps)
+    x = prologue_of(x, prologue, norm, eps)
+    return jnp.concatenate([mm(x, w) for w in ws], axis=-1)
 
 
 def _take_tiled_rows(table: QMat, flat: jax.Array) -> jax.Array:

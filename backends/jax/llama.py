@@ -10,12 +10,14 @@ are (see linear.py), accumulating in float32.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cake.backends.jax.linear import QMat, mm, mm_cat, take_rows
+from cake.backends.jax.linear import QMat, mm, mm_cat, rms, take_rows
 from cake.backends.jax.params import Params
 from cake.config import ModelConfig
 
@@ -25,11 +27,6 @@ from cake.config import ModelConfig
 # weights instead of NaN, and exp(_MASKED - max) is exactly 0 in real rows.
 _MASKED = float(np.finfo(np.float32).min)
 _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: float32 means float32
-
-
-def rms(x: jax.Array, eps: float) -> jax.Array:
-    """x / sqrt(mean(x^2) + eps) over the last axis; the weight is applied elsewhere."""
-    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -82,43 +79,90 @@ def attention(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, n, nh * hd)
 
 
+class Shared(NamedTuple):
+    """What every layer of one step shares (built once per step by stage_step).
+
+    rope: cos/sin (B, L, hd/2) at each token's position; slots, positions,
+    lengths (B,); write_t (B, L) cache position of each token (out of range for
+    padding); allowed (B, L, T) the attention mask. kernel: attention runs as
+    the CPU kernel (cake.kernels.cpu.attention), which writes and reads the
+    cache in place and needs none of write_t/allowed/causal_chunk.
+    """
+
+    rope: tuple[jax.Array, jax.Array]
+    slots: jax.Array
+    positions: jax.Array
+    lengths: jax.Array
+    write_t: jax.Array
+    allowed: jax.Array
+    causal_chunk: int | None
+    kernel: bool
+
+
+def _attend_xla(
+    cfg: ModelConfig, i: int, qkv: jax.Array, cache: jax.Array, st: Shared
+) -> tuple[jax.Array, jax.Array]:
+    """Rope, the cache write and attention as XLA ops (GPUs, TPUs, long prefills)."""
+    b, n, _ = qkv.shape
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = qkv[..., : nh * hd].reshape(b, n, nh, hd)
+    k = qkv[..., nh * hd : (nh + nkv) * hd].reshape(b, n, nkv, hd)
+    v = qkv[..., (nh + nkv) * hd :].reshape(b, n, nkv, hd)
+    q, k = rotate(q, *st.rope), rotate(k, *st.rope)
+    # one in-place write of k and v; padding tokens carry an out-of-range
+    # write_t and are dropped. (B, L, 2, nkv, hd) lands at [i, :, slot, :, t]
+    new = jnp.stack([k, v], axis=2).astype(cache.dtype)
+    cache = cache.at[i, :, st.slots[:, None], :, st.write_t].set(new, mode="drop")
+    # read only the filled part: the bucket of T positions covering every sequence
+    t_len = st.allowed.shape[-1]
+    kv = jnp.take(cache[i, :, :, :, :t_len], st.slots, axis=1)  # (2, B, nkv, T, hd)
+    return attention(q, kv[0], kv[1], st.allowed, st.causal_chunk), cache
+
+
+def _qk_norm(cfg: ModelConfig, w: Params, qkv: jax.Array) -> jax.Array:
+    """qkv with its q and k heads RMS-normed per head (Qwen3's q_norm/k_norm)."""
+    b, n, _ = qkv.shape
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    eps = cfg.rms_norm_eps
+    q = w["q_norm"] * rms(qkv[..., : nh * hd].reshape(b, n, nh, hd), eps)
+    k = w["k_norm"] * rms(
+        qkv[..., nh * hd : (nh + nkv) * hd].reshape(b, n, nkv, hd), eps
+    )
+    rest = qkv[..., (nh + nkv) * hd :]
+    return jnp.concatenate([q.reshape(b, n, -1), k.reshape(b, n, -1), rest], axis=-1)
+
+
 def layer(
-    cfg: ModelConfig,
-    i: int,
-    w: Params,
-    x: jax.Array,
-    cache: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
-    slots: jax.Array,
-    write_t: jax.Array,
-    allowed: jax.Array,
-    causal_chunk: int | None = None,
+    cfg: ModelConfig, i: int, w: Params, x: jax.Array, cache: jax.Array, st: Shared
 ) -> tuple[jax.Array, jax.Array]:
     """Decoder block i of the stage. x (B, L, D) float32; returns it and the cache."""
-    b, n, _ = x.shape
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    eps, t_len = cfg.rms_norm_eps, allowed.shape[-1]
+    eps = cfg.rms_norm_eps
     with jax.named_scope("attention"):
-        qkv = mm_cat(w["ln1"] * rms(x, eps), w["wqkv"])
+        qkv = mm_cat(x, w["wqkv"], prologue="rms", norm=w["ln1"], eps=eps)
         if "bqkv" in w:
             qkv = qkv + w["bqkv"]
-        q = qkv[..., : nh * hd].reshape(b, n, nh, hd)
-        k = qkv[..., nh * hd : (nh + nkv) * hd].reshape(b, n, nkv, hd)
-        v = qkv[..., (nh + nkv) * hd :].reshape(b, n, nkv, hd)
         if "q_norm" in w:
-            q, k = w["q_norm"] * rms(q, eps), w["k_norm"] * rms(k, eps)
-        q, k = rotate(q, *rope), rotate(k, *rope)
-        # one in-place write of k and v; padding tokens carry an out-of-range
-        # write_t and are dropped. (B, L, 2, nkv, hd) lands at [i, :, slot, :, t]
-        new = jnp.stack([k, v], axis=2).astype(cache.dtype)
-        cache = cache.at[i, :, slots[:, None], :, write_t].set(new, mode="drop")
-        # read only the filled part: the bucket of T positions covering every sequence
-        kv = jnp.take(cache[i, :, :, :, :t_len], slots, axis=1)  # (2, B, nkv, T, hd)
-        attn = attention(q, kv[0], kv[1], allowed, causal_chunk)
-        x = x + mm(attn, w["wo"])
+            qkv = _qk_norm(cfg, w, qkv)
+        if st.kernel:
+            from cake.kernels.cpu import attention as cpu_attention
+
+            attn, cache = cpu_attention.attention(
+                qkv,
+                *st.rope,
+                cache,
+                st.slots,
+                st.positions,
+                st.lengths,
+                n_heads=cfg.num_attention_heads,
+                layer=i,
+                window=cfg.sliding_window or 0,
+            )
+        else:
+            attn, cache = _attend_xla(cfg, i, qkv, cache, st)
+        x = mm(attn, w["wo"], residual=x)
     with jax.named_scope("mlp"):
-        gate, up = jnp.split(mm_cat(w["ln2"] * rms(x, eps), w["wgu"]), 2, axis=-1)
-        x = x + mm(jax.nn.silu(gate) * up, w["wd"])
+        gate_up = mm_cat(x, w["wgu"], prologue="rms", norm=w["ln2"], eps=eps)
+        x = mm(gate_up, w["wd"], prologue="swiglu", residual=x)
     return x, cache
 
 
@@ -137,11 +181,13 @@ def stage_step(
     all_logits: bool,
     out_dtype: str,
     causal_chunk: int | None = None,
+    attention_kernel: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Run the stage on a padded batch; returns (output, updated cache).
 
     x: (B, L) int32 ids if `embed`, else (B, L, D) hidden. slots/positions/
     lengths: (B,) int32. t_len: the cache positions attention reads (static).
+    attention_kernel: attention through the CPU kernel (see `Shared.kernel`).
     Output: (B, L, D) hidden as `out_dtype`, or float32 logits (B, V) /
     (B, L, V) when `head`. Padding rows of hidden output are zero.
     """
@@ -167,11 +213,19 @@ def stage_step(
     allowed = kpos <= tpos[:, :, None]  # (B, L, T)
     if cfg.sliding_window:
         allowed &= kpos > tpos[:, :, None] - cfg.sliding_window
+    st = Shared(
+        rope,
+        slots,
+        positions,
+        lengths,
+        write_t,
+        allowed,
+        causal_chunk,
+        attention_kernel,
+    )
     for i, w in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
-            h, cache = layer(
-                cfg, i, w, h, cache, rope, slots, write_t, allowed, causal_chunk
-            )
+            h, cache = layer(cfg, i, w, h, cache, st)
     if not head:
         return jnp.where(valid[..., None], h, 0).astype(out_dtype), cache
     with jax.named_scope("head"):
@@ -179,5 +233,7 @@ def stage_step(
             h = jnp.where(valid[..., None], h, 0)
         else:
             h = h[jnp.arange(b), lengths - 1]  # (B, D): each last new token
-        logits = mm(params["norm"] * rms(h, cfg.rms_norm_eps), params["head"])
+        logits = mm(
+            h, params["head"], prologue="rms", norm=params["norm"], eps=cfg.rms_norm_eps
+        )
     return logits.astype(jnp.float32), cache

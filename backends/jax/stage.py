@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 from cake import heap
 from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
-from cake.backends.jax.linear import cpu_kernel_formats
+from cake.backends.jax.linear import WIDEN_ROWS, cpu_kernel_formats
 from cake.backends.jax.llama import stage_step
 from cake.backends.jax.params import load_params, weight_bytes
 from cake.config import ModelConfig
@@ -21,6 +22,14 @@ from cake.shard import Shard
 from cake.weights import TensorSource
 
 CAUSAL_CHUNK = 128  # query block of a prefill's attention, see llama.attention
+
+
+def _attention_kernel_available() -> bool:
+    if os.environ.get("CAKE_CPU_ATTENTION", "1") == "0":  # to measure the XLA path
+        return False
+    from cake.kernels.cpu import attention
+
+    return attention.available()
 
 
 class JaxLlamaStage:
@@ -51,6 +60,7 @@ class JaxLlamaStage:
         # The KV cache is float32 on the CPU: XLA there computes in float32 and
         # converting the cache at every read costs more than its bytes save.
         store = np.dtype(np.float32) if on_cpu else model_dtype
+        kernels = cpu_kernel_formats() if on_cpu else frozenset()
         self._params = load_params(
             config,
             shard,
@@ -58,8 +68,11 @@ class JaxLlamaStage:
             model_dtype,
             max_context,
             jax_device,
-            kernels=cpu_kernel_formats() if on_cpu else frozenset(),
+            kernels=kernels,
         )
+        # Decode steps and short chunks attend through the CPU kernel, which
+        # reads the cache in place at each sequence's own length (see forward).
+        self._attention_kernel = bool(kernels) and _attention_kernel_available()
         self.weight_bytes = weight_bytes(self._params)
         heap.trim()  # the copies made while loading
         self._cache = kvcache.allocate(
@@ -75,7 +88,7 @@ class JaxLlamaStage:
         self.trace_count = 0
         self._step = jax.jit(
             self._traced_step,
-            static_argnames=("t_len", "all_logits", "causal_chunk"),
+            static_argnames=("t_len", "all_logits", "causal_chunk", "attention_kernel"),
             donate_argnames=("cache",),
         )
 
@@ -114,9 +127,13 @@ class JaxLlamaStage:
         )
         n = step.max_len
         width = kvcache.bucket(n)  # prefill lengths padded to powers of two
+        # The attention kernel takes each sequence's length at run time, so its
+        # steps compile once per (batch, width), whatever the cache holds; the
+        # XLA path reads a static bucket of cache positions.
+        kernel = self._attention_kernel and width < WIDEN_ROWS
         ends = max(p + k for p, k in zip(step.positions, step.lengths, strict=True))
         t_len = kvcache.bucket(
-            ends, cap=self.max_context, floor=kvcache.MIN_CACHE_BUCKET
+            0 if kernel else ends, cap=self.max_context, floor=kvcache.MIN_CACHE_BUCKET
         )
         if self.shard.embed:
             xp = np.zeros((step.batch, width), np.int32)
@@ -140,6 +157,7 @@ class JaxLlamaStage:
             causal_chunk=CAUSAL_CHUNK
             if width > CAUSAL_CHUNK and not any(step.positions)
             else None,
+            attention_kernel=kernel,
         )
         if self.trace_count != traced:
             heap.trim()  # what XLA freed after compiling this shape

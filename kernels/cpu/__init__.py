@@ -13,6 +13,11 @@ of 8 rows (layout: src/repack.cc), the same array shape, multiplied for any M
 by a GEMM that serves 8 weight rows per instruction (M = 8 sequences cost far
 less than 8 times one).
 
+`matmul` and `matmul_np` can also fold in what surrounds a product in a
+decoder layer (see `PROLOGUES`): an RMS norm of x times a weight, or SwiGLU of
+x's two halves, and a residual added to the result. A decode step then makes a
+few library calls per layer instead of tens of small XLA ops.
+
 For the block formats x is first quantized to 8 bits per block of 32 (256 for
 the K-quants) as llama.cpp does; `reference.py` says exactly how. `matmul_np`
 and `dequantize_np` call the library through ctypes; `matmul` and `dequantize`
@@ -23,6 +28,7 @@ The library is compiled on first use (`build.py`) and cached per machine.
 from __future__ import annotations
 
 import ctypes
+import math
 import subprocess
 import sys
 import threading
@@ -37,6 +43,7 @@ __all__ = [
     "ALL_FORMATS",
     "FORMATS",
     "KernelsUnavailable",
+    "PROLOGUES",
     "REPACKED",
     "REPACK_ROWS",
     "available",
@@ -61,6 +68,10 @@ ALL_FORMATS = (
 REPACKED = {f: f + "R8" for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")}
 REPACK_ROWS = 8
 _PLAIN = {r: p for p, r in REPACKED.items()}
+# matmul's `prologue`: what x goes through first (codes of matmul.cc's enum)
+#   "rms": x * (1 / sqrt(mean(x^2) + eps)) * norm, norm (K,) float32;
+#   "swiglu": x is (..., 2K): silu(x[..., :K]) * x[..., K:].
+PROLOGUES = {None: 0, "rms": 1, "swiglu": 2}
 
 
 class KernelsUnavailable(BackendError):
@@ -118,6 +129,10 @@ class _Library:
         lib.cake_format_name.restype = ctypes.c_char_p
         lib.cake_format_name.argtypes = [ctypes.c_int]
         lib.cake_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
+        lib.cake_matmul_fused.argtypes = [
+            *(ctypes.c_int, ptr, i64, i64, ptr, i64, ptr),
+            *(ctypes.c_int, ptr, ctypes.c_float, ptr),
+        ]
         lib.cake_dequantize.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
         lib.cake_repack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
         lib.cake_quantize_q8_32.argtypes = [ptr, ptr, i64]
@@ -138,23 +153,42 @@ class _Library:
             )
         return self.codes[fmt]
 
-    def matmul(self, x: np.ndarray, w: np.ndarray, fmt: str) -> np.ndarray:
+    def matmul(
+        self,
+        x: np.ndarray,
+        w: np.ndarray,
+        fmt: str,
+        prologue: str | None = None,
+        norm: np.ndarray | None = None,
+        eps: float = 0.0,
+        residual: np.ndarray | None = None,
+    ) -> np.ndarray:
         code = self.code(fmt)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim < 1:
             raise ValueError(f"x must be (..., K); got a {x.ndim}-D array")
-        k = x.shape[-1]
+        k = _prologue_k(x.shape, prologue, norm)
         n = _check_weights(w.shape, w.dtype, fmt, k)
         w = np.ascontiguousarray(w)
         y = np.empty((*x.shape[:-1], n), dtype=np.float32)
-        m = x.size // k if k else 0
+        m = math.prod(x.shape[:-1])
+        if residual is not None:
+            residual = np.ascontiguousarray(residual, dtype=np.float32)
+            if residual.shape != y.shape:
+                raise ValueError(f"residual must be {y.shape}; got {residual.shape}")
         if k == 0:
-            y[...] = 0.0
+            y[...] = 0.0 if residual is None else residual
         elif m and n:
-            rc = self.raw.cake_matmul(
-                code, x.ctypes.data, m, k, w.ctypes.data, n, y.ctypes.data
+            if norm is not None:
+                norm = np.ascontiguousarray(norm, dtype=np.float32)
+            rc = self.raw.cake_matmul_fused(
+                *(code, x.ctypes.data, m, k, w.ctypes.data, n, y.ctypes.data),
+                PROLOGUES[prologue],
+                None if norm is None else norm.ctypes.data,
+                eps,
+                None if residual is None else residual.ctypes.data,
             )
-            assert rc == 0, f"cake_matmul returned {rc}"
+            assert rc == 0, f"cake_matmul_fused returned {rc}"
         return y
 
     def dequantize(self, w: np.ndarray, fmt: str, k: int) -> np.ndarray:
@@ -247,9 +281,37 @@ def num_threads() -> int:
     return int(_require().raw.cake_num_threads())
 
 
-def matmul_np(x: np.ndarray, w: np.ndarray, fmt: str) -> np.ndarray:
-    """`x (..., K) @ W^T` -> float32 `(..., N)`, W in `fmt` (see the module docstring)."""
-    return _require().matmul(x, w, fmt)
+def _prologue_k(shape: tuple[int, ...], prologue: str | None, norm: Any) -> int:
+    """K of the product for x of `shape` under `prologue`; ValueErrors otherwise."""
+    if prologue not in PROLOGUES:
+        raise ValueError(
+            f"unknown prologue {prologue!r}: expected one of {list(PROLOGUES)}"
+        )
+    k = shape[-1] // 2 if prologue == "swiglu" else shape[-1]
+    if prologue == "swiglu" and shape[-1] % 2:
+        raise ValueError(f"a swiglu prologue needs x (..., 2K); got {tuple(shape)}")
+    if (prologue == "rms") != (norm is not None):
+        raise ValueError("an rms prologue takes a norm weight, and only it does")
+    if norm is not None and tuple(norm.shape) != (k,):
+        raise ValueError(f"the norm weight must be ({k},); got {tuple(norm.shape)}")
+    return k
+
+
+def matmul_np(
+    x: np.ndarray,
+    w: np.ndarray,
+    fmt: str,
+    *,
+    prologue: str | None = None,
+    norm: np.ndarray | None = None,
+    eps: float = 0.0,
+    residual: np.ndarray | None = None,
+) -> np.ndarray:
+    """`x (..., K) @ W^T` -> float32 `(..., N)`, W in `fmt` (see the module docstring).
+
+    prologue/norm/eps: see PROLOGUES; residual (..., N) is added to the result.
+    """
+    return _require().matmul(x, w, fmt, prologue, norm, eps, residual)
 
 
 def dequantize_np(w: np.ndarray, fmt: str, k: int) -> np.ndarray:
@@ -277,7 +339,7 @@ def _register_jax() -> None:
 
         from . import build as _build
 
-        for name in ("matmul", "dequantize"):
+        for name in ("matmul", "matmul_fused", "dequantize"):
             symbol = getattr(lib.raw, f"cake_ffi_{name}", None)
             if symbol is None:
                 raise KernelsUnavailable(
@@ -291,24 +353,55 @@ def _register_jax() -> None:
         _registered = True
 
 
-def matmul(x: Any, w: Any, fmt: str, k: int) -> Any:
+def matmul(
+    x: Any,
+    w: Any,
+    fmt: str,
+    k: int,
+    *,
+    prologue: str | None = None,
+    norm: Any = None,
+    eps: float = 0.0,
+    residual: Any = None,
+) -> Any:
     """`x (..., K) @ W^T` -> float32 `(..., N)` as an XLA CPU custom call (jit-able).
 
     `x` is cast to float32; `w` is laid out as in `weight_spec(fmt, N, k)`.
+    prologue/norm/eps: see PROLOGUES (x is (..., 2K) for "swiglu"); residual
+    (..., N) float32 is added to the result.
     """
     import jax
     import jax.numpy as jnp
 
     _register_jax()
-    if x.ndim < 1 or x.shape[-1] != k:
-        raise ValueError(f"x must be (..., K={k}); got shape {tuple(x.shape)}")
+    if x.ndim < 1 or _prologue_k(x.shape, prologue, norm) != k:
+        raise ValueError(
+            f"x must be (..., K={k}) for prologue {prologue!r}; got {tuple(x.shape)}"
+        )
     n = _check_weights(w.shape, w.dtype, fmt, k)
     _require().code(fmt)
+    shape = (*x.shape[:-1], n)
+    if residual is not None and tuple(residual.shape) != shape:
+        raise ValueError(f"residual must be {shape}; got {tuple(residual.shape)}")
     if k == 0:
-        return jnp.zeros((*x.shape[:-1], n), jnp.float32)
-    out = jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32)
-    call = jax.ffi.ffi_call("cake_cpu_matmul", out, vmap_method="sequential")
-    return call(x.astype(jnp.float32), w, fmt=fmt)
+        zero = jnp.zeros(shape, jnp.float32)
+        return zero if residual is None else zero + residual
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    x = x.astype(jnp.float32)
+    if prologue is None and residual is None:
+        call = jax.ffi.ffi_call("cake_cpu_matmul", out, vmap_method="sequential")
+        return call(x, w, fmt=fmt)
+    none = jnp.zeros((0,), jnp.float32)
+    call = jax.ffi.ffi_call("cake_cpu_matmul_fused", out, vmap_method="sequential")
+    return call(
+        x,
+        w,
+        none if norm is None else norm.astype(jnp.float32),
+        none if residual is None else residual.astype(jnp.float32),
+        fmt=fmt,
+        prologue=np.int64(PROLOGUES[prologue]),
+        eps=np.float32(eps),
+    )
 
 
 def dequantize(w: Any, fmt: str, k: int) -> Any:

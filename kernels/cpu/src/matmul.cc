@@ -1,6 +1,12 @@
 // The driver: y (M, N) = x (M, K) @ W^T for every format, on a persistent
 // thread pool, as plain C entry points (ctypes) and XLA FFI handlers (jax).
 //
+// cake_matmul_fused also folds in what surrounds a product in a decoder
+// layer, so that a decode step is a few library calls per layer rather than
+// tens of small XLA ops (each of which cost ~5 us of dispatch on 2 cores):
+// a prologue on x (RMS norm times a weight, or SwiGLU of x's two halves) and a
+// residual added to y.
+//
 // x is quantized once per call into the activation blocks of qdot.h (a scratch
 // buffer), then threads take blocks of weight rows from a shared counter and
 // run the format's dot for tiles of up to kTileRows activation rows. The
@@ -12,6 +18,7 @@
 // build.py passes -DCAKE_HAVE_KQUANTS when kquants.cc exists.
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -53,6 +60,8 @@ int cake_format_code(const char* name);
 int cake_num_threads(void);
 void cake_set_num_threads(int n);
 int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n, float* y);
+int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n,
+                      float* y, int prologue, const float* norm, float eps, const float* residual);
 int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out);
 int cake_repack(int code, const void* w, int64_t n, int64_t k, void* out);
 }
@@ -270,6 +279,9 @@ int64_t block_step(int64_t count, int threads, int64_t align) {
   return s < align ? align : s;
 }
 
+// What x's rows go through before the product (cake_matmul_fused's prologue).
+enum Prologue { kNone = 0, kRmsNorm = 1, kSwiGlu = 2 };
+
 struct QuantizeJob {
   const Format* f;
   const float* x;
@@ -277,20 +289,49 @@ struct QuantizeJob {
   char* xa;
   size_t xs;
   Counter rows;
+  Prologue pro = kNone;
+  const float* norm = nullptr;  // kRmsNorm: (k,) weight
+  float eps = 0.0f;
 };
+
+// Row r of the product's input: x's row, or (prologue) it transformed into tmp.
+//   kRmsNorm: x_r * (1 / sqrt(mean(x_r^2) + eps)) * norm, as llama.py's rms();
+//   kSwiGlu:  x is (M, 2k): silu(x_r[:k]) * x_r[k:], silu(g) = g / (1 + exp(-g)).
+const float* input_row(const QuantizeJob& j, int64_t r, float* tmp) {
+  const int64_t k = j.k;
+  if (j.pro == kSwiGlu) {
+    const float* g = j.x + r * 2 * k;
+    const float* u = g + k;
+    for (int64_t i = 0; i < k; i++) tmp[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    return tmp;
+  }
+  const float* row = j.x + r * k;
+  if (j.pro == kNone) return row;
+  float ss = 0.0f;
+  for (int64_t i = 0; i < k; i++) ss += row[i] * row[i];
+  const float inv = 1.0f / std::sqrt(ss / (float)k + j.eps);
+  for (int64_t i = 0; i < k; i++) tmp[i] = row[i] * inv * j.norm[i];
+  return tmp;
+}
 
 void quantize_work(void* p, int, int) {
   QuantizeJob& j = *(QuantizeJob*)p;
+  thread_local std::vector<float> tmp;
+  if (j.pro != kNone && tmp.size() < (size_t)j.k) tmp.resize((size_t)j.k);
   int64_t b, e;
   while (j.rows.take(&b, &e))
     for (int64_t r = b; r < e; r++) {
-      if (j.f->act == kQ8_32) {
+      const float* x = input_row(j, r, tmp.data());
+      if (j.f->act == kF32) {  // F16/BF16 multiply float rows: keep the transformed row
+        std::memcpy(j.xa + r * j.xs, x, (size_t)j.k * sizeof(float));
+      } else if (j.f->act == kQ8_32) {
         cake_q8_32* y = (cake_q8_32*)(j.xa + r * j.xs);
-        cake_quantize_q8_32(j.x + r * j.k, y, j.k);
+        cake_quantize_q8_32(x, y, j.k);
         if (j.f->r8 != nullptr && j.f->r8->s_scale != 1.0f)
           for (int64_t i = 0; i < j.k / 32; i++) y[i].s *= j.f->r8->s_scale;
-      } else
-        cake_quantize_q8_256(j.x + r * j.k, (cake_q8_256*)(j.xa + r * j.xs), j.k);
+      } else {
+        cake_quantize_q8_256(x, (cake_q8_256*)(j.xa + r * j.xs), j.k);
+      }
     }
 }
 
@@ -302,7 +343,8 @@ struct MatmulJob {
   const char* w;
   size_t wrow;  // bytes per weight row
   float* y;
-  Counter rows;  // weight rows
+  Counter rows;                    // weight rows
+  const float* residual = nullptr;  // (M, N) added to y, or none
 };
 
 void matmul_work(void* p, int, int) {
@@ -317,7 +359,10 @@ void matmul_work(void* p, int, int) {
         for (int64_t t = m0; t < m1; t += kTileRows) {
           const int r = (int)(m1 - t < kTileRows ? m1 - t : kTileRows);
           j.f->dot(j.k, wr, j.xa + t * j.xs, j.xs, r, out);
-          for (int i = 0; i < r; i++) j.y[(t + i) * j.n + row] = out[i];
+          if (j.residual != nullptr)
+            for (int i = 0; i < r; i++) j.y[(t + i) * j.n + row] = j.residual[(t + i) * j.n + row] + out[i];
+          else
+            for (int i = 0; i < r; i++) j.y[(t + i) * j.n + row] = out[i];
         }
       }
     }
@@ -330,9 +375,13 @@ void gemm_work(void* p, int, int) {
   while (j.rows.take(&b, &e))
     for (int64_t m0 = 0; m0 < j.m; m0 += kChunkRows) {
       const int64_t m1 = m0 + kChunkRows < j.m ? m0 + kChunkRows : j.m;
-      for (int64_t tile = b; tile < e; tile++)
+      for (int64_t tile = b; tile < e; tile++) {
         j.f->r8->gemm(j.k, j.w + tile * j.wrow, j.xa + m0 * j.xs, j.xs, (int)(m1 - m0),
                       j.y + m0 * j.n + tile * kR8, (size_t)j.n);
+        if (j.residual != nullptr)
+          for (int64_t i = m0; i < m1; i++)
+            for (int64_t c = tile * kR8; c < (tile + 1) * kR8; c++) j.y[i * j.n + c] += j.residual[i * j.n + c];
+      }
     }
 }
 
@@ -386,24 +435,42 @@ void cake_set_num_threads(int n) {
   g_pool = nullptr;
 }
 
+void cake_parallel(void (*fn)(void*, int, int), void* ctx, int max_threads) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  Pool& threads = pool();
+  if (max_threads <= 1 || threads.size() == 1)
+    fn(ctx, 0, 1);
+  else
+    threads.run(fn, ctx);
+}
+
 // 0 on success; -1 unknown format code; -2 k not a positive multiple of the
-// block; -3 a repacked format's n not a multiple of its tile (8 rows).
-int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n, float* y) {
+// block; -3 a repacked format's n not a multiple of its tile (8 rows); -4 an
+// unknown prologue, or kRmsNorm without its weight.
+//
+// prologue (enum Prologue) transforms x first: kRmsNorm with norm (k,) and
+// eps; kSwiGlu reads x as (m, 2k). residual (m, n), when not null, is added to y.
+int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n,
+                      float* y, int prologue, const float* norm, float eps, const float* residual) {
   if (code < 0 || code >= cake_format_count()) return -1;
   const Format* f = formats()[code];
   if (k <= 0 || k % (f->act == kQ8_256 ? 256 : f->block_elems) != 0) return -2;
   if (f->r8 != nullptr && n % kR8 != 0) return -3;
+  if (prologue < kNone || prologue > kSwiGlu || (prologue == kRmsNorm && norm == nullptr)) return -4;
   if (m <= 0 || n <= 0) return 0;
   std::lock_guard<std::mutex> lk(g_mu);
   Pool& threads = pool();
   const bool one = small(m * n * k);
 
   MatmulJob job{f, (const char*)x, (size_t)k * sizeof(float), m, k, n, (const char*)w,
-                (size_t)(k / f->block_elems * f->block_bytes), y, {}};
-  if (f->act != kF32) {
-    job.xs = f->act == kQ8_32 ? (size_t)(k / 32) * sizeof(cake_q8_32) : (size_t)(k / 256) * sizeof(cake_q8_256);
+                (size_t)(k / f->block_elems * f->block_bytes), y, {}, residual};
+  if (f->act != kF32 || prologue != kNone) {
+    if (f->act == kQ8_32)
+      job.xs = (size_t)(k / 32) * sizeof(cake_q8_32);
+    else if (f->act == kQ8_256)
+      job.xs = (size_t)(k / 256) * sizeof(cake_q8_256);
     if (g_scratch.size() < (size_t)m * job.xs) g_scratch.resize((size_t)m * job.xs);
-    QuantizeJob q{f, x, k, g_scratch.data(), job.xs, {}};
+    QuantizeJob q{f, x, k, g_scratch.data(), job.xs, {}, (Prologue)prologue, norm, eps};
     q.rows.count = m;
     q.rows.step = block_step(m, threads.size(), 1);
     if (one || m < 4)
@@ -426,6 +493,10 @@ int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, i
   else
     threads.run(work, &job);
   return 0;
+}
+
+int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n, float* y) {
+  return cake_matmul_fused(code, x, m, k, w, n, y, kNone, nullptr, 0.0f, nullptr);
 }
 
 // out (n, k) float32. Same return codes as cake_matmul.
@@ -493,22 +564,50 @@ ffi::Error check_weights(const Format* f, const ffi::AnyBuffer& w, int64_t k, in
   return ffi::Error::Success();
 }
 
-ffi::Error ffi_matmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, std::string_view fmt) {
+ffi::Error matmul_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                       std::string_view fmt, int prologue, const ffi::AnyBuffer* norm, float eps,
+                       const ffi::AnyBuffer* residual) {
   const int code = code_of(fmt);
   if (code < 0) return ffi::Error::InvalidArgument("cake: format not compiled in: " + std::string(fmt));
   if (x.element_type() != ffi::DataType::F32 || y->element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("cake: x and y must be float32");
   const auto xd = x.dimensions();
   if (xd.size() < 1 || xd.back() <= 0) return ffi::Error::InvalidArgument("cake: x must be (..., K), K > 0");
-  const int64_t k = xd.back(), m = (int64_t)x.element_count() / k;
+  const int64_t k = prologue == kSwiGlu ? xd.back() / 2 : xd.back();
+  if (prologue == kSwiGlu && xd.back() % 2 != 0)
+    return ffi::Error::InvalidArgument("cake: a SwiGLU prologue needs x (..., 2K)");
+  const int64_t m = (int64_t)x.element_count() / xd.back();
   int64_t n;
   if (ffi::Error e = check_weights(formats()[code], w, k, &n); e.failure()) return e;
   if ((int64_t)y->element_count() != m * n) return ffi::Error::InvalidArgument("cake: y must be (..., N)");
-  const int rc = cake_matmul(code, (const float*)x.untyped_data(), m, k, w.untyped_data(), n,
-                             (float*)y->untyped_data());
+  const float* norm_p = nullptr;
+  if (norm != nullptr && norm->element_count() > 0) {
+    if (norm->element_type() != ffi::DataType::F32 || (int64_t)norm->element_count() != k)
+      return ffi::Error::InvalidArgument("cake: the norm weight must be float32 (K,)");
+    norm_p = (const float*)norm->untyped_data();
+  }
+  const float* res_p = nullptr;
+  if (residual != nullptr && residual->element_count() > 0) {
+    if (residual->element_type() != ffi::DataType::F32 || (int64_t)residual->element_count() != m * n)
+      return ffi::Error::InvalidArgument("cake: the residual must be float32 (..., N) like y");
+    res_p = (const float*)residual->untyped_data();
+  }
+  const int rc = cake_matmul_fused(code, (const float*)x.untyped_data(), m, k, w.untyped_data(), n,
+                                   (float*)y->untyped_data(), prologue, norm_p, eps, res_p);
   if (rc == -3) return ffi::Error::InvalidArgument("cake: a repacked format needs N to be a multiple of 8");
+  if (rc == -4) return ffi::Error::InvalidArgument("cake: unknown prologue, or an RMS norm without its weight");
   if (rc != 0) return ffi::Error::InvalidArgument("cake: K is not a multiple of the format's block");
   return ffi::Error::Success();
+}
+
+ffi::Error ffi_matmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, std::string_view fmt) {
+  return matmul_call(x, w, y, fmt, kNone, nullptr, 0.0f, nullptr);
+}
+
+// norm / residual: zero-size buffers when absent.
+ffi::Error ffi_matmul_fused(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer norm, ffi::AnyBuffer residual,
+                            ffi::Result<ffi::AnyBuffer> y, std::string_view fmt, int64_t prologue, float eps) {
+  return matmul_call(x, w, y, fmt, (int)prologue, &norm, eps, &residual);
 }
 
 ffi::Error ffi_dequantize(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out, std::string_view fmt) {
@@ -534,6 +633,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_matmul, ffi_matmul,
                                   .Arg<ffi::AnyBuffer>()  // w (N, row)
                                   .Ret<ffi::AnyBuffer>()  // y (..., N) float32
                                   .Attr<std::string_view>("fmt"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_matmul_fused, ffi_matmul_fused,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x (..., K) or (..., 2K) float32
+                                  .Arg<ffi::AnyBuffer>()  // w (N, row)
+                                  .Arg<ffi::AnyBuffer>()  // norm (K,) float32 or (0,)
+                                  .Arg<ffi::AnyBuffer>()  // residual (..., N) float32 or (0,)
+                                  .Ret<ffi::AnyBuffer>()  // y (..., N) float32
+                                  .Attr<std::string_view>("fmt")
+                                  .Attr<int64_t>("prologue")
+                                  .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_dequantize, ffi_dequantize,
                               ffi::Ffi::Bind()

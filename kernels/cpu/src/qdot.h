@@ -91,6 +91,12 @@ typedef struct {
 
 extern const cake_r8_kernels cake_r8_q4_0, cake_r8_q4_1, cake_r8_q5_0, cake_r8_q5_1, cake_r8_q8_0;
 
+// Runs fn(ctx, i, n) for i in [0, n) on the driver's thread pool, the caller
+// being i = 0: n is the pool's size, or 1 (the caller alone) when max_threads
+// <= 1. One call at a time across the library (matmul.cc holds the pool);
+// fn shares out its work itself (e.g. from an atomic counter).
+void cake_parallel(void (*fn)(void* ctx, int i, int n), void* ctx, int max_threads);
+
 // float16 <-> float32 helpers every file may use (F16C where compiled in).
 float cake_f16_to_f32(uint16_t h);
 

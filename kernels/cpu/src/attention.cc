@@ -1,0 +1,700 @@
+// Fused causal attention over the KV cache, read and written in place: the
+// decode step's rope + cache write + gather of the batch's slots + softmax
+// attention, in one call per layer (a C entry point for ctypes and an XLA FFI
+// handler whose cache result aliases its cache operand).
+//
+// Layouts (all float32 but slots / positions / lengths, int32; row-major):
+//   qkv   (B, L, (nh + 2 nkv) hd)   q heads, then k heads, then v heads
+//   cos, sin (B, L, hd / 2)         rotary tables at each token's position,
+//                                   HF rotate_half: x1 = x[:hd/2], x2 = x[hd/2:],
+//                                   rope(x) = concat(x1 c - x2 s, x2 c + x1 s)
+//   cache (n_layers, 2, S, nkv, T, hd)  [layer, k | v, slot, kv head, position, dim]
+//   out   (B, L, nh hd)
+// Token l < lengths[b] of sequence b sits at t = positions[b] + l. Its rotated
+// k and its v go to cache[layer, 0 | 1, slots[b], :, t]; all writes of a call
+// come before any read, so a chunk attends to its own keys. Query head j
+// (rope(q) / sqrt(hd)) attends with kv head j / (nh / nkv) to cache positions
+// [lo, t], lo = max(0, t - window + 1) with a window, else 0: float32 scores,
+// max-subtracted softmax, weighted sum of v. Rows l >= lengths[b] are padding:
+// nothing is written to the cache for them and their output is zero.
+//
+// Work: a unit is (sequence, kv head, block of up to 8 tokens, block of that kv
+// head's query heads). Its query rows score each block of 16 keys (AVX-512; 8
+// AVX2) while the block is in L1, one accumulator per key and one transposing
+// reduction per block; then softmax in place (a thread-local scratch of rows x
+// keys floats, weights outside a row's own keys set to 0), and one pass over
+// the value rows per 4 query rows, accumulating in registers. Units come from a
+// shared counter; small calls (one decode token over a short cache) run on the
+// caller alone.
+#include <math.h>
+#include <string.h>
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "qdot.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+#define CAKE_ATT_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CAKE_ATT_AVX2 1
+#endif
+
+#pragma GCC visibility push(default)
+extern "C" {
+// 0 on success, else (nothing written):
+//   -1 a size is negative or zero (B and L may be 0), or a null pointer
+//   -2 nh is not a multiple of nkv
+//   -3 hd is odd
+//   -4 layer is not in [0, n_layers)
+//   -5 window < 0
+//   -6 some lengths[b] is not in [0, L]
+//   -7 some sequence with lengths[b] > 0 has slots[b] outside [0, S)
+//   -8 some sequence with lengths[b] > 0 has positions[b] < 0 or
+//      positions[b] + lengths[b] > T (a token past the cache's end)
+// Sequences with lengths[b] == 0 are not read: their slot and position may be anything.
+int cake_attention(const float* qkv, const float* cos, const float* sin, float* cache,
+                   const int32_t* slots, const int32_t* positions, const int32_t* lengths,
+                   int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, int64_t n_layers,
+                   int64_t S, int64_t T, int64_t layer, int64_t window, float* out);
+int cake_num_threads(void);  // matmul.cc
+}
+#pragma GCC visibility pop
+
+namespace {
+
+// Below this many multiply-adds (scores plus weighted sums) the caller works
+// alone: waking the pool costs more than the work. Measured on 2 cores, nh 9,
+// nkv 3, hd 64, one decode token, us alone / on both: t = 20 3.4 / 4.9; t = 100
+// 6.3 / 7.1; t = 200 (231k) 10.1 / 8.1, but 10 / 20 while another process kept
+// the second core busy (the caller then waits for the preempted worker).
+constexpr int64_t kParallelMin = 1 << 18;
+// At most this many tokens of one sequence per unit (they share key loads).
+constexpr int64_t kMaxTokens = 8;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// ---- vector helpers: dot, max, exp in place, weighted sum of rows ----
+
+#if CAKE_ATT_AVX512
+
+inline __mmask16 tail_mask(int64_t n) { return (__mmask16)((1u << n) - 1u); }
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : tail_mask(n - i);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+// Scores of one query against kKeyBlock consecutive key rows (hd apart):
+// out[i] = dot(q, k + i hd). One accumulator per key, then a transposing
+// reduction tree: ~3 shuffles and adds per score instead of a whole
+// horizontal sum each.
+constexpr int64_t kKeyBlock = 16;
+
+inline void dot_block(const float* q, const float* k, int64_t hd, float* out) {
+  __m512 a[16];
+  for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; d += 16) {
+    const __mmask16 m = hd - d >= 16 ? (__mmask16)0xffff : tail_mask(hd - d);
+    const __m512 qd = _mm512_maskz_loadu_ps(m, q + d);
+    for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(qd, _mm512_maskz_loadu_ps(m, k + i * hd + d), a[i]);
+  }
+  __m512 b[8], c[4], e[2];
+  for (int i = 0; i < 8; i++)  // lanes alternate keys 2i, 2i + 1 within each 128 bits
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; i++)  // each 128 bits: keys 4i .. 4i + 3
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; i++)  // 128-bit lanes: 8i (two halves), 8i + 4 (two halves)
+    e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(3, 1, 3, 1))));
+}
+
+inline float max_of(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+  if (i < n) m = _mm512_mask_max_ps(m, tail_mask(n - i), m, _mm512_maskz_loadu_ps(tail_mask(n - i), x + i));
+  return _mm512_reduce_max_ps(m);
+}
+
+// exp(x) for x <= 0 (Cephes expf: ~1 ulp); below -103 the result is 0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// x[i] = exp(x[i] - m); returns the sum.
+inline float exp_sum(float* x, int64_t n, float m) {
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 s = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm));
+    _mm512_storeu_ps(x + i, e);
+    s = _mm512_add_ps(s, e);
+  }
+  if (i < n) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vm)));
+    _mm512_mask_storeu_ps(x + i, k, e);
+    s = _mm512_add_ps(s, e);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
+// out[:hd] = scale * sum_i p[i] v[i * hd : (i + 1) * hd]
+inline void weighted_sum(const float* p, int64_t n, const float* v, int64_t hd, float scale, float* out) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  int64_t d = 0;
+  for (; d + 64 <= hd; d += 64) {
+    __m512 a[8];
+    for (int u = 0; u < 8; u++) a[u] = _mm512_setzero_ps();
+    const float* vr = v + d;
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2, vr += 2 * hd) {
+      const __m512 p0 = _mm512_set1_ps(p[i]), p1 = _mm512_set1_ps(p[i + 1]);
+      for (int u = 0; u < 4; u++) {
+        a[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vr + 16 * u), a[u]);
+        a[u + 4] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(vr + hd + 16 * u), a[u + 4]);
+      }
+    }
+    if (i < n) {
+      const __m512 p0 = _mm512_set1_ps(p[i]);
+      for (int u = 0; u < 4; u++) a[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vr + 16 * u), a[u]);
+    }
+    for (int u = 0; u < 4; u++) _mm512_storeu_ps(out + d + 16 * u, _mm512_mul_ps(_mm512_add_ps(a[u], a[u + 4]), vs));
+  }
+  for (; d < hd; d += 16) {
+    const __mmask16 k = hd - d >= 16 ? (__mmask16)0xffff : tail_mask(hd - d);
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i++)
+      a = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), _mm512_maskz_loadu_ps(k, v + i * hd + d), a);
+    _mm512_mask_storeu_ps(out + d, k, _mm512_mul_ps(a, vs));
+  }
+}
+
+// Up to kRowsAtOnce rows at once, each row's weights p + r * stride: one pass
+// over the value rows serves all of them (out[r] = scale[r] * sum_i p_r[i] v[i]).
+constexpr int kRowsAtOnce = 4;
+
+template <int R>
+inline void weighted_rows(const float* p, int64_t stride, int64_t n, const float* v, int64_t hd,
+                          const float* scale, float* const* out) {
+  int64_t d = 0;
+  for (; d + 64 <= hd; d += 64) {
+    __m512 a[R][4];
+    for (int r = 0; r < R; r++)
+      for (int u = 0; u < 4; u++) a[r][u] = _mm512_setzero_ps();
+    const float* vr = v + d;
+    for (int64_t i = 0; i < n; i++, vr += hd) {
+      __m512 x[4];
+      for (int u = 0; u < 4; u++) x[u] = _mm512_loadu_ps(vr + 16 * u);
+      for (int r = 0; r < R; r++) {
+        const __m512 pr = _mm512_set1_ps(p[r * stride + i]);
+        for (int u = 0; u < 4; u++) a[r][u] = _mm512_fmadd_ps(pr, x[u], a[r][u]);
+      }
+    }
+    for (int r = 0; r < R; r++)
+      for (int u = 0; u < 4; u++)
+        _mm512_storeu_ps(out[r] + d + 16 * u, _mm512_mul_ps(a[r][u], _mm512_set1_ps(scale[r])));
+  }
+  for (; d < hd; d += 16) {
+    const __mmask16 k = hd - d >= 16 ? (__mmask16)0xffff : tail_mask(hd - d);
+    __m512 a[R];
+    for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i++) {
+      const __m512 x = _mm512_maskz_loadu_ps(k, v + i * hd + d);
+      for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * stride + i]), x, a[r]);
+    }
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out[r] + d, k, _mm512_mul_ps(a[r], _mm512_set1_ps(scale[r])));
+  }
+}
+
+#elif CAKE_ATT_AVX2
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  float s = hsum8(_mm256_add_ps(s0, s1));
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+// Scores of one query against kKeyBlock consecutive key rows (hd apart), one
+// accumulator per key and a transposing reduction (see the AVX-512 version).
+constexpr int64_t kKeyBlock = 8;
+
+inline void dot_block(const float* q, const float* k, int64_t hd, float* out) {
+  if (hd % 8 != 0) {
+    for (int i = 0; i < 8; i++) out[i] = dot(q, k + i * hd, hd);
+    return;
+  }
+  __m256 a[8];
+  for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; d += 8) {
+    const __m256 qd = _mm256_loadu_ps(q + d);
+    for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + i * hd + d), a[i]);
+  }
+  __m256 b[4], c[2];
+  for (int i = 0; i < 4; i++)
+    b[i] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; i++)
+    c[i] = _mm256_add_ps(_mm256_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(c[0], c[1], 0x20),
+                                      _mm256_permute2f128_ps(c[0], c[1], 0x31)));
+}
+
+inline float max_of(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float r = _mm_cvtss_f32(h);
+  for (; i < n; i++) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+// exp(x) for x <= 0 (Cephes expf: ~1 ulp); below -87.3 it is ~1e-38, not 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float exp_sum(float* x, int64_t n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 s = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+    _mm256_storeu_ps(x + i, e);
+    s = _mm256_add_ps(s, e);
+  }
+  float r = hsum8(s);
+  for (; i < n; i++) {
+    x[i] = expf(x[i] - m);
+    r += x[i];
+  }
+  return r;
+}
+
+inline void weighted_sum(const float* p, int64_t n, const float* v, int64_t hd, float scale, float* out) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t d = 0;
+  for (; d + 64 <= hd; d += 64) {
+    __m256 a[8];
+    for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+    const float* vr = v + d;
+    for (int64_t i = 0; i < n; i++, vr += hd) {
+      const __m256 pi = _mm256_set1_ps(p[i]);
+      for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pi, _mm256_loadu_ps(vr + 8 * u), a[u]);
+    }
+    for (int u = 0; u < 8; u++) _mm256_storeu_ps(out + d + 8 * u, _mm256_mul_ps(a[u], vs));
+  }
+  for (; d + 8 <= hd; d += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), _mm256_loadu_ps(v + i * hd + d), a);
+    _mm256_storeu_ps(out + d, _mm256_mul_ps(a, vs));
+  }
+  for (; d < hd; d++) {
+    float a = 0.0f;
+    for (int64_t i = 0; i < n; i++) a += p[i] * v[i * hd + d];
+    out[d] = a * scale;
+  }
+}
+
+// Up to kRowsAtOnce rows at once (see the AVX-512 version).
+constexpr int kRowsAtOnce = 3;
+
+template <int R>
+inline void weighted_rows(const float* p, int64_t stride, int64_t n, const float* v, int64_t hd,
+                          const float* scale, float* const* out) {
+  int64_t d = 0;
+  for (; d + 16 <= hd; d += 16) {
+    __m256 a[R][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    const float* vr = v + d;
+    for (int64_t i = 0; i < n; i++, vr += hd) {
+      const __m256 x0 = _mm256_loadu_ps(vr), x1 = _mm256_loadu_ps(vr + 8);
+      for (int r = 0; r < R; r++) {
+        const __m256 pr = _mm256_set1_ps(p[r * stride + i]);
+        a[r][0] = _mm256_fmadd_ps(pr, x0, a[r][0]);
+        a[r][1] = _mm256_fmadd_ps(pr, x1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      const __m256 sc = _mm256_set1_ps(scale[r]);
+      _mm256_storeu_ps(out[r] + d, _mm256_mul_ps(a[r][0], sc));
+      _mm256_storeu_ps(out[r] + d + 8, _mm256_mul_ps(a[r][1], sc));
+    }
+  }
+  for (; d < hd; d++)
+    for (int r = 0; r < R; r++) {
+      float a = 0.0f;
+      for (int64_t i = 0; i < n; i++) a += p[r * stride + i] * v[i * hd + d];
+      out[r][d] = a * scale[r];
+    }
+}
+
+#else  // plain C++: lane arrays the compiler vectorizes without reassociating
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; j++) s[j] += a[i + j] * b[i + j];
+  float r = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+  for (; i < n; i++) r += a[i] * b[i];
+  return r;
+}
+
+constexpr int64_t kKeyBlock = 4;
+
+inline void dot_block(const float* q, const float* k, int64_t hd, float* out) {
+  for (int i = 0; i < 4; i++) out[i] = dot(q, k + i * hd, hd);
+}
+
+inline float max_of(const float* x, int64_t n) {
+  float r = -INFINITY;
+  for (int64_t i = 0; i < n; i++) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+inline float exp_sum(float* x, int64_t n, float m) {
+  float r = 0.0f;
+  for (int64_t i = 0; i < n; i++) {
+    x[i] = expf(x[i] - m);
+    r += x[i];
+  }
+  return r;
+}
+
+inline void weighted_sum(const float* p, int64_t n, const float* v, int64_t hd, float scale, float* out) {
+  int64_t d = 0;
+  for (; d + 32 <= hd; d += 32) {
+    float a[32] = {};
+    for (int64_t i = 0; i < n; i++) {
+      const float pi = p[i];
+      const float* vr = v + i * hd + d;
+      for (int j = 0; j < 32; j++) a[j] += pi * vr[j];
+    }
+    for (int j = 0; j < 32; j++) out[d + j] = a[j] * scale;
+  }
+  for (; d < hd; d++) {
+    float a = 0.0f;
+    for (int64_t i = 0; i < n; i++) a += p[i] * v[i * hd + d];
+    out[d] = a * scale;
+  }
+}
+
+constexpr int kRowsAtOnce = 1;
+
+template <int R>
+inline void weighted_rows(const float* p, int64_t stride, int64_t n, const float* v, int64_t hd,
+                          const float* scale, float* const* out) {
+  for (int r = 0; r < R; r++) weighted_sum(p + r * stride, n, v, hd, scale[r], out[r]);
+}
+
+#endif
+
+// out[:half], out[half:] = x1 c - x2 s, x2 c + x1 s, each times mul
+inline void rope(const float* x, const float* c, const float* s, int64_t half, float mul, float* out) {
+  const float* x2 = x + half;
+  for (int64_t i = 0; i < half; i++) {
+    out[i] = (x[i] * c[i] - x2[i] * s[i]) * mul;
+    out[half + i] = (x2[i] * c[i] + x[i] * s[i]) * mul;
+  }
+}
+
+struct Job {
+  const float *qkv, *cos, *sin;
+  float* cache;
+  const int32_t *slots, *positions, *lengths;
+  int64_t L, nh, nkv, hd, S, T, layer, window;
+  float* out;
+  int64_t rep;     // query heads per kv head
+  int64_t tokens;  // tokens per unit
+  int64_t heads;   // query heads per unit
+  int64_t n_tok, n_head;  // blocks of tokens per sequence, of heads per kv head
+  int64_t units;
+  std::atomic<int64_t> next{0};
+};
+
+// The first cache position token t reads.
+inline int64_t first_key(const Job& j, int64_t t) { return j.window > 0 ? max64(0, t - j.window + 1) : 0; }
+
+void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
+  const int64_t per_seq = j.nkv * j.n_tok * j.n_head;
+  const int64_t b = u / per_seq;
+  const int64_t g = u / (j.n_tok * j.n_head) % j.nkv;
+  const int64_t tb = u / j.n_head % j.n_tok, hb = u % j.n_head;
+  const int64_t len = j.lengths[b], l0 = tb * j.tokens;
+  if (l0 >= len) return;
+  const int64_t l1 = min64(l0 + j.tokens, len);
+  const int64_t r0 = hb * j.heads, nr = min64(r0 + j.heads, j.rep) - r0;
+  const int64_t hd = j.hd, half = hd / 2, width = (j.nh + 2 * j.nkv) * hd;
+  const int64_t pos = j.positions[b];
+  const int64_t kv_stride = j.S * j.nkv * j.T * hd;  // cache[.., 0] -> cache[.., 1]
+  const float* keys = j.cache + ((j.layer * 2 * j.S + j.slots[b]) * j.nkv + g) * j.T * hd;
+  const float* vals = keys + kv_stride;
+  const int64_t lo = first_key(j, pos + l0), hi = pos + l1 - 1, span = hi - lo + 1;
+  const int64_t rows = (l1 - l0) * nr;
+  const size_t need = (size_t)(rows * (hd + span + 1));
+  if (scratch.size() < need) scratch.resize(need);
+  float* q = scratch.data();           // (rows, hd): rotated, scaled queries
+  float* scores = q + rows * hd;       // (rows, span), row r's key t' at t' - lo
+  const float mul = (float)(1.0 / sqrt((double)hd));  // as jnp's q * (1 / np.sqrt(hd))
+  for (int64_t l = l0; l < l1; l++) {
+    const int64_t tok = b * j.L + l;
+    for (int64_t r = 0; r < nr; r++)
+      rope(j.qkv + tok * width + (g * j.rep + r0 + r) * hd, j.cos + tok * half, j.sin + tok * half, half, mul,
+           q + ((l - l0) * nr + r) * hd);
+  }
+  // Every row scores every key in [lo, hi]: a row of an earlier token (or,
+  // with a window, a later one) scores up to tokens - 1 keys it then ignores.
+  int64_t t = lo;
+  for (; t + kKeyBlock <= hi + 1; t += kKeyBlock)
+    for (int64_t row = 0; row < rows; row++) dot_block(q + row * hd, keys + t * hd, hd, scores + row * span + t - lo);
+  for (; t <= hi; t++)
+    for (int64_t row = 0; row < rows; row++) scores[row * span + t - lo] = dot(q + row * hd, keys + t * hd, hd);
+  // softmax weights, zero outside each row's own keys, then the value rows
+  // once per kRowsAtOnce rows
+  float* scale = scores + rows * span;  // (rows,)
+  for (int64_t row = 0; row < rows; row++) {
+    const int64_t e = pos + l0 + row / nr, a = first_key(j, e);
+    float* s = scores + row * span;
+    float* sr = s + (a - lo);
+    const int64_t n = e - a + 1;
+    scale[row] = 1.0f / exp_sum(sr, n, max_of(sr, n));
+    if (a > lo) memset(s, 0, sizeof(float) * (a - lo));
+    if (e < hi) memset(sr + n, 0, sizeof(float) * (hi - e));
+  }
+  const float* v = vals + lo * hd;
+  for (int64_t row = 0; row < rows; row += kRowsAtOnce) {
+    const int r = (int)min64(kRowsAtOnce, rows - row);
+    float* outs[kRowsAtOnce];
+    for (int i = 0; i < r; i++) {
+      const int64_t l = l0 + (row + i) / nr, h = g * j.rep + r0 + (row + i) % nr;
+      outs[i] = j.out + ((b * j.L + l) * j.nh + h) * hd;
+    }
+    const float* p = scores + row * span;
+    if (r == 1)  // one row: the unrolled single-row sum keeps more FMAs in flight
+      weighted_sum(p, span, v, hd, scale[row], outs[0]);
+    else if (r == 2)
+      weighted_rows<2>(p, span, span, v, hd, scale + row, outs);
+    else if (r == 3)
+      weighted_rows<3>(p, span, span, v, hd, scale + row, outs);
+    else
+      weighted_rows<kRowsAtOnce>(p, span, span, v, hd, scale + row, outs);
+  }
+}
+
+void work(void* p, int, int) {
+  Job& j = *(Job*)p;
+  thread_local std::vector<float> scratch;
+  for (;;) {
+    const int64_t u = j.next.fetch_add(1);
+    if (u >= j.units) return;
+    run_unit(j, u, scratch);
+  }
+}
+
+}  // namespace
+
+int cake_attention(const float* qkv, const float* cos, const float* sin, float* cache,
+                   const int32_t* slots, const int32_t* positions, const int32_t* lengths,
+                   int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, int64_t n_layers,
+                   int64_t S, int64_t T, int64_t layer, int64_t window, float* out) {
+  if (B < 0 || L < 0 || nh <= 0 || nkv <= 0 || hd <= 0 || n_layers <= 0 || S <= 0 || T <= 0) return -1;
+  if (nh % nkv != 0) return -2;
+  if (hd % 2 != 0) return -3;
+  if (layer < 0 || layer >= n_layers) return -4;
+  if (window < 0) return -5;
+  if (B == 0 || L == 0) return 0;
+  if (!qkv || !cos || !sin || !cache || !slots || !positions || !lengths || !out) return -1;
+  int64_t macs = 0;  // scores and weighted sums, for the choice of threads
+  for (int64_t b = 0; b < B; b++) {
+    const int64_t len = lengths[b];
+    if (len < 0 || len > L) return -6;
+    if (len == 0) continue;
+    if (slots[b] < 0 || slots[b] >= S) return -7;
+    if (positions[b] < 0 || (int64_t)positions[b] + len > T) return -8;
+    const int64_t last = positions[b] + len - 1;
+    const int64_t first = positions[b];
+    // sum over tokens of the keys each reads
+    const int64_t keys = window > 0 ? len * min64(window, last + 1)  // at most
+                                    : (first + 1 + last + 1) * len / 2;
+    macs += keys * nh * hd * 2;
+  }
+
+  const int64_t half = hd / 2, width = (nh + 2 * nkv) * hd, plane = S * nkv * T * hd;
+  // 1. the cache writes, and zeros for the padding rows
+  for (int64_t b = 0; b < B; b++) {
+    const int64_t len = lengths[b];
+    if (len < L) memset(out + (b * L + len) * nh * hd, 0, sizeof(float) * (L - len) * nh * hd);
+    for (int64_t l = 0; l < len; l++) {
+      const int64_t tok = b * L + l, t = positions[b] + l;
+      for (int64_t h = 0; h < nkv; h++) {
+        float* kc = cache + ((layer * 2 * S + slots[b]) * nkv + h) * T * hd + t * hd;
+        rope(qkv + tok * width + (nh + h) * hd, cos + tok * half, sin + tok * half, half, 1.0f, kc);
+        memcpy(kc + plane, qkv + tok * width + (nh + nkv + h) * hd, sizeof(float) * hd);
+      }
+    }
+  }
+
+  // 2. attention, in units of (sequence, kv head, tokens, query heads)
+  Job job;
+  job.qkv = qkv, job.cos = cos, job.sin = sin, job.cache = cache;
+  job.slots = slots, job.positions = positions, job.lengths = lengths;
+  job.L = L, job.nh = nh, job.nkv = nkv, job.hd = hd, job.S = S, job.T = T;
+  job.layer = layer, job.window = window, job.out = out;
+  job.rep = nh / nkv;
+  const bool one = macs < kParallelMin;
+  const int threads = one ? 1 : cake_num_threads();
+  // tokens per unit: share key loads, while leaving ~4 units per thread
+  job.tokens = 1;
+  while (job.tokens < kMaxTokens && job.tokens < L &&
+         B * nkv * ((L + 2 * job.tokens - 1) / (2 * job.tokens)) >= 4 * threads)
+    job.tokens *= 2;
+  job.n_tok = (L + job.tokens - 1) / job.tokens;
+  // query heads per unit: all of the kv head's, unless that leaves threads idle
+  const int64_t base = B * nkv * job.n_tok;
+  int64_t split = base >= 2 * threads ? 1 : (2 * threads + base - 1) / base;
+  if (split > job.rep) split = job.rep;
+  job.heads = (job.rep + split - 1) / split;
+  job.n_head = (job.rep + job.heads - 1) / job.heads;
+  job.units = base * job.n_head;
+  cake_parallel(work, &job, threads);
+  return 0;
+}
+
+#if defined(CAKE_WITH_XLA_FFI)
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using F32_3 = ffi::Buffer<ffi::F32, 3>;
+using F32_6 = ffi::Buffer<ffi::F32, 6>;
+using S32_1 = ffi::Buffer<ffi::S32, 1>;
+
+ffi::Error ffi_attention(F32_3 qkv, F32_3 cos, F32_3 sin, F32_6 cache, S32_1 slots, S32_1 positions,
+                         S32_1 lengths, ffi::Result<F32_3> out, ffi::Result<F32_6> cache_out, int64_t layer,
+                         int64_t window) {
+  const auto qd = qkv.dimensions(), cd = cache.dimensions(), od = out->dimensions();
+  const int64_t B = qd[0], L = qd[1], nkv = cd[3], T = cd[4], hd = cd[5];
+  if (hd <= 0 || hd % 2 != 0 || qd[2] % hd != 0 || qd[2] / hd <= 2 * nkv)
+    return ffi::Error::InvalidArgument("cake attention: qkv must be (B, L, (nh + 2 nkv) hd), hd even");
+  const int64_t nh = qd[2] / hd - 2 * nkv;
+  for (const F32_3* t : {&cos, &sin}) {
+    const auto d = t->dimensions();
+    if (d[0] != B || d[1] != L || d[2] != hd / 2)
+      return ffi::Error::InvalidArgument("cake attention: cos and sin must be (B, L, hd / 2)");
+  }
+  for (const S32_1* t : {&slots, &positions, &lengths})
+    if (t->dimensions()[0] != B) return ffi::Error::InvalidArgument("cake attention: slots, positions, lengths must be (B,)");
+  if (od[0] != B || od[1] != L || od[2] != nh * hd)
+    return ffi::Error::InvalidArgument("cake attention: out must be (B, L, nh hd)");
+  const auto rd = cache_out->dimensions();
+  for (int i = 0; i < 6; i++)
+    if (rd[i] != cd[i]) return ffi::Error::InvalidArgument("cake attention: cache_out must have the cache's shape");
+  float* kv = cache_out->typed_data();
+  // XLA aliases the result to the operand (input_output_aliases); should it not, start from a copy
+  if ((const void*)kv != cache.untyped_data()) memcpy(kv, cache.untyped_data(), cache.size_bytes());
+  const int rc = cake_attention(qkv.typed_data(), cos.typed_data(), sin.typed_data(), kv, slots.typed_data(),
+                                positions.typed_data(), lengths.typed_data(), B, L, nh, nkv, hd, cd[0], cd[2], T,
+                                layer, window, out->typed_data());
+  switch (rc) {
+    case 0:
+      return ffi::Error::Success();
+    case -2:
+      return ffi::Error::InvalidArgument("cake attention: nh is not a multiple of nkv");
+    case -4:
+      return ffi::Error::InvalidArgument("cake attention: layer out of range");
+    case -5:
+      return ffi::Error::InvalidArgument("cake attention: window < 0");
+    case -6:
+      return ffi::Error::InvalidArgument("cake attention: a length is outside [0, L]");
+    case -7:
+      return ffi::Error::InvalidArgument("cake attention: a slot is out of range");
+    case -8:
+      return ffi::Error::InvalidArgument("cake attention: a token's position is past the cache (>= T) or negative");
+    default:
+      return ffi::Error::InvalidArgument("cake attention: bad arguments (code " + std::to_string(rc) + ")");
+  }
+}
+
+}  // namespace
+
+#pragma GCC visibility push(default)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_attention, ffi_attention,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32_3>()  // qkv (B, L, (nh + 2 nkv) hd)
+                                  .Arg<F32_3>()  // cos (B, L, hd / 2)
+                                  .Arg<F32_3>()  // sin (B, L, hd / 2)
+                                  .Arg<F32_6>()  // cache (n_layers, 2, S, nkv, T, hd)
+                                  .Arg<S32_1>()  // slots (B,)
+                                  .Arg<S32_1>()  // positions (B,)
+                                  .Arg<S32_1>()  // lengths (B,)
+                                  .Ret<F32_3>()  // out (B, L, nh hd)
+                                  .Ret<F32_6>()  // cache_out: aliases cache
+                                  .Attr<int64_t>("layer")
+                                  .Attr<int64_t>("window"));
+#pragma GCC visibility pop
+#endif

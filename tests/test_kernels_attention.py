@@ -1,0 +1,346 @@
+"""The fused attention kernel (kernels/cpu/src/attention.cc) against a NumPy reference.
+
+The reference is written from the definition in float64: rope k and v into the
+cache for every real token, then each query head attends with softmax to its
+slot's positions [lo, t]. attention_np (ctypes), the jitted FFI call, and the
+AVX2 / plain C++ builds must match it within float32 rounding, leave every
+other cache entry untouched, and the FFI call must update a donated cache
+without copying it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import pytest
+
+from cake.kernels import cpu
+from cake.kernels.cpu import attention as att
+from cake.kernels.cpu import build
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if build.compiler() is None:
+        pytest.skip("no C++ compiler: the kernels cannot be built here")
+    assert cpu.available(), "the CPU kernels failed to build (see stderr)"
+    assert att.available(), "the CPU kernels were built without attention.cc"
+    return cpu._load()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    nh: int
+    nkv: int
+    hd: int
+    slots: tuple[int, ...]
+    positions: tuple[int, ...]
+    lengths: tuple[int, ...]
+    L: int = 1
+    T: int = 64
+    S: int = 4
+    n_layers: int = 2
+    layer: int = 1
+    window: int = 0
+
+
+GQA = (9, 3, 64)  # SmolLM2-135M
+MHA = (4, 4, 32)
+CASES = [
+    *(
+        Case(f"decode-t{p}", *GQA, slots=(1,), positions=(p,), lengths=(1,), T=256)
+        for p in (0, 1, 17, 200, 255)
+    ),
+    Case("decode-mha", *MHA, slots=(3,), positions=(40,), lengths=(1,), layer=0),
+    Case(
+        "batch3-padding",
+        *GQA,
+        slots=(2, 0, 3),
+        positions=(5, 0, 30),
+        lengths=(3, 1, 2),
+        L=3,
+    ),
+    Case(
+        "batch3-mha-empty-row",
+        *MHA,
+        slots=(0, 99, 2),  # the empty row's slot and position are never read
+        positions=(9, -5, 3),
+        lengths=(2, 0, 1),
+        L=2,
+    ),
+    Case("chunk5", *GQA, slots=(2,), positions=(7,), lengths=(5,), L=5),
+    Case("chunk5-mha", *MHA, slots=(0,), positions=(11,), lengths=(5,), L=5),
+    Case("window4-decode", *GQA, slots=(1,), positions=(10,), lengths=(1,), window=4),
+    Case(
+        "window4-chunk", *MHA, slots=(3,), positions=(2,), lengths=(5,), L=5, window=4
+    ),
+    Case("window-wide", *GQA, slots=(0,), positions=(1,), lengths=(3,), L=3, window=40),
+    # enough work for the thread pool: sequences in parallel; one sequence with
+    # its kv heads' query heads split between threads
+    Case(
+        "batch8-t200",
+        *GQA,
+        slots=tuple(range(8)),
+        positions=tuple(190 + 3 * i for i in range(8)),
+        lengths=(1,) * 8,
+        T=256,
+        S=8,
+    ),
+    Case(
+        "decode-t1500", *GQA, slots=(0,), positions=(1500,), lengths=(1,), T=2048, S=1
+    ),
+    # tokens blocked per unit, odd head sizes (vector tails), a window across blocks
+    Case(
+        "prefill-hd128",
+        8,
+        2,
+        128,
+        slots=(1, 0),
+        positions=(0, 20),
+        lengths=(40, 33),
+        L=40,
+        T=96,
+        S=2,
+    ),
+    Case(
+        "prefill-hd80-window",
+        6,
+        2,
+        80,
+        slots=(0,),
+        positions=(3,),
+        lengths=(37,),
+        L=37,
+        window=9,
+    ),
+    Case("hd40", 2, 1, 40, slots=(1,), positions=(12,), lengths=(4,), L=4),
+    Case("hd6", 3, 1, 6, slots=(0, 1), positions=(0, 2), lengths=(2, 1), L=2, T=8),
+]
+BY_NAME = {c.name: c for c in CASES}
+
+
+def rope_ref(x: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def attention_ref(
+    qkv, cos, sin, cache, slots, positions, lengths, *, n_heads, layer, window=0
+):
+    """(out float64, cache float64 after the writes, mask of the entries written)."""
+    qkv, cos, sin = (np.asarray(a, np.float64) for a in (qkv, cos, sin))
+    cache = np.array(cache, np.float64)
+    written = np.zeros(cache.shape, bool)
+    b_, n_, _ = qkv.shape
+    nkv, hd = cache.shape[3], cache.shape[5]
+    nh, rep = n_heads, n_heads // nkv
+    out = np.zeros((b_, n_, nh * hd))
+    tokens = [(b, i) for b in range(b_) for i in range(lengths[b])]
+    for b, i in tokens:
+        t, x = positions[b] + i, qkv[b, i]
+        k = x[nh * hd : (nh + nkv) * hd].reshape(nkv, hd)
+        v = x[(nh + nkv) * hd :].reshape(nkv, hd)
+        cache[layer, 0, slots[b], :, t] = rope_ref(k, cos[b, i], sin[b, i])
+        cache[layer, 1, slots[b], :, t] = v
+        written[layer, :, slots[b], :, t] = True
+    for b, i in tokens:
+        t = positions[b] + i
+        lo = max(0, t - window + 1) if window > 0 else 0
+        q = rope_ref(qkv[b, i, : nh * hd].reshape(nh, hd), cos[b, i], sin[b, i])
+        q /= np.sqrt(hd)
+        for j in range(nh):
+            keys = cache[layer, 0, slots[b], j // rep, lo : t + 1]
+            vals = cache[layer, 1, slots[b], j // rep, lo : t + 1]
+            scores = keys @ q[j]
+            p = np.exp(scores - scores.max())
+            out[b, i, j * hd : (j + 1) * hd] = p @ vals / p.sum()
+    return out, cache, written
+
+
+def make_inputs(c: Case, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    b = len(c.slots)
+    qkv = rng.standard_normal((b, c.L, (c.nh + 2 * c.nkv) * c.hd)).astype(np.float32)
+    tpos = np.asarray(c.positions)[:, None] + np.arange(c.L)  # (B, L)
+    inv_freq = 10000.0 ** (-np.arange(c.hd // 2) / (c.hd // 2))
+    angles = tpos[..., None] * inv_freq
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cache = rng.standard_normal((c.n_layers, 2, c.S, c.nkv, c.T, c.hd)).astype(
+        np.float32
+    )
+    ints = [np.asarray(a, np.int32) for a in (c.slots, c.positions, c.lengths)]
+    return qkv, cos, sin, cache, *ints
+
+
+def kwargs(c: Case) -> dict[str, int]:
+    return {"n_heads": c.nh, "layer": c.layer, "window": c.window}
+
+
+def check(c: Case, out, cache, before, ref) -> None:
+    want, want_cache, written = ref
+    out, cache = np.asarray(out), np.asarray(cache)
+    assert out.shape == want.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5, err_msg=c.name)
+    for b, n in enumerate(c.lengths):
+        assert not out[b, n:].any(), f"{c.name}: padding rows must be zero"
+    # the writes (rope of k in float32: within rounding), and nothing else touched
+    np.testing.assert_allclose(
+        cache[written], want_cache[written], rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_array_equal(cache[~written], before[~written])
+
+
+@pytest.mark.parametrize("c", CASES, ids=lambda c: c.name)
+def test_attention_np_equals_reference(lib, c):
+    qkv, cos, sin, cache, *ints = make_inputs(c)
+    before = cache.copy()
+    ref = attention_ref(qkv, cos, sin, before, *ints, **kwargs(c))
+    out = att.attention_np(qkv, cos, sin, cache, *ints, **kwargs(c))
+    check(c, out, cache, before, ref)
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+@pytest.mark.parametrize("c", CASES, ids=lambda c: c.name)
+def test_portable_paths(lib, portable_libs, march, c):
+    raw = portable_libs[march].raw
+    qkv, cos, sin, cache, *ints = make_inputs(c)
+    before = cache.copy()
+    ref = attention_ref(qkv, cos, sin, before, *ints, **kwargs(c))
+    out = att._call(raw, qkv, cos, sin, cache, *ints, **kwargs(c))
+    check(c, out, cache, before, ref)
+
+
+@pytest.mark.parametrize("c", CASES, ids=lambda c: c.name)
+def test_jit_equals_reference(lib, c):
+    jax = pytest.importorskip("jax")
+    qkv, cos, sin, cache, *ints = make_inputs(c)
+    ref = attention_ref(qkv, cos, sin, cache, *ints, **kwargs(c))
+    f = jax.jit(partial(att.attention, **kwargs(c)))
+    out, new_cache = f(qkv, cos, sin, cache, *ints)
+    check(c, out, new_cache, cache, ref)
+
+
+def _two_layers(cache, qkv0, qkv1, cos, sin, *ints, nh, window):
+    outs = []
+    for layer, qkv in enumerate((qkv0, qkv1)):
+        out, cache = att.attention(
+            qkv, cos, sin, cache, *ints, n_heads=nh, layer=layer, window=window
+        )
+        outs.append(out)
+    return *outs, cache
+
+
+def test_jit_two_layers_donated_cache_is_not_copied(lib):
+    jax = pytest.importorskip("jax")
+    c = BY_NAME["batch3-padding"]
+    qkv0, cos, sin, cache, *ints = make_inputs(c, seed=1)
+    qkv1 = make_inputs(c, seed=2)[0]
+    before = cache.copy()
+    ref0 = attention_ref(qkv0, cos, sin, before, *ints, n_heads=c.nh, layer=0)
+    ref1 = attention_ref(qkv1, cos, sin, ref0[1], *ints, n_heads=c.nh, layer=1)
+    f = jax.jit(partial(_two_layers, nh=c.nh, window=0), donate_argnums=0)
+    args = (qkv0, qkv1, cos, sin, *ints)
+
+    hlo = f.lower(jax.numpy.asarray(cache), *args).compile().as_text()
+    shape = "f32[" + ",".join(map(str, cache.shape)) + "]"
+    copies = [
+        ln.strip()
+        for ln in hlo.splitlines()
+        if re.search(r"\bcopy(-start)?\(", ln) and shape in ln
+    ]
+    assert not copies, "XLA copies the donated cache:\n" + "\n".join(copies)
+    assert hlo.count('custom_call_target="cake_cpu_attention"') == 2
+    # the check can see a copy: without donation XLA copies the cache once
+    undonated = jax.jit(partial(_two_layers, nh=c.nh, window=0))
+    hlo = undonated.lower(jax.numpy.asarray(cache), *args).compile().as_text()
+    assert (
+        sum(bool(re.search(r"\bcopy\(", ln)) and shape in ln for ln in hlo.splitlines())
+        == 1
+    )
+
+    dev_cache = jax.device_put(cache)
+    out0, out1, new_cache = f(dev_cache, *args)
+    assert dev_cache.is_deleted(), "the donated cache should have been consumed"
+    new_cache = np.asarray(new_cache)
+    written = ref0[2] | ref1[2]
+    np.testing.assert_allclose(np.asarray(out0), ref0[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out1), ref1[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        new_cache[written], ref1[1][written], rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_array_equal(new_cache[~written], before[~written])
+
+
+def _bad(c: Case, **change):
+    qkv, cos, sin, cache, slots, positions, lengths = make_inputs(c)
+    for name, (i, v) in change.items():
+        {"slots": slots, "positions": positions, "lengths": lengths}[name][i] = v
+    return qkv, cos, sin, cache, slots, positions, lengths
+
+
+BAD = [
+    ("slot", {"slots": (1, 4)}, "slots", -7),
+    ("negative-slot", {"slots": (0, -1)}, "slots", -7),
+    ("position-at-T", {"positions": (0, 62)}, "position", -8),  # 62 + 3 tokens > T = 64
+    ("negative-position", {"positions": (0, -1)}, "position", -8),
+    ("length-over-L", {"lengths": (0, 4)}, "lengths", -6),
+]
+
+
+@pytest.mark.parametrize(
+    "change,match,rc", [b[1:] for b in BAD], ids=[b[0] for b in BAD]
+)
+def test_bad_arguments(lib, change, match, rc):
+    c = BY_NAME["batch3-padding"]  # L = 3, T = 64, S = 4
+    qkv, cos, sin, cache, slots, positions, lengths = _bad(c, **change)
+    before = cache.copy()
+    with pytest.raises(ValueError, match=match):
+        att.attention_np(qkv, cos, sin, cache, slots, positions, lengths, **kwargs(c))
+    # the C entry point checks too, before writing anything
+    out = np.zeros((3, c.L, c.nh * c.hd), np.float32)
+    fn = lib.raw.cake_attention
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 10 + [ctypes.c_void_p]
+    got = fn(
+        *(a.ctypes.data for a in (qkv, cos, sin, cache, slots, positions, lengths)),
+        *(3, c.L, c.nh, c.nkv, c.hd, c.n_layers, c.S, c.T, c.layer, c.window),
+        out.ctypes.data,
+    )
+    assert got == rc
+    np.testing.assert_array_equal(cache, before)
+    assert not out.any()
+
+
+def test_bad_static_arguments(lib):
+    c = BY_NAME["batch3-padding"]
+    qkv, cos, sin, cache, *ints = make_inputs(c)
+    with pytest.raises(ValueError, match="layer"):
+        att.attention_np(qkv, cos, sin, cache, *ints, n_heads=c.nh, layer=2)
+    with pytest.raises(ValueError, match="window"):
+        att.attention_np(qkv, cos, sin, cache, *ints, n_heads=c.nh, layer=0, window=-1)
+    with pytest.raises(ValueError, match="n_heads"):
+        att.attention_np(qkv, cos, sin, cache, *ints, n_heads=8, layer=0)
+    with pytest.raises(ValueError, match="qkv"):
+        att.attention_np(qkv[..., :-1], cos, sin, cache, *ints, n_heads=c.nh, layer=0)
+    with pytest.raises(ValueError, match="cos"):
+        att.attention_np(qkv, cos[:, :1], sin, cache, *ints, n_heads=c.nh, layer=0)
+    with pytest.raises(ValueError, match="float32"):
+        att.attention_np(
+            qkv, cos, sin, cache.astype(np.float64), *ints, n_heads=c.nh, layer=0
+        )
+    with pytest.raises(ValueError, match="contiguous"):
+        att.attention_np(qkv, cos, sin, cache[:, :, ::-1], *ints, n_heads=c.nh, layer=0)
+
+
+def test_jit_bad_slot_fails_at_run_time(lib):
+    jax = pytest.importorskip("jax")
+    c = BY_NAME["batch3-padding"]
+    qkv, cos, sin, cache, slots, positions, lengths = _bad(c, slots=(1, 4))
+    f = jax.jit(partial(att.attention, **kwargs(c)))
+    with pytest.raises(Exception, match="slot is out of range"):
+        jax.block_until_ready(f(qkv, cos, sin, cache, slots, positions, lengths))
