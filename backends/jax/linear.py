@@ -104,11 +104,7 @@ def mm(
     kernels fold both into the product's one call (a decode step's layer is then
     five library calls, not tens of XLA ops); elsewhere XLA fuses them.
     """
-    if (
-        isinstance(w, QMat)
-        and w.kernel
-        and math.prod(x.shape[:-1]) < WIDEN_ROWS  # see WIDEN_ROWS
-    ):
+    if _by_kernel(x, w):
         from cake.kernels import cpu
 
         return cpu.matmul(
@@ -123,6 +119,15 @@ def mm(
         )
     y = _product(prologue_of(x, prologue, norm, eps), w)
     return y if residual is None else residual + y
+
+
+def _by_kernel(x: jax.Array, w: Weight) -> bool:
+    """Whether `mm` multiplies x by w in one CPU kernel call (prologue included)."""
+    return (
+        isinstance(w, QMat)
+        and w.kernel
+        and math.prod(x.shape[:-1]) < WIDEN_ROWS  # see WIDEN_ROWS
+    )
 
 
 def _product(x: jax.Array, w: Weight) -> jax.Array:
@@ -152,9 +157,13 @@ def mm_cat(
     eps: float = 0.0,
 ) -> jax.Array:
     """prologue(x) @ [W0 | W1 | ...]: one product for a fused group, else one
-    per part after one shared prologue."""
-    if len(ws) == 1:
-        return mm(x, ws[0], prologue=prologue, norm=norm, eps=eps)
+    per part (parts of different formats), each kernel call applying the prologue
+    itself (an RMS norm costs far less than the XLA ops sharing it would), or
+    after one shared prologue elsewhere."""
+    if len(ws) == 1 or all(_by_kernel(x, w) for w in ws):
+        pro = dict(prologue=prologue, norm=norm, eps=eps)
+        outs = [mm(x, w, **pro) for w in ws]
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
     x = prologue_of(x, prologue, norm, eps)
     return jnp.concatenate([mm(x, w) for w in ws], axis=-1)
 
