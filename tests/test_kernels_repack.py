@@ -1,9 +1,11 @@
-"""The repacked CPU formats (Q4_0R8 ... Q8_0R8) against the NumPy reference.
+"""The repacked CPU formats (Q4_0R8 ... Q8_0R8, Q2_KR8 ... Q6_KR8) against the
+NumPy reference.
 
 A matrix repacked by repack_np must multiply like the reference on the original
 bytes (within float32 rounding, as in test_kernels_cpu) for every M, and widen
 to gguf's dequantization of the original exactly, in the native, AVX2 and
-plain C++ builds and through the XLA FFI.
+plain C++ builds and through the XLA FFI. The K-quant tiles are also undone in
+NumPy from the layout their source documents (src/repack_k.cc), byte for byte.
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ import pytest
 from cake.kernels import cpu
 from cake.kernels.cpu import build
 from cake.kernels.cpu import reference as ref
-from tests.test_kernels_cpu import FORMATS, assert_matmul_close, random_weights
+from tests.test_kernels_cpu import (
+    FORMATS,
+    _rms_input,
+    assert_matmul_close,
+    ks,
+    random_weights,
+)
 
 PLAIN = [f for f in FORMATS if f.name in cpu.REPACKED]
-MS = [1, 3, 8, 17, 64]
-# (N, K): one tile of one block; a few tiles; enough for the thread pool
-NKS = [(8, 32), (40, 576), (136, 1536)]
+KQUANTS = [f for f in PLAIN if f.name.endswith("_K")]
+# 70: more than one pass of 64 activation rows, and not a multiple of 8
+MS = [1, 3, 8, 17, 64, 70]
+# (N, which K of ks()): one tile of one block; a few tiles; enough for the thread pool
+NKS = [(8, 0), (40, 1), (136, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +49,10 @@ def case(fmt, m: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("fmt", PLAIN, ids=lambda f: f.name)
-@pytest.mark.parametrize("n,k", NKS)
+@pytest.mark.parametrize("n,ki", NKS)
 @pytest.mark.parametrize("m", MS)
-def test_repacked_matmul_equals_reference(lib, fmt, m, n, k):
+def test_repacked_matmul_equals_reference(lib, fmt, m, n, ki):
+    k = ks(fmt.name)[ki]
     x, w = case(fmt, m, n, k)
     name, packed = cpu.repack_np(w, fmt.name)
     assert name == cpu.REPACKED[fmt.name] and name in cpu.FORMATS
@@ -59,10 +70,69 @@ def test_repacked_dequantize_equals_gguf(lib, fmt):
     )
 
 
+def unpack_tiles(packed: np.ndarray, fmt: str) -> np.ndarray:
+    """The plain rows back from Q2_KR8 ... Q6_KR8 tiles, per repack_k.cc's layout."""
+    n, row = packed.shape
+    nbytes = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[fmt]
+    nb = row // nbytes
+    g = packed.reshape(n // 8, nb, 8 * nbytes)  # tile, block, group bytes
+    t = g.shape[0]
+
+    def per_row(a: np.ndarray, width: int) -> np.ndarray:
+        # (t, nb, 8 rows * width) row-major by row -> (t, nb, 8, width)
+        return a.reshape(t, nb, 8, width)
+
+    if fmt in ("Q4_K", "Q5_K"):
+        d, dmin = per_row(g[..., 0:16], 2), per_row(g[..., 16:32], 2)
+        sc = g[..., 32:128].reshape(t, nb, 12, 8).transpose(0, 1, 3, 2)
+        qs = g[..., 128:1152].reshape(t, nb, 16, 8, 8).transpose(0, 1, 3, 2, 4)
+        qh = g[..., 1152:].reshape(t, nb, -1, 8, 8).transpose(0, 1, 3, 2, 4)
+        qh = qh.reshape(t, nb, 8, -1)  # Q5_K's 32 bytes per row, Q4_K's none
+        blocks = np.concatenate([d, dmin, sc, qh, qs.reshape(t, nb, 8, 128)], -1)
+    elif fmt in ("Q3_K", "Q2_K"):
+        # ql vectors 4h + t: byte 8r + e = qs[32h + 8t + e]; Q3_K's qh: hmask
+        ql0 = 112 if fmt == "Q3_K" else 160
+        ql = g[..., ql0 : ql0 + 512].reshape(t, nb, 8, 8, 8).transpose(0, 1, 3, 2, 4)
+        ql = ql.reshape(t, nb, 8, 64)
+        d = per_row(g[..., 0:16], 2)
+        if fmt == "Q3_K":
+            sc = g[..., 16:112].reshape(t, nb, 12, 8).transpose(0, 1, 3, 2)
+            qh = g[..., 624:].reshape(t, nb, 4, 8, 8).transpose(0, 1, 3, 2, 4)
+            parts = [qh.reshape(t, nb, 8, 32), ql, sc, d]
+        else:
+            sc = g[..., 32:160].reshape(t, nb, 16, 8).transpose(0, 1, 3, 2)
+            parts = [sc, ql, d, per_row(g[..., 16:32], 2)]
+        blocks = np.concatenate(parts, axis=-1)
+    else:
+        d = per_row(g[..., 0:16], 2)
+        sc = g[..., 16:144].reshape(t, nb, 16, 8).transpose(0, 1, 3, 2)
+        v = g[..., 144:].reshape(t, nb, 8, 3, 8, 8)  # G, k, row, e
+        v = v.transpose(0, 1, 4, 2, 3, 5)  # row, G, k, e
+        q = np.empty((t, nb, 8, 8, 4, 8), np.uint8)  # row, G, chunk, e
+        q[..., :3, :] = v & 63
+        q[..., 3, :] = (v[..., 0, :] >> 6) | (v[..., 1, :] >> 6) << 2
+        q[..., 3, :] |= (v[..., 2, :] >> 6) << 4
+        q = q.reshape(t, nb, 8, 2, 4, 32)  # element 128h + 32j + l
+        ql = (q[..., 0:2, :] & 15) | (q[..., 2:4, :] & 15) << 4  # h, a, l
+        qh = sum(((q[..., j, :] >> 4) & 3) << (2 * j) for j in range(4))  # h, l
+        blocks = np.concatenate(
+            [ql.reshape(t, nb, 8, 128), qh.reshape(t, nb, 8, 64), sc, d], axis=-1
+        )
+    return blocks.astype(np.uint8).transpose(0, 2, 1, 3).reshape(n, row)
+
+
+@pytest.mark.parametrize("fmt", KQUANTS, ids=lambda f: f.name)
+def test_repacked_k_tiles_follow_their_documented_layout(lib, fmt):
+    w = random_weights(fmt, 24, 768, np.random.default_rng(10))
+    name, packed = cpu.repack_np(w, fmt.name)
+    assert name == fmt.name + "R8"
+    np.testing.assert_array_equal(unpack_tiles(packed, fmt.name), w)
+
+
 @pytest.mark.parametrize("fmt", PLAIN, ids=lambda f: f.name)
 def test_repacked_jax_ffi_in_jit_equals_ctypes(lib, fmt):
     jax = pytest.importorskip("jax")
-    k = 576
+    k = ks(fmt.name)[1]
     rng = np.random.default_rng(8)
     name, w = cpu.repack_np(random_weights(fmt, 64, k, rng), fmt.name)
     x = rng.standard_normal((2, 5, k)).astype(np.float32)
@@ -72,12 +142,35 @@ def test_repacked_jax_ffi_in_jit_equals_ctypes(lib, fmt):
     np.testing.assert_array_equal(np.asarray(d), cpu.dequantize_np(w, name, k))
 
 
+@pytest.mark.parametrize("fmt", KQUANTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("m", [1, 9])
+def test_repacked_k_fused_rms_and_residual(lib, fmt, m):
+    """The rms prologue and the residual on a K-quant tile format: the driver
+    quantizes the normed rows to cake_q8_256 for it, as for the plain format."""
+    k = 768
+    rng = np.random.default_rng([m, 11])
+    w = random_weights(fmt, 32, k, rng)
+    name, packed = cpu.repack_np(w, fmt.name)
+    x = rng.standard_normal((m, k)).astype(np.float32) * 3.0
+    norm = rng.uniform(0.5, 2.0, k).astype(np.float32)
+    res = rng.standard_normal((m, 32)).astype(np.float32)
+    got = cpu.matmul_np(
+        x, packed, name, prologue="rms", norm=norm, eps=1e-5, residual=res
+    )
+    assert_matmul_close(got - res, _rms_input(x, norm, 1e-5), w, fmt.name)
+
+
 def test_not_repackable_is_returned_as_is(lib):
-    q4_0, q4_k = FORMATS[0], FORMATS[7]
+    q4_0 = FORMATS[0]
     w12 = random_weights(q4_0, 12, 64, np.random.default_rng(9))  # N % 8 != 0
     assert cpu.repack_np(w12, "Q4_0") == ("Q4_0", w12)
-    w = random_weights(q4_k, 16, 256, np.random.default_rng(9))  # no R8 form
-    assert cpu.repack_np(w, "Q4_K") == ("Q4_K", w)
+    q4_k = next(f for f in FORMATS if f.name == "Q4_K")
+    k12 = random_weights(q4_k, 12, 256, np.random.default_rng(9))
+    assert cpu.repack_np(k12, "Q4_K") == ("Q4_K", k12)
+    # no R8 form
+    f16 = next(f for f in FORMATS if f.name == "F16")
+    w = random_weights(f16, 16, 256, np.random.default_rng(9))
+    assert cpu.repack_np(w, "F16") == ("F16", w)
     with pytest.raises(ValueError, match="multiple of 8"):
         cpu.matmul_np(np.zeros((1, 64), np.float32), w12, "Q4_0R8")
 
@@ -87,7 +180,7 @@ def test_not_repackable_is_returned_as_is(lib):
 @pytest.mark.parametrize("m", [1, 5, 17])
 def test_repacked_portable_paths(portable_libs, march, fmt, m):
     lib = portable_libs[march]
-    n, k = 72, 576
+    n, k = 72, ks(fmt.name)[1]
     x, w = case(fmt, m, n, k)
     name, packed = lib.repack(w, fmt.name)
     assert name == cpu.REPACKED[fmt.name]

@@ -142,11 +142,12 @@ def test_quantized_gguf_matches_hf_on_decoded_weights(model, backend, monkeypatc
     want = run(load(path, "numpy")[0], tokens)
     # Equal to float32 rounding (measured ~2e-6 of the spread), except where
     # that rounding moved an activation across a boundary of the 8-bit grid: it
-    # then shifts the logits by <= 4 % of their spread (measured), and a flip in
-    # the prefill stays in the KV cache. The kernels' own exactness is tested
+    # then shifts the logits by up to ~10 % of their spread (measured: Q3_K, a
+    # flip in the prefill, reproduced by nudging the reference's activations by
+    # 1e-6), and a flip in the prefill stays in the KV cache. The kernels' own exactness is tested
     # product by product in test_kernels_cpu.py / test_kernels_kquants.py.
     errs = [np.abs(g - w).max() / w.std() for g, w in zip(got, want, strict=True)]
-    assert max(errs) < 0.1, errs
+    assert max(errs) < 0.15, errs
     for g, ref in zip(got, [prefill, *step_logits], strict=True):
         # the rounding's own effect: <= 0.17 of the spread here, measured
         assert np.abs(g - ref).max() < 0.3 * ref.std()

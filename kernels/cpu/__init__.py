@@ -7,11 +7,12 @@ arrays hold N rows of K values:
   exactly the file's bytes (block sizes: `gguf.constants.GGML_QUANT_SIZES`);
 - F16: float16 `(N, K)`; BF16: bfloat16 (`ml_dtypes` / `jnp.bfloat16`) `(N, K)`.
 
-`repack_np` turns Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrices whose N is a
-multiple of 8 into `Q4_0R8` ... `Q8_0R8`: the same bytes reordered into tiles
-of 8 rows (layout: src/repack.cc), the same array shape, multiplied for any M
-by a GEMM that serves 8 weight rows per instruction (M = 8 sequences cost far
-less than 8 times one).
+`repack_np` turns block-format matrices (Q4_0 ... Q8_0, Q2_K ... Q6_K) whose
+N is a multiple of 8 into `Q4_0R8` ... `Q8_0R8`, `Q2_KR8` ... `Q6_KR8`: the
+same bytes reordered into tiles of 8 rows (layouts: src/repack.cc,
+src/repack_k.cc), the same array shape, multiplied for any M by a GEMM that
+serves 8 weight rows per instruction (M = 8 sequences cost far less than 8
+times one).
 
 `matmul` and `matmul_np` can also fold in what surrounds a product in a
 decoder layer (see `PROLOGUES`): an RMS norm of x times a weight, or SwiGLU of
@@ -65,7 +66,11 @@ ALL_FORMATS = (
     *("F16", "BF16"),
 )
 # file format -> its repacked form (tiles of REPACK_ROWS rows, see repack_np)
-REPACKED = {f: f + "R8" for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")}
+REPACKED = {
+    f: f + "R8"
+    for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+    + ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+}
 REPACK_ROWS = 8
 _PLAIN = {r: p for p, r in REPACKED.items()}
 # matmul's `prologue`: what x goes through first (codes of matmul.cc's enum)

@@ -24,7 +24,7 @@ def activation_block(fmt: str) -> int:
     check_format(fmt)
     if fmt in ("F16", "BF16"):
         return 0
-    return 256 if fmt.endswith("_K") else 32
+    return 256 if fmt.removesuffix("R8").endswith("_K") else 32
 
 
 def quantize_q8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

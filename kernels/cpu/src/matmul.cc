@@ -10,12 +10,15 @@
 // x is quantized once per call into the activation blocks of qdot.h (a scratch
 // buffer), then threads take blocks of weight rows from a shared counter and
 // run the format's dot for tiles of up to kTileRows activation rows. The
-// repacked formats (repack.cc) are taken in tiles of 8 weight rows instead.
+// repacked formats (repack.cc; the K-quant ones, on cake_q8_256 activations,
+// in repack_k.cc) are taken in tiles of 8 weight rows instead.
 //
 // The K-quant kernels live in kquants.cc, which may be absent or incomplete:
 // on ELF systems their symbols are weak references (null when missing) and a
 // format is listed only if both its dot and dequantize are present; elsewhere
-// build.py passes -DCAKE_HAVE_KQUANTS when kquants.cc exists.
+// build.py passes -DCAKE_HAVE_KQUANTS when kquants.cc exists. The repacked
+// K-quant tables (repack_k.cc) are weak on ELF as well: absent, they are null
+// and those formats are not listed.
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -44,6 +47,11 @@
 #pragma weak cake_dequant_q4_k
 #pragma weak cake_dequant_q5_k
 #pragma weak cake_dequant_q6_k
+#pragma weak cake_r8_q2_k
+#pragma weak cake_r8_q3_k
+#pragma weak cake_r8_q4_k
+#pragma weak cake_r8_q5_k
+#pragma weak cake_r8_q6_k
 #define KQUANT(sym) sym
 #elif defined(CAKE_HAVE_KQUANTS)
 #define KQUANT(sym) sym
@@ -108,6 +116,11 @@ const Format kAll[] = {
     {"Q5_0R8", 32, 22, kQ8_32, nullptr, nullptr, &cake_r8_q5_0, "Q5_0"},
     {"Q5_1R8", 32, 24, kQ8_32, nullptr, nullptr, &cake_r8_q5_1, "Q5_1"},
     {"Q8_0R8", 32, 34, kQ8_32, nullptr, nullptr, &cake_r8_q8_0, "Q8_0"},
+    {"Q2_KR8", 256, 84, kQ8_256, nullptr, nullptr, &cake_r8_q2_k, "Q2_K"},
+    {"Q3_KR8", 256, 110, kQ8_256, nullptr, nullptr, &cake_r8_q3_k, "Q3_K"},
+    {"Q4_KR8", 256, 144, kQ8_256, nullptr, nullptr, &cake_r8_q4_k, "Q4_K"},
+    {"Q5_KR8", 256, 176, kQ8_256, nullptr, nullptr, &cake_r8_q5_k, "Q5_K"},
+    {"Q6_KR8", 256, 210, kQ8_256, nullptr, nullptr, &cake_r8_q6_k, "Q6_K"},
 };
 constexpr int64_t kR8 = 8;  // weight rows per repacked tile
 

@@ -75,12 +75,13 @@ void cake_dequant_q6_k(int64_t k, const void* w, float* out);
 void cake_dequant_f16(int64_t k, const void* w, float* out);
 void cake_dequant_bf16(int64_t k, const void* w, float* out);
 
-// Repacked formats (repack.cc): tiles of 8 weight rows interleaved so that one
-// product instruction serves all 8 (layouts at the top of repack.cc). A tile
-// of 8 rows of K values has the bytes of the 8 plain rows.
+// Repacked formats (repack.cc, repack_k.cc): tiles of 8 weight rows interleaved
+// so that one product instruction serves all 8 (layouts at the top of those
+// files). A tile of 8 rows of K values has the bytes of the 8 plain rows. The
+// K-quant forms take cake_q8_256 activations, the others cake_q8_32.
 typedef struct {
-  int64_t group_bytes;  // one 32-element block of the tile's 8 rows
-  float s_scale;        // gemm wants each cake_q8_32.s multiplied by this first
+  int64_t group_bytes;  // one block (32 elements; K-quants 256) of the tile's 8 rows
+  float s_scale;        // gemm wants each cake_q8_32.s multiplied by this first (K-quants: 1)
   // y[i * y_stride + r] = dot(tile row r, activation row i), i < nrows, r < 8
   void (*gemm)(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* y,
                size_t y_stride);
@@ -90,6 +91,8 @@ typedef struct {
 } cake_r8_kernels;
 
 extern const cake_r8_kernels cake_r8_q4_0, cake_r8_q4_1, cake_r8_q5_0, cake_r8_q5_1, cake_r8_q8_0;
+extern const cake_r8_kernels cake_r8_q2_k, cake_r8_q3_k, cake_r8_q4_k, cake_r8_q5_k,
+    cake_r8_q6_k;  // repack_k.cc
 
 // Runs fn(ctx, i, n) for i in [0, n) on the driver's thread pool, the caller
 // being i = 0: n is the pool's size, or 1 (the caller alone) when max_threads
