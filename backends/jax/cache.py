@@ -2,7 +2,8 @@
 
 The buffer holds `max_sequences` slots x `max_context` positions for every layer
 and never changes shape, so a step compiles once per (batch, length bucket,
-cache bucket). Which slot a sequence uses and how many tokens it holds lives
+cache bucket), or once per (batch, length bucket) where the CPU attention kernel
+reads the cache. Which slot a sequence uses and how many tokens it holds lives
 here, on the host.
 """
 
@@ -15,7 +16,9 @@ import jax.numpy as jnp
 
 from cake.kv import CacheFullError
 
-# Attention reads at least this many cache positions: fewer, larger buckets.
+# XLA's attention (GPUs, TPUs, CPU prefills of 64+ tokens; the CPU attention
+# kernel takes lengths at run time and has no buckets) reads at least this many
+# cache positions: fewer, larger buckets.
 # Each new bucket costs a step compilation (~1.4 s per process from the disk
 # cache, 4-7 s cold, for SmolLM2 on 2 cores); with 64, a 39-token prompt and 128
 # new tokens crossed two buckets and `cake run` reported 11-24 tok/s instead of
