@@ -36,7 +36,8 @@ class JaxLlamaStage:
     """Layers [shard.start, shard.end) of a llama-family model on one JAX device.
 
     `trace_count` counts how often the step function was traced (compiled):
-    once per batch size, prefill-length bucket and cache-length bucket.
+    once per batch size, prefill-length bucket and (XLA attention only)
+    cache-length bucket.
     """
 
     def __init__(
