@@ -163,11 +163,10 @@ def test_fused_prologues_and_residual(lib, fmt, m):
     k = ks(plain)[1]
     rng = np.random.default_rng([m, k])
     w = random_weights(next(f for f in FORMATS if f.name == plain), 64, k, rng)
+    wk = w
     if fmt.name != plain:
-        assert cpu.repack_np(w, plain)[0] == fmt.name
-        wk = cpu.repack_np(w, plain)[1]
-    else:
-        wk = w
+        repacked, wk = cpu.repack_np(w, plain)
+        assert repacked == fmt.name
     x = rng.standard_normal((m, k)).astype(np.float32) * 3.0
     norm = rng.uniform(0.5, 2.0, k).astype(np.float32)
     res = rng.standard_normal((m, 64)).astype(np.float32)

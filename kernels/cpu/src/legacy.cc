@@ -17,17 +17,7 @@
 #include <string.h>
 
 #include "qdot.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CAKE_AVX2 1
-#endif
-#if CAKE_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define CAKE_AVX512 1
-#endif
+#include "simd.h"
 
 namespace {
 

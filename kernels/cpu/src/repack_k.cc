@@ -71,20 +71,8 @@
 #include <string.h>
 
 #include "qdot.h"
+#include "simd.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#endif
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define CAKE_AVX2 1
-#endif
-#if CAKE_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define CAKE_AVX512 1
-#endif
-#if CAKE_AVX2 && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
-#define CAKE_VNNI 1
-#endif
 // the 512-bit path wants the EVEX vpdpbusd / vpdpwssd; AVX-512 without them,
 // or AVX-VNNI alone, takes the AVX2 path
 #if CAKE_AVX512 && CAKE_VNNI && defined(__AVX512VNNI__)
@@ -953,22 +941,11 @@ void rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y, size
 #endif
 }
 
-// nrows (<= NR) as one compile-time row count, so the accumulators stay in registers
-template <class F, int NR>
-void gemm_upto(int nrows, int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y, size_t ys) {
-  if constexpr (NR > 1)
-    if (nrows < NR) return gemm_upto<F, NR - 1>(nrows, nb, w, x, xs, y, ys);
-  rows<F, NR>(nb, w, x, xs, y, ys);
-}
-
 template <class F>
 void gemm(int64_t k, const void* w, const void* x, size_t xs, int nrows, float* y, size_t ys) {
-  for (; nrows > 0; nrows -= kMaxRows) {
-    const int r = nrows < kMaxRows ? nrows : kMaxRows;
-    gemm_upto<F, kMaxRows>(r, k / kQK, (const uint8_t*)w, x, xs, y, ys);
-    x = (const char*)x + (size_t)kMaxRows * xs;
-    y += (size_t)kMaxRows * ys;
-  }
+  cake_tiles::gemm<kMaxRows>(nrows, x, xs, y, ys, [&](auto nr, const void* xt, float* yt) {
+    rows<F, decltype(nr)::value>(k / kQK, (const uint8_t*)w, xt, xs, yt, ys);
+  });
 }
 
 }  // namespace
