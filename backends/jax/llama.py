@@ -99,15 +99,21 @@ class Shared(NamedTuple):
     kernel: bool
 
 
-def _attend_xla(
-    cfg: ModelConfig, i: int, qkv: jax.Array, cache: jax.Array, st: Shared
-) -> tuple[jax.Array, jax.Array]:
-    """Rope, the cache write and attention as XLA ops (GPUs, TPUs, long prefills)."""
+def _heads(cfg: ModelConfig, qkv: jax.Array) -> tuple[jax.Array, ...]:
+    """q (B, L, nh, hd), k and v (B, L, nkv, hd) of a fused qkv projection."""
     b, n, _ = qkv.shape
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q = qkv[..., : nh * hd].reshape(b, n, nh, hd)
     k = qkv[..., nh * hd : (nh + nkv) * hd].reshape(b, n, nkv, hd)
     v = qkv[..., (nh + nkv) * hd :].reshape(b, n, nkv, hd)
+    return q, k, v
+
+
+def _attend_xla(
+    cfg: ModelConfig, i: int, qkv: jax.Array, cache: jax.Array, st: Shared
+) -> tuple[jax.Array, jax.Array]:
+    """Rope, the cache write and attention as XLA ops (GPUs, TPUs, long prefills)."""
+    q, k, v = _heads(cfg, qkv)
     q, k = rotate(q, *st.rope), rotate(k, *st.rope)
     # one in-place write of k and v; padding tokens carry an out-of-range
     # write_t and are dropped. (B, L, 2, nkv, hd) lands at [i, :, slot, :, t]
@@ -122,14 +128,12 @@ def _attend_xla(
 def _qk_norm(cfg: ModelConfig, w: Params, qkv: jax.Array) -> jax.Array:
     """qkv with its q and k heads RMS-normed per head (Qwen3's q_norm/k_norm)."""
     b, n, _ = qkv.shape
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    eps = cfg.rms_norm_eps
-    q = w["q_norm"] * rms(qkv[..., : nh * hd].reshape(b, n, nh, hd), eps)
-    k = w["k_norm"] * rms(
-        qkv[..., nh * hd : (nh + nkv) * hd].reshape(b, n, nkv, hd), eps
+    q, k, v = _heads(cfg, qkv)
+    q, k = (
+        w["q_norm"] * rms(q, cfg.rms_norm_eps),
+        w["k_norm"] * rms(k, cfg.rms_norm_eps),
     )
-    rest = qkv[..., (nh + nkv) * hd :]
-    return jnp.concatenate([q.reshape(b, n, -1), k.reshape(b, n, -1), rest], axis=-1)
+    return jnp.concatenate([a.reshape(b, n, -1) for a in (q, k, v)], axis=-1)
 
 
 def layer(
