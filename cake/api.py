@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 from cake.backends.base import auto_backend, get_backend
 from cake.config import ModelConfig
 from cake.errors import CakeError, ModelError
-from cake.generate import GenerationStats, Generator
+from cake.generate import Generator
 from cake.kv import DTYPES
 from cake.pipeline import Pipeline, load_local_stage
 from cake.sampling import SamplingParams
 from cake.shard import Shard
+from cake.stats import GenerationStats
 from cake.tokenizer import Tokenizer, load_tokenizer
 from cake.topology import Topology
 from cake.weights.checkpoint import open_checkpoint
@@ -63,6 +64,7 @@ class Model:
         pipeline: Pipeline,
         info: LoadInfo,
         plan: AutoPlan | None = None,
+        max_sequences: int = 1,
     ) -> None:
         self.config, self.tokenizer, self.pipeline, self.info = (
             config,
@@ -71,7 +73,11 @@ class Model:
             info,
         )
         self.plan = plan  # topology="auto": the probes and the plan that placed it
-        self._gen = Generator(pipeline, tokenizer)
+        self.max_sequences = max_sequences  # what every stage caches at once
+        self._gen = Generator(pipeline, tokenizer, max_sequences)
+        # generate/chat step this engine in the caller's thread; cake serve runs
+        # it in a thread of its own (Engine.start) for concurrent requests
+        self.engine = self._gen.engine
 
     @property
     def stats(self) -> GenerationStats:
@@ -156,6 +162,7 @@ def load(
     request_timeout: float = 300.0,
     workers: Any = None,
     bench_timeout: float = 300.0,
+    max_sequences: int = 1,
 ) -> Model:
     """Load a model (a Hugging Face folder or a .gguf; None: the default SmolLM2).
 
@@ -176,7 +183,11 @@ def load(
     client_key: this master's CurveZMQ NAME.key_secret (see `cake keys`).
     request_timeout: seconds one forward on a worker may take.
     bench_timeout: seconds one worker's probe may take (topology="auto").
+    max_sequences: sequences every stage caches at once (cake serve's
+      --parallel); each holds a KV cache of max_context positions.
     """
+    if max_sequences < 1:
+        raise CakeError("max_sequences must be at least 1")
     import time
 
     t0 = time.perf_counter()
@@ -232,6 +243,7 @@ def load(
                 client_key=client_key,
                 retry_timeout=retry_timeout,
                 request_timeout=request_timeout,
+                max_sequences=max_sequences,
             ),
             progress,
         )
@@ -244,14 +256,14 @@ def load(
                 name,
                 dtype,
                 max_context=ctx,
-                max_sequences=1,
+                max_sequences=max_sequences,
                 progress=progress,
             )
         ]
     devices = get_backend(name).devices()  # where the master's own stages run
     device = devices[0].name if devices else "?"
     info = LoadInfo(name, device, dtype, time.perf_counter() - t0)
-    return Model(config, tokenizer, Pipeline(stages, ctx), info, plan)
+    return Model(config, tokenizer, Pipeline(stages, ctx), info, plan, max_sequences)
 
 
 def _distributed_stages(
@@ -274,6 +286,7 @@ def _distributed_stages(
             backend,
             dtype,
             max_context=ctx,
+            max_sequences=net["max_sequences"],
             progress=progress,
         )
         return stages, ctx

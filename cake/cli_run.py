@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 import cake
 from cake.errors import CakeError
-from cake.generate import GenerationStats
+from cake.stats import GenerationStats
 
 
 @dataclass(frozen=True)

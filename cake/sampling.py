@@ -18,8 +18,12 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     min_p: float = 0.05  # 0.0: off; relative to the most likely token
-    repetition_penalty: float = 1.0  # 1.0: off; HF's rule
+    repetition_penalty: float = 1.0  # 1.0: off; HF's rule, over prompt and output
     seed: int | None = None
+    # OpenAI's rule over the tokens drawn so far: logit -= count * frequency
+    # + (count > 0) * presence; 0.0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -32,20 +36,36 @@ class SamplingParams:
             raise CakeError("min-p must be in [0, 1]")
         if self.repetition_penalty <= 0:
             raise CakeError("repetition penalty must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise CakeError(f"{name.replace('_', ' ')} must be in [-2, 2]")
 
 
 class Sampler:
-    """Draws tokens for one sequence; the same seed gives the same tokens."""
+    """Draws tokens for one sequence; the same seed gives the same tokens.
+
+    It remembers what it drew, for the presence and frequency penalties.
+    """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.drawn: dict[int, int] = {}  # token id -> times drawn
 
     def __call__(self, logits: np.ndarray, previous: Iterable[int] = ()) -> int:
+        tok = self._draw(logits, previous)
+        self.drawn[tok] = self.drawn.get(tok, 0) + 1
+        return tok
+
+    def _draw(self, logits: np.ndarray, previous: Iterable[int]) -> int:
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
         if p.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, previous, p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and self.drawn:
+            logits = apply_openai_penalties(
+                logits, self.drawn, p.presence_penalty, p.frequency_penalty
+            )
         if p.temperature == 0:
             return int(np.argmax(logits))
         logits = logits.astype(np.float64) / p.temperature
@@ -79,6 +99,34 @@ def apply_repetition_penalty(
     sel = out[ids]
     out[ids] = np.where(sel > 0, sel / penalty, sel * penalty)
     return out
+
+
+def apply_openai_penalties(
+    logits: np.ndarray, counts: dict[int, int], presence: float, frequency: float
+) -> np.ndarray:
+    """logits - count * frequency - (count > 0) * presence (OpenAI's definition)."""
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+    out = logits.copy()
+    out[ids] -= n * frequency + presence
+    return out
+
+
+def top_logprobs(
+    logits: np.ndarray, token: int, k: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """(log-probability of `token`, the k most likely (id, log-probability)) under
+    the model's own distribution: the raw logits, before any sampling setting."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        k = min(k, x.size)
+        idx = np.argpartition(-x, k - 1)[:k]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        top = [(int(i), float(x[i] - lse)) for i in idx]
+    return float(x[token] - lse), top
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

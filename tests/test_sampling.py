@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from cake.errors import CakeError
-from cake.generate import _StopMatcher
 from cake.sampling import Sampler, SamplingParams, apply_repetition_penalty
+from cake.stops import StopMatcher
 
 LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], np.float32))
 
@@ -53,11 +53,37 @@ def test_bad_parameters_are_cake_errors():
 
 
 def test_stop_matcher_holds_back_a_partial_stop_string():
-    m = _StopMatcher(["</s>"])
+    m = StopMatcher(["</s>"])
     assert m.push("Hello <") == ("Hello ", False)
     assert m.push("/") == ("", False)
     assert m.push("s> more") == ("", True)
-    m = _StopMatcher(["END"])
+    m = StopMatcher(["END"])
     assert m.push("E") == ("", False)
     assert m.push("x") == ("Ex", False)
     assert m.push("E", final=True) == ("E", False)
+
+
+def test_presence_and_frequency_penalties_follow_openai_rule():
+    from cake.sampling import apply_openai_penalties
+
+    out = apply_openai_penalties(np.zeros(4, np.float32), {1: 1, 3: 3}, 0.5, 0.25)
+    np.testing.assert_allclose(out, [0.0, -0.75, 0.0, -1.25])
+    # a strong presence penalty stops greedy from repeating itself
+    s = Sampler(SamplingParams(temperature=0, presence_penalty=2.0))
+    logits = np.array([1.0, 0.5, 0.0], np.float32)
+    assert [s(logits) for _ in range(3)] == [0, 1, 2]
+
+
+def test_top_logprobs_are_the_log_softmax_of_the_logits():
+    from cake.sampling import top_logprobs
+
+    x = np.array([1.0, 3.0, -2.0, 2.5], np.float32)
+    ref = x.astype(np.float64) - np.log(np.exp(x.astype(np.float64)).sum())
+    value, top = top_logprobs(x, 2, 2)
+    assert value == pytest.approx(ref[2])
+    assert [i for i, _ in top] == [1, 3]
+    np.testing.assert_allclose([v for _, v in top], ref[[1, 3]])
+
+
+def test_the_earliest_stop_string_wins():
+    assert StopMatcher(["b", "a"]).push("xaby") == ("x", True)

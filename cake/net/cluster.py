@@ -33,6 +33,7 @@ def connect_workers(
     retry_timeout: float = 30.0,
     request_timeout: float = 300.0,
     context: int = 0,
+    max_sequences: int = 1,
 ) -> dict[str, WorkerClient]:
     """Connect to every worker of `topology` and check it; name -> client.
 
@@ -58,6 +59,7 @@ def connect_workers(
                 hidden_size=config.hidden_size,
                 model_fingerprint=model,
                 context=context,
+                max_sequences=max_sequences,
             )
             server_key = curve.load_public_key(w.public_key) if w.public_key else None
             client = WorkerClient(
@@ -113,6 +115,7 @@ def build_stages(
     dtype: str,
     *,
     max_context: int,
+    max_sequences: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Stage]:
     """Stages for `places` (topology placements), with the master's embed and head."""
@@ -150,7 +153,7 @@ def build_stages(
                 backend,
                 dtype,
                 max_context=max_context,
-                max_sequences=1,
+                max_sequences=max_sequences,
                 progress=tick,
             )
         )

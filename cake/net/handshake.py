@@ -31,7 +31,7 @@ class Expect:
     hidden_size: int
     model_fingerprint: str = ""  # of the config alone: checked before a load
     context: int = 0  # positions a load asks for (0: the worker's most)
-    max_sequences: int = 1  # sequences a load asks for (the master runs one stream)
+    max_sequences: int = 1  # sequences the master runs at once (cake serve: many)
 
 
 def ensure_layers(client: WorkerClient, h: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +89,13 @@ def check_hello(client: WorkerClient, h: dict[str, Any]) -> None:
         raise NetworkError(
             f"{client.who} runs {h.get('dtype')} but the master {e.dtype}: "
             "start both with the same --dtype"
+        )
+    held = int(h.get("max_sequences") or 1)
+    if held < e.max_sequences:
+        raise NetworkError(
+            f"{client.who} caches {held} sequences but the master runs "
+            f"{e.max_sequences} at once: start it with --max-sequences "
+            f"{e.max_sequences} or lower the master's --parallel"
         )
 
 

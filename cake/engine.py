@@ -1,0 +1,431 @@
+"""The continuous-batching engine: requests in, tokens out, one pipeline.
+
+Each `step()`:
+
+1. finishes cancelled requests and admits waiting ones into free sequences
+   (cake.sequence), reusing a parked sequence's cache where it shares the
+   prompt's prefix (a conversation's next turn);
+2. runs one decode Step for every sequence with one token to feed: the whole
+   batch travels through the pipeline as one Step per stage;
+3. feeds one prefill chunk of the prompt with the fewest ids left: prompts are
+   fed chunk by chunk between decode steps, so running streams keep flowing;
+   the chunk is short (SHARED_CHUNK) while other sequences run or wait;
+and draws a token for every sequence whose ids are all fed.
+
+Admission is by sequence: the stages allocate their KV caches for
+`max_sequences` sequences of the full context when they load, so a request
+that gets a sequence never runs out of cache memory; the others wait in a
+queue of at most `max_waiting` (then QueueFullError).
+
+Replay: a stage that lost its caches (a worker came back) raises StageReset;
+every running sequence goes back to position 0 and is fed again (its ids are
+all known), parked ones are forgotten. The output is unchanged.
+
+The engine runs in the caller's thread (`events`, as `cake run` uses it) or in
+a background thread of its own (`start`, as `cake serve` does); `submit` and
+`cancel` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cake.backends.base import Step
+from cake.errors import CakeError, ContextLengthError, NetworkError
+from cake.pipeline import Pipeline, StageReset
+from cake.sampling import Sampler, SamplingParams, top_logprobs
+from cake.sequence import Sequence, SequencePool
+from cake.stats import GenerationStats
+from cake.stops import StopMatcher
+
+PREFILL_CHUNK = 512  # prompt ids per forward call: bounds activation memory
+SHARED_CHUNK = 128  # ... while other sequences run or wait (see docs/serving.md)
+MAX_REPLAYS = 5  # replays in a row after stages lost their caches
+
+
+class QueueFullError(CakeError):
+    """Every sequence runs and the waiting queue is full."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A drawn token's log-probability and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one request got from one step: new text and token ids; `finish` is set
+    on its last event (a GenerationStats.stop_reason), `error` when it failed."""
+
+    text: str = ""
+    tokens: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish: str | None = None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: prompt ids, how to sample, when to stop.
+
+    logprobs: None, or k: each token's log-probability with k alternatives.
+    on_event: called from the engine's thread with each Event.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    on_event: Callable[[Event], None] | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    done: bool = False
+    cancelled: bool = False
+    submitted: float = 0.0
+
+
+class Observer:
+    """Hooks the engine calls (from its thread); cake.server counts metrics here."""
+
+    def step(self, kind: str, batch: int, tokens: int, seconds: float) -> None:
+        """A forward call: kind "decode" or "prefill", sequences, ids fed."""
+
+    def first_token(self, req: Request) -> None: ...
+
+    def finished(self, req: Request) -> None: ...
+
+
+@dataclass(eq=False)
+class _Run:
+    """A running request's generation state (the owner of its Sequence)."""
+
+    request: Request
+    sampler: Sampler
+    decoder: object
+    stops: StopMatcher
+    started: float
+    generated: int = 0
+    prefilled: float = 0.0
+
+
+class Engine:
+    """Schedules requests over `max_sequences` sequences of one pipeline.
+
+    max_sequences must not exceed what every stage was loaded with.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        tokenizer,
+        *,
+        max_sequences: int = 1,
+        max_waiting: int = 64,
+        prefill_chunk: int = PREFILL_CHUNK,
+        shared_chunk: int = SHARED_CHUNK,
+        observer: Observer | None = None,
+    ) -> None:
+        self.pipeline, self.tokenizer = pipeline, tokenizer
+        self.pool = SequencePool(max_sequences)
+        self.max_waiting = max_waiting
+        self.prefill_chunk, self.shared_chunk = prefill_chunk, shared_chunk
+        self.observer = observer or Observer()
+        self._eos = frozenset(tokenizer.eos_token_ids)
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stepping = threading.Lock()
+        self._resets = 0
+        self._thread: threading.Thread | None = None
+        self._closing = False  # no more requests
+        self._stopping = False  # the thread ends
+
+    # -- any thread ---------------------------------------------------------
+
+    def submit(self, req: Request) -> Request:
+        """Queue `req`; a CakeError now if it cannot run (empty or too long a
+        prompt, a full queue)."""
+        n, ctx = len(req.prompt_ids), self.pipeline.max_context
+        if not n:
+            raise ContextLengthError("the prompt is empty")
+        if n >= ctx:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens but the context holds {ctx}; "
+                "shorten it or raise --context"
+            )
+        if req.max_tokens < 1:
+            raise CakeError("max_tokens must be at least 1")
+        with self._lock:
+            if self._closing:
+                raise CakeError("the engine is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(
+                    f"{self.pool.size} sequences are running and "
+                    f"{len(self._waiting)} requests wait; try again later"
+                )
+            req.stats = GenerationStats(prompt_tokens=n)
+            req.submitted = time.perf_counter()
+            self._waiting.append(req)
+            self._wake.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop `req` before the next step; its sequence is parked (cache kept)."""
+        req.cancelled = True
+        with self._lock:
+            self._wake.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.pool.running)
+
+    # -- the stepping thread ------------------------------------------------
+
+    def events(self, req: Request) -> Iterator[Event]:
+        """Submit `req` and step the engine in this thread until it finishes;
+        its events. Closing the iterator early cancels the request."""
+        got: deque[Event] = deque()
+        req.on_event = got.append
+        self.submit(req)
+        try:
+            while True:
+                while not got:
+                    if not self.step() and not got:
+                        raise CakeError("the engine stopped before the request ended")
+                ev = got.popleft()
+                yield ev
+                if ev.finish is not None:
+                    return
+        finally:
+            if not req.done:
+                self.cancel(req)
+                with self._stepping:
+                    self._reap()
+
+    def step(self) -> bool:
+        """One round: admit, one decode step, one prefill chunk. False if idle."""
+        with self._stepping:
+            self._reap()
+            self._admit()
+            if not self.pool.running:
+                return False
+            decode = [s for s in self.pool.running if s.pending == 1]
+            if decode:
+                self._forward(decode, 1, "decode")
+            prefill = [s for s in self.pool.running if s.pending > 1]
+            if prefill:
+                s = min(prefill, key=lambda s: s.pending)
+                busy = len(self.pool.running) > 1 or self._waiting
+                n = min(s.pending, self.shared_chunk if busy else self.prefill_chunk)
+                self._forward([s], n, "prefill")
+            return True
+
+    def start(self) -> None:
+        """Run steps in a background thread until `close`."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="cake-engine", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread (what runs stays, for `step` or `start`)."""
+        if self._thread is None:
+            return
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+        self._thread, self._stopping = None, False
+
+    def close(self) -> None:
+        """Stop the thread, cancel what is left and free every sequence."""
+        self.stop()
+        with self._lock:
+            self._closing = True
+        with self._stepping:
+            for req in list(self._waiting):
+                req.cancelled = True
+            for s in self.pool.running:
+                s.owner.request.cancelled = True
+            self._reap()
+            ids = [s.seq_id for s in self.pool.parked]
+            self.pool.forget_parked()
+            if ids:
+                try:
+                    self.pipeline.release(ids)
+                except Exception as e:  # a worker already gone: nothing to free
+                    print(f"cake: releasing sequences failed: {e}", file=sys.stderr)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self.pool.running):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # never lose the thread: fail what ran
+                print(f"cake: engine step failed: {e!r}", file=sys.stderr)
+                for s in list(self.pool.running):
+                    self._fail(s, e)
+
+    def _reap(self) -> None:
+        """Finish cancelled requests, waiting or running."""
+        with self._lock:
+            gone = [r for r in self._waiting if r.cancelled]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            self._end(r, "cancelled")
+        for s in list(self.pool.running):
+            run: _Run = s.owner
+            if run.request.cancelled:
+                self._finish(s, "cancelled", "")
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting or not self.pool.has_room():
+                    return
+                req = self._waiting.popleft()
+            got = self.pool.take(req.prompt_ids, None)
+            assert got is not None  # has_room() held and only this thread takes
+            s, common = got
+            s.owner = _Run(
+                req,
+                Sampler(req.params),
+                self.tokenizer.stream_decoder(),
+                StopMatcher(req.stop),
+                time.perf_counter(),
+            )
+            req.stats.cached_tokens = common
+
+    def _forward(self, seqs: list[Sequence], n: int, kind: str) -> None:
+        ids = np.array([s.feed(n) for s in seqs], np.int32)
+        step = Step(
+            tuple(s.seq_id for s in seqs),
+            tuple(s.cached for s in seqs),
+            tuple(ids.shape[1] for _ in seqs),
+        )
+        t = time.perf_counter()
+        try:
+            logits = self.pipeline.forward(ids, step)
+        except StageReset:
+            self._replay()
+            return
+        except Exception as e:  # the stages' error: these requests fail
+            for s in seqs:
+                self._fail(s, e)
+            return
+        self._resets = 0
+        self.observer.step(kind, len(seqs), ids.size, time.perf_counter() - t)
+        for i, s in enumerate(seqs):
+            s.cached += ids.shape[1]
+            self.pool.touch(s)
+            if s.pending == 0:
+                self._draw(s, logits[i])
+
+    def _replay(self) -> None:
+        self._resets += 1
+        if self._resets > MAX_REPLAYS:
+            self._resets = 0
+            err = NetworkError(
+                f"a worker lost its caches {MAX_REPLAYS + 1} times in a row; "
+                "check the workers' logs"
+            )
+            for s in list(self.pool.running):
+                self._fail(s, err)
+            return
+        self.pool.forget_parked()
+        for s in self.pool.running:
+            s.cached = 0
+
+    def _draw(self, s: Sequence, logits: np.ndarray) -> None:
+        run: _Run = s.owner
+        req = run.request
+        tok = run.sampler(logits, s.tokens)
+        now = time.perf_counter()
+        run.generated += 1
+        if run.generated == 1:
+            run.prefilled = now
+            req.stats.prompt_s = now - run.started
+            req.stats.first_token_s = now - req.submitted
+            self.observer.first_token(req)
+        lp: tuple[TokenLogprob, ...] = ()
+        if req.logprobs is not None:
+            value, top = top_logprobs(logits, tok, req.logprobs)
+            lp = (TokenLogprob(tok, value, tuple(top)),)
+        if tok in self._eos:
+            self._finish(s, "eos", "", (tok,), lp)
+            return
+        s.tokens.append(tok)
+        text, hit = run.stops.push(run.decoder.push(tok))
+        if hit:
+            self._finish(s, "stop", text, (tok,), lp)
+        elif run.generated >= req.max_tokens:
+            self._finish(s, "max_tokens", text, (tok,), lp)
+        elif len(s.tokens) > self.pipeline.max_context:  # no room to feed it
+            self._finish(s, "context", text, (tok,), lp)
+        else:
+            _emit(req, Event(text, (tok,), lp))
+
+    def _finish(
+        self,
+        s: Sequence,
+        reason: str,
+        text: str,
+        tokens: tuple[int, ...] = (),
+        lp: tuple[TokenLogprob, ...] = (),
+    ) -> None:
+        run: _Run = s.owner
+        if reason != "stop":  # what the decoder and the stop matcher held back
+            tail, _ = run.stops.push(run.decoder.flush(), final=True)
+            text += tail
+        st = run.request.stats
+        st.decode_tokens = run.generated
+        if run.generated:
+            st.decode_s = time.perf_counter() - run.prefilled
+        self.pool.park(s)
+        self._end(run.request, reason, Event(text, tokens, lp))
+
+    def _fail(self, s: Sequence, err: BaseException) -> None:
+        run: _Run | None = s.owner
+        self.pool.drop(s)
+        try:
+            self.pipeline.release([s.seq_id])
+        except Exception:  # the failing stage may not answer; its id is reused anyway
+            pass
+        if run is not None:
+            self._end(run.request, "error", Event(error=err))
+
+    def _end(self, req: Request, reason: str, ev: Event | None = None) -> None:
+        req.stats.stop_reason = reason
+        req.done = True
+        ev = ev or Event()
+        _emit(
+            req,
+            Event(ev.text, ev.tokens, ev.logprobs, finish=reason, error=ev.error),
+        )
+        self.observer.finished(req)
+
+
+def _emit(req: Request, ev: Event) -> None:
+    if req.on_event is not None:
+        req.on_event(ev)

@@ -1,0 +1,230 @@
+"""The continuous-batching engine (cake.engine) on a tiny checkpoint: batched,
+chunked, reused and replayed runs give the tokens of one stream run alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import cake
+from cake.engine import Engine, QueueFullError, Request
+from cake.errors import ContextLengthError
+from cake.pipeline import Pipeline, StageReset
+from cake.sampling import SamplingParams
+from tests.netutil import tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = [[5, 17, 99, 3, 42], [1, 2, 3], list(range(10, 60)), [7]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module", params=["numpy", "jax"])
+def model(request, tiny):
+    m = cake.load(tiny, backend=request.param, max_sequences=4, max_context=128)
+    yield m
+    m.close()
+
+
+def alone(model, prompt, n=12, params=GREEDY) -> list[int]:
+    """The tokens of `prompt` run by itself, from an empty cache."""
+    m = cake.load(model, backend="numpy", max_context=128)
+    try:
+        out = []
+        for ev in m.engine.events(Request(list(prompt), params, n)):
+            out += ev.tokens
+        return out
+    finally:
+        m.close()
+
+
+def run_together(engine: Engine, reqs: list[Request]) -> list[list[int]]:
+    got = [[] for _ in reqs]
+    for i, r in enumerate(reqs):
+        r.on_event = lambda ev, i=i: got[i].extend(ev.tokens)
+        engine.submit(r)
+    while not all(r.done for r in reqs):
+        engine.step()
+    return got
+
+
+@pytest.fixture(scope="module")
+def expected(tiny):
+    return [alone(tiny, p) for p in PROMPTS]
+
+
+def fresh(engine: Engine) -> None:
+    """Forget the parked sequences, so a test starts from empty caches."""
+    ids = [s.seq_id for s in engine.pool.parked]
+    engine.pool.forget_parked()
+    if ids:
+        engine.pipeline.release(ids)
+
+
+def test_a_batch_gives_each_sequence_its_own_greedy_tokens(model, expected):
+    fresh(model.engine)
+    reqs = [Request(p, GREEDY, 12) for p in PROMPTS]
+    assert run_together(model.engine, reqs) == expected
+    assert [r.stats.cached_tokens for r in reqs] == [0, 0, 0, 0]
+    assert all(r.stats.stop_reason == "max_tokens" for r in reqs)
+
+
+def test_a_long_prompt_is_fed_in_chunks_between_decode_steps(model, expected):
+    fresh(model.engine)
+    e = model.engine
+    seen = []
+
+    class Watch:
+        def step(self, kind, batch, tokens, seconds):
+            seen.append((kind, batch, tokens))
+
+        def first_token(self, req): ...
+
+        def finished(self, req): ...
+
+    e.observer, e.shared_chunk = Watch(), 16
+    try:
+        short = Request(PROMPTS[0], GREEDY, 12)
+        long = Request(PROMPTS[2], GREEDY, 12)
+        got = run_together(e, [short, long])
+    finally:
+        e.observer, e.shared_chunk = type(e.observer)(), 128
+    assert got == [expected[0], expected[2]]
+    # the 50-id prompt went in as 16 + 16 + 16 + 2 while the short one decoded
+    assert [t for k, _, t in seen if k == "prefill"][1:] == [16, 16, 16, 2]
+    assert ("decode", 2, 2) in seen
+
+
+def test_a_next_turn_reuses_the_cached_prefix(model, tiny):
+    fresh(model.engine)
+    first = Request(PROMPTS[0], GREEDY, 6)
+    (answer,) = run_together(model.engine, [first])
+    turn = PROMPTS[0] + answer + [9, 8]
+    second = Request(turn, GREEDY, 8)
+    (got,) = run_together(model.engine, [second])
+    # the last drawn token was never fed: the cache holds prompt + answer[:-1]
+    assert second.stats.cached_tokens == len(PROMPTS[0]) + len(answer) - 1
+    assert got == alone(tiny, turn, 8)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model, tiny):
+    fresh(model.engine)
+    hot = SamplingParams(temperature=1.0, min_p=0.0, seed=11)
+    reqs = [Request(PROMPTS[1], hot, 10)] + [
+        Request(p, GREEDY, 10) for p in PROMPTS[2:]
+    ]
+    got = run_together(model.engine, reqs)
+    assert got[0] == alone(tiny, PROMPTS[1], 10, hot)
+
+
+def test_a_cancelled_request_frees_its_sequence(tiny):
+    m = cake.load(tiny, backend="numpy", max_sequences=1, max_context=128)
+    try:
+        e = m.engine
+        a = Request(PROMPTS[0], GREEDY, 100)
+        b = Request(PROMPTS[1], GREEDY, 4)
+        e.submit(a), e.submit(b)
+        e.step()
+        assert e.running == 1 and e.waiting == 1
+        e.cancel(a)
+        while not b.done:
+            e.step()
+        assert (
+            a.stats.stop_reason == "cancelled" and b.stats.stop_reason == "max_tokens"
+        )
+    finally:
+        m.close()
+
+
+def test_a_full_queue_and_a_long_prompt_are_refused(tiny):
+    m = cake.load(tiny, backend="numpy", max_sequences=1, max_context=32)
+    e = Engine(m.pipeline, m.tokenizer, max_sequences=1, max_waiting=2)
+    try:
+        e.submit(Request([1], GREEDY, 4)), e.submit(Request([2], GREEDY, 4))
+        with pytest.raises(QueueFullError):
+            e.submit(Request([3], GREEDY, 4))
+        with pytest.raises(ContextLengthError):
+            e.submit(Request(list(range(40)), GREEDY, 4))
+        with pytest.raises(ContextLengthError):
+            e.submit(Request([], GREEDY, 4))
+    finally:
+        e.close()
+        m.close()
+
+
+def test_the_context_ends_a_generation(tiny):
+    m = cake.load(tiny, backend="numpy", max_context=16)
+    try:
+        r = Request(list(range(10)), GREEDY, 100)
+        toks = [t for ev in m.engine.events(r) for t in ev.tokens]
+        assert r.stats.stop_reason == "context" and len(toks) == 7
+    finally:
+        m.close()
+
+
+def test_a_stage_reset_replays_every_running_sequence(tiny, expected):
+    """A worker that comes back empty mid-batch: all sequences are fed again from
+    position 0 and every output is unchanged."""
+    m = cake.load(tiny, backend="numpy", max_sequences=4, max_context=128)
+    stages = m.pipeline.stages
+
+    class Flaky:
+        def __init__(self, inner, fail_at):
+            self.inner, self.shard, self.calls, self.fail_at = (
+                inner,
+                inner.shard,
+                0,
+                fail_at,
+            )
+
+        def forward(self, x, step):
+            self.calls += 1
+            if self.calls in self.fail_at:
+                self.inner.release(list(range(4)))  # it lost every sequence
+                raise StageReset("restarted")
+            return self.inner.forward(x, step)
+
+        def release(self, seq_ids):
+            self.inner.release(seq_ids)
+
+    e = Engine(
+        Pipeline([Flaky(stages[0], {2, 5, 6, 11})], 128), m.tokenizer, max_sequences=4
+    )
+    try:
+        assert run_together(e, [Request(p, GREEDY, 12) for p in PROMPTS]) == expected
+    finally:
+        m.close()
+
+
+def test_the_engine_thread_serves_concurrent_submitters(model, expected):
+    fresh(model.engine)
+    e = model.engine
+    e.start()
+    try:
+        got = [None] * len(PROMPTS)
+
+        def client(i):
+            done = threading.Event()
+            toks = []
+
+            def on(ev):
+                toks.extend(ev.tokens)
+                if ev.finish:
+                    done.set()
+
+            e.submit(Request(PROMPTS[i], GREEDY, 12, on_event=on))
+            assert done.wait(60)
+            got[i] = toks
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert got == expected
+    finally:
+        e.stop()  # the model stays for the other tests
