@@ -26,23 +26,62 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+# Loading options shared by `run` and `serve`
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct).",
+    ),
+]
+BackendOpt = Annotated[
+    str, typer.Option(help="auto, jax, mlx, numpy or a registered backend.")
+]
+ContextOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="KV cache positions (default: the model's, at most 4096).", min=1
+    ),
+]
+TopologyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Topology YAML: workers run their layers, the master the rest; "
+        "'auto': probe --workers, plan and run the plan."
+    ),
+]
+WorkersOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="With --topology auto: HOST:PORT,... (or a topology file, for "
+        "its hosts and public keys)."
+    ),
+]
+BenchTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--bench-timeout", min=1.0, help="Seconds one worker's probe may take."
+    ),
+]
+RetryTimeoutOpt = Annotated[
+    float,
+    typer.Option("--retry-timeout", min=0.0, help="Seconds to wait for a lost worker."),
+]
+ClientKeyOpt = Annotated[
+    Path | None,
+    typer.Option("--client-key", help="This master's NAME.key_secret (cake keys)."),
+]
+
+
 @app.command()
 def run(
     prompt: Annotated[
         str | None,
         typer.Argument(help="Prompt; read from stdin if absent (chat if a terminal)."),
     ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct).",
-        ),
-    ] = None,
-    backend: Annotated[
-        str, typer.Option(help="auto, jax, mlx, numpy or a registered backend.")
-    ] = "auto",
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1)] = 256,
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.7,
     top_k: Annotated[int, typer.Option("--top-k", min=0)] = 0,
@@ -69,57 +108,36 @@ def run(
         list[str] | None, typer.Option(help="Stop when this text appears (repeatable).")
     ] = None,
     dtype: Annotated[DType, typer.Option()] = DType.auto,
-    context: Annotated[
-        int | None,
-        typer.Option(
-            help="KV cache positions (default: the model's, at most 4096).", min=1
-        ),
-    ] = None,
+    context: ContextOpt = None,
     stats_json: Annotated[
         Path | None,
         typer.Option("--stats-json", help="Write the statistics as JSON here."),
     ] = None,
-    topology: Annotated[
-        Path | None,
-        typer.Option(
-            help="Topology YAML: workers run their layers, the master the rest; "
-            "'auto': probe --workers, plan and run the plan."
-        ),
-    ] = None,
-    workers: Annotated[
-        str | None,
-        typer.Option(
-            help="With --topology auto: HOST:PORT,... (or a topology file, for "
-            "its hosts and public keys)."
-        ),
-    ] = None,
-    bench_timeout: Annotated[
-        float,
-        typer.Option(
-            "--bench-timeout", min=1.0, help="Seconds one worker's probe may take."
-        ),
-    ] = 300.0,
-    retry_timeout: Annotated[
-        float,
-        typer.Option(
-            "--retry-timeout", min=0.0, help="Seconds to wait for a lost worker."
-        ),
-    ] = 30.0,
-    client_key: Annotated[
-        Path | None,
-        typer.Option("--client-key", help="This master's NAME.key_secret (cake keys)."),
-    ] = None,
+    topology: TopologyOpt = None,
+    workers: WorkersOpt = None,
+    bench_timeout: BenchTimeoutOpt = 300.0,
+    retry_timeout: RetryTimeoutOpt = 30.0,
+    client_key: ClientKeyOpt = None,
 ) -> None:
     """Generate text: stdout carries only the generated text, stderr the rest."""
-    from cake.cli_run import RunOptions, run_command
+    from cake.cli_run import LoadOptions, RunOptions, run_command
 
     if raw and chat:
         raise CakeError("--raw and --chat exclude each other")
     run_command(
         RunOptions(
             prompt=prompt,
-            model=model,
-            backend=backend,
+            load=LoadOptions(
+                model=model,
+                backend=backend,
+                dtype=dtype.value,
+                context=context,
+                topology=topology,
+                workers=workers,
+                retry_timeout=retry_timeout,
+                client_key=client_key,
+                bench_timeout=bench_timeout,
+            ),
             max_tokens=max_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -130,14 +148,72 @@ def run(
             mode="raw" if raw else "chat" if chat else "auto",
             system=system,
             stop=tuple(stop or ()),
-            dtype=dtype.value,
-            context=context,
             stats_json=stats_json,
-            topology=topology,
-            retry_timeout=retry_timeout,
-            client_key=client_key,
-            workers=workers,
-            bench_timeout=bench_timeout,
+        )
+    )
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    backend: BackendOpt = "auto",
+    dtype: Annotated[DType, typer.Option()] = DType.auto,
+    context: ContextOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="CAKE_API_KEY",
+            help="Require 'Authorization: Bearer KEY' (also $CAKE_API_KEY).",
+        ),
+    ] = None,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            min=1,
+            help="Sequences generated at once (each caches --context positions).",
+        ),
+    ] = 8,
+    max_queue: Annotated[
+        int,
+        typer.Option("--max-queue", min=0, help="Requests that may wait; then 429."),
+    ] = 64,
+    served_name: Annotated[
+        str | None,
+        typer.Option("--served-model-name", help="The model id clients send."),
+    ] = None,
+    topology: TopologyOpt = None,
+    workers: WorkersOpt = None,
+    bench_timeout: BenchTimeoutOpt = 300.0,
+    retry_timeout: RetryTimeoutOpt = 30.0,
+    client_key: ClientKeyOpt = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, batching requests."""
+    from cake.cli_run import LoadOptions
+    from cake.cli_serve import ServeOptions, serve_command
+
+    serve_command(
+        ServeOptions(
+            load=LoadOptions(
+                model=model,
+                backend=backend,
+                dtype=dtype.value,
+                context=context,
+                topology=topology,
+                workers=workers,
+                retry_timeout=retry_timeout,
+                client_key=client_key,
+                bench_timeout=bench_timeout,
+                max_sequences=parallel,
+            ),
+            host=host,
+            port=port,
+            api_key=api_key,
+            max_queue=max_queue,
+            served_name=served_name,
         )
     )
 

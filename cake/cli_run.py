@@ -16,10 +16,25 @@ from cake.stats import GenerationStats
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """How `cake run` and `cake serve` load the model (see cake.load)."""
+
+    model: Path | None = None
+    backend: str = "auto"
+    dtype: str = "auto"
+    context: int | None = None
+    topology: Path | None = None
+    workers: str | None = None  # with topology "auto"
+    retry_timeout: float = 30.0
+    client_key: Path | None = None
+    bench_timeout: float = 300.0
+    max_sequences: int = 1
+
+
+@dataclass(frozen=True)
 class RunOptions:
     prompt: str | None
-    model: Path | None
-    backend: str
+    load: LoadOptions
     max_tokens: int
     temperature: float
     top_k: int
@@ -30,19 +45,12 @@ class RunOptions:
     mode: str  # "raw", "chat" or "auto"
     system: str | None
     stop: tuple[str, ...]
-    dtype: str
-    context: int | None
     stats_json: Path | None
-    topology: Path | None = None
-    retry_timeout: float = 30.0
-    client_key: Path | None = None
-    workers: str | None = None  # with topology "auto"
-    bench_timeout: float = 300.0
 
 
 def run_command(o: RunOptions) -> None:
     err = Console(stderr=True)
-    model = _load(o, err)
+    model = load_model(o.load, err)
     try:
         chat = o.mode == "chat" or (o.mode == "auto" and model.tokenizer.chat_template)
         if o.mode == "chat" and not model.tokenizer.chat_template:
@@ -65,7 +73,8 @@ def run_command(o: RunOptions) -> None:
         model.close()
 
 
-def _load(o: RunOptions, err: Console) -> cake.Model:
+def load_model(o: LoadOptions, err: Console) -> cake.Model:
+    """cake.load with a progress bar on stderr."""
     topology: str | Path | None = o.topology
     if o.topology is not None and str(o.topology) == "auto":
         topology = "auto"
@@ -97,6 +106,7 @@ def _load(o: RunOptions, err: Console) -> cake.Model:
             client_key=o.client_key,
             workers=o.workers,
             bench_timeout=o.bench_timeout,
+            max_sequences=o.max_sequences,
         )
 
 

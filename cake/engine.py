@@ -7,9 +7,9 @@ Each `step()`:
    prompt's prefix (a conversation's next turn);
 2. runs one decode Step for every sequence with one token to feed: the whole
    batch travels through the pipeline as one Step per stage;
-3. feeds one prefill chunk of the prompt with the fewest ids left: prompts are
-   fed chunk by chunk between decode steps, so running streams keep flowing;
-   the chunk is short (SHARED_CHUNK) while other sequences run or wait;
+3. feeds one prefill chunk (Pipeline.prefill_chunk ids) of the prompt with the
+   fewest ids left: prompts are fed chunk by chunk between decode steps, so
+   running streams keep flowing;
 and draws a token for every sequence whose ids are all fed.
 
 Admission is by sequence: the stages allocate their KV caches for
@@ -45,8 +45,6 @@ from cake.sequence import Sequence, SequencePool
 from cake.stats import GenerationStats
 from cake.stops import StopMatcher
 
-PREFILL_CHUNK = 512  # prompt ids per forward call: bounds activation memory
-SHARED_CHUNK = 128  # ... while other sequences run or wait (see docs/serving.md)
 MAX_REPLAYS = 5  # replays in a row after stages lost their caches
 
 
@@ -132,14 +130,13 @@ class Engine:
         *,
         max_sequences: int = 1,
         max_waiting: int = 64,
-        prefill_chunk: int = PREFILL_CHUNK,
-        shared_chunk: int = SHARED_CHUNK,
+        prefill_chunk: int | None = None,
         observer: Observer | None = None,
     ) -> None:
         self.pipeline, self.tokenizer = pipeline, tokenizer
         self.pool = SequencePool(max_sequences)
         self.max_waiting = max_waiting
-        self.prefill_chunk, self.shared_chunk = prefill_chunk, shared_chunk
+        self.prefill_chunk = prefill_chunk or pipeline.prefill_chunk
         self.observer = observer or Observer()
         self._eos = frozenset(tokenizer.eos_token_ids)
         self._waiting: deque[Request] = deque()
@@ -169,7 +166,8 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise CakeError("the engine is shutting down")
-            if len(self._waiting) >= self.max_waiting:
+            # the queue holds max_waiting beyond what idle sequences take next
+            if len(self._waiting) >= self.max_waiting + self.pool.idle():
                 raise QueueFullError(
                     f"{self.pool.size} sequences are running and "
                     f"{len(self._waiting)} requests wait; try again later"
@@ -230,9 +228,7 @@ class Engine:
             prefill = [s for s in self.pool.running if s.pending > 1]
             if prefill:
                 s = min(prefill, key=lambda s: s.pending)
-                busy = len(self.pool.running) > 1 or self._waiting
-                n = min(s.pending, self.shared_chunk if busy else self.prefill_chunk)
-                self._forward([s], n, "prefill")
+                self._forward([s], min(s.pending, self.prefill_chunk), "prefill")
             return True
 
     def start(self) -> None:

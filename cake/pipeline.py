@@ -21,6 +21,8 @@ from cake.weights.names import shard_tensor_names
 from cake.weights.packed import Stored, stored_tensor
 from cake.weights.source import TensorSource
 
+DEFAULT_PREFILL_CHUNK = 512
+
 
 class StageReset(Exception):
     """A stage lost its KV caches (a worker came back after a failure).
@@ -59,6 +61,12 @@ class Pipeline:
             raise CakeError(f"stages end at layer {expect}, not {first.n_layers}")
         self.stages = list(stages)
         self.max_context = max_context
+        # prompt ids per forward call: what the slowest-to-chunk stage prefers
+        # (a stage may say, e.g. the JAX CPU stage; else 512, which bounds
+        # activation memory)
+        self.prefill_chunk = min(
+            getattr(s, "prefill_chunk", DEFAULT_PREFILL_CHUNK) for s in self.stages
+        )
 
     def forward(self, ids: np.ndarray, step: Step) -> np.ndarray:
         """ids (B, L) int32 -> float32 logits, (B, V) or (B, L, V) if step.all_logits."""

@@ -56,6 +56,10 @@ class SequencePool:
     def has_room(self) -> bool:
         return bool(self._free or self._parked)
 
+    def idle(self) -> int:
+        """Sequences a request could take now (free or parked)."""
+        return self.size - len(self.running)
+
     def take(self, prompt: list[int], owner: Any) -> tuple[Sequence, int] | None:
         """A sequence for `prompt` and the number of its ids already cached, or None
         when every sequence runs.

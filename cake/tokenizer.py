@@ -129,10 +129,11 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True
+        self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
     ) -> str:
         """The prompt text for `messages`; encode it with add_special_tokens=False,
-        since templates write BOS themselves."""
+        since templates write BOS themselves. `extra`: further template variables
+        (tools=[...], as transformers passes them)."""
         if self.chat_template is None:
             raise TokenizerError(
                 "the model has no chat template; use --raw to send the prompt as it is"
@@ -142,6 +143,7 @@ class Tokenizer:
             messages,
             add_generation_prompt=add_generation_prompt,
             special_tokens=self.special_tokens,
+            **extra,
         )
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:

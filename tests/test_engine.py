@@ -86,13 +86,13 @@ def test_a_long_prompt_is_fed_in_chunks_between_decode_steps(model, expected):
 
         def finished(self, req): ...
 
-    e.observer, e.shared_chunk = Watch(), 16
+    chunk, e.observer, e.prefill_chunk = e.prefill_chunk, Watch(), 16
     try:
         short = Request(PROMPTS[0], GREEDY, 12)
         long = Request(PROMPTS[2], GREEDY, 12)
         got = run_together(e, [short, long])
     finally:
-        e.observer, e.shared_chunk = type(e.observer)(), 128
+        e.observer, e.prefill_chunk = type(e.observer)(), chunk
     assert got == [expected[0], expected[2]]
     # the 50-id prompt went in as 16 + 16 + 16 + 2 while the short one decoded
     assert [t for k, _, t in seen if k == "prefill"][1:] == [16, 16, 16, 2]
@@ -144,9 +144,11 @@ def test_a_full_queue_and_a_long_prompt_are_refused(tiny):
     m = cake.load(tiny, backend="numpy", max_sequences=1, max_context=32)
     e = Engine(m.pipeline, m.tokenizer, max_sequences=1, max_waiting=2)
     try:
-        e.submit(Request([1], GREEDY, 4)), e.submit(Request([2], GREEDY, 4))
+        # one for the idle sequence, then two may wait
+        for i in range(3):
+            e.submit(Request([i + 1], GREEDY, 4))
         with pytest.raises(QueueFullError):
-            e.submit(Request([3], GREEDY, 4))
+            e.submit(Request([9], GREEDY, 4))
         with pytest.raises(ContextLengthError):
             e.submit(Request(list(range(40)), GREEDY, 4))
         with pytest.raises(ContextLengthError):

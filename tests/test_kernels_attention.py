@@ -344,3 +344,22 @@ def test_jit_bad_slot_fails_at_run_time(lib):
     f = jax.jit(partial(att.attention, **kwargs(c)))
     with pytest.raises(Exception, match="slot is out of range"):
         jax.block_until_ready(f(qkv, cos, sin, cache, slots, positions, lengths))
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])
+@pytest.mark.parametrize("split", [(37,), (20, 17), (36, 1), (1,) * 37, (16, 5, 16)])
+def test_a_prompt_gives_the_same_bits_in_any_chunks(lib, portable_libs, march, split):
+    """Each token's output does not depend on the chunk it came in: a reused
+    prefix, a busy server's chunks and a decode step give the bits of one call."""
+    raw = lib.raw if march == "native" else portable_libs[march].raw
+    c = Case("chunks", *GQA, slots=(0,), positions=(3,), lengths=(37,), L=37, T=64)
+    qkv, cos, sin, cache, *ints = make_inputs(c)
+    whole = att._call(raw, qkv, cos, sin, cache.copy(), *ints, **kwargs(c))
+    got, at, cache2 = [], 0, cache.copy()
+    for n in split:
+        part = [a[:, at : at + n] for a in (qkv, cos, sin)]
+        pos = np.asarray([3 + at], np.int32)
+        length = np.asarray([n], np.int32)
+        got.append(att._call(raw, *part, cache2, ints[0], pos, length, **kwargs(c)))
+        at += n
+    np.testing.assert_array_equal(np.concatenate(got, axis=1), whole)

@@ -26,12 +26,18 @@ from jax import lax
 
 _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: float32 means float32
 
-# From this many rows of x (a long prefill) a CPU product widens the matrix into
-# a scratch buffer and lets XLA's float32 dot do the work: at 512 rows the
-# packed kernel took 1.5-1.7x XLA's time (2.3x for 16-bit), at 64 about the
-# same, at 8 a third (benchmarks/bench_kernels.py); widening costs ~1 ms for all
-# of SmolLM2's matrices.
-WIDEN_ROWS = 64
+# Up to this many rows of x the CPU kernels multiply the stored blocks; from
+# there on (a long prefill) a product widens the matrix into a scratch buffer
+# and lets XLA's float32 dot do the work. Block formats: at 128 rows the kernels
+# took 0.8x XLA's time for the products alone (benchmarks/bench_kernels.py), and
+# a 512-token SmolLM2 prefill in chunks of 128 ran at 1335-1443 tok/s against
+# 868-936 in one widened chunk of 512 (Q4_1, Q8_0, Q4_K_M; 2026-12-02).
+# 16-bit formats: the kernel took 2.3x XLA's time at 128 rows, about the same
+# at 64. The kernels give each row the same result whatever the other rows
+# (tests/test_kernels_cpu.py), so up to KERNEL_ROWS a token's numbers do not
+# depend on the chunk it is fed in (a reused prefix, a busy server's chunks).
+KERNEL_ROWS = 128
+KERNEL_ROWS_16BIT = 63
 
 
 @jax.tree_util.register_dataclass
@@ -126,8 +132,13 @@ def _by_kernel(x: jax.Array, w: Weight) -> bool:
     return (
         isinstance(w, QMat)
         and w.kernel
-        and math.prod(x.shape[:-1]) < WIDEN_ROWS  # see WIDEN_ROWS
+        and math.prod(x.shape[:-1]) <= kernel_rows(w.fmt)
     )
+
+
+def kernel_rows(fmt: str) -> int:
+    """The most rows of x the CPU kernels multiply by weights in `fmt` (KERNEL_ROWS)."""
+    return KERNEL_ROWS_16BIT if fmt in ("F16", "BF16") else KERNEL_ROWS
 
 
 def _product(x: jax.Array, w: Weight) -> jax.Array:

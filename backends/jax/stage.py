@@ -12,7 +12,7 @@ import numpy as np
 from cake import heap
 from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
-from cake.backends.jax.linear import WIDEN_ROWS, cpu_kernel_formats
+from cake.backends.jax.linear import KERNEL_ROWS, QMat, cpu_kernel_formats, kernel_rows
 from cake.backends.jax.llama import stage_step
 from cake.backends.jax.params import load_params, weight_bytes
 from cake.config import ModelConfig
@@ -75,6 +75,7 @@ class JaxLlamaStage:
         # reads the cache in place at each sequence's own length (see forward).
         self._attention_kernel = bool(kernels) and _attention_kernel_available()
         self.weight_bytes = weight_bytes(self._params)
+        self.prefill_chunk = _prefill_chunk(self._params)
         heap.trim()  # the copies made while loading
         self._cache = kvcache.allocate(
             len(shard),
@@ -131,7 +132,7 @@ class JaxLlamaStage:
         # The attention kernel takes each sequence's length at run time, so its
         # steps compile once per (batch, width), whatever the cache holds; the
         # XLA path reads a static bucket of cache positions.
-        kernel = self._attention_kernel and width < WIDEN_ROWS
+        kernel = self._attention_kernel and width <= KERNEL_ROWS
         ends = max(p + k for p, k in zip(step.positions, step.lengths, strict=True))
         t_len = kvcache.bucket(
             0 if kernel else ends, cap=self.max_context, floor=kvcache.MIN_CACHE_BUCKET
@@ -168,3 +169,16 @@ class JaxLlamaStage:
         if self.shard.head and not step.all_logits:
             return out
         return out[:, :n]
+
+
+def _prefill_chunk(params) -> int:
+    """Prompt ids per forward call that this stage runs fastest (Pipeline takes
+    the smallest over its stages): KERNEL_ROWS where the CPU kernels multiply
+    block formats, whose chunks of 128 beat one widened chunk of 512 (see
+    linear.KERNEL_ROWS); else 512."""
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QMat))
+    blocks = any(
+        isinstance(w, QMat) and w.kernel and kernel_rows(w.fmt) == KERNEL_ROWS
+        for w in leaves
+    )
+    return KERNEL_ROWS if blocks else 512

@@ -172,36 +172,6 @@ inline float exp_sum(float* x, int64_t n, float m) {
 }
 
 // out[:hd] = scale * sum_i p[i] v[i * hd : (i + 1) * hd]
-inline void weighted_sum(const float* p, int64_t n, const float* v, int64_t hd, float scale, float* out) {
-  const __m512 vs = _mm512_set1_ps(scale);
-  int64_t d = 0;
-  for (; d + 64 <= hd; d += 64) {
-    __m512 a[8];
-    for (int u = 0; u < 8; u++) a[u] = _mm512_setzero_ps();
-    const float* vr = v + d;
-    int64_t i = 0;
-    for (; i + 2 <= n; i += 2, vr += 2 * hd) {
-      const __m512 p0 = _mm512_set1_ps(p[i]), p1 = _mm512_set1_ps(p[i + 1]);
-      for (int u = 0; u < 4; u++) {
-        a[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vr + 16 * u), a[u]);
-        a[u + 4] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(vr + hd + 16 * u), a[u + 4]);
-      }
-    }
-    if (i < n) {
-      const __m512 p0 = _mm512_set1_ps(p[i]);
-      for (int u = 0; u < 4; u++) a[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vr + 16 * u), a[u]);
-    }
-    for (int u = 0; u < 4; u++) _mm512_storeu_ps(out + d + 16 * u, _mm512_mul_ps(_mm512_add_ps(a[u], a[u + 4]), vs));
-  }
-  for (; d < hd; d += 16) {
-    const __mmask16 k = hd - d >= 16 ? (__mmask16)0xffff : tail_mask(hd - d);
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i++)
-      a = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), _mm512_maskz_loadu_ps(k, v + i * hd + d), a);
-    _mm512_mask_storeu_ps(out + d, k, _mm512_mul_ps(a, vs));
-  }
-}
-
 // Up to kRowsAtOnce rows at once, each row's weights p + r * stride: one pass
 // over the value rows serves all of them (out[r] = scale[r] * sum_i p_r[i] v[i]).
 constexpr int kRowsAtOnce = 4;
@@ -331,31 +301,6 @@ inline float exp_sum(float* x, int64_t n, float m) {
     r += x[i];
   }
   return r;
-}
-
-inline void weighted_sum(const float* p, int64_t n, const float* v, int64_t hd, float scale, float* out) {
-  const __m256 vs = _mm256_set1_ps(scale);
-  int64_t d = 0;
-  for (; d + 64 <= hd; d += 64) {
-    __m256 a[8];
-    for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
-    const float* vr = v + d;
-    for (int64_t i = 0; i < n; i++, vr += hd) {
-      const __m256 pi = _mm256_set1_ps(p[i]);
-      for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pi, _mm256_loadu_ps(vr + 8 * u), a[u]);
-    }
-    for (int u = 0; u < 8; u++) _mm256_storeu_ps(out + d + 8 * u, _mm256_mul_ps(a[u], vs));
-  }
-  for (; d + 8 <= hd; d += 8) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), _mm256_loadu_ps(v + i * hd + d), a);
-    _mm256_storeu_ps(out + d, _mm256_mul_ps(a, vs));
-  }
-  for (; d < hd; d++) {
-    float a = 0.0f;
-    for (int64_t i = 0; i < n; i++) a += p[i] * v[i * hd + d];
-    out[d] = a * scale;
-  }
 }
 
 // Up to kRowsAtOnce rows at once (see the AVX-512 version).
@@ -494,10 +439,11 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
   const float* vals = keys + kv_stride;
   const int64_t lo = first_key(j, pos + l0), hi = pos + l1 - 1, span = hi - lo + 1;
   const int64_t rows = (l1 - l0) * nr;
-  const size_t need = (size_t)(rows * (hd + span + 1));
+  const size_t need = (size_t)(rows * (hd + span + 1) + kKeyBlock * (hd + 1));
   if (scratch.size() < need) scratch.resize(need);
   float* q = scratch.data();           // (rows, hd): rotated, scaled queries
   float* scores = q + rows * hd;       // (rows, span), row r's key t' at t' - lo
+  float* tail = scores + rows * span + rows;  // (kKeyBlock, hd) + kKeyBlock scores
   const float mul = (float)(1.0 / sqrt((double)hd));  // as jnp's q * (1 / np.sqrt(hd))
   for (int64_t l = l0; l < l1; l++) {
     const int64_t tok = b * j.L + l;
@@ -510,8 +456,19 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
   int64_t t = lo;
   for (; t + kKeyBlock <= hi + 1; t += kKeyBlock)
     for (int64_t row = 0; row < rows; row++) dot_block(q + row * hd, keys + t * hd, hd, scores + row * span + t - lo);
-  for (; t <= hi; t++)
-    for (int64_t row = 0; row < rows; row++) scores[row * span + t - lo] = dot(q + row * hd, keys + t * hd, hd);
+  // The last keys go through dot_block too, from a zero-padded copy: a key's
+  // score is then the same bits whichever chunk reads it (a prompt fed in other
+  // chunks, or a decode step, gives the tokens of a prompt fed at once).
+  if (t <= hi) {
+    const int64_t left = hi - t + 1;
+    memset(tail, 0, sizeof(float) * kKeyBlock * hd);
+    memcpy(tail, keys + t * hd, sizeof(float) * left * hd);
+    float* got = tail + kKeyBlock * hd;
+    for (int64_t row = 0; row < rows; row++) {
+      dot_block(q + row * hd, tail, hd, got);
+      memcpy(scores + row * span + t - lo, got, sizeof(float) * left);
+    }
+  }
   // softmax weights, zero outside each row's own keys, then the value rows
   // once per kRowsAtOnce rows
   float* scale = scores + rows * span;  // (rows,)
@@ -533,8 +490,10 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
       outs[i] = j.out + ((b * j.L + l) * j.nh + h) * hd;
     }
     const float* p = scores + row * span;
-    if (r == 1)  // one row: the unrolled single-row sum keeps more FMAs in flight
-      weighted_sum(p, span, v, hd, scale[row], outs[0]);
+    // Every row sums its values in the same order whatever the rows beside it
+    // (the chunk-invariance above): no separate single-row sum.
+    if (r == 1)
+      weighted_rows<1>(p, span, span, v, hd, scale + row, outs);
     else if (r == 2)
       weighted_rows<2>(p, span, span, v, hd, scale + row, outs);
     else if (r == 3)

@@ -1,0 +1,66 @@
+"""`cake serve`: load as `cake run` does, then answer the OpenAI API over HTTP."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from cake.cli_run import LoadOptions, load_model
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    load: LoadOptions
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_queue: int = 64
+    served_name: str | None = None
+
+
+def serve_command(o: ServeOptions) -> None:
+    import uvicorn
+
+    from cake.server.app import Served, create_app
+
+    err = Console(stderr=True)
+    model = load_model(o.load, err)
+    name = o.served_name or _model_name(o.load)
+    engine = model.engine  # its pool holds the sequences the stages cache
+    engine.max_waiting = o.max_queue
+    served = Served(
+        name, model.tokenizer, engine, model.pipeline.max_context, o.api_key
+    )
+    closed = []
+
+    def close() -> None:  # once: at the app's shutdown, or after uvicorn returns
+        if not closed:
+            closed.append(True)
+            engine.close()
+            model.close()
+
+    app = create_app(served, on_shutdown=[close])
+    engine.start()
+    info = model.info
+    print(
+        f"cake: serving {name} on http://{o.host}:{o.port}/v1 ({info.backend} on "
+        f"{info.device}, {info.dtype}; {model.max_sequences} sequences of "
+        f"{model.pipeline.max_context} positions; loaded in {info.load_s:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=o.host, port=o.port, log_level="warning")
+    finally:
+        close()
+
+
+def _model_name(o: LoadOptions) -> str:
+    if o.model is None:
+        from cake.api import DEFAULT_MODEL_FILE
+
+        return DEFAULT_MODEL_FILE.removesuffix(".gguf")
+    name = o.model.resolve().name
+    return name.removesuffix(".gguf")
