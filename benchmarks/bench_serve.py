@@ -58,7 +58,8 @@ def start(model: str | None, streams: int, port: int) -> subprocess.Popen:
             return p
         except OSError:
             if p.poll() is not None:
-                raise SystemExit(f"cake serve exited: {p.stderr.read()[-2000:]}")
+                err = p.stderr.read()[-2000:]
+                raise SystemExit(f"cake serve exited: {err}") from None
             time.sleep(0.2)
     p.kill()
     raise SystemExit("cake serve did not answer within 300 s")
@@ -118,7 +119,7 @@ def main() -> None:
             one.append(n / (time.perf_counter() - t))
             got = [0] * a.streams
 
-            def stream(i: int) -> None:
+            def stream(i: int, got: list[int] = got) -> None:
                 got[i] = complete(PROMPTS[i % len(PROMPTS)], a.tokens)
 
             threads = [
