@@ -185,6 +185,15 @@ def serve(
         str | None,
         typer.Option("--served-model-name", help="The model id clients send."),
     ] = None,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            "--prefill-chunk",
+            min=1,
+            help="Prompt tokens per step: smaller lets a new request in sooner, "
+            "larger prefills faster (docs/serving.md).",
+        ),
+    ] = 32,
     topology: TopologyOpt = None,
     workers: WorkersOpt = None,
     bench_timeout: BenchTimeoutOpt = 300.0,
@@ -214,6 +223,7 @@ def serve(
             api_key=api_key,
             max_queue=max_queue,
             served_name=served_name,
+            prefill_chunk=prefill_chunk,
         )
     )
 
