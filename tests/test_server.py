@@ -221,6 +221,9 @@ def test_errors_are_openai_error_objects(client, server):
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         chat(client, messages=[])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="", max_tokens=2)
+    assert e.value.body["param"] == "prompt"
     req = urllib.request.Request(
         f"http://127.0.0.1:{server}/v1/chat/completions",
         data=b"{not json",

@@ -206,6 +206,8 @@ def create_app(s: Served, on_shutdown=()) -> Starlette:
         reqs, prompt_ids, texts = [], [], []
         for p in gen.prompts:
             ids = p if isinstance(p, list) else s.tokenizer.encode(p)
+            if not ids:
+                raise bad("the prompt is empty", "prompt")
             if max(ids) >= s.tokenizer.vocab_size:
                 raise bad("a token id is outside the vocabulary", "prompt")
             prompt_ids.append(ids)
