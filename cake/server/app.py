@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,7 +176,16 @@ def create_app(s: Served, on_shutdown=()) -> Starlette:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": s.name}
         if gen.stream:
-            return _sse(request, run, _chat_chunks(s, run, gen, head, len(ids)))
+            chunks = _chunks(
+                run,
+                gen,
+                {**head, "object": "chat.completion.chunk"},
+                len(ids),
+                {"delta": {"role": "assistant", "content": ""}},
+                lambda ev: {"delta": {"content": ev.text} if ev.text else {}},
+                lambda lps: _chat_logprobs(s, lps),
+            )
+            return _sse(request, run, chunks)
         await _wait(request, run)
         choices = [
             {
@@ -219,10 +228,16 @@ def create_app(s: Served, on_shutdown=()) -> Starlette:
         n_prompt = sum(len(i) for i in prompt_ids)
         n = len(gen.params)
         if gen.stream:
-            echo = texts[0] if gen.echo else ""
-            return _sse(
-                request, run, _completion_chunks(s, run, gen, head, n_prompt, echo)
+            chunks = _chunks(
+                run,
+                gen,
+                {**head, "object": "text_completion"},
+                n_prompt,
+                {"text": texts[0]} if gen.echo else None,
+                lambda ev: {"text": ev.text},
+                lambda lps: _completion_logprobs(s, lps),
             )
+            return _sse(request, run, chunks)
         await _wait(request, run)
         choices = [
             {
@@ -342,42 +357,27 @@ def _error_chunk(err: BaseException) -> dict:
     return ApiError(kind, str(err), type="server_error").body()
 
 
-async def _chat_chunks(
-    s: Served, run: _Run, gen: Generation, head: dict, n_prompt: int
+async def _chunks(
+    run: _Run,
+    gen: Generation,
+    base: dict,
+    n_prompt: int,
+    first: dict | None,
+    body: Callable[[Event], dict],
+    logprobs: Callable[[tuple], dict],
 ) -> AsyncIterator[dict]:
-    base = {**head, "object": "chat.completion.chunk"}
-    for c in run.choices:
-        first = {"index": c.index, "delta": {"role": "assistant", "content": ""}}
-        yield {**base, "choices": [{**first, "logprobs": None, "finish_reason": None}]}
-    async for c, ev in run.events():
-        if ev.error is not None:
-            yield _error_chunk(ev.error)
-            run.cancel()
-            return
-        finish = FINISH.get(ev.finish or "")
-        if not (ev.text or ev.logprobs or finish):
-            continue
-        choice = {
-            "index": c.index,
-            "delta": {"content": ev.text} if ev.text else {},
-            "logprobs": _chat_logprobs(s, ev.logprobs)
-            if gen.logprobs is not None and ev.logprobs
-            else None,
-            "finish_reason": finish,
-        }
-        yield {**base, "choices": [choice]}
-    if gen.include_usage:
-        yield {**base, "choices": [], "usage": run.usage(n_prompt)}
-
-
-async def _completion_chunks(
-    s: Served, run: _Run, gen: Generation, head: dict, n_prompt: int, echo: str
-) -> AsyncIterator[dict]:
-    base = {**head, "object": "text_completion"}
-    if echo:
+    """The stream of one request: `first` (if any) opens every choice, then one
+    chunk per event with text, log-probabilities or a finish (`body` gives the
+    endpoint's text fields), then the usage if asked."""
+    if first is not None:
         for c in run.choices:
-            first = {"index": c.index, "text": echo, "logprobs": None}
-            yield {**base, "choices": [{**first, "finish_reason": None}]}
+            opening = {
+                "index": c.index,
+                **first,
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            yield {**base, "choices": [opening]}
     async for c, ev in run.events():
         if ev.error is not None:
             yield _error_chunk(ev.error)
@@ -388,8 +388,8 @@ async def _completion_chunks(
             continue
         choice = {
             "index": c.index,
-            "text": ev.text,
-            "logprobs": _completion_logprobs(s, ev.logprobs)
+            **body(ev),
+            "logprobs": logprobs(ev.logprobs)
             if gen.logprobs is not None and ev.logprobs
             else None,
             "finish_reason": finish,
