@@ -39,6 +39,7 @@ import numpy as np
 
 from cake.backends.base import Step
 from cake.errors import CakeError, ContextLengthError, NetworkError
+from cake.grammar import Constraint, GrammarError, Grammars
 from cake.pipeline import Pipeline, StageReset
 from cake.sampling import Sampler, SamplingParams, top_logprobs
 from cake.sequence import Sequence, SequencePool
@@ -77,7 +78,9 @@ class Event:
 class Request:
     """One generation: prompt ids, how to sample, when to stop.
 
-    logprobs: None, or k: each token's log-probability with k alternatives.
+    logprobs: None, or k: each token's log-probability with k alternatives (of
+      the distribution sampled from: under a grammar, the tokens it allows).
+    grammar: None, or a grammar (cake.grammar) every drawn token must follow.
     on_event: called from the engine's thread with each Event.
     """
 
@@ -86,6 +89,7 @@ class Request:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    grammar: str | None = None
     on_event: Callable[[Event], None] | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
     done: bool = False
@@ -113,6 +117,7 @@ class _Run:
     decoder: object
     stops: StopMatcher
     started: float
+    constraint: Constraint | None = None
     generated: int = 0
     prefilled: float = 0.0
 
@@ -139,6 +144,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk or pipeline.prefill_chunk
         self.observer = observer or Observer()
         self._eos = frozenset(tokenizer.eos_token_ids)
+        self.grammars = Grammars(tokenizer)
         self._waiting: deque[Request] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -301,6 +307,13 @@ class Engine:
                 if not self._waiting or not self.pool.has_room():
                     return
                 req = self._waiting.popleft()
+            try:
+                constraint = (
+                    self.grammars.constraint(req.grammar) if req.grammar else None
+                )
+            except GrammarError as e:
+                self._end(req, "error", Event(error=e))
+                continue
             got = self.pool.take(req.prompt_ids, None)
             assert got is not None  # has_room() held and only this thread takes
             s, common = got
@@ -310,6 +323,7 @@ class Engine:
                 self.tokenizer.stream_decoder(),
                 StopMatcher(req.stop),
                 time.perf_counter(),
+                constraint,
             )
             req.stats.cached_tokens = common
 
@@ -356,6 +370,12 @@ class Engine:
     def _draw(self, s: Sequence, logits: np.ndarray) -> None:
         run: _Run = s.owner
         req = run.request
+        if run.constraint is not None:
+            try:
+                logits = run.constraint.mask(logits)
+            except GrammarError as e:
+                self._fail(s, e)
+                return
         tok = run.sampler(logits, s.tokens)
         now = time.perf_counter()
         run.generated += 1
@@ -373,8 +393,12 @@ class Engine:
             return
         s.tokens.append(tok)
         text, hit = run.stops.push(run.decoder.push(tok))
+        if run.constraint is not None:
+            run.constraint.accept(tok)  # mask allowed it
         if hit:
             self._finish(s, "stop", text, (tok,), lp)
+        elif run.constraint is not None and run.constraint.complete:
+            self._finish(s, "eos", text, (tok,), lp)  # the grammar allows only EOS
         elif run.generated >= req.max_tokens:
             self._finish(s, "max_tokens", text, (tok,), lp)
         elif len(s.tokens) > self.pipeline.max_context:  # no room to feed it

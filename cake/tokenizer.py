@@ -124,6 +124,10 @@ class Tokenizer:
                 text = text.replace(before, after)
         return text
 
+    def to_json(self) -> str:
+        """The vocabulary and pipeline as a Hugging Face tokenizer.json text."""
+        return self._backend.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         """The id of one token written as in the vocabulary, or None."""
         return self._backend.token_to_id(token)

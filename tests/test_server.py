@@ -254,3 +254,104 @@ def test_a_full_server_answers_429(tmp_path):
         long.close()
     finally:
         p.terminate(30)
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_json_mode_and_a_json_schema_give_output_that_parses(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    ask = [{"role": "user", "content": "Describe a person as JSON."}]
+    r = chat(client, messages=ask, response_format=fmt, temperature=1.2, seed=7,
+             n=2, max_tokens=64)  # fmt: skip
+    for c in r.choices:
+        assert c.finish_reason == "stop", c.message.content
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+    stream = chat(client, messages=ask, response_format=fmt, temperature=0,
+                  max_tokens=64, stream=True)  # fmt: skip
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    jsonschema.validate(json.loads(text), PERSON)
+    r = chat(client, messages=ask, response_format={"type": "json_object"},
+             temperature=0, max_tokens=200)  # fmt: skip
+    if r.choices[0].finish_reason == "stop":  # else max_tokens cut the object
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError, match="nowhere") as e:
+        bad = {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}
+        chat(client, response_format={"type": "json_schema",
+             "json_schema": {"name": "x", "schema": bad}})  # fmt: skip
+    assert e.value.body["param"] == "response_format"
+
+
+def test_a_required_tool_call_comes_back_in_openai_shape(client):
+    import jsonschema
+
+    params = WEATHER["function"]["parameters"]
+    for choice in ({"type": "function", "function": {"name": "get_weather"}},
+                   "required"):  # fmt: skip
+        r = chat(client, messages=PARIS, tools=[WEATHER], tool_choice=choice,
+                 parallel_tool_calls=False, temperature=0, max_tokens=80)  # fmt: skip
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls"
+        assert c.message.content is None
+        (call,) = c.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), params)
+    stream = chat(client, messages=PARIS, tools=[WEATHER], tool_choice="required",
+                  parallel_tool_calls=False, temperature=0, max_tokens=80,
+                  stream=True)  # fmt: skip
+    calls, finish, content = [], None, ""
+    for ch in stream:
+        d = ch.choices[0].delta
+        calls += d.tool_calls or []
+        content += d.content or ""
+        finish = ch.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and content == ""
+    assert [t.function.name for t in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments) == json.loads(
+        c.message.tool_calls[0].function.arguments
+    )  # the same greedy call as without streaming
+
+
+def test_a_tool_result_goes_back_to_the_model(client):
+    r = chat(client, messages=PARIS, tools=[WEATHER], tool_choice="required",
+             parallel_tool_calls=False, temperature=0, max_tokens=80)  # fmt: skip
+    call = r.choices[0].message.tool_calls[0]
+    turn = PARIS + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 18}'},
+    ]
+    r = chat(client, messages=turn, tools=[WEATHER], temperature=0, max_tokens=24)
+    c = r.choices[0]
+    assert c.finish_reason in ("stop", "length") and c.message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, tools=[WEATHER], tool_choice={"type": "function",
+             "function": {"name": "nope"}})  # fmt: skip
+    assert e.value.body["param"] == "tool_choice"

@@ -26,8 +26,10 @@ from starlette.routing import Route
 
 from cake.engine import Engine, Event, QueueFullError, Request, TokenLogprob
 from cake.errors import CakeError, ContextLengthError, NetworkError, TokenizerError
+from cake.grammar import GrammarError
 from cake.server.metrics import CONTENT_TYPE, Metrics
 from cake.server.schema import ApiError, Generation, bad, parse_chat, parse_completion
+from cake.server.tools import ToolStream, syntax_for, template_inputs
 
 FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}
 
@@ -156,18 +158,27 @@ def create_app(s: Served, on_shutdown=()) -> Starlette:
                 code="context_length_exceeded",
             )
         max_tokens = min(gen.max_tokens or room, room)
+        if gen.grammar is not None:
+            try:
+                s.engine.grammars.check(gen.grammar)
+            except GrammarError as e:
+                raise bad(str(e), "response_format") from None
         return [
-            Request(list(ids), p, max_tokens, gen.stop, gen.logprobs)
+            Request(list(ids), p, max_tokens, gen.stop, gen.logprobs, gen.grammar)
             for p in gen.params
         ]
 
     async def chat(request: HttpRequest) -> Response:
         body = await body_of(request)
         gen = parse_chat(body)
-        extra = {"tools": gen.tools} if gen.tools else {}
+        template = s.tokenizer.chat_template
+        messages, extra = template_inputs(gen.messages, gen.tools, template)
+        syntax = syntax_for(template) if gen.tools is not None else None
+        if gen.tools is not None and gen.tools.choice != "auto":
+            gen.grammar = syntax.grammar(gen.tools)  # the answer is calls only
         try:
             text = s.tokenizer.apply_chat_template(
-                gen.messages, add_generation_prompt=True, **extra
+                messages, add_generation_prompt=True, **extra
             )
         except TokenizerError as e:
             raise bad(str(e), "messages") from None
@@ -176,28 +187,56 @@ def create_app(s: Served, on_shutdown=()) -> Starlette:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": s.name}
         if gen.stream:
+            streams = [
+                ToolStream(syntax, gen.tools.names) if syntax else None
+                for _ in run.choices
+            ]
+
+            def delta(c: _Choice, ev: Event) -> dict:
+                ts = streams[c.index]
+                if ts is None:
+                    return {"delta": {"content": ev.text} if ev.text else {}}
+                text, calls = ts.push(ev.text), []
+                if ev.finish is not None:
+                    tail, calls = ts.finish()
+                    text += tail
+                d: dict[str, Any] = {"content": text} if text else {}
+                if calls:
+                    d["tool_calls"] = [t.openai(i) for i, t in enumerate(calls)]
+                    return {"delta": d, "finish_reason": "tool_calls"}
+                return {"delta": d}
+
             chunks = _chunks(
                 run,
                 gen,
                 {**head, "object": "chat.completion.chunk"},
                 len(ids),
                 {"delta": {"role": "assistant", "content": ""}},
-                lambda ev: {"delta": {"content": ev.text} if ev.text else {}},
+                delta,
                 lambda lps: _chat_logprobs(s, lps),
             )
             return _sse(request, run, chunks)
         await _wait(request, run)
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": "".join(c.text)},
-                "logprobs": _chat_logprobs(s, c.logprobs)
-                if gen.logprobs is not None
-                else None,
-                "finish_reason": FINISH.get(c.finish or ""),
-            }
-            for c in run.choices
-        ]
+        choices = []
+        for c in run.choices:
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(c.text)}
+            finish = FINISH.get(c.finish or "")
+            if syntax is not None:
+                content, calls = syntax.parse(message["content"], gen.tools.names)
+                if calls:
+                    message["content"] = content.strip() or None
+                    message["tool_calls"] = [t.openai() for t in calls]
+                    finish = "tool_calls"
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": _chat_logprobs(s, c.logprobs)
+                    if gen.logprobs is not None
+                    else None,
+                    "finish_reason": finish,
+                }
+            )
         return JSONResponse(
             {
                 **head,
@@ -234,7 +273,7 @@ def create_app(s: Served, on_shutdown=()) -> Starlette:
                 {**head, "object": "text_completion"},
                 n_prompt,
                 {"text": texts[0]} if gen.echo else None,
-                lambda ev: {"text": ev.text},
+                lambda _c, ev: {"text": ev.text},
                 lambda lps: _completion_logprobs(s, lps),
             )
             return _sse(request, run, chunks)
@@ -363,12 +402,13 @@ async def _chunks(
     base: dict,
     n_prompt: int,
     first: dict | None,
-    body: Callable[[Event], dict],
+    body: Callable[[_Choice, Event], dict],
     logprobs: Callable[[tuple], dict],
 ) -> AsyncIterator[dict]:
     """The stream of one request: `first` (if any) opens every choice, then one
     chunk per event with text, log-probabilities or a finish (`body` gives the
-    endpoint's text fields), then the usage if asked."""
+    endpoint's text fields, and may set the finish_reason), then the usage if
+    asked."""
     if first is not None:
         for c in run.choices:
             opening = {
@@ -388,12 +428,14 @@ async def _chunks(
             continue
         choice = {
             "index": c.index,
-            **body(ev),
             "logprobs": logprobs(ev.logprobs)
             if gen.logprobs is not None and ev.logprobs
             else None,
             "finish_reason": finish,
+            **body(c, ev),
         }
+        if not (choice.get("delta", True) or choice["logprobs"] or finish):
+            continue  # text a tool stream holds back
         yield {**base, "choices": [choice]}
     if gen.include_usage:
         yield {**base, "choices": [], "usage": run.usage(n_prompt)}

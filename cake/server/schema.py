@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cake.errors import CakeError
+from cake.grammar import GrammarError, json_grammar
 from cake.sampling import SamplingParams
+from cake.server.tools import Tools
 
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20  # as OpenAI
@@ -60,9 +62,9 @@ class Generation:
     logprobs: int | None  # None: off; k: k alternatives per token
     stream: bool
     include_usage: bool
+    grammar: str | None = None  # cake.grammar: the output must follow it
     messages: list[dict] | None = None  # chat
-    tools: list[dict] | None = None
-    tool_choice: Any = None
+    tools: Tools | None = None  # None: no tool may be called
     prompts: list[str | list[int]] = field(default_factory=list)  # completions
     echo: bool = False
 
@@ -136,18 +138,29 @@ def _sampling(body: dict, n: int) -> list[SamplingParams]:
         raise bad(str(e)) from None
 
 
-def _response_format(body: dict) -> None:
+def _response_format(body: dict) -> str | None:
+    """The grammar the output must follow (cake.grammar), or None."""
     rf = body.get("response_format")
     if rf is None:
-        return
+        return None
     kind = rf.get("type") if isinstance(rf, dict) else None
     if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise bad(
-            f"response_format {kind} is not supported by this server yet",
-            "response_format",
-        )
+        return None
+    try:
+        if kind == "json_object":
+            return json_grammar(None)
+        if kind == "json_schema":
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if not isinstance(schema, dict):
+                raise bad(
+                    "response_format json_schema needs 'json_schema': "
+                    "{'name': ..., 'schema': {...}}",
+                    "response_format",
+                )
+            return json_grammar(schema)
+    except GrammarError as e:
+        raise bad(str(e), "response_format") from None
     raise bad("'response_format' must have type text, json_object or json_schema")
 
 
@@ -164,8 +177,8 @@ def _common(body: dict) -> dict[str, Any]:
         raise bad(
             "'stream_options' is only allowed with stream: true", "stream_options"
         )
-    _response_format(body)
     return dict(
+        grammar=_response_format(body),
         params=_sampling(body, n),
         max_tokens=max_tokens,
         stop=_stop(body),
@@ -211,9 +224,58 @@ def parse_chat(body: dict) -> Generation:
         **_common(body),
         logprobs=(top or 0) if lp else None,
         messages=messages,
-        tools=tools or None,
-        tool_choice=body.get("tool_choice"),
+        tools=parse_tools(
+            tools or None,
+            body.get("tool_choice"),
+            _bool_or(body, "parallel_tool_calls"),
+        ),
     )
+
+
+def _bool_or(body: dict, name: str, default: bool = True) -> bool:
+    return default if body.get(name) is None else _bool(body, name)
+
+
+def parse_tools(tools: Any, tool_choice: Any, parallel: bool = True) -> Tools | None:
+    """A request's tools and tool_choice; None when no tool may be called."""
+    if tools is None:
+        if tool_choice not in (None, "none", "auto"):
+            raise bad("'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    functions = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or t.get("type") != "function":
+            raise bad(
+                "each tool must be {'type': 'function', 'function': {...}}",
+                f"tools[{i}]",
+            )
+        if not isinstance(f.get("name"), str) or not f["name"]:
+            raise bad("each function needs a 'name'", f"tools[{i}].function.name")
+        params = f.get("parameters", {"type": "object"})
+        if not isinstance(params, dict):
+            raise bad(
+                "'parameters' must be a JSON schema object", f"tools[{i}].function"
+            )
+        functions.append({**f, "parameters": params})
+    if tool_choice in (None, "auto"):
+        return Tools(tuple(functions), "auto", parallel=parallel)
+    if tool_choice == "none":
+        return None
+    if tool_choice == "required":
+        return Tools(tuple(functions), "required", parallel=parallel)
+    name = None
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        name = (tool_choice.get("function") or {}).get("name")
+    if not isinstance(name, str):
+        raise bad(
+            "'tool_choice' must be none, auto, required or "
+            "{'type': 'function', 'function': {'name': ...}}",
+            "tool_choice",
+        )
+    if name not in {f["name"] for f in functions}:
+        raise bad(f"tool_choice names '{name}', which is not in 'tools'", "tool_choice")
+    return Tools(tuple(functions), "named", name)
 
 
 def parse_completion(body: dict) -> Generation:
