@@ -9,6 +9,7 @@ import numpy as np
 from cake.backends.base import Step
 from cake.config import ModelConfig
 from cake.kv import check_step, dtype_of
+from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights.packed import lookup_rows, stored_tensor
 from cake.weights.source import TensorSource
@@ -44,25 +45,16 @@ class EmbeddingStage:
         self.max_context, self.max_sequences = max_context, max_sequences
         self._table = stored_tensor(tensors, EMBED)
         self.weight_bytes = int(self._table.nbytes)
-        self._length: dict[int, int] = {}
+        self.seqs = StageSequences(max_sequences, max_context)
 
     def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
         """ids (B, L) -> (B, L, D) in the model dtype; see StageModel.forward."""
         x = np.asarray(x)
-        check_step(
-            step,
-            x,
-            self.shard,
-            self.config,
-            self._length,
-            self.max_context,
-            self.max_sequences,
-        )
+        check_step(step, x, self.shard, self.config)
+        self.seqs.admit(step)
         out = lookup_rows(self._table, x).astype(dtype_of(self.dtype))
-        for sid, pos, n in zip(step.seq_ids, step.positions, step.lengths, strict=True):
-            self._length[sid] = pos + n
+        self.seqs.advance(step)
         return out
 
     def release(self, seq_ids: Sequence[int]) -> None:
-        for s in seq_ids:
-            self._length.pop(s, None)
+        self.seqs.release(seq_ids)

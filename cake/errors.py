@@ -21,6 +21,18 @@ class ContextLengthError(CakeError):
     """A prompt or generation that does not fit in the model's context."""
 
 
+class CacheFullError(CakeError):
+    """A stage holds as many sequences as its cache allows."""
+
+
+class PositionError(CakeError):
+    """A step that starts a sequence past the positions a stage holds of it."""
+
+    def __init__(self, seq_id: int, held: int, position: int) -> None:
+        super().__init__(f"sequence {seq_id} is at position {held}, not {position}")
+        self.seq_id, self.held, self.position = seq_id, held, position
+
+
 class TopologyError(CakeError):
     """A topology file that does not match the model or is malformed."""
 

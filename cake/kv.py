@@ -1,15 +1,13 @@
-"""Checks every backend applies to a Step before touching its KV caches."""
+"""Activation dtypes, and the input checks every backend applies to a Step."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
 
 from cake.backends.base import Step
 from cake.config import ModelConfig
-from cake.errors import CakeError, ContextLengthError
+from cake.errors import CakeError
 from cake.shard import Shard
 
 DTYPES = {
@@ -28,23 +26,9 @@ def dtype_of(name: str) -> np.dtype:
         ) from None
 
 
-class CacheFullError(CakeError):
-    """A stage holds as many sequences as its cache allows."""
-
-
-def check_step(
-    step: Step,
-    x: np.ndarray,
-    shard: Shard,
-    config: ModelConfig,
-    cached: Mapping[int, int],
-    max_context: int,
-    max_sequences: int,
-) -> None:
-    """Raise a CakeError if `x`/`step` do not fit the stage or its caches.
-
-    cached: seq_id -> tokens currently in that sequence's cache.
-    """
+def check_step(step: Step, x: np.ndarray, shard: Shard, config: ModelConfig) -> None:
+    """Raise a CakeError if `x` does not match `step` and the stage's shard (the
+    checks against what the caches hold are `StageSequences.admit`'s)."""
     want = (
         (step.batch, step.max_len)
         if shard.embed
@@ -59,18 +43,3 @@ def check_step(
             f"token ids must be in [0, {config.vocab_size}): got "
             f"{x.min()}..{x.max()}; is the tokenizer the model's own?"
         )
-    new = [s for s in step.seq_ids if s not in cached]
-    if len(cached) + len(new) > max_sequences:
-        raise CacheFullError(
-            f"the KV cache is full: {len(cached)} sequences held, at most "
-            f"{max_sequences}; release finished sequences first"
-        )
-    for sid, pos, n in zip(step.seq_ids, step.positions, step.lengths, strict=True):
-        have = cached.get(sid, 0)
-        if pos > have:
-            raise CakeError(f"sequence {sid} is at position {have}, not {pos}")
-        if pos + n > max_context:
-            raise ContextLengthError(
-                f"sequence {sid} needs {pos + n} positions but the context holds "
-                f"{max_context}"
-            )

@@ -1,18 +1,30 @@
-"""A sequence as the master sees it, and the pool of them the stages' caches hold.
+"""A sequence as the master sees it and as a stage holds it.
 
-One `Sequence` is the one home of a sequence's state on the master: its id in
+Master side: one `Sequence` is the one home of a sequence's state: its id in
 every stage's KV cache, the token ids fed (or to feed) in order, how many of
 them the stages hold, and the request that owns it. The engine (cake.engine)
 builds every Step from these, so batching, release and replay read the same
 numbers. A finished request's sequence is parked with its cache: a request
 whose prompt starts with the same ids (a conversation's next turn) takes it
 over and feeds only what follows.
+
+Stage side: `StageSequences` is what one stage's caches hold of each sequence
+(its slot and how many positions), the same in every backend, in the embedding
+stage and, through its stages, in a worker (which only maps each master's ids
+to its own). A Step is checked against it before any cache is touched, so a
+stage and the master can never disagree silently about a position.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from cake.errors import CacheFullError, ContextLengthError, PositionError
+
+if TYPE_CHECKING:
+    from cake.backends.base import Step
 
 
 @dataclass(eq=False)
@@ -122,3 +134,61 @@ def _common_prefix(tokens: list[int], cached: int, prompt: list[int]) -> int:
     while n < limit and tokens[n] == prompt[n]:
         n += 1
     return n
+
+
+class StageSequences:
+    """The sequences one stage's KV caches hold: seq_id -> slot (a row of
+    preallocated cache buffers, in 0..max_sequences) and positions held."""
+
+    def __init__(self, max_sequences: int, max_context: int) -> None:
+        self.max_sequences, self.max_context = max_sequences, max_context
+        self.slot: dict[int, int] = {}
+        self.length: dict[int, int] = {}
+        self._free = list(range(max_sequences - 1, -1, -1))  # pop() gives 0 first
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self.slot
+
+    def check(self, step: Step) -> None:
+        """Raise unless `step` fits: room for its new sequences, each position at
+        most what is held (below it rewinds), the context not exceeded."""
+        new = sum(1 for s in set(step.seq_ids) if s not in self.slot)
+        if new > len(self._free):
+            raise CacheFullError(
+                f"the KV cache is full: {len(self.slot)} sequences held, at most "
+                f"{self.max_sequences}; release finished sequences first"
+            )
+        for sid, pos, n in zip(step.seq_ids, step.positions, step.lengths, strict=True):
+            have = self.length.get(sid, 0)
+            if pos > have:
+                raise PositionError(sid, have, pos)
+            if pos + n > self.max_context:
+                raise ContextLengthError(
+                    f"sequence {sid} needs {pos + n} positions but the context "
+                    f"holds {self.max_context}"
+                )
+
+    def admit(self, step: Step) -> list[int]:
+        """`check`, then the slot of each of the step's sequences (new ones take a
+        free slot, holding 0 positions until `advance`)."""
+        self.check(step)
+        for s in step.seq_ids:
+            if s not in self.slot:
+                self.slot[s] = self._free.pop()
+                self.length[s] = 0
+        return [self.slot[s] for s in step.seq_ids]
+
+    def advance(self, step: Step) -> None:
+        """The step ran: each sequence holds its positions up to the step's end."""
+        for sid, pos, n in zip(step.seq_ids, step.positions, step.lengths, strict=True):
+            self.length[sid] = pos + n
+
+    def release(self, seq_ids: Iterable[int]) -> None:
+        """Forget these sequences (unknown ids are ignored); their slots are free."""
+        for s in seq_ids:
+            if s in self.slot:
+                self._free.append(self.slot.pop(s))
+                del self.length[s]

@@ -11,6 +11,7 @@ from cake.backends import DeviceInfo, Step
 from cake.backends.numpy.llama import rms_norm, silu
 from cake.kv import check_step
 from cake.rope import rope_cos_sin, rope_inv_freq
+from cake.sequence import StageSequences
 from cake.weights.names import layer_tensor_names
 from tests.models import hf_reference, make_checkpoint
 
@@ -25,23 +26,18 @@ class Float64Stage:
         self.w = {n: np.asarray(tensors.get(n), np.float64) for n in tensors.keys()}
         self.inv_freq = rope_inv_freq(config)
         self.seen: dict[int, list[int]] = {}
+        self.seqs = StageSequences(max_sequences=8, max_context=1 << 30)
         self.calls = 0
 
     def release(self, seq_ids):
+        self.seqs.release(seq_ids)
         for s in seq_ids:
             self.seen.pop(s, None)
 
     def forward(self, x, step: Step):
         self.calls += 1
-        check_step(
-            step,
-            x,
-            self.shard,
-            self.config,
-            {s: len(t) for s, t in self.seen.items()},
-            1 << 30,
-            8,
-        )
+        check_step(step, x, self.shard, self.config)
+        self.seqs.admit(step)
         out = []
         for b, (sid, pos, n) in enumerate(
             zip(step.seq_ids, step.positions, step.lengths, strict=True)
@@ -49,6 +45,7 @@ class Float64Stage:
             toks = self.seen.get(sid, [])[:pos] + [int(t) for t in x[b, :n]]
             self.seen[sid] = toks
             out.append(self._logits(toks)[-1])
+        self.seqs.advance(step)
         return np.stack(out).astype(np.float32)
 
     def _logits(self, toks):

@@ -230,3 +230,28 @@ def test_the_engine_thread_serves_concurrent_submitters(model, expected):
         assert got == expected
     finally:
         e.stop()  # the model stays for the other tests
+
+
+def test_stage_sequences_check_a_step_against_what_is_held():
+    from cake.backends.base import Step
+    from cake.errors import CacheFullError, ContextLengthError, PositionError
+    from cake.sequence import StageSequences
+
+    held = StageSequences(max_sequences=2, max_context=16)
+    step = Step((7, 9), (0, 0), (4, 2))
+    assert held.admit(step) == [0, 1]
+    held.advance(step)
+    assert held.length == {7: 4, 9: 2}
+    with pytest.raises(CacheFullError):
+        held.admit(Step((3,), (0,), (1,)))
+    with pytest.raises(PositionError, match="sequence 9 is at position 2, not 3"):
+        held.admit(Step((9,), (3,), (1,)))
+    with pytest.raises(ContextLengthError):
+        held.admit(Step((7,), (4,), (13,)))
+    rewind = Step((7,), (1,), (1,))  # a position below what is held rewinds
+    assert held.admit(rewind) == [0]
+    held.advance(rewind)
+    assert held.length[7] == 2
+    held.release([9, 12345])
+    assert 9 not in held and len(held) == 1
+    assert held.admit(Step((3,), (0,), (1,))) == [1]  # 9's slot is free again

@@ -12,8 +12,11 @@ from cake.backends import Step  # noqa: E402
 from cake.backends.jax import JaxBackend  # noqa: E402
 from cake.backends.jax.cache import MIN_CACHE_BUCKET, bucket  # noqa: E402
 from cake.backends.jax.linear import cpu_kernel_formats  # noqa: E402
-from cake.errors import CakeError, ContextLengthError  # noqa: E402
-from cake.kv import CacheFullError  # noqa: E402
+from cake.errors import (  # noqa: E402
+    CacheFullError,  # noqa: E402
+    CakeError,
+    ContextLengthError,
+)
 from cake.shard import Shard  # noqa: E402
 from cake.weights.checkpoint import open_checkpoint  # noqa: E402
 from tests.models import make_checkpoint  # noqa: E402

@@ -14,8 +14,11 @@ pytest.importorskip("mlx.core")
 
 from cake.backends import Step, get_backend  # noqa: E402
 from cake.backends.mlx.llama import _SeqCache, to_mx, to_numpy  # noqa: E402
-from cake.errors import CakeError, ContextLengthError  # noqa: E402
-from cake.kv import CacheFullError  # noqa: E402
+from cake.errors import (  # noqa: E402
+    CacheFullError,  # noqa: E402
+    CakeError,
+    ContextLengthError,
+)
 from cake.shard import Shard  # noqa: E402
 from cake.weights.checkpoint import open_checkpoint  # noqa: E402
 from tests.models import make_checkpoint  # noqa: E402
@@ -158,7 +161,7 @@ def test_over_long_prompt_raises(model):
     stage.forward(np.zeros((1, 8), np.int32), Step((0,), (0,), (8,)))
     with pytest.raises(ContextLengthError):
         stage.forward(np.zeros((1, 1), np.int32), Step((0,), (8,), (1,)))
-    assert stage.caches[0].length == 8
+    assert stage.seqs.length[0] == 8
 
 
 def test_device_info():

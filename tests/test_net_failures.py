@@ -13,8 +13,7 @@ import zmq
 
 import cake
 from cake.backends.base import Step
-from cake.errors import NetworkError
-from cake.kv import CacheFullError
+from cake.errors import CacheFullError, NetworkError
 from cake.net.keys import create_keys, load_public_key
 from cake.net.protocol import encode_header, forward_header, payload
 from tests.netutil import cake as cake_proc

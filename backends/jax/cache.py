@@ -1,20 +1,16 @@
-"""The KV cache pool of a JAX stage: fixed-shape device buffers, slots kept on the host.
+"""The KV cache of a JAX stage: one fixed-shape device buffer, and its buckets.
 
 The buffer holds `max_sequences` slots x `max_context` positions for every layer
 and never changes shape, so a step compiles once per (batch, length bucket,
 cache bucket), or once per (batch, length bucket) where the CPU attention kernel
-reads the cache. Which slot a sequence uses and how many tokens it holds lives
-here, on the host.
+reads the cache. Which slot a sequence uses and how many positions it holds is
+the stage's `StageSequences` (cake.sequence), on the host.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
-
-from cake.kv import CacheFullError
 
 # XLA's attention (GPUs, TPUs, CPU prefills of 64+ tokens; the CPU attention
 # kernel takes lengths at run time and has no buckets) reads at least this many
@@ -51,31 +47,3 @@ def allocate(
     shape = (n_layers, 2, max_sequences, n_kv, max_context, head_dim)
     with jax.default_device(device):
         return jnp.zeros(shape, dtype)
-
-
-class SlotPool:
-    """seq_id -> slot in the cache buffers, and how many tokens each sequence holds."""
-
-    def __init__(self, max_sequences: int) -> None:
-        self.free = list(range(max_sequences - 1, -1, -1))
-        self.slot: dict[int, int] = {}
-        self.length: dict[int, int] = {}
-
-    def acquire(self, seq_ids: Sequence[int]) -> list[int]:
-        """Slots for `seq_ids`, taking a free one for each sequence not yet held."""
-        new = [s for s in seq_ids if s not in self.slot]
-        if len(new) > len(self.free):
-            raise CacheFullError(
-                f"the KV cache is full: {len(self.slot)} sequences held; "
-                "release finished sequences first"
-            )
-        for s in new:
-            self.slot[s] = self.free.pop()
-            self.length[s] = 0
-        return [self.slot[s] for s in seq_ids]
-
-    def release(self, seq_ids: Sequence[int]) -> None:
-        for s in seq_ids:
-            if s in self.slot:
-                self.free.append(self.slot.pop(s))
-                del self.length[s]

@@ -18,6 +18,7 @@ from cake.backends.jax.params import load_params, weight_bytes
 from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import check_step, dtype_of
+from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
 
@@ -86,7 +87,7 @@ class JaxLlamaStage:
             jnp.dtype(store),
             jax_device,
         )
-        self._slots = kvcache.SlotPool(max_sequences)
+        self.seqs = StageSequences(max_sequences, max_context)  # slots and lengths
         self.trace_count = 0
         self._step = jax.jit(
             self._traced_step,
@@ -112,21 +113,14 @@ class JaxLlamaStage:
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Forget these sequences and free their cache slots (unknown ids are ignored)."""
-        self._slots.release(seq_ids)
+        self.seqs.release(seq_ids)
 
     def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
         """See `cake.backends.base.StageModel`: NumPy in, NumPy out."""
         cfg = self.config
         x = np.asarray(x)
-        check_step(
-            step,
-            x,
-            self.shard,
-            cfg,
-            self._slots.length,
-            self.max_context,
-            self.max_sequences,
-        )
+        check_step(step, x, self.shard, cfg)
+        slots = self.seqs.admit(step)
         n = step.max_len
         width = kvcache.bucket(n)  # prefill lengths padded to powers of two
         # The attention kernel takes each sequence's length at run time, so its
@@ -143,7 +137,6 @@ class JaxLlamaStage:
         else:
             xp = np.zeros((step.batch, width, cfg.hidden_size), dtype_of(self.dtype))
             xp[:, :n] = x
-        slots = self._slots.acquire(step.seq_ids)
         ints = [np.asarray(a, np.int32) for a in (slots, step.positions, step.lengths)]
         # NumPy inputs go in as they are and the jitted call moves them to the
         # weights' device: a device_put per array first cost ~70 us each (CPU)
@@ -163,8 +156,7 @@ class JaxLlamaStage:
         )
         if self.trace_count != traced:
             heap.trim()  # what XLA freed after compiling this shape
-        for sid, pos, k in zip(step.seq_ids, step.positions, step.lengths, strict=True):
-            self._slots.length[sid] = pos + k
+        self.seqs.advance(step)
         out = np.asarray(out).copy()  # a private, writable copy: no JAX array leaks
         if self.shard.head and not step.all_logits:
             return out

@@ -32,6 +32,7 @@ from cake.backends.mlx.quant import (
 from cake.config import ModelConfig
 from cake.kv import check_step, dtype_of
 from cake.rope import rope_inv_freq
+from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
 from cake.weights.names import head_tensor_names
@@ -62,7 +63,7 @@ class _SeqCache:
     """One sequence's K and V per layer: buffers (1, n_kv, T_alloc, hd).
 
     Buffers grow in steps of STEP positions (at most max_context) and are
-    written by slice, like mlx-lm's KVCache; `length` is the filled prefix.
+    written by slice, like mlx-lm's KVCache.
     """
 
     STEP = 256
@@ -71,7 +72,6 @@ class _SeqCache:
         self.k: list[mx.array | None] = [None] * n_layers
         self.v: list[mx.array | None] = [None] * n_layers
         self.max_context = max_context
-        self.length = 0
 
     def update(
         self, j: int, pos: int, k: mx.array, v: mx.array
@@ -140,6 +140,7 @@ class MlxLlamaStage:
         self._attn_out = mx.compile(self._attn_out_fn)
         mx.eval(held)
         self.caches: dict[int, _SeqCache] = {}
+        self.seqs = StageSequences(max_sequences, max_context)
 
     def _load_layer(self, vector, matrix, i: int) -> dict:
         # q/k/v as one (q+2kv)*hd x D product and gate/up as one 2I x D product
@@ -165,15 +166,14 @@ class MlxLlamaStage:
         return w
 
     def release(self, seq_ids: Sequence[int]) -> None:
+        self.seqs.release(seq_ids)
         for s in seq_ids:
             self.caches.pop(s, None)
 
     def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
         cfg = self.config
-        cached = {s: c.length for s, c in self.caches.items()}
-        check_step(
-            step, x, self.shard, cfg, cached, self.max_context, self.max_sequences
-        )
+        check_step(step, x, self.shard, cfg)
+        self.seqs.admit(step)
         if self.shard.embed:
             x = np.asarray(x, np.int32)
             h = take_rows(self.embed, mx.array(x), self.mx_dtype)  # (B, L, D)
@@ -188,11 +188,9 @@ class MlxLlamaStage:
             q, k, v = self._attn_in(h, w, offsets)  # (B, heads, L, hd)
             attn = self._attend(q, k, v, j, caches, step)  # (B, nh, L, hd)
             h = self._attn_out(h, attn, w)
-        for sid, c, pos, n in zip(
-            step.seq_ids, caches, step.positions, step.lengths, strict=True
-        ):
+        for sid, c in zip(step.seq_ids, caches, strict=True):
             self.caches[sid] = c
-            c.length = pos + n
+        self.seqs.advance(step)
         lengths = mx.array(np.asarray(step.lengths, np.int32))
         if not self.shard.head:
             valid = mx.arange(step.max_len)[None, :, None] < lengths[:, None, None]

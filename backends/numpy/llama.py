@@ -17,6 +17,7 @@ from cake.backends.base import DeviceInfo, Step
 from cake.config import ModelConfig
 from cake.kv import check_step, dtype_of
 from cake.rope import rope_cos_sin, rope_inv_freq
+from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
 from cake.weights.names import head_tensor_names, layer_tensor_names
@@ -50,7 +51,6 @@ class _SeqCache:
     def __init__(self, n_layers: int, n_kv: int, hd: int) -> None:
         self.k = np.zeros((n_layers, 0, n_kv, hd), np.float32)
         self.v = np.zeros_like(self.k)
-        self.length = 0
 
     def write(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray) -> None:
         end = pos + k.shape[0]
@@ -99,17 +99,17 @@ class NumpyLlamaStage:
         self.weight_bytes = sum(int(w.nbytes) for w in held)
         self.inv_freq = rope_inv_freq(config)
         self.caches: dict[int, _SeqCache] = {}
+        self.seqs = StageSequences(max_sequences, max_context)
 
     def release(self, seq_ids: Sequence[int]) -> None:
+        self.seqs.release(seq_ids)
         for s in seq_ids:
             self.caches.pop(s, None)
 
     def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
         cfg = self.config
-        cached = {s: c.length for s, c in self.caches.items()}
-        check_step(
-            step, x, self.shard, cfg, cached, self.max_context, self.max_sequences
-        )
+        check_step(step, x, self.shard, cfg)
+        self.seqs.admit(step)
         if self.shard.embed:
             h = lookup_rows(self.embed, x).astype(np.float32)  # (B, L, D)
         else:
@@ -126,7 +126,7 @@ class NumpyLlamaStage:
                 hb = self._layer(hb, w, j, cache, pos, cos, sin)
             h[b, :n] = hb
             h[b, n:] = 0
-            cache.length = pos + n
+        self.seqs.advance(step)
         if not self.shard.head:
             return h.astype(dtype_of(self.dtype))
         h = rms_norm(h, self.norm, cfg.rms_norm_eps)

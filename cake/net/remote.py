@@ -22,8 +22,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from cake.backends.base import DeviceInfo, Step
-from cake.errors import ContextLengthError, NetworkError
-from cake.kv import DTYPES, CacheFullError
+from cake.errors import CacheFullError, ContextLengthError, NetworkError
+from cake.kv import DTYPES
 from cake.net import keys as curve
 from cake.net.handshake import Expect, check_hello, ensure_layers
 from cake.net.protocol import (

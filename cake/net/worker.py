@@ -27,8 +27,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from cake.backends.base import DeviceInfo, StageModel, Step, get_backend
 from cake.config import ModelConfig
-from cake.errors import CakeError, ContextLengthError, NetworkError
-from cake.kv import CacheFullError, dtype_of
+from cake.errors import (
+    CacheFullError,
+    CakeError,
+    ContextLengthError,
+    NetworkError,
+    PositionError,
+)
+from cake.kv import dtype_of
 from cake.net import keys as curve
 from cake.net.protocol import (
     BENCH,
@@ -116,10 +122,9 @@ class WorkerServer:
     limit_sequences: int = 0  # (0: `max_sequences`)
     model_fingerprint: str = ""  # the config's alone, before any layers
     sock: zmq.Socket | None = None
-    # (connection routing id, master seq id) -> our seq id, the one the stages see
+    # (connection routing id, master seq id) -> our seq id, the one the stages
+    # see; what each stage holds of it is that stage's `seqs` (cake.sequence)
     _seqs: dict[tuple[bytes, int], int] = field(default_factory=dict)
-    # (layer range, our seq id) -> tokens in that stage's cache
-    _length: dict[tuple[tuple[int, int], int], int] = field(default_factory=dict)
     _next_seq: int = 0
     _bad: int = 0
     _auth: Any = None
@@ -317,42 +322,36 @@ class WorkerServer:
             x = x.copy()
         seqs = [(peer, s) for s in step.seq_ids]
         new = [s for s in seqs if s not in self._seqs]
-        if len(self._seqs) + len(new) > self.max_sequences:
-            raise ProtocolError(
-                f"worker {self.name!r} is full: it holds {len(self._seqs)} sequences, "
-                f"at most {self.max_sequences} (--max-sequences)",
-                E_CACHE_FULL,
-            )
-        for s, pos, n in zip(seqs, step.positions, step.lengths, strict=True):
-            have = self._length.get((key, self._seqs[s]), 0) if s in self._seqs else 0
-            if pos > have:
-                raise ProtocolError(
-                    f"sequence {s[1]} holds {have} tokens here, not {pos}", E_POSITION
-                )
-            if pos + n > self.context:
-                raise ProtocolError(
-                    f"sequence {s[1]} needs {pos + n} positions but worker "
-                    f"{self.name!r} holds {self.context} (--context)",
-                    E_CONTEXT,
-                )
+        held = len(self._seqs)
         for s in new:
             self._seqs[s] = self._next_seq
             self._next_seq += 1
         ours = tuple(self._seqs[s] for s in seqs)
         t0 = time.perf_counter()
         try:
+            # the stage checks the step against what it holds before it runs
             out = self.stages[key].forward(x, Step(ours, step.positions, step.lengths))
         except Exception as e:
             self._release(peer, [s[1] for s in new])
             if isinstance(e, CacheFullError):
-                raise ProtocolError(str(e), E_CACHE_FULL) from None
+                raise ProtocolError(
+                    f"worker {self.name!r} is full: it holds {held} sequences, "
+                    f"at most {self.max_sequences} (--max-sequences)",
+                    E_CACHE_FULL,
+                ) from None
             if isinstance(e, ContextLengthError):
-                raise ProtocolError(str(e), E_CONTEXT) from None
+                raise ProtocolError(
+                    f"{e} (worker {self.name!r}, --context)", E_CONTEXT
+                ) from None
+            if isinstance(e, PositionError):
+                theirs = seqs[ours.index(e.seq_id)][1]
+                raise ProtocolError(
+                    f"sequence {theirs} holds {e.held} tokens here, not {e.position}",
+                    E_POSITION,
+                ) from None
             if isinstance(e, CakeError):
                 raise ProtocolError(str(e)) from None
             raise
-        for s, pos, n in zip(ours, step.positions, step.lengths, strict=True):
-            self._length[key, s] = pos + n
         out = np.asarray(out)
         if out.dtype != x.dtype:
             out = out.astype(x.dtype)
@@ -370,10 +369,8 @@ class WorkerServer:
         ours = [self._seqs.pop((peer, s)) for s in seq_ids if (peer, s) in self._seqs]
         if not ours:
             return
-        for key, stage in self.stages.items():
+        for stage in self.stages.values():
             stage.release(ours)
-            for s in ours:
-                self._length.pop((key, s), None)
 
     def _drain_disconnects(self) -> None:
         while self._mon.get(zmq.EVENTS) & zmq.POLLIN:
