@@ -83,7 +83,10 @@ def write_topology(path: Path, workers: dict[str, tuple[int, str]], **extra) -> 
 class Proc:
     """A child process whose stdout and stderr are collected by threads."""
 
-    def __init__(self, args: list[str], env: dict | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict | None = None, stdin: int = subprocess.DEVNULL
+    ) -> None:
+        """stdin=subprocess.PIPE: write to self.proc.stdin."""
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env["PYTHONPATH"] = str(ROOT)
         self.args = args
@@ -91,7 +94,7 @@ class Proc:
             args,
             cwd=ROOT,
             env=full_env,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

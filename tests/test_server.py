@@ -10,7 +10,8 @@ import urllib.request
 import openai
 import pytest
 
-from tests.netutil import cake, free_port, tiny_model
+from tests.netutil import tiny_model
+from tests.serving import get, start_server, stop_server
 from tests.smollm import smollm_gguf
 
 KEY = "test-key"
@@ -25,37 +26,6 @@ ASK = [
 ]
 
 
-def start_server(*args: str, timeout: float = 180) -> tuple:
-    port = free_port()
-    p = cake("serve", "--port", str(port), *args)
-    try:
-        p.wait_for("cake: serving", timeout)
-        _wait_health(port, 30)
-    except AssertionError:
-        p.kill()
-        raise
-    return p, port
-
-
-def _wait_health(port: int, timeout: float) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            get(port, "/health")
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("the server never answered /health")
-
-
-def get(port: int, path: str, key: str | None = None) -> str:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return r.read().decode()
-
-
 @pytest.fixture(scope="module")
 def server():
     p, port = start_server(
@@ -63,9 +33,7 @@ def server():
         "--parallel", "4", "--api-key", KEY, "--served-model-name", NAME,
     )  # fmt: skip
     yield port
-    # uvicorn shuts down, then re-raises SIGTERM as its exit status
-    assert p.terminate(30) in (0, -15), p.stderr[-3000:]
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    stop_server(p)
 
 
 @pytest.fixture(scope="module")
