@@ -16,8 +16,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m cake.kernels.cpu.build
 	touch $@
 
+# tests/test_web.py drives Debian's chromium through chromedriver
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (apt-get) for tests/test_web.py"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "note: tests/test_web.py needs chromium and chromedriver and is skipped" \
+			"without them; on Debian: sudo apt-get install chromium chromium-driver"; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed

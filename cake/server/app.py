@@ -30,6 +30,7 @@ from cake.grammar import GrammarError
 from cake.server.metrics import CONTENT_TYPE, Metrics
 from cake.server.schema import ApiError, Generation, bad, parse_chat, parse_completion
 from cake.server.tools import ToolStream, syntax_for, template_inputs
+from cake.server.web import routes as web_routes
 
 FINISH = {"eos": "stop", "stop": "stop", "max_tokens": "length", "context": "length"}
 
@@ -336,6 +337,7 @@ def create_app(s: Served, on_shutdown=()) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_page, methods=["GET"]),
+        *web_routes(),  # the chat page at /
     ]
 
     @contextlib.asynccontextmanager
