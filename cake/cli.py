@@ -229,6 +229,57 @@ def serve(
 
 
 @app.command()
+def chat(
+    prompt: Annotated[
+        str | None,
+        typer.Argument(
+            help="Print the answer to this and exit; without it, a conversation "
+            "over stdin (/reset clears it, /exit or EOF quits)."
+        ),
+    ] = None,
+    url: Annotated[
+        str, typer.Option(help="The server's API base.")
+    ] = "http://127.0.0.1:8080/v1",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="CAKE_API_KEY",
+            help="The key of `cake serve --api-key` (also $CAKE_API_KEY).",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model id (default: the first served)."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0)] = 0.7,
+    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0)] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", "-n", min=1, help="(default: the server's)"),
+    ] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Chat with a running `cake serve`: answers stream to stdout."""
+    from cake.cli_chat import ChatOptions, chat_command
+
+    chat_command(
+        ChatOptions(
+            prompt=prompt,
+            url=url,
+            api_key=api_key,
+            model=model,
+            system=system,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+        )
+    )
+
+
+@app.command()
 def worker(
     model: Annotated[
         Path | None,

@@ -39,3 +39,7 @@ class TopologyError(CakeError):
 
 class NetworkError(CakeError):
     """A worker that cannot be reached, refused, or was lost."""
+
+
+class ServerError(CakeError):
+    """A server that `cake chat` cannot reach, that refused it, or that failed."""
