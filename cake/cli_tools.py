@@ -230,7 +230,6 @@ def plan_command(
     ] = None,
 ) -> None:
     """Place the model's layers on the profiled devices for the fastest decode."""
-    from cake.api import DEFAULT_CONTEXT, resolve_dtype
     from cake.bench import load_profiles
     from cake.plan import (
         checkpoint_sizes,
@@ -240,12 +239,12 @@ def plan_command(
         to_topology,
     )
     from cake.topology import dump_topology
-    from cake.weights.checkpoint import open_checkpoint
+    from cake.weights.checkpoint import context_for, open_checkpoint, resolve_dtype
 
     profiles = load_profiles(profile)
     config, tensors = open_checkpoint(model)
-    sizes = checkpoint_sizes(config, tensors, resolve_dtype(dtype, tensors, config))
-    ctx = context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+    sizes = checkpoint_sizes(config, tensors, resolve_dtype(dtype, tensors))
+    ctx = context_for(config, context)
     args = (
         profiles,
         sizes.n_layers,

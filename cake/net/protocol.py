@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import zmq
 
 from cake.backends.base import Step
 from cake.config import ModelConfig
@@ -214,3 +215,13 @@ def format_ranges(ranges: Sequence[Sequence[int]]) -> str:
     for a, b in ranges:
         out.append(f"{a}" if b - a == 1 else f"{a}-{b - 1}")
     return ", ".join(out) or "none"
+
+
+HEARTBEAT_IVL_MS = 500  # ZMTP PINGs, answered by libzmq's I/O thread
+HEARTBEAT_TIMEOUT_MS = 2000  # a silent peer is disconnected after this
+
+
+def heartbeat(sock: zmq.Socket) -> None:
+    sock.heartbeat_ivl = HEARTBEAT_IVL_MS
+    sock.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+    sock.heartbeat_ttl = 2 * HEARTBEAT_TIMEOUT_MS

@@ -39,9 +39,9 @@ from cake.net.protocol import (
     decode_header,
     encode_header,
     forward_header,
+    heartbeat,
     payload,
 )
-from cake.net.worker import heartbeat
 from cake.pipeline import StageReset
 from cake.shard import Shard
 

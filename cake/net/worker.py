@@ -56,6 +56,7 @@ from cake.net.protocol import (
     encode_header,
     error_header,
     format_ranges,
+    heartbeat,
     int_list,
     payload,
     step_from_header,
@@ -63,19 +64,11 @@ from cake.net.protocol import (
 from cake.net.worker_ops import handle_bench, handle_load, held_bytes, load_worker
 from cake.weights.source import TensorSource
 
-__all__ = ["DEFAULT_BIND", "WorkerServer", "check_bind", "heartbeat", "load_worker"]
+__all__ = ["DEFAULT_BIND", "WorkerServer", "check_bind", "load_worker"]
 
 DEFAULT_BIND = "tcp://127.0.0.1:10128"
-HEARTBEAT_IVL_MS = 500  # ZMTP PINGs, answered by libzmq's I/O thread
-HEARTBEAT_TIMEOUT_MS = 2000  # a silent peer is disconnected after this
 HWM = 64  # queued messages per peer: bounds the memory a flood can take
 MAX_FRAMES = 3  # routing id, header, activation
-
-
-def heartbeat(sock: zmq.Socket) -> None:
-    sock.heartbeat_ivl = HEARTBEAT_IVL_MS
-    sock.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
-    sock.heartbeat_ttl = 2 * HEARTBEAT_TIMEOUT_MS
 
 
 def check_bind(address: str, secure: bool, insecure: bool) -> None:

@@ -286,14 +286,13 @@ def load_worker(
     ranges None: load nothing yet and wait for a master's `load`; `context` and
     `max_sequences` are then the most a load may ask for.
     """
-    from cake.api import DEFAULT_CONTEXT, resolve_dtype
     from cake.backends.base import auto_backend
     from cake.net.worker import WorkerServer
-    from cake.weights.checkpoint import open_checkpoint
+    from cake.weights.checkpoint import context_for, open_checkpoint, resolve_dtype
 
     config, tensors = open_checkpoint(model)
-    dtype = resolve_dtype(dtype, tensors, config)
-    ctx = context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+    dtype = resolve_dtype(dtype, tensors)
+    ctx = context_for(config, context)
     if backend == "auto":
         backend = auto_backend()
     stages = {}

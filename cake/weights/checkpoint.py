@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cake.config import ModelConfig
-from cake.errors import ModelError
+from cake.errors import CakeError, ModelError
+from cake.kv import DTYPES
 from cake.weights.source import TensorSource
 
 
@@ -58,3 +59,31 @@ def _gguf_folder(path: Path, ggufs: list[Path]) -> tuple[ModelConfig, TensorSour
     if config_json.is_file():
         return ModelConfig.from_file(config_json), source
     return source.config, source
+
+
+DEFAULT_CONTEXT = 4096  # positions per sequence when a load does not say
+
+
+def context_for(config: ModelConfig, asked: int | None) -> int:
+    """The positions a stage caches per sequence: `asked`, or the model's own
+    context up to DEFAULT_CONTEXT."""
+    return asked or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+
+
+def resolve_dtype(dtype: str, tensors: TensorSource) -> str:
+    """'auto' means the checkpoint's own dtype (quantized GGUF: float32; an
+    mlx-lm folder: its scales' dtype)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise CakeError(
+                f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16"
+            )
+        return dtype
+    from cake.weights.packed import Packed, stored_tensor
+
+    probe = stored_tensor(tensors, "model.layers.0.self_attn.q_proj.weight")
+    if isinstance(probe, Packed):  # no decoding just to learn a dtype
+        name = "float32" if probe.scales is None else probe.scales.dtype.name
+    else:
+        name = probe.dtype.name
+    return name if name in DTYPES else "float32"
