@@ -51,6 +51,7 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.drawn: dict[int, int] = {}  # token id -> times drawn
+        self._buf: np.ndarray | None = None
 
     def __call__(self, logits: np.ndarray, previous: Iterable[int] = ()) -> int:
         tok = self._draw(logits, previous)
@@ -68,24 +69,43 @@ class Sampler:
             )
         if p.temperature == 0:
             return int(np.argmax(logits))
-        # float32 and one exp pass: ~0.15 ms for 49k logits, where float64 and
-        # two softmaxes took 1 ms a row, as long as the decode step of 8 rows
-        z = logits / np.float32(p.temperature)
+        # float32, in place in one buffer: ~0.1 ms for 49k logits. Where every
+        # step allocated its arrays (196 KB each, mmap'ed and unmapped by malloc)
+        # their page faults alone took 0.2 ms a row
+        if self._buf is None or self._buf.shape != logits.shape:
+            self._buf = np.empty_like(logits)
+        z = np.divide(logits, np.float32(p.temperature), out=self._buf)
         if p.top_k and p.top_k < z.size:
             kth = np.partition(z, -p.top_k)[-p.top_k]
-            z = np.where(z >= kth, z, np.float32(-np.inf))
-        w = np.exp(z - z.max())  # probabilities times a constant; the top one is 1
-        if p.top_p < 1.0:
-            kept = _top_p_mask(w, p.top_p)
-        else:
-            kept = None
+            z[z < kth] = -np.inf
+        z -= z.max()
+        w = np.exp(z, out=z)  # probabilities times a constant; the top one is 1
+        kept = _top_p_mask(w, p.top_p) if p.top_p < 1.0 else None
         if p.min_p > 0:  # probability >= min_p * the top one's
-            w = np.where(w >= np.float32(p.min_p), w, np.float32(0))
+            w[w < np.float32(p.min_p)] = 0
         if kept is not None:
-            w = np.where(kept, w, np.float32(0))
-        cum = np.cumsum(w)
-        u = self.rng.random() * float(cum[-1])
-        return int(min(np.searchsorted(cum, u, side="right"), w.size - 1))
+            w[~kept] = 0
+        return _inverse_cdf(w, self.rng.random())
+
+
+def _inverse_cdf(w: np.ndarray, r: float) -> int:
+    """The index i where r * sum(w) falls in the running sum of weights `w`, never
+    one of weight 0: blocks of 256 first (a full running sum of 49k float32s
+    takes 0.1 ms), then the running sum inside the block."""
+    starts = np.arange(0, w.size, _BLOCK)
+    blocks = np.cumsum(np.add.reduceat(w, starts), dtype=np.float64)
+    u = r * blocks[-1]
+    b = min(int(np.searchsorted(blocks, u, side="right")), blocks.size - 1)
+    while b > 0 and blocks[b] == blocks[b - 1]:  # rounding put u in an empty block
+        b -= 1
+    inner = np.cumsum(w[starts[b] : starts[b] + _BLOCK], dtype=np.float64)
+    i = int(np.searchsorted(inner, u - (blocks[b - 1] if b else 0.0), side="right"))
+    if i >= inner.size or w[starts[b] + i] == 0:  # rounding again: the last weight
+        i = int(np.flatnonzero(w[starts[b] : starts[b] + _BLOCK])[-1])
+    return int(starts[b]) + i
+
+
+_BLOCK = 256
 
 
 def _top_p_mask(w: np.ndarray, top_p: float) -> np.ndarray:
