@@ -18,7 +18,6 @@ import json
 import random
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -27,8 +26,8 @@ import pytest
 import cake
 from cake.engine import Request
 from cake.sampling import SamplingParams
-from tests import netutil
-from tests.netutil import WORDS, Proc, free_port, start_worker, tiny_model
+from tests.netutil import WORDS, free_port, start_worker, tiny_model, write_topology
+from tests.serving import get, start_server, stop_server
 
 CONTEXT = 256  # the tiny model's max_position_embeddings
 MAX_TOKENS = 16
@@ -80,17 +79,18 @@ def alone(tiny):
 
 
 class Server:
-    def __init__(self, proc: Proc, port: int) -> None:
-        self.proc, self.port = proc, port
-        url = f"http://127.0.0.1:{port}/v1"
-        self.client = openai.OpenAI(base_url=url, api_key="-", max_retries=0)
-        self.url = url
+    """A `cake serve` process (tests/serving.py) and its openai client."""
+
+    def __init__(self, model: Path, *args: str, backend: str = "numpy") -> None:
+        self.proc, self.port = start_server(
+            "--model", str(model), "--backend", backend,
+            "--served-model-name", "tiny", *args, timeout=120,
+        )  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.client = openai.OpenAI(base_url=self.url, api_key="-", max_retries=0)
 
     def get(self, path: str) -> str:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.port}{path}", timeout=30
-        ) as r:
-            return r.read().decode()
+        return get(self.port, path)
 
     def health(self) -> dict:
         return json.loads(self.get("/health"))
@@ -122,35 +122,6 @@ class Server:
             if time.monotonic() - t0 > timeout:
                 raise AssertionError(f"the server is still busy: {h}")
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        # uvicorn shuts down, then re-raises SIGTERM as its exit status
-        rc = self.proc.terminate(30)
-        assert rc in (0, -15), self.proc.stderr[-3000:]
-        assert "Traceback" not in self.proc.stderr, self.proc.stderr[-3000:]
-
-
-def serve(model: Path, *args: str, backend: str = "numpy") -> Server:
-    port = free_port()
-    p = netutil.cake(
-        "serve", "--model", str(model), "--backend", backend, "--port", str(port),
-        "--served-model-name", "tiny", *args,
-    )  # fmt: skip
-    try:
-        p.wait_for("cake: serving", 120)
-        s = Server(p, port)
-        t0 = time.monotonic()
-        while True:
-            try:
-                s.health()
-                return s
-            except OSError:
-                if time.monotonic() - t0 > 30:
-                    raise AssertionError("the server never answered /health") from None
-                time.sleep(0.1)
-    except AssertionError:
-        p.kill()
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -185,11 +156,11 @@ def server(request, tiny, tmp_path_factory):
     args = ["--parallel", str(parallel)]
     if split:
         ports = request.getfixturevalue("workers")
-        topo = netutil.write_topology(tmp_path_factory.mktemp("topo") / "t.yaml", ports)
+        topo = write_topology(tmp_path_factory.mktemp("topo") / "t.yaml", ports)
         args += ["--topology", str(topo)]
-    s = serve(tiny, *args, backend=backend)
+    s = Server(tiny, *args, backend=backend)
     yield s
-    s.stop()
+    stop_server(s.proc)
 
 
 # --- batched equals sequential ---------------------------------------------------
