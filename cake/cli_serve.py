@@ -46,12 +46,16 @@ def serve_command(o: ServeOptions) -> None:
             model.close()
 
     app = create_app(served, on_shutdown=[close])
+    # every batch size and chunk width compiles now, not in a client's request
+    shapes, warm_s = engine.warm_up()
     engine.start()
     info = model.info
+    warm = f", {shapes} step shapes compiled in {warm_s:.1f} s" if shapes else ""
     print(
         f"cake: serving {name} on http://{o.host}:{o.port}/v1 ({info.backend} on "
         f"{info.device}, {info.dtype}; {model.max_sequences} sequences of "
-        f"{model.pipeline.max_context} positions; loaded in {info.load_s:.1f} s)",
+        f"{model.pipeline.max_context} positions; loaded in {info.load_s:.1f} s"
+        f"{warm})",
         file=sys.stderr,
         flush=True,
     )

@@ -79,6 +79,11 @@ class Pipeline:
         for stage in self.stages:
             stage.release(seq_ids)
 
+    @property
+    def compiles(self) -> bool:
+        """Does a stage compile each new step shape (JAX, here or on a worker)?"""
+        return any(getattr(s, "compiles", False) for s in self.stages)
+
 
 class _CountingSource:
     """A TensorSource that reports each tensor read, for a loading progress bar."""

@@ -255,3 +255,20 @@ def test_stage_sequences_check_a_step_against_what_is_held():
     held.release([9, 12345])
     assert 9 not in held and len(held) == 1
     assert held.admit(Step((3,), (0,), (1,))) == [1]  # 9's slot is free again
+
+
+def test_warm_up_compiles_every_shape_the_engine_then_sends(tiny, expected):
+    m = cake.load(tiny, backend="jax", max_sequences=4, max_context=128)
+    try:
+        m.engine.prefill_chunk = 16
+        shapes, _ = m.engine.warm_up()
+        assert shapes == 4 + 4  # decode of 1..4 sequences; chunks of 2, 4, 8, 16
+        (stage,) = [s for s in m.pipeline.stages if hasattr(s, "trace_count")]
+        traced = stage.trace_count
+        # requests that join and leave: every batch size, chunks of every width
+        reqs = [Request(p, GREEDY, 12 - i) for i, p in enumerate(PROMPTS)]
+        got = run_together(m.engine, reqs)
+        assert stage.trace_count == traced
+        assert got == [e[: 12 - i] for i, e in enumerate(expected)]
+    finally:
+        m.close()

@@ -111,6 +111,8 @@ class JaxLlamaStage:
             **static,
         )
 
+    compiles = True  # each new (batch, width, cache bucket) is a compilation
+
     def release(self, seq_ids: Sequence[int]) -> None:
         """Forget these sequences and free their cache slots (unknown ids are ignored)."""
         self.seqs.release(seq_ids)

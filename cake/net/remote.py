@@ -339,6 +339,7 @@ class RemoteStage:
         self.backend = str(info.get("backend", "?"))
         self._dt = DTYPES[self.dtype]
         self._layers = (shard.start, shard.end)
+        self.compiles = self.backend == "jax"  # each new step shape, on the worker
 
     def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
         """x (B, L, D) hidden -> (B, L, D) hidden, one round trip."""
