@@ -167,7 +167,9 @@ def _report(
         f"cake: {info.backend} on {info.device} ({info.dtype}): "
         f"prompt {st.prompt_tokens} tok at {st.prompt_tokens_per_s:.1f} tok/s, "
         f"decode {st.decode_tokens} tok at {st.decode_tokens_per_s:.1f} tok/s, "
-        f"first token {st.first_token_s:.2f} s, load {info.load_s:.1f} s",
+        f"first token {st.first_token_s:.2f} s, load {info.load_s:.1f} s"
+        # rates leave out the steps that compiled a new shape
+        + (f", compiling {st.compile_s:.1f} s" if st.compile_s else ""),
         file=sys.stderr,
     )
     if o.stats_json:

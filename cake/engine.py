@@ -364,7 +364,7 @@ class Engine:
             tuple(s.cached for s in seqs),
             tuple(ids.shape[1] for _ in seqs),
         )
-        t = time.perf_counter()
+        t, compiled = time.perf_counter(), self.pipeline.compile_s
         try:
             logits = self.pipeline.forward(ids, step)
         except StageReset:
@@ -376,9 +376,18 @@ class Engine:
             return
         self._resets = 0
         self.observer.step(kind, len(seqs), ids.size, time.perf_counter() - t)
+        compiled = self.pipeline.compile_s - compiled
         for i, s in enumerate(seqs):
             s.cached += ids.shape[1]
             self.pool.touch(s)
+            if compiled:
+                st = s.owner.request.stats
+                if s.owner.generated:  # its step draws a decode token
+                    st.decode_compile_s += compiled
+                    st.decode_compile_tokens += 1
+                else:
+                    st.prompt_compile_s += compiled
+                    st.prompt_compile_tokens += ids.shape[1]
             if s.pending == 0:
                 self._draw(s, logits[i])
 

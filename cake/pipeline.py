@@ -80,6 +80,11 @@ class Pipeline:
             stage.release(seq_ids)
 
     @property
+    def compile_s(self) -> float:
+        """Seconds of the steps in which a local stage compiled a new shape."""
+        return sum(getattr(s, "compile_s", 0.0) for s in self.stages)
+
+    @property
     def compiles(self) -> bool:
         """Does a stage compile each new step shape (JAX, here or on a worker)?"""
         return any(getattr(s, "compiles", False) for s in self.stages)

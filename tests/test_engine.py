@@ -260,6 +260,15 @@ def test_stage_sequences_check_a_step_against_what_is_held():
 def test_warm_up_compiles_every_shape_the_engine_then_sends(tiny, expected):
     m = cake.load(tiny, backend="jax", max_sequences=4, max_context=128)
     try:
+        # before: a first request's steps compile, and its rates leave them out
+        (first,) = [Request(PROMPTS[0], GREEDY, 12)]
+        run_together(m.engine, [first])
+        st = first.stats
+        assert st.prompt_compile_s > 0 and st.decode_compile_tokens >= 1
+        steady = (st.decode_tokens - st.decode_compile_tokens) / (
+            st.decode_s - st.decode_compile_s
+        )
+        assert st.decode_tokens_per_s == pytest.approx(steady)
         m.engine.prefill_chunk = 16
         shapes, _ = m.engine.warm_up()
         assert shapes == 4 + 4  # decode of 1..4 sequences; chunks of 2, 4, 8, 16
@@ -270,5 +279,6 @@ def test_warm_up_compiles_every_shape_the_engine_then_sends(tiny, expected):
         got = run_together(m.engine, reqs)
         assert stage.trace_count == traced
         assert got == [e[: 12 - i] for i, e in enumerate(expected)]
+        assert all(r.stats.compile_s == 0 for r in reqs)
     finally:
         m.close()

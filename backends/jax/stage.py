@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import jax
@@ -112,6 +113,7 @@ class JaxLlamaStage:
         )
 
     compiles = True  # each new (batch, width, cache bucket) is a compilation
+    compile_s = 0.0  # seconds of the steps that compiled (tracing included)
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Forget these sequences and free their cache slots (unknown ids are ignored)."""
@@ -142,7 +144,7 @@ class JaxLlamaStage:
         ints = [np.asarray(a, np.int32) for a in (slots, step.positions, step.lengths)]
         # NumPy inputs go in as they are and the jitted call moves them to the
         # weights' device: a device_put per array first cost ~70 us each (CPU)
-        traced = self.trace_count
+        traced, t0 = self.trace_count, time.perf_counter()
         out, self._cache = self._step(
             self._params,
             self._cache,
@@ -158,6 +160,7 @@ class JaxLlamaStage:
         )
         if self.trace_count != traced:
             heap.trim()  # what XLA freed after compiling this shape
+            self.compile_s += time.perf_counter() - t0
         self.seqs.advance(step)
         out = np.asarray(out).copy()  # a private, writable copy: no JAX array leaks
         if self.shard.head and not step.all_logits:
