@@ -55,8 +55,10 @@ def run_command(o: RunOptions) -> None:
         chat = o.mode == "chat" or (o.mode == "auto" and model.tokenizer.chat_template)
         if o.mode == "chat" and not model.tokenizer.chat_template:
             raise CakeError("this model has no chat template; use --raw")
+        # the decode step compiles now, not after the first token
+        _, warm_s = model.engine.warm_up(batches=[1], widths=())
         if o.prompt is None and sys.stdin.isatty():
-            _interactive(model, o, err)
+            _interactive(model, o, err, warm_s)
             return
         prompt = o.prompt if o.prompt is not None else sys.stdin.read()
         if chat:
@@ -68,7 +70,7 @@ def run_command(o: RunOptions) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        _report(model, model.stats, o, err)
+        _report(model, model.stats, o, err, warm_s)
     finally:
         model.close()
 
@@ -128,7 +130,7 @@ def _messages(system: str | None, history: list[dict], prompt: str) -> list[dict
     return head + history + [{"role": "user", "content": prompt}]
 
 
-def _interactive(model: cake.Model, o: RunOptions, err: Console) -> None:
+def _interactive(model: cake.Model, o: RunOptions, err: Console, warm_s: float) -> None:
     if not model.tokenizer.chat_template:
         raise CakeError(
             "interactive mode needs a chat template; pass a PROMPT with --raw"
@@ -152,11 +154,15 @@ def _interactive(model: cake.Model, o: RunOptions, err: Console) -> None:
             {"role": "user", "content": line},
             {"role": "assistant", "content": "".join(reply)},
         ]
-        _report(model, model.stats, o, err)
+        _report(model, model.stats, o, err, warm_s)
 
 
 def _report(
-    model: cake.Model, st: GenerationStats, o: RunOptions, err: Console
+    model: cake.Model,
+    st: GenerationStats,
+    o: RunOptions,
+    err: Console,
+    warm_s: float = 0.0,
 ) -> None:
     info = model.info
     if st.stop_reason == "context":
@@ -168,6 +174,7 @@ def _report(
         f"prompt {st.prompt_tokens} tok at {st.prompt_tokens_per_s:.1f} tok/s, "
         f"decode {st.decode_tokens} tok at {st.decode_tokens_per_s:.1f} tok/s, "
         f"first token {st.first_token_s:.2f} s, load {info.load_s:.1f} s"
+        + (f", warm-up {warm_s:.1f} s" if warm_s else "")
         # rates leave out the steps that compiled a new shape
         + (f", compiling {st.compile_s:.1f} s" if st.compile_s else ""),
         file=sys.stderr,
@@ -178,6 +185,7 @@ def _report(
             "device": info.device,
             "dtype": info.dtype,
             "load_s": info.load_s,
+            "warm_up_s": warm_s,
             **st.as_dict(),
         }
         try:

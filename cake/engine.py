@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -221,14 +221,17 @@ class Engine:
                 with self._stepping:
                     self._reap()
 
-    def warm_up(self) -> tuple[int, float]:
+    def warm_up(
+        self, batches: Iterable[int] | None = None, widths: Iterable[int] | None = None
+    ) -> tuple[int, float]:
         """Run once every step shape this engine will send, so that no generation
         waits for a compilation (a JAX stage compiles each new shape: 0.1-0.3 s
         each for SmolLM2 on 2 cores, from the persistent cache or not): decode
-        steps of 1..max_sequences sequences, and prefill chunks of one sequence
-        of every width the stages pad to (powers of two up to prefill_chunk).
-        Nothing may run; parked sequences are forgotten. (steps, seconds); no
-        steps where no stage compiles."""
+        steps of `batches` sequences (default 1..max_sequences), and prefill
+        chunks of one sequence of `widths` ids (default: every width the stages
+        pad to, powers of two up to prefill_chunk). Nothing may run; parked
+        sequences are forgotten. (steps, seconds); no steps where no stage
+        compiles."""
         if not self.pipeline.compiles:
             return 0, 0.0
         t0 = time.perf_counter()
@@ -238,11 +241,13 @@ class Engine:
             ids = self.pool.forget_parked()
             if ids:
                 self.pipeline.release(ids)
-            shapes = [(b, 1) for b in range(1, self.pool.size + 1)]
-            w = 2
-            while w < 2 * self.prefill_chunk:
-                shapes.append((1, min(w, self.prefill_chunk)))
-                w *= 2
+            if batches is None:
+                batches = range(1, self.pool.size + 1)
+            if widths is None:
+                widths = [2]
+                while widths[-1] < self.prefill_chunk:
+                    widths.append(min(2 * widths[-1], self.prefill_chunk))
+            shapes = [(b, 1) for b in batches] + [(1, w) for w in widths]
             for b, n in shapes:  # the pool's own ids: all free now
                 seqs = tuple(range(b))
                 self.pipeline.forward(
