@@ -51,3 +51,15 @@ def start(args: list[str], ready: str, timeout: float = 600) -> subprocess.Popen
             return p
     p.kill()
     raise SystemExit(f"{args[:4]} did not start:\n{''.join(lines[-20:])}")
+
+
+def source_state() -> dict:
+    """The commit measured and the tracked files that differ from it: in a shared
+    working tree, others' uncommitted edits are measured too."""
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD"), "modified": changed}
