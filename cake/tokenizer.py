@@ -1,15 +1,16 @@
 """Tokenizers: tokenizer.json, sentencepiece tokenizer.model, or a GGUF's vocabulary.
 
-Every source becomes one `tokenizers.Tokenizer` (the Rust library Hugging Face uses),
-built the way transformers builds it, so ids and decoded text match
-`AutoTokenizer.from_pretrained(...)`:
+Every source becomes one `tokenizers.Tokenizer` (the Rust library Hugging Face uses):
 
 * tokenizer.json is used as it is, its post-processor deciding BOS/EOS (transformers
-  5 ignores the config's add_bos_token/add_eos_token when this file exists).
+  5 ignores the config's add_bos_token/add_eos_token when this file exists), so ids
+  and decoded text match `AutoTokenizer.from_pretrained(...)`.
 * tokenizer.model is read with sentencepiece and rebuilt as byte-fallback BPE (or
-  Unigram) with a Metaspace pre-tokenizer, like transformers' LlamaTokenizer.
+  Unigram) with the model's normalizer, so ids match `SentencePieceProcessor.encode`
+  (special tokens in the text are parsed, as transformers does).
 * A GGUF stores the vocabulary as metadata: "gpt2" files become byte-level BPE
-  with their merges and split regex, "llama" files become the sentencepiece shape.
+  with their merges and split regex, as transformers builds them; "llama" files
+  are sentencepiece vocabularies, built as a tokenizer.model is.
 """
 
 from __future__ import annotations
