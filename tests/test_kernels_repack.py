@@ -61,6 +61,35 @@ def test_repacked_matmul_equals_reference(lib, fmt, m, n, ki):
 
 
 @pytest.mark.parametrize("fmt", PLAIN, ids=lambda f: f.name)
+def test_repacked_outputs_do_not_depend_on_the_call(lib, fmt):
+    """An output's bits do not depend on the other rows and tiles of its call:
+    the kernels take tiles in pairs where they can (512-bit) and alone
+    otherwise, activation rows in runs of up to 8, on any number of threads."""
+    k = ks(fmt.name)[1]
+    n = 8 * 7  # 3 pairs of tiles and an odd one
+    x, w = case(fmt, 16, n, k)
+    name, packed = cpu.repack_np(w, fmt.name)
+    whole = cpu.matmul_np(x, packed, name)
+    assert_matmul_close(whole, x, w, fmt.name)
+    for m in range(1, 17):
+        np.testing.assert_array_equal(cpu.matmul_np(x[:m], packed, name), whole[:m])
+    for i in (5, 15):
+        np.testing.assert_array_equal(cpu.matmul_np(x[i], packed, name), whole[i])
+    for t in range(n // 8):  # each tile alone
+        tile = packed[8 * t : 8 * t + 8]
+        np.testing.assert_array_equal(
+            cpu.matmul_np(x, tile, name), whole[:, 8 * t : 8 * t + 8]
+        )
+    # paired the other way: tiles (1, 2), (3, 4), (5, 6)
+    np.testing.assert_array_equal(cpu.matmul_np(x, packed[8:], name), whole[:, 8:])
+    lib.raw.cake_set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(cpu.matmul_np(x, packed, name), whole)
+    finally:
+        lib.raw.cake_set_num_threads(0)
+
+
+@pytest.mark.parametrize("fmt", PLAIN, ids=lambda f: f.name)
 def test_repacked_dequantize_equals_gguf(lib, fmt):
     k = 1536
     w = random_weights(fmt, 48, k, np.random.default_rng(7))

@@ -381,20 +381,20 @@ void matmul_work(void* p, int, int) {
     }
 }
 
-// The repacked formats: rows counts tiles of kR8 weight rows, wrow is a tile's bytes.
+// The repacked formats: rows counts tiles of kR8 weight rows, wrow is a tile's
+// bytes. A block of tiles goes to the kernel whole, so that it may take them in
+// pairs (repack.cc); blocks start at even tiles (block_step's align of 2).
 void gemm_work(void* p, int, int) {
   MatmulJob& j = *(MatmulJob*)p;
   int64_t b, e;
   while (j.rows.take(&b, &e))
     for (int64_t m0 = 0; m0 < j.m; m0 += kChunkRows) {
       const int64_t m1 = m0 + kChunkRows < j.m ? m0 + kChunkRows : j.m;
-      for (int64_t tile = b; tile < e; tile++) {
-        j.f->r8->gemm(j.k, j.w + tile * j.wrow, j.xa + m0 * j.xs, j.xs, (int)(m1 - m0),
-                      j.y + m0 * j.n + tile * kR8, (size_t)j.n);
-        if (j.residual != nullptr)
-          for (int64_t i = m0; i < m1; i++)
-            for (int64_t c = tile * kR8; c < (tile + 1) * kR8; c++) j.y[i * j.n + c] += j.residual[i * j.n + c];
-      }
+      j.f->r8->gemm(j.k, j.w + b * j.wrow, e - b, j.xa + m0 * j.xs, j.xs, (int)(m1 - m0),
+                    j.y + m0 * j.n + b * kR8, (size_t)j.n);
+      if (j.residual != nullptr)
+        for (int64_t i = m0; i < m1; i++)
+          for (int64_t c = b * kR8; c < e * kR8; c++) j.y[i * j.n + c] += j.residual[i * j.n + c];
     }
 }
 

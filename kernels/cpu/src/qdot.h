@@ -82,9 +82,12 @@ void cake_dequant_bf16(int64_t k, const void* w, float* out);
 typedef struct {
   int64_t group_bytes;  // one block (32 elements; K-quants 256) of the tile's 8 rows
   float s_scale;        // gemm wants each cake_q8_32.s multiplied by this first (K-quants: 1)
-  // y[i * y_stride + r] = dot(tile row r, activation row i), i < nrows, r < 8
-  void (*gemm)(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* y,
-               size_t y_stride);
+  // ntiles consecutive tiles (tile t at w + t * (k / block) * group_bytes):
+  // y[i * y_stride + 8 t + r] = dot(tile t's row r, activation row i), i < nrows, r < 8.
+  // A kernel may take two adjacent tiles at once; each column's bits do not depend
+  // on ntiles or nrows.
+  void (*gemm)(int64_t k, const void* w, int64_t ntiles, const void* x, size_t x_stride, int nrows,
+               float* y, size_t y_stride);
   void (*dequant)(int64_t k, const void* w, float* out);  // one tile -> out (8, k)
   // 8 plain rows, w_stride bytes apart -> one tile at out
   void (*repack)(int64_t k, const void* w, size_t w_stride, void* out);

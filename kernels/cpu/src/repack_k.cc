@@ -942,10 +942,12 @@ void rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y, size
 }
 
 template <class F>
-void gemm(int64_t k, const void* w, const void* x, size_t xs, int nrows, float* y, size_t ys) {
-  cake_tiles::gemm<kMaxRows>(nrows, x, xs, y, ys, [&](auto nr, const void* xt, float* yt) {
-    rows<F, decltype(nr)::value>(k / kQK, (const uint8_t*)w, xt, xs, yt, ys);
-  });
+void gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, int nrows, float* y, size_t ys) {
+  const size_t tile_bytes = (size_t)(k / kQK) * F::kGroup;
+  for (int64_t t = 0; t < ntiles; t++)
+    cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
+      rows<F, decltype(nr)::value>(k / kQK, (const uint8_t*)w + t * tile_bytes, xt, xs, yt, ys);
+    });
 }
 
 }  // namespace
