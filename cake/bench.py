@@ -241,7 +241,7 @@ def _model_dtype(dtype: str, config: ModelConfig, tensors, first: int) -> str:
         return dtype
     if tensors is None:
         return config.torch_dtype if config.torch_dtype in DTYPES else "float32"
-    name = tensors.get(f"model.layers.{first}.self_attn.q_proj.weight").dtype.name
+    name = tensors.get(f"model.layers.{first}.self_attn.o_proj.weight").dtype.name
     return name if name in DTYPES else "float32"
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cake.errors import ModelError
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from cake.family import Family, family_of
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,6 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (qwen2)
-    qk_norm: bool = False  # RMSNorm on q and k per head before RoPE (qwen3)
     sliding_window: int | None = None  # attend to at most this many past positions
     hidden_act: str = "silu"
     bos_token_id: int | None = None
@@ -48,15 +46,21 @@ class ModelConfig:
     torch_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    @property
+    def family(self) -> Family:
+        """The architecture family of `model_type` (cake.family)."""
+        return family_of(self.model_type)
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether q and k are RMS-normed before RoPE (the family's kind)."""
+        return self.family.qk_norm is not None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face config dict; unknown keys are ignored."""
         mt = d.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ModelError(
-                f"unsupported model_type {mt!r}: cake runs "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        fam = family_of(mt)
         try:
             n_heads = int(d["num_attention_heads"])
             hidden = int(d["hidden_size"])
@@ -74,11 +78,9 @@ class ModelConfig:
             # configs have `rope_theta` and `rope_scaling`.
             rope = {"rope_theta": d.get("rope_theta"), **(d.get("rope_scaling") or {})}
             rope.update(d.get("rope_parameters") or {})
-            window = None
-            if mt == "mistral":
-                window = d.get("sliding_window")
-            elif mt in ("qwen2", "qwen3") and d.get("use_sliding_window"):
-                window = d.get("sliding_window")
+            flag = fam.sliding_window
+            on = flag == "always" or (flag != "never" and bool(d.get(flag)))
+            window = d.get("sliding_window") if on else None
             return cls(
                 model_type=mt,
                 vocab_size=int(d["vocab_size"]),
@@ -93,8 +95,7 @@ class ModelConfig:
                 rope_scaling=_rope_scaling(rope),
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=mt == "qwen2" or bool(d.get("attention_bias", False)),
-                qk_norm=mt == "qwen3",
+                attention_bias=fam.qkv_bias or bool(d.get("attention_bias", False)),
                 sliding_window=int(window) if window else None,
                 hidden_act=act,
                 bos_token_id=d.get("bos_token_id"),

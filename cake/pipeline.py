@@ -17,7 +17,7 @@ from cake.config import ModelConfig
 from cake.embedding import EmbeddingStage
 from cake.errors import CakeError
 from cake.shard import Shard
-from cake.weights.names import shard_tensor_names
+from cake.weights.names import layer_shapes, shard_tensor_names
 from cake.weights.packed import Stored, stored_tensor
 from cake.weights.source import TensorSource
 
@@ -161,29 +161,15 @@ def load_local_stage(
 
 def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
     c = config
-    d, hd = c.hidden_size, c.head_dim
-    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    table = {
-        "model.embed_tokens.weight": (c.vocab_size, d),
-        "lm_head.weight": (c.vocab_size, d),
-        "model.norm.weight": (d,),
-        "input_layernorm.weight": (d,),
-        "post_attention_layernorm.weight": (d,),
-        "self_attn.q_proj.weight": (q, d),
-        "self_attn.k_proj.weight": (kv, d),
-        "self_attn.v_proj.weight": (kv, d),
-        "self_attn.o_proj.weight": (d, q),
-        "self_attn.q_proj.bias": (q,),
-        "self_attn.k_proj.bias": (kv,),
-        "self_attn.v_proj.bias": (kv,),
-        "self_attn.q_norm.weight": (hd,),
-        "self_attn.k_norm.weight": (hd,),
-        "mlp.gate_proj.weight": (c.intermediate_size, d),
-        "mlp.up_proj.weight": (c.intermediate_size, d),
-        "mlp.down_proj.weight": (d, c.intermediate_size),
+    top = {
+        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+        "lm_head.weight": (c.vocab_size, c.hidden_size),
+        "model.norm.weight": (c.hidden_size,),
     }
-    key = name.split(".", 3)[3] if name.startswith("model.layers.") else name
-    return table.get(key)
+    parts = name.split(".")
+    if name.startswith("model.layers.") and parts[2].isdigit():
+        return layer_shapes(c, int(parts[2])).get(name)
+    return top.get(name)
 
 
 def _check_shape(config: ModelConfig, name: str, shape: tuple[int, ...]) -> None:

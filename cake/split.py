@@ -62,12 +62,6 @@ _CODES = {
     np.dtype(np.uint8): "U8",
     np.dtype(np.bool_): "BOOL",
 }
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 
 
 def _raw_tensors(name: str, w: Stored) -> list[tuple[str, np.ndarray]]:
@@ -217,18 +211,17 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     """config.json fields (Hugging Face names) that `ModelConfig.from_dict` reads
     back to an equal config."""
     d = config.to_dict()
-    d.pop("qk_norm")  # implied by model_type qwen3
+    fam = config.family
     window = d.pop("sliding_window")
-    if config.model_type == "mistral":
+    if fam.sliding_window != "never":
         d["sliding_window"] = window
-    elif config.model_type in ("qwen2", "qwen3"):
-        d["use_sliding_window"] = window is not None
-        d["sliding_window"] = window
+    if fam.sliding_window not in ("always", "never"):
+        d[fam.sliding_window] = window is not None
     eos = list(config.eos_token_id)
     d["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
     if d["rope_scaling"] is None:
         d.pop("rope_scaling")
-    return {"architectures": [_ARCHITECTURES[config.model_type]], **d}
+    return {"architectures": [fam.architecture], **d}
 
 
 def _export_tokenizer(model_path: Path, folder: Path) -> None:

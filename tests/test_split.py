@@ -367,8 +367,7 @@ def test_mlx_quantized_tensors_are_written_as_stored(tmp_path):
         ModelConfig("mistral", 128, 64, 96, 3, 4, 2, 16, sliding_window=6,
                     eos_token_id=(2,)),
         ModelConfig("qwen2", 128, 64, 96, 3, 4, 2, 16, attention_bias=True),
-        ModelConfig("qwen3", 128, 64, 96, 3, 4, 2, 24, qk_norm=True,
-                    sliding_window=8),
+        ModelConfig("qwen3", 128, 64, 96, 3, 4, 2, 24, sliding_window=8),
     ],
     ids=["llama3", "mistral", "qwen2", "qwen3"],
 )  # fmt: skip

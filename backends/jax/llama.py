@@ -1,5 +1,8 @@
-"""Llama family (llama, mistral, qwen2, qwen3) as pure JAX functions over a weight pytree.
+"""The JAX stage step, and the llama block (llama, mistral, qwen2, qwen3, phi3).
 
+Pure JAX functions over a weight pytree. Every family runs `stage_step`: its
+decoder block is `attn_in` and `attn_out` of the module `cfg.family.block`
+names (this one, or e.g. olmo2.py) around the shared attention (`layer`).
 One call of `stage_step` runs a whole stage for a batch: embedding (if the stage
 owns it), its layers unrolled, final norm and head (if it owns them). The KV
 cache is one fixed-shape buffer for all layers, written by index and returned,
@@ -10,6 +13,8 @@ are (see linear.py), accumulating in float32.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import NamedTuple
 
 import jax
@@ -136,17 +141,39 @@ def _qk_norm(cfg: ModelConfig, w: Params, qkv: jax.Array) -> jax.Array:
     return jnp.concatenate([a.reshape(b, n, -1) for a in (q, k, v)], axis=-1)
 
 
+def attn_in(cfg: ModelConfig, w: Params, x: jax.Array) -> jax.Array:
+    """x (B, L, D) -> q|k|v (B, L, (nh + 2 nkv) hd) as attention takes it (before RoPE)."""
+    qkv = mm_cat(x, w["wqkv"], prologue="rms", norm=w["ln1"], eps=cfg.rms_norm_eps)
+    if "bqkv" in w:
+        qkv = qkv + w["bqkv"]
+    if "q_norm" in w:
+        qkv = _qk_norm(cfg, w, qkv)
+    return qkv
+
+
+def attn_out(cfg: ModelConfig, w: Params, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """The residual block around attention's output attn (B, L, nh hd): x out."""
+    with jax.named_scope("attention"):
+        x = mm(attn, w["wo"], residual=x)
+    with jax.named_scope("mlp"):
+        gate_up = mm_cat(
+            x, w["wgu"], prologue="rms", norm=w["ln2"], eps=cfg.rms_norm_eps
+        )
+        return mm(gate_up, w["wd"], prologue="swiglu", residual=x)
+
+
 def layer(
-    cfg: ModelConfig, i: int, w: Params, x: jax.Array, cache: jax.Array, st: Shared
+    cfg: ModelConfig,
+    block: ModuleType,
+    i: int,
+    w: Params,
+    x: jax.Array,
+    cache: jax.Array,
+    st: Shared,
 ) -> tuple[jax.Array, jax.Array]:
     """Decoder block i of the stage. x (B, L, D) float32; returns it and the cache."""
-    eps = cfg.rms_norm_eps
     with jax.named_scope("attention"):
-        qkv = mm_cat(x, w["wqkv"], prologue="rms", norm=w["ln1"], eps=eps)
-        if "bqkv" in w:
-            qkv = qkv + w["bqkv"]
-        if "q_norm" in w:
-            qkv = _qk_norm(cfg, w, qkv)
+        qkv = block.attn_in(cfg, w, x)
         if st.kernel:
             from cake.kernels.cpu import attention as cpu_attention
 
@@ -163,11 +190,7 @@ def layer(
             )
         else:
             attn, cache = _attend_xla(cfg, i, qkv, cache, st)
-        x = mm(attn, w["wo"], residual=x)
-    with jax.named_scope("mlp"):
-        gate_up = mm_cat(x, w["wgu"], prologue="rms", norm=w["ln2"], eps=eps)
-        x = mm(gate_up, w["wd"], prologue="swiglu", residual=x)
-    return x, cache
+    return block.attn_out(cfg, w, x, attn), cache
 
 
 def stage_step(
@@ -227,9 +250,10 @@ def stage_step(
         causal_chunk,
         attention_kernel,
     )
+    block = importlib.import_module(f"cake.backends.jax.{cfg.family.block}")
     for i, w in enumerate(params["layers"]):
         with jax.named_scope(f"layer_{i}"):
-            h, cache = layer(cfg, i, w, h, cache, st)
+            h, cache = layer(cfg, block, i, w, h, cache, st)
     if not head:
         return jnp.where(valid[..., None], h, 0).astype(out_dtype), cache
     with jax.named_scope("head"):

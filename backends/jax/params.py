@@ -1,10 +1,11 @@
 """A JAX stage's weights: read from a TensorSource as stored, placed on the device.
 
-Layer entries (see llama.layer): ln1, ln2 (D,) float32 RMSNorm weights; wqkv,
-wgu: tuples of weights whose outputs concatenate to the q|k|v and gate|up
-projections (one fused weight when the parts share a format, else one per
-part); wo, wd: single weights; with attention_bias bqkv ((nh + 2 nkv) hd,);
-with qk_norm q_norm, k_norm (hd,). A weight is a float (K, N) matrix for XLA
+Layer entries (cake.weights.layer's roles; see llama.layer): ln1, ln2 (D,)
+float32 RMSNorm weights (the attention's and the MLP's); wqkv, wgu: tuples of
+weights whose outputs concatenate to the q|k|v and gate|up projections (one
+fused weight when the parts share a format, else one per part); wo, wd: single
+weights; with attention_bias bqkv ((nh + 2 nkv) hd,); with a q/k norm q_norm,
+k_norm ((hd,) per head, or the projection's width: see Family.qk_norm). A weight is a float (K, N) matrix for XLA
 (`x @ W`) or a linear.QMat in the checkpoint's format (see linear.py).
 
 Nothing is widened: quantized matrices keep their blocks, 16-bit floats stay
@@ -32,7 +33,8 @@ from cake.config import ModelConfig
 from cake.rope import rope_cos_sin, rope_inv_freq
 from cake.shard import Shard
 from cake.weights import TensorSource
-from cake.weights.packed import Packed, release_pages, stored_tensor
+from cake.weights.layer import read_layer
+from cake.weights.packed import Packed, Stored, release_pages, stored_tensor
 
 Params = dict[str, Any]  # pytree of arrays
 _F32 = jnp.float32
@@ -66,13 +68,9 @@ class _Loader:
     """
 
     def __init__(
-        self,
-        tensors: TensorSource,
-        model_dtype: np.dtype,
-        device: jax.Device,
-        kernels: frozenset[str],
+        self, model_dtype: np.dtype, device: jax.Device, kernels: frozenset[str]
     ) -> None:
-        self.tensors, self.model_dtype, self.device = tensors, model_dtype, device
+        self.model_dtype, self.device = model_dtype, device
         self.kernels = kernels
         self.on_cpu = device.platform == "cpu"
         self.repack = os.environ.get("CAKE_CPU_REPACK", "1") != "0"
@@ -88,8 +86,7 @@ class _Loader:
             release_pages(src)
         return jax.device_put(a, self.device, may_alias=True)
 
-    def vector(self, name: str) -> jax.Array:
-        w = stored_tensor(self.tensors, name)
+    def vector(self, w: Stored) -> jax.Array:
         return jax.device_put(np.asarray(w, np.float32), self.device)
 
     def _float(self, w: np.ndarray) -> np.ndarray:
@@ -101,16 +98,15 @@ class _Loader:
         return w
 
     def matrices(
-        self, names: list[str], rows: bool = False, repack: bool = False
+        self, parts: tuple[Stored, ...], rows: bool = False, repack: bool = False
     ) -> tuple[Weight, ...]:
-        """The (out, in) tensors `names` as weights whose outputs concatenate.
+        """The stored (out, in) tensors `parts` as weights whose outputs concatenate.
 
         rows: for a table looked up by rows, a float matrix stays (out, in).
         repack: a matrix only multiplied (never looked up by rows, which
         cake.kernels.jax decodes in the file's layout) may be repacked for the
         CPU kernels.
         """
-        parts = [stored_tensor(self.tensors, n) for n in names]
         parts = [p if isinstance(p, Packed) else self._float(p) for p in parts]
         groups: list[list] = []
         for p in parts:
@@ -191,37 +187,37 @@ def load_params(
     kernels: frozenset[str] = frozenset(),
 ) -> Params:
     """The stage's weights on `device`, as stored (see the module docstring)."""
-    load = _Loader(tensors, np.dtype(model_dtype), device, kernels)
+    load = _Loader(np.dtype(model_dtype), device, kernels)
     mats = partial(load.matrices, repack=True)  # layer matrices: products only
     params: Params = {"layers": []}
     for i in shard.layers:
-        p = f"model.layers.{i}."
-        at, mlp = p + "self_attn.", p + "mlp."
+        lw = read_layer(config, tensors, i)
         layer = {
-            "ln1": load.vector(p + "input_layernorm.weight"),
-            "ln2": load.vector(p + "post_attention_layernorm.weight"),
-            "wqkv": mats([at + f"{x}_proj.weight" for x in "qkv"]),
-            "wo": mats([at + "o_proj.weight"])[0],
-            "wgu": mats([mlp + f"{x}_proj.weight" for x in ("gate", "up")]),
-            "wd": mats([mlp + "down_proj.weight"])[0],
+            "ln1": load.vector(lw.attn_norm),
+            "ln2": load.vector(lw.mlp_norm),
+            "wqkv": mats(lw.qkv),
+            "wo": mats((lw.o,))[0],
+            "wgu": mats(lw.gate_up),
+            "wd": mats((lw.down,))[0],
         }
-        if config.attention_bias:
-            bias = [load.vector(at + f"{x}_proj.bias") for x in "qkv"]
-            layer["bqkv"] = jnp.concatenate(bias)
-        if config.qk_norm:
-            layer["q_norm"] = load.vector(at + "q_norm.weight")
-            layer["k_norm"] = load.vector(at + "k_norm.weight")
+        if lw.qkv_bias:
+            layer["bqkv"] = jnp.concatenate([load.vector(b) for b in lw.qkv_bias])
+        if lw.q_norm is not None:
+            layer["q_norm"] = load.vector(lw.q_norm)
+            layer["k_norm"] = load.vector(lw.k_norm)
         params["layers"].append(layer)
     tied = config.tie_word_embeddings
+    embed = "model.embed_tokens.weight"
     if shard.head:
-        params["norm"] = load.vector("model.norm.weight")
-        head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        params["norm"] = load.vector(stored_tensor(tensors, "model.norm.weight"))
+        head = embed if tied else "lm_head.weight"
         # (D, V) float or QMat (V, ...); repacked too: linear.take_rows reads
         # the tiles when the tied head doubles as the embedding
-        params["head"] = mats([head])[0]
+        params["head"] = mats((stored_tensor(tensors, head),))[0]
     if shard.embed and not (tied and shard.head):
         # (V, D) float, or QMat (V, ...)
-        params["embed"] = load.matrices(["model.embed_tokens.weight"], rows=True)[0]
+        table = stored_tensor(tensors, embed)
+        params["embed"] = load.matrices((table,), rows=True)[0]
     # RoPE tables for every position of the context: (max_context, hd/2) each
     cos, sin = rope_cos_sin(rope_inv_freq(config), np.arange(max_context))
     half = config.head_dim // 2

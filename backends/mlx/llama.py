@@ -1,19 +1,26 @@
-"""Llama family (llama, mistral, qwen2, qwen3) on MLX, in the model dtype.
+"""The MLX stage, and the llama block (llama, mistral, qwen2, qwen3, phi3).
+
+Every family runs the stage: its decoder block is `attn_in` and `attn_out` of
+the module `config.family.block` names (this one, or e.g. olmo2.py), in the
+model dtype.
 
 Weights stay as compact as the checkpoint (see quant.py): float matrices in
 their stored dtype, quantized ones as `mx.quantized_matmul` operands.
 
-Each layer is two compiled functions around the attention: `_attn_in` (norm,
-fused q/k/v projection, q/k norm, RoPE) and `_attn_out` (o projection and the
-MLP). Attention itself runs per sequence on that sequence's own KV cache, so a
-batch may mix sequences at any positions and lengths and still give exactly
-what each would give alone.
+Each layer is two compiled functions around the attention: `_attn_in` (the
+block's `attn_in`: norm, fused q/k/v projection, q/k norm; then RoPE) and
+`_attn_out` (the block's `attn_out`: o projection and the MLP). Attention
+itself runs per sequence on that sequence's own KV cache, so a batch may mix
+sequences at any positions and lengths and still give exactly what each would
+give alone.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import ml_dtypes
 import mlx.core as mx
@@ -35,9 +42,11 @@ from cake.rope import rope_inv_freq
 from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
+from cake.weights.layer import LayerWeights, read_layer
 from cake.weights.names import head_tensor_names
-from cake.weights.packed import stored_tensor
+from cake.weights.packed import Stored, as_float, stored_tensor
 
+Weights = dict[str, Any]  # one layer's: role -> vector (mx.array) or Linear(s)
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -57,6 +66,42 @@ def _arrays(tree) -> list[mx.array]:
     """The distinct MLX arrays among the leaves of nested lists and dicts."""
     leaves = (v for _, v in tree_flatten(tree) if isinstance(v, mx.array))
     return list({id(a): a for a in leaves}.values())
+
+
+def split_qkv(cfg: ModelConfig, qkv: mx.array) -> list[mx.array]:
+    """(..., (nh + 2 nkv) hd) -> q (..., nh hd), k and v (..., nkv hd)."""
+    q, kv = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    )
+    return mx.split(qkv, [q, q + kv], axis=-1)
+
+
+def mlp(w: Weights, x: mx.array) -> mx.array:
+    gate, up = mx.split(linears(x, w["gate_up"]), 2, axis=-1)
+    return linear(gate * mx.sigmoid(gate) * up, w["down"])
+
+
+def attn_in(cfg: ModelConfig, w: Weights, h: mx.array) -> mx.array:
+    """h (B, L, D) -> q|k|v (B, L, (nh + 2 nkv) hd) as attention takes it (before RoPE)."""
+    a = mx.fast.rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
+    qkv = linears(a, w["qkv"])
+    if "qkv_bias" in w:
+        qkv = qkv + w["qkv_bias"]
+    if "q_norm" in w:  # per head (Qwen3)
+        B, L, _ = h.shape
+        hd, eps = cfg.head_dim, cfg.rms_norm_eps
+        q, k, v = split_qkv(cfg, qkv)
+        q = mx.fast.rms_norm(q.reshape(B, L, -1, hd), w["q_norm"], eps)
+        k = mx.fast.rms_norm(k.reshape(B, L, -1, hd), w["k_norm"], eps)
+        qkv = mx.concatenate([q.reshape(B, L, -1), k.reshape(B, L, -1), v], axis=-1)
+    return qkv
+
+
+def attn_out(cfg: ModelConfig, w: Weights, h: mx.array, attn: mx.array) -> mx.array:
+    """The residual block around attention's output attn (B, L, nh hd): h out."""
+    h = h + linear(attn, w["o"])
+    return h + mlp(w, mx.fast.rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps))
 
 
 class _SeqCache:
@@ -117,20 +162,27 @@ class MlxLlamaStage:
         model_dtype = dtype_of(dtype)
         self.mx_dtype = MX_DTYPES[model_dtype.name]
 
-        def vector(name: str) -> mx.array:  # norms and biases: small, model dtype
-            return to_mx(tensors.get(name), dtype)
+        def vector(v: Stored) -> mx.array:  # norms and biases: small, model dtype
+            return to_mx(as_float(v), dtype)
 
-        def matrix(name: str) -> dict:
-            return load_linear(stored_tensor(tensors, name), model_dtype)
+        def matrix(w: Stored) -> dict:
+            return load_linear(w, model_dtype)
 
-        self.embed = matrix("model.embed_tokens.weight") if shard.embed else None
-        self.layers = [self._load_layer(vector, matrix, i) for i in shard.layers]
+        def named(name: str) -> Stored:
+            return stored_tensor(tensors, name)
+
+        self.block = importlib.import_module(f"cake.backends.mlx.{config.family.block}")
+        self.embed = matrix(named("model.embed_tokens.weight")) if shard.embed else None
+        self.layers = [
+            self._load_layer(vector, matrix, read_layer(config, tensors, i))
+            for i in shard.layers
+        ]
         held = [self.embed, *self.layers]
         if shard.head:
             norm, head = head_tensor_names(config)
-            self.norm = vector(norm)
+            self.norm = vector(named(norm))
             tied = head == "model.embed_tokens.weight" and self.embed is not None
-            self.lm_head = self.embed if tied else matrix(head)
+            self.lm_head = self.embed if tied else matrix(named(head))
             held += [self.norm, self.lm_head]
         # bytes of every array the stage keeps (a tied head counted once)
         self.weight_bytes = sum(a.nbytes for a in _arrays(held))
@@ -142,27 +194,21 @@ class MlxLlamaStage:
         self.caches: dict[int, _SeqCache] = {}
         self.seqs = StageSequences(max_sequences, max_context)
 
-    def _load_layer(self, vector, matrix, i: int) -> dict:
+    def _load_layer(self, vector, matrix, lw: LayerWeights) -> Weights:
         # q/k/v as one (q+2kv)*hd x D product and gate/up as one 2I x D product
         # where their layouts match (fuse); else a list of separate products.
-        p = f"model.layers.{i}."
         w = {
-            "ln1": vector(p + "input_layernorm.weight"),
-            "ln2": vector(p + "post_attention_layernorm.weight"),
-            "qkv": fuse([matrix(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
-            "o": matrix(p + "self_attn.o_proj.weight"),
-            "gate_up": fuse(
-                [matrix(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
-            ),
-            "down": matrix(p + "mlp.down_proj.weight"),
+            "attn_norm": vector(lw.attn_norm),
+            "mlp_norm": vector(lw.mlp_norm),
+            "qkv": fuse([matrix(p) for p in lw.qkv]),
+            "o": matrix(lw.o),
+            "gate_up": fuse([matrix(p) for p in lw.gate_up]),
+            "down": matrix(lw.down),
         }
-        if self.config.attention_bias:
-            w["qkv_bias"] = mx.concatenate(
-                [vector(p + f"self_attn.{x}_proj.bias") for x in "qkv"]
-            )
-        if self.config.qk_norm:
-            w["q_norm"] = vector(p + "self_attn.q_norm.weight")
-            w["k_norm"] = vector(p + "self_attn.k_norm.weight")
+        if lw.qkv_bias:
+            w["qkv_bias"] = mx.concatenate([vector(b) for b in lw.qkv_bias])
+        if lw.q_norm is not None:
+            w["q_norm"], w["k_norm"] = vector(lw.q_norm), vector(lw.k_norm)
         return w
 
     def release(self, seq_ids: Sequence[int]) -> None:
@@ -243,23 +289,14 @@ class MlxLlamaStage:
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
 
     def _attn_in_fn(
-        self, h: mx.array, w: dict[str, mx.array], offsets: mx.array
+        self, h: mx.array, w: Weights, offsets: mx.array
     ) -> tuple[mx.array, mx.array, mx.array]:
         cfg = self.config
         B, L, _ = h.shape
-        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        a = mx.fast.rms_norm(h, w["ln1"], cfg.rms_norm_eps)
-        qkv = linears(a, w["qkv"])  # (B, L, (nh + 2 nkv) hd)
-        if "qkv_bias" in w:
-            qkv = qkv + w["qkv_bias"]
-        q, k, v = mx.split(qkv, [nh * hd, (nh + nkv) * hd], axis=-1)
-        q = q.reshape(B, L, nh, hd)
-        k = k.reshape(B, L, nkv, hd)
-        v = v.reshape(B, L, nkv, hd).transpose(0, 2, 1, 3)
-        if "q_norm" in w:
-            q = mx.fast.rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
-            k = mx.fast.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)  # (B, heads, L, hd)
+        hd = cfg.head_dim
+        q, k, v = split_qkv(cfg, self.block.attn_in(cfg, w, h))
+        # (B, heads, L, hd)
+        q, k, v = (a.reshape(B, L, -1, hd).transpose(0, 2, 1, 3) for a in (q, k, v))
         rope = dict(
             traditional=False,  # HF's rotate_half layout
             base=None,
@@ -269,13 +306,7 @@ class MlxLlamaStage:
         )
         return mx.fast.rope(q, hd, **rope), mx.fast.rope(k, hd, **rope), v
 
-    def _attn_out_fn(
-        self, h: mx.array, attn: mx.array, w: dict[str, mx.array]
-    ) -> mx.array:
-        cfg = self.config
+    def _attn_out_fn(self, h: mx.array, attn: mx.array, w: Weights) -> mx.array:
         B, L, _ = h.shape
         attn = attn.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        h = h + linear(attn, w["o"])
-        m = mx.fast.rms_norm(h, w["ln2"], cfg.rms_norm_eps)
-        gate, up = mx.split(linears(m, w["gate_up"]), 2, axis=-1)
-        return h + linear(gate * mx.sigmoid(gate) * up, w["down"])
+        return self.block.attn_out(self.config, w, h, attn)

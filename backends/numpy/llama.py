@@ -1,6 +1,8 @@
-"""Llama family (llama, mistral, qwen2, qwen3) in plain NumPy, float32 math.
+"""The NumPy stage, and the llama block (llama, mistral, qwen2, qwen3, phi3).
 
-The reference: written for reading, not speed. Hidden states leave the stage in
+The stage runs every family: its decoder block is `attn_in` and `attn_out` of
+the module `config.family.block` names (this one, or e.g. olmo2.py) around the
+shared attention. The reference: written for reading, not speed. Hidden states leave the stage in
 the model dtype; inside, everything is float32. Weights stay as the checkpoint
 stores them (bfloat16 arrays, quantized `Packed` blocks, memory-mapped where the
 reader allows); each matrix is widened to float32 only while it is multiplied,
@@ -9,7 +11,9 @@ one at a time, so the stage never holds a float32 copy of the model.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,8 +24,11 @@ from cake.rope import rope_cos_sin, rope_inv_freq
 from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
-from cake.weights.names import head_tensor_names, layer_tensor_names
+from cake.weights.layer import read_layer
+from cake.weights.names import head_tensor_names
 from cake.weights.packed import Stored, as_float, lookup_rows, stored_tensor
+
+Weights = dict[str, Any]  # one layer's: role -> float32 vector, Stored or parts
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -43,6 +50,67 @@ def silu(x: np.ndarray) -> np.ndarray:
 def linear(x: np.ndarray, w: Stored) -> np.ndarray:
     """x (..., in) float32 @ w.T, w (out, in) widened to float32 for this product only."""
     return x @ np.asarray(as_float(w), np.float32).T
+
+
+def linears(x: np.ndarray, parts: tuple[Stored, ...]) -> np.ndarray:
+    """x @ the stacked rows of `parts`: (..., sum of their rows)."""
+    return np.concatenate([linear(x, w) for w in parts], axis=-1)
+
+
+def split_qkv(cfg: ModelConfig, qkv: np.ndarray) -> list[np.ndarray]:
+    """(n, (nh + 2 nkv) hd) -> q (n, nh hd), k and v (n, nkv hd)."""
+    q, kv = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    )
+    return np.split(qkv, [q, q + kv], axis=-1)
+
+
+def mlp(w: Weights, x: np.ndarray) -> np.ndarray:
+    gate, up = np.split(linears(x, w["gate_up"]), 2, axis=-1)
+    return linear(silu(gate) * up, w["down"])
+
+
+def attn_in(cfg: ModelConfig, w: Weights, x: np.ndarray) -> np.ndarray:
+    """x (n, D) -> q|k|v (n, (nh + 2 nkv) hd) as attention takes it (before RoPE)."""
+    qkv = linears(rms_norm(x, w["attn_norm"], cfg.rms_norm_eps), w["qkv"])
+    if "qkv_bias" in w:
+        qkv = qkv + w["qkv_bias"]
+    if "q_norm" in w:  # per head (Qwen3)
+        n, hd = x.shape[0], cfg.head_dim
+        q, k, v = split_qkv(cfg, qkv)
+        q = rms_norm(q.reshape(n, -1, hd), w["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k.reshape(n, -1, hd), w["k_norm"], cfg.rms_norm_eps)
+        qkv = np.concatenate([q.reshape(n, -1), k.reshape(n, -1), v], axis=-1)
+    return qkv
+
+
+def attn_out(cfg: ModelConfig, w: Weights, x: np.ndarray, attn: np.ndarray):
+    """The residual block around attention's output attn (n, nh hd): x (n, D) out."""
+    h = x + linear(attn, w["o"])
+    return h + mlp(w, rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps))
+
+
+def load_layer(config: ModelConfig, tensors: TensorSource, i: int) -> Weights:
+    """Layer i by role: vectors (norms, biases) float32 once, matrices as stored."""
+    lw = read_layer(config, tensors, i)
+
+    def vec(v: Stored) -> np.ndarray:
+        return np.asarray(as_float(v), np.float32)
+
+    w: Weights = {
+        "attn_norm": vec(lw.attn_norm),
+        "mlp_norm": vec(lw.mlp_norm),
+        "qkv": lw.qkv,
+        "o": lw.o,
+        "gate_up": lw.gate_up,
+        "down": lw.down,
+    }
+    if lw.qkv_bias:
+        w["qkv_bias"] = np.concatenate([vec(b) for b in lw.qkv_bias])
+    if lw.q_norm is not None:
+        w["q_norm"], w["k_norm"] = vec(lw.q_norm), vec(lw.k_norm)
+    return w
 
 
 class _SeqCache:
@@ -81,17 +149,22 @@ class NumpyLlamaStage:
             # vectors (norms, biases) are small: float32 once
             return as_float(w).astype(np.float32) if w.ndim == 1 else w
 
+        self.block = importlib.import_module(
+            f"cake.backends.numpy.{config.family.block}"
+        )
         self.embed = get("model.embed_tokens.weight") if shard.embed else None
-        self.layers = []
-        for i in shard.layers:
-            names = layer_tensor_names(config, i)
-            self.layers.append({n.split(f"layers.{i}.", 1)[1]: get(n) for n in names})
+        self.layers = [load_layer(config, tensors, i) for i in shard.layers]
         if shard.head:
             norm, head = head_tensor_names(config)
             self.norm = get(norm)
             same = shard.embed and head == "model.embed_tokens.weight"
             self.lm_head = self.embed if same else get(head)
-        held = [*(w for layer in self.layers for w in layer.values())]
+        held = [
+            w
+            for layer in self.layers
+            for v in layer.values()
+            for w in (v if isinstance(v, tuple) else (v,))
+        ]
         if shard.embed:
             held.append(self.embed)
         if shard.head:
@@ -135,21 +208,19 @@ class NumpyLlamaStage:
         return linear(h, self.lm_head).astype(np.float32)
 
     def _layer(self, x, w, j, cache, pos, cos, sin):
+        qkv = self.block.attn_in(self.config, w, x)
+        return self.block.attn_out(
+            self.config, w, x, self._attend(qkv, j, cache, pos, cos, sin)
+        )
+
+    def _attend(self, qkv, j, cache, pos, cos, sin):
+        """RoPE, the cache write and causal attention: q|k|v (n, (nh + 2 nkv) hd)
+        -> (n, nh hd)."""
         cfg = self.config
-        n, hd = x.shape[0], cfg.head_dim
+        n, hd = qkv.shape[0], cfg.head_dim
         nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        a = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
-        q = linear(a, w["self_attn.q_proj.weight"])
-        k = linear(a, w["self_attn.k_proj.weight"])
-        v = linear(a, w["self_attn.v_proj.weight"])
-        if cfg.attention_bias:
-            q = q + w["self_attn.q_proj.bias"]
-            k = k + w["self_attn.k_proj.bias"]
-            v = v + w["self_attn.v_proj.bias"]
+        q, k, v = split_qkv(cfg, qkv)
         q, k, v = q.reshape(n, nh, hd), k.reshape(n, nkv, hd), v.reshape(n, nkv, hd)
-        if cfg.qk_norm:
-            q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.rms_norm_eps)
-            k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.rms_norm_eps)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         cache.write(j, pos, k, v)
         keys = cache.k[j, : pos + n]  # (T, nkv, hd)
@@ -167,9 +238,4 @@ class NumpyLlamaStage:
         scores = np.where(allowed[None], scores, -np.inf)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         probs = scores / scores.sum(-1, keepdims=True)
-        attn = np.einsum("hqk,khd->qhd", probs, vals).reshape(n, nh * hd)
-        x = x + linear(attn, w["self_attn.o_proj.weight"])
-        m = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        gate = linear(m, w["mlp.gate_proj.weight"])
-        up = linear(m, w["mlp.up_proj.weight"])
-        return x + linear(silu(gate) * up, w["mlp.down_proj.weight"])
+        return np.einsum("hqk,khd->qhd", probs, vals).reshape(n, nh * hd)

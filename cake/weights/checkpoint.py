@@ -81,7 +81,7 @@ def resolve_dtype(dtype: str, tensors: TensorSource) -> str:
         return dtype
     from cake.weights.packed import Packed, stored_tensor
 
-    probe = stored_tensor(tensors, "model.layers.0.self_attn.q_proj.weight")
+    probe = stored_tensor(tensors, "model.layers.0.self_attn.o_proj.weight")
     if isinstance(probe, Packed):  # no decoding just to learn a dtype
         name = "float32" if probe.scales is None else probe.scales.dtype.name
     else:

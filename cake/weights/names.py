@@ -2,28 +2,85 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass
+
 from cake.config import ModelConfig
 from cake.shard import Shard
 
 
-def layer_tensor_names(config: ModelConfig, i: int) -> list[str]:
+@dataclass(frozen=True)
+class LayerNames:
+    """The checkpoint names of one decoder layer's tensors, by the role the
+    blocks give them (see cake.family): the families differ in the names, the
+    roles are the same."""
+
+    attn_norm: str
+    mlp_norm: str
+    qkv: tuple[str, ...]  # weights whose rows stack as q|k|v
+    o: str
+    gate_up: tuple[str, ...]  # weights whose rows stack as gate|up
+    down: str
+    qkv_bias: tuple[str, ...] = ()  # vectors stacking as the q|k|v bias
+    q_norm: str | None = None
+    k_norm: str | None = None
+
+    def all(self) -> list[str]:
+        out: list[str] = []
+        for part in astuple(self):
+            if isinstance(part, tuple):
+                out += part
+            elif part is not None:
+                out.append(part)
+        return out
+
+
+def layer_names(config: ModelConfig, i: int) -> LayerNames:
+    fam = config.family
     p = f"model.layers.{i}."
-    names = [
-        p + "input_layernorm.weight",
-        p + "post_attention_layernorm.weight",
-        p + "self_attn.q_proj.weight",
-        p + "self_attn.k_proj.weight",
-        p + "self_attn.v_proj.weight",
-        p + "self_attn.o_proj.weight",
-        p + "mlp.gate_proj.weight",
-        p + "mlp.up_proj.weight",
-        p + "mlp.down_proj.weight",
-    ]
-    if config.attention_bias:
-        names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-    if config.qk_norm:
-        names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-    return names
+    at, mlp = p + "self_attn.", p + "mlp."
+    qk = fam.qk_norm is not None
+    return LayerNames(
+        attn_norm=p + fam.norms[0] + ".weight",
+        mlp_norm=p + fam.norms[1] + ".weight",
+        qkv=tuple(at + x + ".weight" for x in fam.qkv),
+        o=at + "o_proj.weight",
+        gate_up=tuple(mlp + x + ".weight" for x in fam.gate_up),
+        down=mlp + "down_proj.weight",
+        qkv_bias=tuple(at + x + ".bias" for x in fam.qkv)
+        if config.attention_bias
+        else (),
+        q_norm=at + "q_norm.weight" if qk else None,
+        k_norm=at + "k_norm.weight" if qk else None,
+    )
+
+
+def layer_tensor_names(config: ModelConfig, i: int) -> list[str]:
+    return layer_names(config, i).all()
+
+
+def layer_shapes(config: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """The shape the config implies for each of layer i's tensors."""
+    c, names = config, layer_names(config, i)
+    d, hd, inter = c.hidden_size, c.head_dim, c.intermediate_size
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    # stacked parts: one tensor per section, or one fused tensor of them all
+    qkv = [q, kv, kv] if len(names.qkv) == 3 else [q + 2 * kv]
+    gate_up = [inter, inter] if len(names.gate_up) == 2 else [2 * inter]
+    shapes = {
+        names.attn_norm: (d,),
+        names.mlp_norm: (d,),
+        names.o: (d, q),
+        names.down: (d, inter),
+        **{n: (r, d) for n, r in zip(names.qkv, qkv, strict=True)},
+        **{n: (r, d) for n, r in zip(names.gate_up, gate_up, strict=True)},
+    }
+    if names.qkv_bias:
+        shapes.update({n: (r,) for n, r in zip(names.qkv_bias, qkv, strict=True)})
+    if names.q_norm is not None:
+        per_head = c.family.qk_norm == "head"
+        shapes[names.q_norm] = (hd,) if per_head else (q,)
+        shapes[names.k_norm] = (hd,) if per_head else (kv,)
+    return shapes
 
 
 def head_tensor_names(config: ModelConfig) -> list[str]:

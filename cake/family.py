@@ -1,0 +1,59 @@
+"""Architecture families: what each Hugging Face `model_type` is, as data.
+
+Every backend runs one decoder block per family module (backends/<b>/<block>.py,
+`attn_in` and `attn_out` around the shared attention) over a layer's tensors
+read by role (cake.weights.layer). What differs between families within one
+block's math is described here: which tensors a layer holds and how they stack,
+the kind of q/k norm, the config keys that switch features on. A family whose
+math differs beyond that names its own `block`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cake.errors import ModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    architecture: str  # the transformers class: config.json's `architectures`
+    block: str = "llama"  # backends/<backend>/<block>.py holds the decoder block
+    # the attention's and the MLP's RMSNorm (before the sublayer in the llama
+    # block, on its output in the olmo2 block)
+    norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # rows stack as q|k|v
+    gate_up: tuple[str, ...] = ("gate_proj", "up_proj")  # rows stack as gate|up
+    # RMSNorm of q and k before RoPE: "head" per head, (hd,) weights (Qwen3);
+    # "proj" over the whole projection, (nh hd,) and (nkv hd,) weights (OLMo 2)
+    qk_norm: str | None = None
+    qkv_bias: bool = False  # q/k/v biases whatever the config says (Qwen2)
+    # whether config.json's `sliding_window` applies: "always" (Mistral), "never"
+    # (ignored, as transformers ignores it: Llama), or the name of a boolean key
+    # that must be true (Qwen's "use_sliding_window")
+    sliding_window: str = "never"
+    gguf_arch: str | None = None  # llama.cpp's `general.architecture`, if read
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", "LlamaForCausalLM", gguf_arch="llama"),
+        Family("mistral", "MistralForCausalLM", sliding_window="always"),
+        Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True,
+               sliding_window="use_sliding_window"),
+        Family("qwen3", "Qwen3ForCausalLM", qk_norm="head",
+               sliding_window="use_sliding_window"),
+    )
+}  # fmt: skip
+
+
+def family_of(model_type: object) -> Family:
+    """The family of an HF `model_type`; any other is a ModelError naming them."""
+    fam = FAMILIES.get(model_type)  # type: ignore[arg-type]
+    if fam is None:
+        raise ModelError(
+            f"unsupported model_type {model_type!r}: cake runs {', '.join(FAMILIES)}"
+        )
+    return fam
