@@ -45,6 +45,9 @@ FAMILIES: dict[str, Family] = {
                sliding_window="use_sliding_window"),
         Family("qwen3", "Qwen3ForCausalLM", qk_norm="head",
                sliding_window="use_sliding_window"),
+        Family("olmo2", "Olmo2ForCausalLM", block="olmo2",
+               norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+               qk_norm="proj", gguf_arch="olmo2"),
     )
 }  # fmt: skip
 

@@ -41,6 +41,8 @@ ARCHS: dict[str, dict] = {
     "mistral": dict(model_type="mistral", rope_theta=10000.0, sliding_window=6),
     "qwen2": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", head_dim=24, rope_theta=1000000.0),
+    # norms after each sublayer, q/k norm over the whole projection
+    "olmo2": dict(model_type="olmo2", rope_theta=500000.0),
 }
 
 

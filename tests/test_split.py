@@ -368,8 +368,9 @@ def test_mlx_quantized_tensors_are_written_as_stored(tmp_path):
                     eos_token_id=(2,)),
         ModelConfig("qwen2", 128, 64, 96, 3, 4, 2, 16, attention_bias=True),
         ModelConfig("qwen3", 128, 64, 96, 3, 4, 2, 24, sliding_window=8),
+        ModelConfig("olmo2", 128, 64, 96, 3, 4, 2, 16, rope_theta=500000.0),
     ],
-    ids=["llama3", "mistral", "qwen2", "qwen3"],
+    ids=["llama3", "mistral", "qwen2", "qwen3", "olmo2"],
 )  # fmt: skip
 def test_hf_config_dict_reads_back_equal(config):
     d = json.loads(json.dumps(hf_config_dict(config)))
