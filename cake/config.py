@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,33 @@ from cake.family import Family, family_of
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """`rope_scaling` of type llama3 (Llama 3.1+); other types are rejected at load."""
+    """`rope_scaling` of type llama3 (Llama 3.1+) or longrope (Phi-3; "su" in
+    older configs); other types are rejected at load."""
 
     rope_type: str = "default"
     factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
     original_max_position_embeddings: int = 8192
+    # longrope: divisors of the inverse frequencies, (rotary_dim / 2,) each; the
+    # short ones within original_max_position_embeddings, the long ones beyond
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0  # longrope: the rotated q and k are scaled by it
+
+    def hf_dict(self) -> dict[str, Any]:
+        """The fields of this type, as config.json's `rope_scaling` holds them."""
+        d = dataclasses.asdict(self)
+        drop = (
+            ("low_freq_factor", "high_freq_factor")
+            if self.rope_type == "longrope"
+            else ("short_factor", "long_factor", "attention_factor")
+        )
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in d.items()
+            if k not in drop
+        }
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (qwen2)
+    partial_rotary_factor: float = 1.0  # RoPE turns the first rotary_dim of each head
     sliding_window: int | None = None  # attend to at most this many past positions
     hidden_act: str = "silu"
     bos_token_id: int | None = None
@@ -50,6 +72,11 @@ class ModelConfig:
     def family(self) -> Family:
         """The architecture family of `model_type` (cake.family)."""
         return family_of(self.model_type)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE turns (all, or a partial_rotary_factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def qk_norm(self) -> bool:
@@ -78,6 +105,16 @@ class ModelConfig:
             # configs have `rope_theta` and `rope_scaling`.
             rope = {"rope_theta": d.get("rope_theta"), **(d.get("rope_scaling") or {})}
             rope.update(d.get("rope_parameters") or {})
+            # Phi-3 keeps these beside rope_scaling; transformers 5 copies them in
+            for key in ("original_max_position_embeddings", "partial_rotary_factor"):
+                rope.setdefault(key, d.get(key))
+            partial = float(rope.get("partial_rotary_factor") or 1.0)
+            if int(int(head_dim) * partial) % 2 or not 0 < partial <= 1:
+                raise ModelError(
+                    f"partial_rotary_factor {partial} of head_dim {head_dim} does "
+                    "not give an even number of rotary dimensions"
+                )
+            max_pos = int(d.get("max_position_embeddings", 4096))
             flag = fam.sliding_window
             on = flag == "always" or (flag != "never" and bool(d.get(flag)))
             window = d.get("sliding_window") if on else None
@@ -92,10 +129,11 @@ class ModelConfig:
                 head_dim=int(head_dim),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope.get("rope_theta") or 10000.0),
-                rope_scaling=_rope_scaling(rope),
-                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                rope_scaling=_rope_scaling(rope, max_pos),
+                max_position_embeddings=max_pos,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 attention_bias=fam.qkv_bias or bool(d.get("attention_bias", False)),
+                partial_rotary_factor=partial,
                 sliding_window=int(window) if window else None,
                 hidden_act=act,
                 bos_token_id=d.get("bos_token_id"),
@@ -121,18 +159,43 @@ class ModelConfig:
         return d
 
 
-def _rope_scaling(d: dict[str, Any]) -> RopeScaling | None:
+def _rope_scaling(
+    d: dict[str, Any], max_position_embeddings: int
+) -> RopeScaling | None:
     kind = d.get("rope_type", d.get("type", "default"))
     if kind == "default":
         return None
+    old = d.get("original_max_position_embeddings")
+    if kind in ("longrope", "su"):
+        if old is None:
+            raise ModelError(
+                "longrope rope_scaling needs original_max_position_embeddings"
+            )
+        old = int(old)
+        # as transformers: the context's growth unless given, and its attention
+        # factor sqrt(1 + ln(factor) / ln(original context)) unless given
+        factor = float(d.get("factor") or max_position_embeddings / old)
+        attn = d.get("attention_factor")
+        if attn is None:
+            attn = (
+                math.sqrt(1 + math.log(factor) / math.log(old)) if factor > 1 else 1.0
+            )
+        return RopeScaling(
+            rope_type="longrope",
+            factor=factor,
+            original_max_position_embeddings=old,
+            short_factor=tuple(float(x) for x in d["short_factor"]),
+            long_factor=tuple(float(x) for x in d["long_factor"]),
+            attention_factor=float(attn),
+        )
     if kind != "llama3":
-        raise ModelError(f"unsupported rope_scaling type {kind!r}: cake runs llama3")
+        raise ModelError(
+            f"unsupported rope_scaling type {kind!r}: cake runs llama3 and longrope"
+        )
     return RopeScaling(
         rope_type=kind,
         factor=float(d["factor"]),
         low_freq_factor=float(d.get("low_freq_factor", 1.0)),
         high_freq_factor=float(d.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            d.get("original_max_position_embeddings", 8192)
-        ),
+        original_max_position_embeddings=int(old or 8192),
     )

@@ -48,6 +48,9 @@ FAMILIES: dict[str, Family] = {
         Family("olmo2", "Olmo2ForCausalLM", block="olmo2",
                norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                qk_norm="proj", gguf_arch="olmo2"),
+        Family("phi3", "Phi3ForCausalLM", qkv=("qkv_proj",),
+               gate_up=("gate_up_proj",), sliding_window="always",
+               gguf_arch="phi3"),
     )
 }  # fmt: skip
 

@@ -219,8 +219,15 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         d[fam.sliding_window] = window is not None
     eos = list(config.eos_token_id)
     d["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
-    if d["rope_scaling"] is None:
+    rs = config.rope_scaling
+    if rs is None:
         d.pop("rope_scaling")
+    else:
+        d["rope_scaling"] = rs.hf_dict()
+        if rs.rope_type == "longrope":  # where Phi-3's config keeps it
+            d["original_max_position_embeddings"] = rs.original_max_position_embeddings
+    if config.partial_rotary_factor == 1.0:
+        d.pop("partial_rotary_factor")
     return {"architectures": [fam.architecture], **d}
 
 

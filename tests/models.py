@@ -43,6 +43,34 @@ ARCHS: dict[str, dict] = {
     "qwen3": dict(model_type="qwen3", head_dim=24, rope_theta=1000000.0),
     # norms after each sublayer, q/k norm over the whole projection
     "olmo2": dict(model_type="olmo2", rope_theta=500000.0),
+    # fused qkv_proj and gate_up_proj, a sliding window
+    "phi3": dict(model_type="phi3", sliding_window=6, pad_token_id=0),
+    # longrope with its long factors in use: the prompt already passes the
+    # original context (transformers) and so does the cache (cake)
+    "phi3-longrope": dict(
+        model_type="phi3",
+        pad_token_id=0,
+        original_max_position_embeddings=8,
+        rope_scaling=dict(
+            rope_type="longrope",
+            short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+            long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 14.0, 20.0],
+        ),
+    ),
+    # Phi-4-mini's shape: partial rotary (12 of 16 dims), tied head, longrope
+    # with its short factors in use and an attention factor of 1.07
+    "phi4-mini": dict(
+        model_type="phi3",
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        partial_rotary_factor=0.75,
+        original_max_position_embeddings=128,
+        rope_scaling=dict(
+            rope_type="longrope",
+            short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 5.0],
+            long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+        ),
+    ),
 }
 
 

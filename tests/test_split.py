@@ -369,8 +369,15 @@ def test_mlx_quantized_tensors_are_written_as_stored(tmp_path):
         ModelConfig("qwen2", 128, 64, 96, 3, 4, 2, 16, attention_bias=True),
         ModelConfig("qwen3", 128, 64, 96, 3, 4, 2, 24, sliding_window=8),
         ModelConfig("olmo2", 128, 64, 96, 3, 4, 2, 16, rope_theta=500000.0),
+        ModelConfig("phi3", 128, 64, 96, 3, 4, 2, 16, sliding_window=6,
+                    partial_rotary_factor=0.75, tie_word_embeddings=True,
+                    rope_scaling=RopeScaling(
+                        "longrope", 2.0, original_max_position_embeddings=128,
+                        short_factor=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
+                        long_factor=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
+                        attention_factor=1.07)),
     ],
-    ids=["llama3", "mistral", "qwen2", "qwen3", "olmo2"],
+    ids=["llama3", "mistral", "qwen2", "qwen3", "olmo2", "phi4-mini"],
 )  # fmt: skip
 def test_hf_config_dict_reads_back_equal(config):
     d = json.loads(json.dumps(hf_config_dict(config)))

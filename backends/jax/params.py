@@ -30,7 +30,7 @@ import numpy as np
 
 from cake.backends.jax.linear import QMat, Weight
 from cake.config import ModelConfig
-from cake.rope import rope_cos_sin, rope_inv_freq
+from cake.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from cake.shard import Shard
 from cake.weights import TensorSource
 from cake.weights.layer import read_layer
@@ -219,7 +219,11 @@ def load_params(
         table = stored_tensor(tensors, embed)
         params["embed"] = load.matrices((table,), rows=True)[0]
     # RoPE tables for every position of the context: (max_context, hd/2) each
-    cos, sin = rope_cos_sin(rope_inv_freq(config), np.arange(max_context))
+    cos, sin = rope_cos_sin(
+        rope_inv_freq(config, max_context),
+        np.arange(max_context),
+        rope_attention_factor(config),
+    )
     half = config.head_dim // 2
     params["rope_cos"] = jax.device_put(cos[:, :half], device)
     params["rope_sin"] = jax.device_put(sin[:, :half], device)

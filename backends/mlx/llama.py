@@ -38,7 +38,7 @@ from cake.backends.mlx.quant import (
 )
 from cake.config import ModelConfig
 from cake.kv import check_step, dtype_of
-from cake.rope import rope_inv_freq
+from cake.rope import rope_attention_factor, rope_inv_freq
 from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
@@ -186,8 +186,17 @@ class MlxLlamaStage:
             held += [self.norm, self.lm_head]
         # bytes of every array the stage keeps (a tied head counted once)
         self.weight_bytes = sum(a.nbytes for a in _arrays(held))
-        # mx.fast.rope takes periods (1 / inverse frequency), not frequencies.
-        self.rope_periods = mx.array(1.0 / rope_inv_freq(config))
+        # mx.fast.rope takes periods (1 / inverse frequency), not frequencies;
+        # the pairs that do not turn (partial rotary) get an infinite period.
+        inv = rope_inv_freq(config, max_context)
+        with np.errstate(divide="ignore"):
+            self.rope_periods = mx.array(1.0 / inv)
+        # longrope's attention factor on the pairs that turn (cake.rope)
+        factor = rope_attention_factor(config)
+        turn = np.concatenate([inv, inv]) > 0
+        self.rope_scale = (
+            None if factor == 1.0 else to_mx(np.where(turn, factor, 1.0), dtype)
+        )
         self._attn_in = mx.compile(self._attn_in_fn)
         self._attn_out = mx.compile(self._attn_out_fn)
         mx.eval(held)
@@ -304,7 +313,10 @@ class MlxLlamaStage:
             offset=offsets,  # (B,) each sequence's first position
             freqs=self.rope_periods,
         )
-        return mx.fast.rope(q, hd, **rope), mx.fast.rope(k, hd, **rope), v
+        q, k = mx.fast.rope(q, hd, **rope), mx.fast.rope(k, hd, **rope)
+        if self.rope_scale is not None:
+            q, k = q * self.rope_scale, k * self.rope_scale
+        return q, k, v
 
     def _attn_out_fn(self, h: mx.array, attn: mx.array, w: Weights) -> mx.array:
         B, L, _ = h.shape

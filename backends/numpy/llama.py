@@ -20,7 +20,7 @@ import numpy as np
 from cake.backends.base import DeviceInfo, Step
 from cake.config import ModelConfig
 from cake.kv import check_step, dtype_of
-from cake.rope import rope_cos_sin, rope_inv_freq
+from cake.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
@@ -170,7 +170,8 @@ class NumpyLlamaStage:
         if shard.head:
             held += [self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         self.weight_bytes = sum(int(w.nbytes) for w in held)
-        self.inv_freq = rope_inv_freq(config)
+        self.inv_freq = rope_inv_freq(config, max_context)
+        self.rope_factor = rope_attention_factor(config)
         self.caches: dict[int, _SeqCache] = {}
         self.seqs = StageSequences(max_sequences, max_context)
 
@@ -193,7 +194,8 @@ class NumpyLlamaStage:
             cache = self.caches.setdefault(
                 sid, _SeqCache(len(self.shard), cfg.num_key_value_heads, cfg.head_dim)
             )
-            cos, sin = rope_cos_sin(self.inv_freq, np.arange(pos, pos + n))
+            positions = np.arange(pos, pos + n)
+            cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_factor)
             hb = h[b, :n]
             for j, w in enumerate(self.layers):
                 hb = self._layer(hb, w, j, cache, pos, cos, sin)

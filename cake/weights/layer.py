@@ -5,15 +5,22 @@ stored form (float arrays in their dtype, quantized `Packed` blocks), never
 widened: each backend turns them into its own weights. Stacked parts (q|k|v,
 gate|up) stay as the checkpoint splits them: one fused tensor (Phi-3's
 qkv_proj) or one per projection.
+
+With partial rotary the q and k rows (and their biases and norms) come in the
+layout cake.rope describes: within each head, [turned first half, kept first
+half, turned second half, kept second half]. Only rows move: a copy of the
+same dtype, quantized blocks whole.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from cake.config import ModelConfig
 from cake.weights.names import layer_names
-from cake.weights.packed import Stored, stored_tensor
+from cake.weights.packed import Packed, Stored, release_pages, stored_tensor
 from cake.weights.source import TensorSource
 
 
@@ -30,14 +37,25 @@ class LayerWeights:
     k_norm: Stored | None = None  # (hd,) or (nkv hd,)
 
 
+def rotary_order(config: ModelConfig) -> np.ndarray | None:
+    """(hd,) the HF dims of one head in cake's order, or None if all of them turn."""
+    hd, r = config.head_dim, config.rotary_dim
+    if r == hd:
+        return None
+    a, b = r // 2, (hd - r) // 2
+    return np.concatenate(
+        [np.arange(a), r + np.arange(b), a + np.arange(a), r + b + np.arange(b)]
+    )
+
+
 def read_layer(config: ModelConfig, tensors: TensorSource, i: int) -> LayerWeights:
-    """Layer i's tensors as stored, by role."""
+    """Layer i's tensors as stored, by role (rows reordered for partial rotary)."""
     names = layer_names(config, i)
 
     def get(name: str | None) -> Stored | None:
         return None if name is None else stored_tensor(tensors, name)
 
-    return LayerWeights(
+    lw = LayerWeights(
         attn_norm=get(names.attn_norm),
         mlp_norm=get(names.mlp_norm),
         qkv=tuple(get(n) for n in names.qkv),
@@ -48,3 +66,56 @@ def read_layer(config: ModelConfig, tensors: TensorSource, i: int) -> LayerWeigh
         q_norm=get(names.q_norm),
         k_norm=get(names.k_norm),
     )
+    order = rotary_order(config)
+    return lw if order is None else _reorder(config, lw, order)
+
+
+def _reorder(config: ModelConfig, lw: LayerWeights, order: np.ndarray) -> LayerWeights:
+    hd, nh, nkv = (
+        config.head_dim,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+    )
+
+    def heads(n: int) -> np.ndarray:  # the order of n heads' rows
+        return (np.arange(n)[:, None] * hd + order).reshape(-1)
+
+    rows = np.concatenate(
+        [heads(nh), nh * hd + heads(nkv), (nh + nkv) * hd + np.arange(nkv * hd)]
+    )
+    per_head = config.family.qk_norm == "head"
+    norms = {}
+    if lw.q_norm is not None:
+        norms = {
+            "q_norm": _take(lw.q_norm, order if per_head else heads(nh)),
+            "k_norm": _take(lw.k_norm, order if per_head else heads(nkv)),
+        }
+    return replace(
+        lw,
+        qkv=_take_stacked(lw.qkv, rows),
+        qkv_bias=_take_stacked(lw.qkv_bias, rows),
+        **norms,
+    )
+
+
+def _take_stacked(parts: tuple[Stored, ...], rows: np.ndarray) -> tuple[Stored, ...]:
+    """Parts whose stacked rows are `rows` of the parts' stack (each part's
+    rows come from within it)."""
+    out, start = [], 0
+    for p in parts:
+        n = p.shape[0]
+        mine = rows[start : start + n] - start
+        out.append(p if np.array_equal(mine, np.arange(n)) else _take(p, mine))
+        start += n
+    return tuple(out)
+
+
+def _take(w: Stored, rows: np.ndarray) -> Stored:
+    """Rows `rows` of w, a copy; the file's pages under w are dropped."""
+    if isinstance(w, Packed):
+        out: Stored = w.take_rows(rows)
+        release_pages(w.data)
+    else:
+        out = np.ascontiguousarray(w[rows])
+        release_pages(w)
+    return out
