@@ -163,16 +163,17 @@ def write_gguf(
 
     Each tensor keeps its GGUF name, its stored type and llama.cpp's Q/K row
     order, its bytes copied as they are (the reader un-permutes on reading);
-    tensors with no Hugging Face name (`rope_freqs.weight`) go into every part.
+    tensors with no Hugging Face name (`rope_freqs.weight`, Phi-3's
+    `rope_factors_*.weight`) go into every part.
     The vocabulary size is added to the metadata if missing: the reader takes
     it from `token_embd.weight`, which only the master's part holds.
     """
     keep = set(names) | {None}
-    picked = [t for t in reader.tensors if hf_name(t.name) in keep]
-    found = {hf_name(t.name) for t in picked}
+    arch = reader.fields["general.architecture"].contents()
+    picked = [t for t in reader.tensors if hf_name(t.name, arch) in keep]
+    found = {hf_name(t.name, arch) for t in picked}
     if missing := [n for n in names if n not in found]:
         raise CakeError(f"the GGUF file has no tensor for {missing[0]}")
-    arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(path, arch)
     align = reader.fields.get("general.alignment")
     if align is not None:
@@ -201,7 +202,7 @@ def write_gguf(
     for t in picked:
         writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
         total += int(t.n_bytes)
-        if on_tensor is not None and (hf := hf_name(t.name)) is not None:
+        if on_tensor is not None and (hf := hf_name(t.name, arch)) is not None:
             on_tensor(hf)
     writer.close()
     return total

@@ -1,7 +1,9 @@
 """Tiny quantized GGUF models for the tests, and their float twins for HF.
 
-`write_gguf` turns a tiny HF checkpoint (tests/models.py) into a llama GGUF
-whose matrices are in a chosen type: quantized from the HF weights where
+`write_gguf` turns a tiny HF checkpoint (tests/models.py) into a GGUF of its
+family's llama.cpp architecture (llama, olmo2, phi3: tensor names, metadata and
+rotary layout as llama.cpp's convert_hf_to_gguf writes them) whose matrices
+are in a chosen type: quantized from the HF weights where
 gguf-py can quantize that type, else random valid blocks of the same spread
 (gguf-py has no K-quant quantizer). `hf_twin` writes the GGUF's weights,
 dequantized by gguf-py, as an HF folder: the oracle for every quantized run.
@@ -33,7 +35,14 @@ _LAYER = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.qkv_proj": "attn_qkv",  # phi3
+    "mlp.gate_up_proj": "ffn_up",  # phi3: gate|up stacked as llama.cpp's ffn_up
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",  # olmo2
 }
+# olmo2's post_attention_layernorm is on the attention's output
+_ARCH_LAYER = {"olmo2": {"post_attention_layernorm": "post_attention_norm"}}
 _TOP = {
     "model.embed_tokens": "token_embd",
     "model.norm": "output_norm",
@@ -41,12 +50,12 @@ _TOP = {
 }
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, arch: str = "llama") -> str:
     base, suffix = hf.rsplit(".", 1)
     if base in _TOP:
         return f"{_TOP[base]}.{suffix}"
     _, _, i, rest = base.split(".", 3)
-    return f"blk.{i}.{_LAYER[rest]}.{suffix}"
+    return f"blk.{i}.{_ARCH_LAYER.get(arch, {}).get(rest) or _LAYER[rest]}.{suffix}"
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -66,7 +75,7 @@ def write_gguf(
     seed: int = 0,
     fan_in_scale: bool = False,
 ) -> Path:
-    """A llama GGUF of the HF checkpoint with matrices as `fmt` (a type name, or
+    """A GGUF of the HF checkpoint with matrices as `fmt` (a type name, or
     a function of the HF tensor name for mixed files); vectors stay F32.
 
     fan_in_scale: rescale each matrix to a spread of 1/sqrt(in), as trained
@@ -75,18 +84,30 @@ def write_gguf(
     """
     cfg, src = open_checkpoint(hf_folder)
     pick = fmt if callable(fmt) else (lambda _name: fmt)
-    w = gguf.GGUFWriter(path, "llama")
+    arch = cfg.family.gguf_arch
+    w = gguf.GGUFWriter(path, arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
+    if arch != "phi3":  # llama.cpp's Phi-3 converter writes no key length
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.rotary_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
+    if arch == "phi3":
+        w.add_sliding_window(cfg.sliding_window or 0)
+    rs = cfg.rope_scaling
+    if rs is not None and rs.rope_type == "longrope":
+        # as convert_hf_to_gguf's Phi3MiniModel: the factors as tensors
+        w.add_rope_scaling_orig_ctx_len(rs.original_max_position_embeddings)
+        w.add_rope_scaling_attn_factors(rs.attention_factor)
+        for kind in ("long", "short"):
+            factors = np.asarray(getattr(rs, f"{kind}_factor"), np.float32)
+            w.add_tensor(f"rope_factors_{kind}.weight", factors)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     rng_seed = seed
@@ -94,21 +115,22 @@ def write_gguf(
         a = np.asarray(src.get(name), np.float32)
         if fan_in_scale and a.ndim == 2:
             a = a * np.float32(1 / np.sqrt(a.shape[1]) / a.std())
-        if ".q_proj." in name:
+        if arch == "llama" and ".q_proj." in name:
             a = _permute(a, cfg.num_attention_heads)
-        elif ".k_proj." in name:
+        elif arch == "llama" and ".k_proj." in name:
             a = _permute(a, cfg.num_key_value_heads)
         kind = "F32" if a.ndim == 1 else pick(name)
+        out = gguf_name(name, arch)
         if kind == "F32":
-            w.add_tensor(gguf_name(name), a)
+            w.add_tensor(out, a)
         elif kind in ("F16", "BF16"):
-            w.add_tensor(gguf_name(name), quantize(a, Q[kind]), raw_dtype=Q[kind])
+            w.add_tensor(out, quantize(a, Q[kind]), raw_dtype=Q[kind])
         elif kind in _QUANTIZABLE:
-            w.add_tensor(gguf_name(name), quantize(a, Q[kind]), raw_dtype=Q[kind])
+            w.add_tensor(out, quantize(a, Q[kind]), raw_dtype=Q[kind])
         else:
             rng_seed += 1
             raw = random_weight(kind, *a.shape, float(a.std()), seed=rng_seed)
-            w.add_tensor(gguf_name(name), raw, raw_dtype=Q[kind])
+            w.add_tensor(out, raw, raw_dtype=Q[kind])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,5 +1,6 @@
 """Every backend against HF transformers on tiny random checkpoints of every
-architecture: whole, and split across two stages."""
+architecture: whole, split across two stages, and (OLMo 2, Phi-3) as GGUF files
+against HF on their safetensors twins."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import numpy as np
 import pytest
 
 from cake.backends import Step, available_backends, get_backend
+from cake.config import ModelConfig
 from cake.pipeline import Pipeline, load_local_stage
 from cake.shard import Shard
 from cake.weights.checkpoint import open_checkpoint
+from tests.gguf_models import hf_twin, write_gguf
 from tests.models import ARCHS, hf_reference, make_checkpoint
 
 BACKENDS = [b for b in ("numpy", "jax", "mlx") if b in available_backends()]
@@ -85,3 +88,46 @@ def test_split_in_two_stages_matches_hf(reference, backend):
         for a, b in ((0, 1), (1, n))
     ]
     greedy_matches_hf(Pipeline(stages, 64).forward, ref)
+
+
+# One GGUF per family llama.cpp writes differently from llama (its own tensor
+# names, no Q/K permutation, Phi-3's fused tensors and rope factor tensors), in
+# a float and a quantized type; Phi-4-mini's shape with a sliding window added.
+GGUF_MODELS = [(a, f) for a in ("olmo2", "phi4-mini") for f in ("F16", "Q8_0")]
+
+
+@pytest.fixture(
+    scope="module", params=GGUF_MODELS, ids=[f"{a}-{f}" for a, f in GGUF_MODELS]
+)
+def gguf_reference(request, tmp_path_factory):
+    arch, fmt = request.param
+    d = tmp_path_factory.mktemp(f"{arch}-{fmt}")
+    extra = {"sliding_window": 6} if arch == "phi4-mini" else {}
+    folder = make_checkpoint(arch, d / "hf", **extra)
+    path = write_gguf(folder, d / "m.gguf", fmt)
+    twin = hf_twin(path, folder, d / "twin")  # the file's weights as float32
+    return fmt, path, twin, hf_reference(twin, PROMPT, steps=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gguf_matches_its_safetensors_twin(gguf_reference, backend, monkeypatch):
+    fmt, path, twin, ref = gguf_reference
+    got, _ = open_checkpoint(path)
+    want = ModelConfig.from_file(twin / "config.json")
+    for field in ("model_type", "head_dim", "partial_rotary_factor", "sliding_window"):
+        assert getattr(got, field) == getattr(want, field), field
+    assert got.tie_word_embeddings == want.tie_word_embeddings
+    if want.rope_scaling is not None:  # float32 in the file
+        g, w = got.rope_scaling, want.rope_scaling
+        assert g.rope_type == w.rope_type == "longrope"
+        assert g.original_max_position_embeddings == w.original_max_position_embeddings
+        for a in ("short_factor", "long_factor", "attention_factor", "factor"):
+            np.testing.assert_allclose(getattr(g, a), getattr(w, a), rtol=1e-6)
+    if backend == "jax-xla":
+        monkeypatch.setenv("CAKE_CPU_ATTENTION", "0")
+        backend = "jax"
+    if backend == "jax" and fmt == "Q8_0":
+        # the CPU kernels round activations to 8 bits per block, as llama.cpp
+        # does (held to that in test_quantized_models): decode the blocks here
+        monkeypatch.setenv("CAKE_CPU_KERNELS", "0")
+    greedy_matches_hf(load_whole(path, backend).forward, ref)

@@ -1,10 +1,13 @@
-"""GGUF checkpoints (llama.cpp) of the llama architecture as a TensorSource.
+"""GGUF checkpoints (llama.cpp) as a TensorSource: the architectures a family
+of cake.family names as its `gguf_arch` (llama, olmo2, phi3).
 
 The file is memory-mapped by `gguf.GGUFReader`. `stored` hands a tensor out as
 the file holds it (float arrays, quantized types as `Packed` blocks, no
-decoding pass); `get` is the float view, decoded only when asked for. Names are mapped to Hugging Face names, shapes are
-(out, in) as in PyTorch, and Q/K projections are un-permuted from llama.cpp's
-rotary layout back to Hugging Face's.
+decoding pass); `get` is the float view, decoded only when asked for. Names
+are mapped to Hugging Face names, shapes are (out, in) as in PyTorch, and the
+Q/K projections of llama GGUFs are un-permuted from llama.cpp's rotary layout
+back to Hugging Face's (olmo2 and phi3 files keep Hugging Face's: llama.cpp
+rotates them in halves, as transformers does).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from cake.config import ModelConfig
 from cake.errors import ModelError
+from cake.family import FAMILIES, Family
 from cake.weights.packed import (
     GGUF_FORMATS,
     Packed,
@@ -47,19 +51,35 @@ _LAYER = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",  # phi3
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",  # olmo2
+    "post_ffw_norm": "post_feedforward_layernorm",  # olmo2
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)")
+# llama.cpp's converter reorders Q/K rows for the architectures it rotates in
+# adjacent pairs (rope type NORM); of those cake reads, only llama
+_PERMUTED = {"llama"}
+_GGUF_FAMILIES = {f.gguf_arch: f for f in FAMILIES.values() if f.gguf_arch}
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if
-    the tensor has no Hugging Face counterpart (e.g. `rope_freqs.weight`)."""
+    the tensor has no Hugging Face counterpart (e.g. `rope_freqs.weight`).
+
+    `ffn_up` is the stacked gate|up (`mlp.gate_up_proj`) of an architecture
+    whose family fuses them (phi3), as llama.cpp writes it."""
     base, _, suffix = gguf_name.rpartition(".")
     if base in _TOP:
         return f"{_TOP[base]}.{suffix}"
     m = _BLOCK.fullmatch(base)
     if m and m[2] in _LAYER:
-        return f"model.layers.{m[1]}.{_LAYER[m[2]]}.{suffix}"
+        part = _LAYER[m[2]]
+        fam = _GGUF_FAMILIES.get(arch)
+        if part == "mlp.up_proj" and fam is not None and len(fam.gate_up) == 1:
+            part = "mlp." + fam.gate_up[0]
+        return f"model.layers.{m[1]}.{part}.{suffix}"
     return None
 
 
@@ -107,13 +127,15 @@ def _meta(reader: GGUFReader, key: str, default: Any = ...) -> Any:
     return field.contents()
 
 
-def _architecture(reader: GGUFReader) -> str:
+def _family(reader: GGUFReader) -> Family:
     arch = _meta(reader, "general.architecture")
-    if arch != "llama":
+    fam = _GGUF_FAMILIES.get(arch)
+    if fam is None:
         raise ModelError(
-            f"GGUF architecture {arch!r} is not supported: cake reads llama GGUFs"
+            f"GGUF architecture {arch!r} is not supported: cake reads "
+            f"{', '.join(_GGUF_FAMILIES)} GGUFs"
         )
-    return arch
+    return fam
 
 
 def _unpermute(w: Stored, n_head: int) -> Stored:
@@ -161,7 +183,22 @@ def _rope_scaling(
             "factor": factor,
             "original_max_position_embeddings": old,
         }
-    stored = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_factors_long.weight" in tensors:
+        # Phi-3 longrope: llama.cpp stores both factor sets as tensors
+        def factors(name: str) -> list[float]:
+            data = np.asarray(tensors[name].data, dtype=np.float32).reshape(-1)
+            return data.tolist()
+
+        d = {
+            "rope_type": "longrope",
+            "short_factor": factors("rope_factors_short.weight"),
+            "long_factor": factors("rope_factors_long.weight"),
+            "original_max_position_embeddings": old,
+        }
+        attn = _meta(reader, f"{arch}.rope.scaling.attn_factor", None)
+        return d if attn is None else {**d, "attention_factor": float(attn)}
+    stored = tensors.get("rope_freqs.weight")
     if stored is None:
         return None
     # Llama 3.1+: llama.cpp stores the computed divisors, not the parameters.
@@ -179,20 +216,21 @@ def _rope_scaling(
 
 
 def gguf_config(path_or_reader: str | Path | GGUFReader) -> ModelConfig:
-    """Build the ModelConfig of a llama GGUF from its metadata."""
+    """Build the ModelConfig of a GGUF file from its metadata."""
     if isinstance(path_or_reader, GGUFReader):
         reader = path_or_reader
     else:
         reader = open_gguf(path_or_reader)
-    a = _architecture(reader)
+    fam = _family(reader)
+    a = fam.gguf_arch
     tensors = {t.name: t for t in reader.tensors}
     hidden = int(_meta(reader, f"{a}.embedding_length"))
     n_heads = int(_meta(reader, f"{a}.attention.head_count"))
-    head_dim = int(
-        _meta(reader, f"{a}.attention.key_length", None)
-        or _meta(reader, f"{a}.rope.dimension_count", None)
-        or hidden // n_heads
-    )
+    # as llama.cpp: the key length, else hidden / heads; RoPE turns
+    # rope.dimension_count of them (fewer: partial rotary)
+    rot = _meta(reader, f"{a}.rope.dimension_count", None)
+    key_length = _meta(reader, f"{a}.attention.key_length", None)
+    head_dim = int(key_length or (rot if a == "llama" else None) or hidden // n_heads)
     theta = float(_meta(reader, f"{a}.rope.freq_base", 10000.0))
     if "token_embd.weight" in tensors:
         vocab = int(tensors["token_embd.weight"].shape[1])  # ne = (hidden, vocab)
@@ -207,7 +245,7 @@ def gguf_config(path_or_reader: str | Path | GGUFReader) -> ModelConfig:
     ]
     file_type = _meta(reader, "general.file_type", 0)
     d = {
-        "model_type": "llama",
+        "model_type": fam.model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(_meta(reader, f"{a}.feed_forward_length")),
@@ -224,7 +262,11 @@ def gguf_config(path_or_reader: str | Path | GGUFReader) -> ModelConfig:
         "rope_scaling": _rope_scaling(reader, a, head_dim, theta),
         "max_position_embeddings": int(_meta(reader, f"{a}.context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors
+        or "blk.0.attn_qkv.bias" in tensors,
+        "partial_rotary_factor": int(rot) / head_dim if rot else 1.0,
+        # 0 or absent: none (Phi-4 writes 0)
+        "sliding_window": _meta(reader, f"{a}.attention.sliding_window", None) or None,
         "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id", None),
         "eos_token_id": list(dict.fromkeys(eos)),
         # llama_ftype: 1 = mostly F16, 32 = mostly BF16; quantized files decode to F32
@@ -234,7 +276,7 @@ def gguf_config(path_or_reader: str | Path | GGUFReader) -> ModelConfig:
 
 
 class GGUFSource:
-    """Lazy TensorSource over a llama GGUF file, speaking Hugging Face names.
+    """Lazy TensorSource over a GGUF file, speaking Hugging Face names.
 
     `stored(name)`: F32/F16/BF16 tensors as arrays of their dtype (BF16 as
     ml_dtypes.bfloat16) and the quantized types of `GGUF_FORMATS` as `Packed`,
@@ -248,8 +290,12 @@ class GGUFSource:
         self._reader = open_gguf(self.path)
         self.config = gguf_config(self._reader)
         self.reader = self._reader  # shared with the tokenizer: parse the file once
+        arch = self.config.family.gguf_arch
+        self._permuted = arch in _PERMUTED
         self._tensors = {
-            hf: t for t in self._reader.tensors if (hf := hf_name(t.name)) is not None
+            hf: t
+            for t in self._reader.tensors
+            if (hf := hf_name(t.name, arch)) is not None
         }
 
     def keys(self) -> list[str]:
@@ -296,7 +342,7 @@ class GGUFSource:
             ".self_attn.k_proj.": self.config.num_key_value_heads,
         }
         for part, n_head in heads.items():
-            if part in name:
+            if self._permuted and part in name:
                 w = _unpermute(w, n_head)
                 release_pages(t.data)  # the file's copy: only the un-permuted stays
         return w
