@@ -45,5 +45,7 @@ def allocate(
     two per layer (each argument costs host time at every dispatch).
     """
     shape = (n_layers, 2, max_sequences, n_kv, max_context, head_dim)
-    with jax.default_device(device):
-        return jnp.zeros(shape, dtype)
+    # committed to the device, as every step's output is: an uncommitted first
+    # buffer made the first step compile for it, and the next step (whose cache
+    # is that step's committed output) compile once more, 0.1 s after a token
+    return jnp.zeros(shape, dtype, device=device)
