@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "qdot.h"
+#include "simd.h"
 
 #if defined(__linux__)
 #include <sched.h>
@@ -310,19 +311,69 @@ struct QuantizeJob {
 // Row r of the product's input: x's row, or (prologue) it transformed into tmp.
 //   kRmsNorm: x_r * (1 / sqrt(mean(x_r^2) + eps)) * norm, as llama.py's rms();
 //   kSwiGlu:  x is (M, 2k): silu(x_r[:k]) * x_r[k:], silu(g) = g / (1 + exp(-g)).
+// out = silu(g) * u, silu(g) = g sigmoid(g), sigmoid from t = exp(-|g|) (never
+// overflows): 1 / (1 + t) for g >= 0, t / (1 + t) below. In vectors: libm's
+// scalar expf took 16 us of a 53 us down projection at M = 8 (K = 1536).
+void silu_mul(const float* g, const float* u, float* out, int64_t k) {
+  int64_t i = 0;
+#if CAKE_AVX512
+  const __m512 one = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
+  for (; i + 16 <= k; i += 16) {
+    const __m512 x = _mm512_loadu_ps(g + i);
+    const __m512 t = cake_vmath::exp_nonpos(_mm512_or_ps(x, sign));  // exp(-|x|)
+    const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, t));
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 sig = _mm512_mask_mul_ps(r, neg, r, t);
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(x, sig), _mm512_loadu_ps(u + i)));
+  }
+#elif CAKE_AVX2
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  for (; i + 8 <= k; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 t = cake_vmath::exp_nonpos(_mm256_or_ps(x, sign));
+    const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, t));
+    const __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+    const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(r, t), neg);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < k; i++) {
+    const float t = std::exp(-std::fabs(g[i])), r = 1.0f / (1.0f + t);
+    out[i] = g[i] * (g[i] < 0.0f ? r * t : r) * u[i];
+  }
+}
+
+// sum of x[i]^2 in 16 (AVX-512) or 8 lanes, then the lanes' sum: one dependent
+// add per element took ~1 us a row of 576
+float sum_squares(const float* x, int64_t k) {
+  int64_t i = 0;
+  float ss = 0.0f;
+#if CAKE_AVX512
+  __m512 a = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), a);
+  ss = _mm512_reduce_add_ps(a);
+#elif CAKE_AVX2
+  __m256 a = _mm256_setzero_ps();
+  for (; i + 8 <= k; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), a);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  ss = _mm_cvtss_f32(h);
+#endif
+  for (; i < k; i++) ss += x[i] * x[i];
+  return ss;
+}
+
 const float* input_row(const QuantizeJob& j, int64_t r, float* tmp) {
   const int64_t k = j.k;
   if (j.pro == kSwiGlu) {
     const float* g = j.x + r * 2 * k;
-    const float* u = g + k;
-    for (int64_t i = 0; i < k; i++) tmp[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    silu_mul(g, g + k, tmp, k);
     return tmp;
   }
   const float* row = j.x + r * k;
   if (j.pro == kNone) return row;
-  float ss = 0.0f;
-  for (int64_t i = 0; i < k; i++) ss += row[i] * row[i];
-  const float inv = 1.0f / std::sqrt(ss / (float)k + j.eps);
+  const float inv = 1.0f / std::sqrt(sum_squares(row, k) / (float)k + j.eps);
   for (int64_t i = 0; i < k; i++) tmp[i] = row[i] * inv * j.norm[i];
   return tmp;
 }
