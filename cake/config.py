@@ -15,8 +15,9 @@ from cake.family import Family, family_of
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """`rope_scaling` of type llama3 (Llama 3.1+) or longrope (Phi-3; "su" in
-    older configs); other types are rejected at load."""
+    """`rope_scaling` of type llama3 (Llama 3.1+), longrope (Phi-3; "su" in
+    older configs) or linear (Gemma 3's global layers); other types are
+    rejected at load."""
 
     rope_type: str = "default"
     factor: float = 1.0
@@ -32,16 +33,33 @@ class RopeScaling:
     def hf_dict(self) -> dict[str, Any]:
         """The fields of this type, as config.json's `rope_scaling` holds them."""
         d = dataclasses.asdict(self)
-        drop = (
-            ("low_freq_factor", "high_freq_factor")
-            if self.rope_type == "longrope"
-            else ("short_factor", "long_factor", "attention_factor")
-        )
         return {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in d.items()
-            if k not in drop
+            if k in _ROPE_FIELDS[self.rope_type]
         }
+
+
+_ROPE_FIELDS = {
+    "llama3": (
+        "rope_type",
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ),
+    "longrope": (
+        "rope_type",
+        "factor",
+        "original_max_position_embeddings",
+        "short_factor",
+        "long_factor",
+        "attention_factor",
+    ),
+    "linear": ("rope_type", "factor"),
+}
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the MLP activations the blocks compute
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass(frozen=True)
@@ -62,7 +80,14 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v projections carry a bias (qwen2)
     partial_rotary_factor: float = 1.0  # RoPE turns the first rotary_dim of each head
     sliding_window: int | None = None  # attend to at most this many past positions
-    hidden_act: str = "silu"
+    # per layer "sliding_attention" (the window applies, and the local RoPE base)
+    # or "full_attention"; () when every layer is alike (the window, if any, on all)
+    layer_types: tuple[str, ...] = ()
+    rope_local_base_freq: float | None = None  # sliding layers' RoPE base, unscaled
+    query_pre_attn_scalar: float | None = None  # scores scaled by it ** -0.5, not hd's
+    attn_logit_softcapping: float | None = None  # scores -> tanh(s / cap) * cap
+    final_logit_softcapping: float | None = None  # logits -> tanh(z / cap) * cap
+    hidden_act: str = "silu"  # one of ACTIVATIONS
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     torch_dtype: str = "float32"
@@ -83,6 +108,28 @@ class ModelConfig:
         """Whether q and k are RMS-normed before RoPE (the family's kind)."""
         return self.family.qk_norm is not None
 
+    @property
+    def attn_scale(self) -> float:
+        """What attention scores q . k are multiplied by: query_pre_attn_scalar
+        ** -0.5 where the config gives it (Gemma), else head_dim ** -0.5."""
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def is_sliding(self, i: int) -> bool:
+        """Whether layer i (of the whole model) is a local, sliding-window layer."""
+        if self.layer_types:
+            return self.layer_types[i] == "sliding_attention"
+        return self.sliding_window is not None
+
+    def window(self, i: int) -> int | None:
+        """The sliding window of layer i (of the whole model), or None: it
+        attends to every past position."""
+        return self.sliding_window if self.is_sliding(i) else None
+
+    def local_rope(self, i: int) -> bool:
+        """Whether layer i turns with rope_local_base_freq (unscaled) rather than
+        rope_theta and rope_scaling."""
+        return self.rope_local_base_freq is not None and self.is_sliding(i)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face config dict; unknown keys are ignored."""
@@ -98,13 +145,20 @@ class ModelConfig:
                 if isinstance(eos, list)
                 else (() if eos is None else (int(eos),))
             )
-            act = d.get("hidden_act", d.get("hidden_activation", "silu"))
-            if act != "silu":
-                raise ModelError(f"unsupported hidden_act {act!r}: cake runs silu")
-            # transformers >= 5 writes `rope_parameters` (theta included); older
-            # configs have `rope_theta` and `rope_scaling`.
+            act = _activation(d, fam)
+            if d.get("use_bidirectional_attention"):
+                raise ModelError(
+                    "use_bidirectional_attention is not supported: cake runs "
+                    "causal decoders"
+                )
+            # transformers >= 5 writes `rope_parameters` (theta included), per
+            # layer type where those differ (Gemma 3); older configs have
+            # `rope_theta` and `rope_scaling` (and Gemma 3 `rope_local_base_freq`)
+            params = d.get("rope_parameters") or {}
+            per_type = any(t in params for t in LAYER_TYPES)
             rope = {"rope_theta": d.get("rope_theta"), **(d.get("rope_scaling") or {})}
-            rope.update(d.get("rope_parameters") or {})
+            rope.update(params.get("full_attention") or {} if per_type else params)
+            local = _local_rope(d, fam, params if per_type else None)
             # Phi-3 keeps these beside rope_scaling; transformers 5 copies them in
             for key in ("original_max_position_embeddings", "partial_rotary_factor"):
                 rope.setdefault(key, d.get(key))
@@ -115,15 +169,22 @@ class ModelConfig:
                     "not give an even number of rotary dimensions"
                 )
             max_pos = int(d.get("max_position_embeddings", 4096))
+            n_layers = int(d["num_hidden_layers"])
             flag = fam.sliding_window
-            on = flag == "always" or (flag != "never" and bool(d.get(flag)))
+            on = flag in ("always", "layer_types") or (
+                flag != "never" and bool(d.get(flag))
+            )
             window = d.get("sliding_window") if on else None
+            layer_types = (
+                _layer_types(d, fam, n_layers) if flag == "layer_types" else ()
+            )
+            keys = {k: _positive(d, k) for k in fam.config_keys}
             return cls(
                 model_type=mt,
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_hidden_layers=n_layers,
                 num_attention_heads=n_heads,
                 num_key_value_heads=int(d.get("num_key_value_heads") or n_heads),
                 head_dim=int(head_dim),
@@ -135,6 +196,9 @@ class ModelConfig:
                 attention_bias=fam.qkv_bias or bool(d.get("attention_bias", False)),
                 partial_rotary_factor=partial,
                 sliding_window=int(window) if window else None,
+                layer_types=layer_types,
+                rope_local_base_freq=local,
+                **keys,
                 hidden_act=act,
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=eos_t,
@@ -159,12 +223,75 @@ class ModelConfig:
         return d
 
 
+def _activation(d: dict[str, Any], fam: Family) -> str:
+    act = next((d[k] for k in fam.act_keys if d.get(k)), fam.act_default)
+    act = dict(fam.act_aliases).get(act, act)
+    if act not in ACTIVATIONS:
+        raise ModelError(
+            f"unsupported activation {act!r}: cake runs {', '.join(ACTIVATIONS)}"
+        )
+    return act
+
+
+def _positive(d: dict[str, Any], key: str) -> float | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int | float) or v <= 0:
+        raise ModelError(f"{key} must be a positive number or null; got {v!r}")
+    return float(v)
+
+
+def _layer_types(d: dict[str, Any], fam: Family, n_layers: int) -> tuple[str, ...]:
+    """Each layer's attention type: config.json's `layer_types`, else (older
+    configs) all but every `sliding_window_pattern`-th layer slide, as
+    transformers builds it."""
+    types = d.get("layer_types")
+    if types is None:
+        period = int(d.get("sliding_window_pattern") or fam.sliding_pattern)
+        types = [
+            "sliding_attention" if (i + 1) % period else "full_attention"
+            for i in range(n_layers)
+        ]
+    if len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise ModelError(
+            f"layer_types must give each of the {n_layers} layers one of "
+            f"{', '.join(LAYER_TYPES)}; got {types!r}"
+        )
+    return tuple(types)
+
+
+def _local_rope(
+    d: dict[str, Any], fam: Family, per_type: dict[str, Any] | None
+) -> float | None:
+    """The sliding layers' RoPE base, for a family whose sliding layers have
+    their own (rope_parameters' sliding_attention, or rope_local_base_freq)."""
+    local = (per_type or {}).get("sliding_attention") or {}
+    if fam.rope_local_default is None:
+        if per_type is not None and local and local != per_type.get("full_attention"):
+            raise ModelError(
+                f"rope_parameters differ by layer type, which {fam.model_type} "
+                "models do not do: cake cannot run this config"
+            )
+        return None
+    kind = local.get("rope_type", local.get("type", "default"))
+    if kind != "default":
+        raise ModelError(
+            f"rope scaling of type {kind!r} on the sliding layers is not "
+            "supported: cake scales only the global layers' RoPE"
+        )
+    theta = local.get("rope_theta") or d.get("rope_local_base_freq")
+    return float(theta or fam.rope_local_default)
+
+
 def _rope_scaling(
     d: dict[str, Any], max_position_embeddings: int
 ) -> RopeScaling | None:
     kind = d.get("rope_type", d.get("type", "default"))
     if kind == "default":
         return None
+    if kind == "linear":
+        return RopeScaling(rope_type=kind, factor=float(d["factor"]))
     old = d.get("original_max_position_embeddings")
     if kind in ("longrope", "su"):
         if old is None:
@@ -190,7 +317,8 @@ def _rope_scaling(
         )
     if kind != "llama3":
         raise ModelError(
-            f"unsupported rope_scaling type {kind!r}: cake runs llama3 and longrope"
+            f"unsupported rope_scaling type {kind!r}: cake runs llama3, longrope "
+            "and linear"
         )
     return RopeScaling(
         rope_type=kind,

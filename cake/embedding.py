@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,14 @@ from cake.weights.packed import lookup_rows, stored_tensor
 from cake.weights.source import TensorSource
 
 EMBED = "model.embed_tokens.weight"
+
+
+def embed_scale(config: ModelConfig, dtype: str) -> float | None:
+    """What the family multiplies embedding rows by, or None: Gemma's
+    sqrt(hidden_size), rounded to the model dtype as transformers casts it."""
+    if not config.family.embed_scale:
+        return None
+    return float(np.float32(math.sqrt(config.hidden_size)).astype(dtype_of(dtype)))
 
 
 class EmbeddingStage:
@@ -44,6 +53,7 @@ class EmbeddingStage:
         self.config, self.shard, self.dtype = config, shard, dtype
         self.max_context, self.max_sequences = max_context, max_sequences
         self._table = stored_tensor(tensors, EMBED)
+        self._scale = embed_scale(config, dtype)
         self.weight_bytes = int(self._table.nbytes)
         self.seqs = StageSequences(max_sequences, max_context)
 
@@ -52,7 +62,10 @@ class EmbeddingStage:
         x = np.asarray(x)
         check_step(step, x, self.shard, self.config)
         self.seqs.admit(step)
-        out = lookup_rows(self._table, x).astype(dtype_of(self.dtype))
+        out = lookup_rows(self._table, x)
+        if self._scale is not None:
+            out = out.astype(np.float32) * np.float32(self._scale)
+        out = out.astype(dtype_of(self.dtype))
         self.seqs.advance(step)
         return out
 

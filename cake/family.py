@@ -6,6 +6,10 @@ read by role (cake.weights.layer). What differs between families within one
 block's math is described here: which tensors a layer holds and how they stack,
 the kind of q/k norm, the config keys that switch features on. A family whose
 math differs beyond that names its own `block`.
+
+What the config turns on is read by cake.config into ModelConfig fields that
+the shared code reads (the MLP activation, the attention scale and soft-caps,
+each layer's window and RoPE base); a family here only says which keys count.
 """
 
 from __future__ import annotations
@@ -30,9 +34,30 @@ class Family:
     qk_norm: str | None = None
     qkv_bias: bool = False  # q/k/v biases whatever the config says (Qwen2)
     # whether config.json's `sliding_window` applies: "always" (Mistral), "never"
-    # (ignored, as transformers ignores it: Llama), or the name of a boolean key
-    # that must be true (Qwen's "use_sliding_window")
+    # (ignored, as transformers ignores it: Llama), the name of a boolean key
+    # that must be true (Qwen's "use_sliding_window"), or "layer_types": the
+    # layers config.json's `layer_types` marks "sliding_attention" (Gemma 2/3;
+    # without it, all but every `sliding_pattern`-th layer, as transformers)
     sliding_window: str = "never"
+    sliding_pattern: int = 0
+    # RMSNorms on the attention's and the MLP's outputs, before the residual
+    # add, besides `norms` before them (Gemma 2/3's sandwich)
+    post_norms: tuple[str, str] | None = None
+    # every RMSNorm weight w is used as (norm_offset + w) in float32 (Gemma's 1 + w)
+    norm_offset: float = 0.0
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the model dtype
+    # the MLP's activation: the first of these config keys that is set, else
+    # act_default; act_aliases renames legacy values (Gemma's "gelu")
+    act_keys: tuple[str, ...] = ("hidden_act", "hidden_activation")
+    act_default: str = "silu"
+    act_aliases: tuple[tuple[str, str], ...] = ()
+    # optional config keys read as they are (the others are ignored, as
+    # transformers ignores them for the family): "query_pre_attn_scalar",
+    # "attn_logit_softcapping", "final_logit_softcapping"
+    config_keys: tuple[str, ...] = ()
+    # sliding layers turn with a RoPE base of their own, unscaled (Gemma 3's
+    # rope_local_base_freq): the default where the config gives none
+    rope_local_default: float | None = None
     gguf_arch: str | None = None  # llama.cpp's `general.architecture`, if read
 
 
@@ -51,6 +76,24 @@ FAMILIES: dict[str, Family] = {
         Family("phi3", "Phi3ForCausalLM", qkv=("qkv_proj",),
                gate_up=("gate_up_proj",), sliding_window="always",
                gguf_arch="phi3"),
+        # Gemma: the llama block with (1 + w) norms, GELU-tanh (a legacy
+        # "gelu" means it, as transformers reads it) and scaled embeddings
+        Family("gemma", "GemmaForCausalLM", norm_offset=1.0, embed_scale=True,
+               act_keys=("hidden_activation", "hidden_act"),
+               act_default="gelu_pytorch_tanh",
+               act_aliases=(("gelu", "gelu_pytorch_tanh"),)),
+        # Gemma 2: sandwich norms, (1 + w) norms, GELU-tanh, scaled embeddings,
+        # soft-capped attention scores and logits, every other layer local
+        Family("gemma2", "Gemma2ForCausalLM", block="gemma",
+               norms=("input_layernorm", "pre_feedforward_layernorm"),
+               post_norms=("post_attention_layernorm",
+                           "post_feedforward_layernorm"),
+               norm_offset=1.0, embed_scale=True,
+               act_keys=("hidden_activation", "hidden_act"),
+               act_default="gelu_pytorch_tanh",
+               config_keys=("query_pre_attn_scalar", "attn_logit_softcapping",
+                            "final_logit_softcapping"),
+               sliding_window="layer_types", sliding_pattern=2),
     )
 }  # fmt: skip
 

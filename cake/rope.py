@@ -18,22 +18,30 @@ import numpy as np
 from cake.config import ModelConfig, RopeScaling
 
 
-def rope_inv_freq(config: ModelConfig, context: int | None = None) -> np.ndarray:
-    """(head_dim // 2,) float32 inverse frequencies, with llama3 or longrope
-    scaling if configured; 0 for the pairs that do not turn (partial rotary).
+def rope_inv_freq(
+    config: ModelConfig, context: int | None = None, local: bool = False
+) -> np.ndarray:
+    """(head_dim // 2,) float32 inverse frequencies, with llama3, longrope or
+    linear scaling if configured; 0 for the pairs that do not turn (partial
+    rotary).
 
     Computed in float32 like transformers, so positions rotate identically.
     context: the positions the stage caches. Longrope's long factors apply when
     it exceeds original_max_position_embeddings, for every position: chosen
     once per stage, as llama.cpp chooses by its context (transformers switches
     per forward call, by the call's last position).
+    local: the frequencies of the layers that `config.local_rope` names
+    (rope_local_base_freq, never scaled: Gemma 3's sliding layers).
     """
     d = config.rotary_dim
     exps = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    base = np.float32(config.rope_theta) ** exps
+    theta = config.rope_local_base_freq if local else config.rope_theta
+    base = np.float32(theta) ** exps
     inv = (np.float32(1.0) / base).astype(np.float32)
-    rs = config.rope_scaling
-    if rs is not None and rs.rope_type == "longrope":
+    rs = None if local else config.rope_scaling
+    if rs is not None and rs.rope_type == "linear":
+        inv = (inv / np.float32(rs.factor)).astype(np.float32)
+    elif rs is not None and rs.rope_type == "longrope":
         long = context is not None and context > rs.original_max_position_embeddings
         ext = np.asarray(rs.long_factor if long else rs.short_factor, np.float32)
         inv = (np.float32(1.0) / (ext * base)).astype(np.float32)
@@ -55,10 +63,10 @@ def _llama3(inv: np.ndarray, rs: RopeScaling) -> np.ndarray:
     return np.where(medium, smoothed, out).astype(np.float32)
 
 
-def rope_attention_factor(config: ModelConfig) -> float:
+def rope_attention_factor(config: ModelConfig, local: bool = False) -> float:
     """The factor transformers scales cos and sin by (longrope's; else 1)."""
     rs = config.rope_scaling
-    return 1.0 if rs is None else rs.attention_factor
+    return 1.0 if rs is None or local else rs.attention_factor
 
 
 def rope_cos_sin(

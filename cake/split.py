@@ -216,8 +216,23 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     window = d.pop("sliding_window")
     if fam.sliding_window != "never":
         d["sliding_window"] = window
-    if fam.sliding_window not in ("always", "never"):
+    if fam.sliding_window not in ("always", "never", "layer_types"):
         d[fam.sliding_window] = window is not None
+    # the family's optional keys stay (null where unset: transformers would
+    # put its own default in); the others are not the family's
+    for key in (
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+    ):
+        if key not in fam.config_keys:
+            d.pop(key)
+    if not d["layer_types"]:
+        d.pop("layer_types")
+    if fam.rope_local_default is None:
+        d.pop("rope_local_base_freq")
+    for key in fam.act_keys:  # Gemma 2/3 read hidden_activation, Gemma hidden_act
+        d[key] = config.hidden_act
     eos = list(config.eos_token_id)
     d["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
     rs = config.rope_scaling

@@ -71,6 +71,22 @@ ARCHS: dict[str, dict] = {
             long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
         ),
     ),
+    # Gemma: the llama block with (1 + w) norms, GELU-tanh, scaled embeddings
+    "gemma": dict(model_type="gemma", head_dim=16, pad_token_id=0),
+    # Gemma 2: 4 layers alternating local (window 4 < the prompt) and global,
+    # soft-caps that bite (scores reach 3.3 caps, logits 2), a query scalar
+    # that is not head_dim
+    "gemma2": dict(
+        model_type="gemma2",
+        num_hidden_layers=4,
+        head_dim=16,
+        sliding_window=4,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=10.0,
+        final_logit_softcapping=8.0,
+        rope_theta=10000.0,
+        pad_token_id=0,
+    ),
 }
 
 

@@ -32,6 +32,25 @@ def load(folder, shard, backend, dtype):
     )
 
 
+@pytest.mark.parametrize("backend", ["numpy", "jax", "mlx"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scaled_embedding_then_layers_equals_whole(tmp_path, backend, dtype):
+    """Gemma's embeddings times sqrt(hidden_size), rounded to the model dtype
+    on the host as inside a whole stage."""
+    folder = make_checkpoint("gemma2", tmp_path, dtype=dtype)
+    first = load(folder, Shard(0, 0, 4, embed=True), backend, dtype)
+    rest = load(folder, Shard(0, 4, 4, head=True), backend, dtype)
+    whole = load(folder, Shard.whole(4), backend, dtype)
+    x = np.array([PROMPT], np.int32)
+    step = Step((0,), (0,), (len(PROMPT),))
+    config, tensors = open_checkpoint(folder)
+    rows = np.asarray(tensors.get("model.embed_tokens.weight"), np.float32)[PROMPT]
+    h = first.forward(x, step)
+    want = (rows * np.float32(8.0)).astype(h.dtype)  # sqrt(64), exact in bf16
+    np.testing.assert_array_equal(h[0], want)
+    np.testing.assert_array_equal(rest.forward(h, step), whole.forward(x, step))
+
+
 @pytest.mark.parametrize(
     ("ckpt", "dtype"),
     [("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")],

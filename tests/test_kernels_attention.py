@@ -2,7 +2,7 @@
 
 The reference is written from the definition in float64: rope k and v into the
 cache for every real token, then each query head attends with softmax to its
-slot's positions [lo, t]. attention_np (ctypes), the jitted FFI call, and the
+slot's positions [lo, t] (scores scaled, and soft-capped where asked: Gemma). attention_np (ctypes), the jitted FFI call, and the
 AVX2 / plain C++ builds must match it within float32 rounding, leave every
 other cache entry untouched, and the FFI call must update a donated cache
 without copying it.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -47,6 +47,8 @@ class Case:
     n_layers: int = 2
     layer: int = 1
     window: int = 0
+    scale: float | None = None  # None: 1 / sqrt(hd)
+    softcap: float = 0.0
 
 
 GQA = (9, 3, 64)  # SmolLM2-135M
@@ -120,6 +122,33 @@ CASES = [
     ),
     Case("hd40", 2, 1, 40, slots=(1,), positions=(12,), lengths=(4,), L=4),
     Case("hd6", 3, 1, 6, slots=(0, 1), positions=(0, 2), lengths=(2, 1), L=2, T=8),
+    # Gemma: a query scale other than 1 / sqrt(hd), and soft-capped scores (a
+    # cap of 2 bites on these random scores, whose spread is about 1 / scale)
+    Case("scale", *GQA, slots=(1,), positions=(20,), lengths=(3,), L=3, scale=0.3),
+    Case(
+        "softcap-decode", *GQA, slots=(0,), positions=(40,), lengths=(1,), softcap=2.0
+    ),
+    Case(
+        "softcap-window-chunk",
+        *MHA,
+        slots=(2, 0),
+        positions=(9, 0),
+        lengths=(6, 4),
+        L=6,
+        window=4,
+        scale=0.2,
+        softcap=2.0,
+    ),
+    Case(
+        "softcap-batch8-t200",
+        *GQA,
+        slots=tuple(range(8)),
+        positions=tuple(190 + 3 * i for i in range(8)),
+        lengths=(1,) * 8,
+        T=256,
+        S=8,
+        softcap=3.0,
+    ),
 ]
 BY_NAME = {c.name: c for c in CASES}
 
@@ -131,7 +160,19 @@ def rope_ref(x: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 def attention_ref(
-    qkv, cos, sin, cache, slots, positions, lengths, *, n_heads, layer, window=0
+    qkv,
+    cos,
+    sin,
+    cache,
+    slots,
+    positions,
+    lengths,
+    *,
+    n_heads,
+    layer,
+    window=0,
+    scale=None,
+    softcap=0.0,
 ):
     """(out float64, cache float64 after the writes, mask of the entries written)."""
     qkv, cos, sin = (np.asarray(a, np.float64) for a in (qkv, cos, sin))
@@ -153,11 +194,13 @@ def attention_ref(
         t = positions[b] + i
         lo = max(0, t - window + 1) if window > 0 else 0
         q = rope_ref(qkv[b, i, : nh * hd].reshape(nh, hd), cos[b, i], sin[b, i])
-        q /= np.sqrt(hd)
+        q *= 1 / np.sqrt(hd) if scale is None else scale
         for j in range(nh):
             keys = cache[layer, 0, slots[b], j // rep, lo : t + 1]
             vals = cache[layer, 1, slots[b], j // rep, lo : t + 1]
             scores = keys @ q[j]
+            if softcap:
+                scores = softcap * np.tanh(scores / softcap)
             p = np.exp(scores - scores.max())
             out[b, i, j * hd : (j + 1) * hd] = p @ vals / p.sum()
     return out, cache, written
@@ -178,8 +221,14 @@ def make_inputs(c: Case, seed: int = 0):
     return qkv, cos, sin, cache, *ints
 
 
-def kwargs(c: Case) -> dict[str, int]:
-    return {"n_heads": c.nh, "layer": c.layer, "window": c.window}
+def kwargs(c: Case) -> dict[str, float]:
+    return {
+        "n_heads": c.nh,
+        "layer": c.layer,
+        "window": c.window,
+        "scale": c.scale,
+        "softcap": c.softcap,
+    }
 
 
 def check(c: Case, out, cache, before, ref) -> None:
@@ -290,6 +339,9 @@ BAD = [
     ("position-at-T", {"positions": (0, 62)}, "position", -8),  # 62 + 3 tokens > T = 64
     ("negative-position", {"positions": (0, -1)}, "position", -8),
     ("length-over-L", {"lengths": (0, 4)}, "lengths", -6),
+    ("zero-scale", {"scale": 0.0}, "scale", -9),
+    ("negative-softcap", {"softcap": -1.0}, "softcap", -9),
+    ("infinite-softcap", {"softcap": np.inf}, "softcap", -9),
 ]
 
 
@@ -298,6 +350,10 @@ BAD = [
 )
 def test_bad_arguments(lib, change, match, rc):
     c = BY_NAME["batch3-padding"]  # L = 3, T = 64, S = 4
+    change = dict(change)
+    floats = {k: change.pop(k) for k in ("scale", "softcap") if k in change}
+    c = replace(c, **floats)
+    scale_softcap = (att._scale(c.hd, c.scale), c.softcap)
     qkv, cos, sin, cache, slots, positions, lengths = _bad(c, **change)
     before = cache.copy()
     with pytest.raises(ValueError, match=match):
@@ -305,10 +361,16 @@ def test_bad_arguments(lib, change, match, rc):
     # the C entry point checks too, before writing anything
     out = np.zeros((3, c.L, c.nh * c.hd), np.float32)
     fn = lib.raw.cake_attention
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 10 + [ctypes.c_void_p]
+    fn.argtypes = (
+        [ctypes.c_void_p] * 7
+        + [ctypes.c_int64] * 10
+        + [ctypes.c_float] * 2
+        + [ctypes.c_void_p]
+    )
     got = fn(
         *(a.ctypes.data for a in (qkv, cos, sin, cache, slots, positions, lengths)),
         *(3, c.L, c.nh, c.nkv, c.hd, c.n_layers, c.S, c.T, c.layer, c.window),
+        *scale_softcap,
         out.ctypes.data,
     )
     assert got == rc

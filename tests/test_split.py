@@ -376,8 +376,15 @@ def test_mlx_quantized_tensors_are_written_as_stored(tmp_path):
                         short_factor=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
                         long_factor=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
                         attention_factor=1.07)),
+        ModelConfig("gemma", 128, 64, 96, 3, 4, 2, 16, tie_word_embeddings=True,
+                    hidden_act="gelu_pytorch_tanh"),
+        ModelConfig("gemma2", 128, 64, 96, 4, 4, 2, 16, tie_word_embeddings=True,
+                    sliding_window=4, hidden_act="gelu_pytorch_tanh",
+                    layer_types=("sliding_attention", "full_attention") * 2,
+                    query_pre_attn_scalar=24.0, attn_logit_softcapping=10.0),
     ],
-    ids=["llama3", "mistral", "qwen2", "qwen3", "olmo2", "phi4-mini"],
+    ids=["llama3", "mistral", "qwen2", "qwen3", "olmo2", "phi4-mini", "gemma",
+         "gemma2"],
 )  # fmt: skip
 def test_hf_config_dict_reads_back_equal(config):
     d = json.loads(json.dumps(hf_config_dict(config)))

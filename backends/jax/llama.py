@@ -1,4 +1,5 @@
-"""The JAX stage step, and the llama block (llama, mistral, qwen2, qwen3, phi3).
+"""The JAX stage step, and the llama block (llama, mistral, qwen2, qwen3, phi3,
+gemma).
 
 Pure JAX functions over a weight pytree. Every family runs `stage_step`: its
 decoder block is `attn_in` and `attn_out` of the module `cfg.family.block`
@@ -25,6 +26,7 @@ from jax import lax
 from cake.backends.jax.linear import QMat, mm, mm_cat, rms, take_rows
 from cake.backends.jax.params import Params
 from cake.config import ModelConfig
+from cake.embedding import embed_scale
 
 # KV cache: one buffer (n_layers, 2 [k, v], S slots, n_kv, T positions, hd)
 
@@ -41,9 +43,17 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
-def _attend(q: jax.Array, keys: jax.Array, vals: jax.Array, allowed: jax.Array):
+def _attend(
+    q: jax.Array,
+    keys: jax.Array,
+    vals: jax.Array,
+    allowed: jax.Array,
+    softcap: float | None,
+):
     """q (B, nkv, rep, L, hd) scaled; keys/vals (B, nkv, T, hd); allowed (B, L, T)."""
     scores = jnp.einsum("bkrqd,bktd->bkrqt", q, keys, precision=_HIGHEST)
+    if softcap is not None:  # Gemma 2: (s / cap), tanh, * cap, as transformers
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(allowed[:, None, None], scores, _MASKED)  # (B, nkv, rep, L, T)
     e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     out = jnp.einsum("bkrqt,bktd->bkrqd", e, vals, precision=_HIGHEST)
@@ -57,15 +67,19 @@ def attention(
     vals: jax.Array,
     allowed: jax.Array,
     causal_chunk: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """q (B, L, nh, hd); keys/vals (B, nkv, T, hd); allowed (B, L, T) -> (B, L, nh hd).
 
     causal_chunk: every sequence starts at position 0, so queries [j, j + c)
     see only keys [0, j + c): attend chunk by chunk and skip the masked rest.
+    scale: of q (default 1 / sqrt(hd)); softcap: of the scores (Gemma 2), if any.
     """
     b, n, nh, hd = q.shape
     nkv, t = keys.shape[1], keys.shape[2]
-    q = q.reshape(b, n, nkv, nh // nkv, hd) * (1.0 / np.sqrt(hd))
+    scale = 1.0 / np.sqrt(hd) if scale is None else scale
+    q = q.reshape(b, n, nkv, nh // nkv, hd) * scale
     q = q.transpose(0, 2, 3, 1, 4)  # (B, nkv, rep, L, hd)
     keys, vals = keys.astype(q.dtype), vals.astype(q.dtype)
     c = causal_chunk or n
@@ -78,6 +92,7 @@ def attention(
                 keys[:, :, :e],
                 vals[:, :, :e],
                 allowed[:, j : j + c, :e],
+                softcap,
             )
         )
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
@@ -87,21 +102,25 @@ def attention(
 class Shared(NamedTuple):
     """What every layer of one step shares (built once per step by stage_step).
 
-    rope: cos/sin (B, L, hd/2) at each token's position; slots, positions,
-    lengths (B,); write_t (B, L) cache position of each token (out of range for
-    padding); allowed (B, L, T) the attention mask. kernel: attention runs as
-    the CPU kernel (cake.kernels.cpu.attention), which writes and reads the
-    cache in place and needs none of write_t/allowed/causal_chunk.
+    rope: per kind of layer (`cfg.local_rope`: False global, True local) cos/sin
+    (B, L, hd/2) at each token's position; slots, positions, lengths (B,);
+    write_t (B, L) cache position of each token (out of range for padding);
+    allowed: per window of the stage's layers (`cfg.window`, None: none) the
+    attention mask (B, L, T). kernel: attention runs as the CPU kernel
+    (cake.kernels.cpu.attention), which writes and reads the cache in place and
+    needs none of write_t/allowed/causal_chunk. first: the model's index of the
+    stage's first layer, by which the config gives each layer's window and RoPE.
     """
 
-    rope: tuple[jax.Array, jax.Array]
+    rope: dict[bool, tuple[jax.Array, jax.Array]]
     slots: jax.Array
     positions: jax.Array
     lengths: jax.Array
     write_t: jax.Array
-    allowed: jax.Array
+    allowed: dict[int | None, jax.Array]
     causal_chunk: int | None
     kernel: bool
+    first: int
 
 
 def _heads(cfg: ModelConfig, qkv: jax.Array) -> tuple[jax.Array, ...]:
@@ -118,16 +137,28 @@ def _attend_xla(
     cfg: ModelConfig, i: int, qkv: jax.Array, cache: jax.Array, st: Shared
 ) -> tuple[jax.Array, jax.Array]:
     """Rope, the cache write and attention as XLA ops (GPUs, TPUs, long prefills)."""
+    g = st.first + i
     q, k, v = _heads(cfg, qkv)
-    q, k = rotate(q, *st.rope), rotate(k, *st.rope)
+    rope = st.rope[cfg.local_rope(g)]
+    q, k = rotate(q, *rope), rotate(k, *rope)
     # one in-place write of k and v; padding tokens carry an out-of-range
     # write_t and are dropped. (B, L, 2, nkv, hd) lands at [i, :, slot, :, t]
     new = jnp.stack([k, v], axis=2).astype(cache.dtype)
     cache = cache.at[i, :, st.slots[:, None], :, st.write_t].set(new, mode="drop")
     # read only the filled part: the bucket of T positions covering every sequence
-    t_len = st.allowed.shape[-1]
+    allowed = st.allowed[cfg.window(g)]
+    t_len = allowed.shape[-1]
     kv = jnp.take(cache[i, :, :, :, :t_len], st.slots, axis=1)  # (2, B, nkv, T, hd)
-    return attention(q, kv[0], kv[1], st.allowed, st.causal_chunk), cache
+    out = attention(
+        q,
+        kv[0],
+        kv[1],
+        allowed,
+        st.causal_chunk,
+        cfg.attn_scale,
+        cfg.attn_logit_softcapping,
+    )
+    return out, cache
 
 
 def _qk_norm(cfg: ModelConfig, w: Params, qkv: jax.Array) -> jax.Array:
@@ -151,6 +182,17 @@ def attn_in(cfg: ModelConfig, w: Params, x: jax.Array) -> jax.Array:
     return qkv
 
 
+def down(
+    cfg: ModelConfig, w: Params, gate_up: jax.Array, residual: jax.Array | None = None
+) -> jax.Array:
+    """The MLP's down projection of act(gate) * up, gate_up (B, L, 2 I): SwiGLU
+    folded into the product (the CPU kernels' prologue), GELU-tanh before it."""
+    if cfg.hidden_act == "silu":
+        return mm(gate_up, w["wd"], prologue="swiglu", residual=residual)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return mm(jax.nn.gelu(gate, approximate=True) * up, w["wd"], residual=residual)
+
+
 def attn_out(cfg: ModelConfig, w: Params, x: jax.Array, attn: jax.Array) -> jax.Array:
     """The residual block around attention's output attn (B, L, nh hd): x out."""
     with jax.named_scope("attention"):
@@ -159,7 +201,7 @@ def attn_out(cfg: ModelConfig, w: Params, x: jax.Array, attn: jax.Array) -> jax.
         gate_up = mm_cat(
             x, w["wgu"], prologue="rms", norm=w["ln2"], eps=cfg.rms_norm_eps
         )
-        return mm(gate_up, w["wd"], prologue="swiglu", residual=x)
+        return down(cfg, w, gate_up, residual=x)
 
 
 def layer(
@@ -172,21 +214,26 @@ def layer(
     st: Shared,
 ) -> tuple[jax.Array, jax.Array]:
     """Decoder block i of the stage. x (B, L, D) float32; returns it and the cache."""
+    g = st.first + i  # the layer's index in the model: its window and RoPE
     with jax.named_scope("attention"):
         qkv = block.attn_in(cfg, w, x)
         if st.kernel:
             from cake.kernels.cpu import attention as cpu_attention
 
+            # the kernel takes the query scale, the soft-cap and the window of
+            # each layer (extended for Gemma 2; tests/test_kernels_attention.py)
             attn, cache = cpu_attention.attention(
                 qkv,
-                *st.rope,
+                *st.rope[cfg.local_rope(g)],
                 cache,
                 st.slots,
                 st.positions,
                 st.lengths,
                 n_heads=cfg.num_attention_heads,
                 layer=i,
-                window=cfg.sliding_window or 0,
+                window=cfg.window(g) or 0,
+                scale=cfg.attn_scale,
+                softcap=cfg.attn_logit_softcapping or 0.0,
             )
         else:
             attn, cache = _attend_xla(cfg, i, qkv, cache, st)
@@ -209,12 +256,14 @@ def stage_step(
     out_dtype: str,
     causal_chunk: int | None = None,
     attention_kernel: bool = False,
+    first: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Run the stage on a padded batch; returns (output, updated cache).
 
     x: (B, L) int32 ids if `embed`, else (B, L, D) hidden. slots/positions/
     lengths: (B,) int32. t_len: the cache positions attention reads (static).
     attention_kernel: attention through the CPU kernel (see `Shared.kernel`).
+    first: the model's index of the stage's first layer.
     Output: (B, L, D) hidden as `out_dtype`, or float32 logits (B, V) /
     (B, L, V) when `head`. Padding rows of hidden output are zero.
     """
@@ -229,17 +278,29 @@ def stage_step(
             table = params["head"]
             h = take_rows(table, x, transposed=not isinstance(table, QMat))
         h = h.astype(jnp.float32)
+        scale = embed_scale(cfg, out_dtype)
+        if embed and scale is not None:  # in the model dtype, as transformers
+            h = (h * scale).astype(out_dtype).astype(jnp.float32)
+            # not fused into the first layer's ops, so that they compute as in a
+            # stage whose input is this (an EmbeddingStage's, bit for bit)
+            h = lax.optimization_barrier(h)
     tpos = positions[:, None] + jnp.arange(n, dtype=jnp.int32)  # (B, L)
     valid = jnp.arange(n)[None, :] < lengths[:, None]  # (B, L)
     write_t = jnp.where(valid, tpos, t_alloc)
-    rope = (
-        jnp.take(params["rope_cos"], tpos, axis=0, mode="clip"),
-        jnp.take(params["rope_sin"], tpos, axis=0, mode="clip"),
-    )  # (B, L, hd/2) each
+    layers = range(first, first + len(params["layers"]))
+    rope = {
+        local: (
+            jnp.take(params[f"rope_cos{suffix}"], tpos, axis=0, mode="clip"),
+            jnp.take(params[f"rope_sin{suffix}"], tpos, axis=0, mode="clip"),
+        )  # (B, L, hd/2) each
+        for local, suffix in ((False, ""), (True, "_local"))
+        if any(cfg.local_rope(g) == local for g in layers)
+    }
     kpos = jnp.arange(t_len, dtype=jnp.int32)[None, None, :]
-    allowed = kpos <= tpos[:, :, None]  # (B, L, T)
-    if cfg.sliding_window:
-        allowed &= kpos > tpos[:, :, None] - cfg.sliding_window
+    causal = kpos <= tpos[:, :, None]  # (B, L, T)
+    allowed = {None: causal}  # and (B, L, T) for each window the layers have
+    for window in {cfg.window(g) for g in layers} - {None}:
+        allowed[window] = causal & (kpos > tpos[:, :, None] - window)
     st = Shared(
         rope,
         slots,
@@ -249,6 +310,7 @@ def stage_step(
         allowed,
         causal_chunk,
         attention_kernel,
+        first,
     )
     block = importlib.import_module(f"cake.backends.jax.{cfg.family.block}")
     for i, w in enumerate(params["layers"]):
@@ -264,4 +326,7 @@ def stage_step(
         logits = mm(
             h, params["head"], prologue="rms", norm=params["norm"], eps=cfg.rms_norm_eps
         )
+        cap = cfg.final_logit_softcapping
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
     return logits.astype(jnp.float32), cache

@@ -1,7 +1,9 @@
 """A JAX stage's weights: read from a TensorSource as stored, placed on the device.
 
 Layer entries (cake.weights.layer's roles; see llama.layer): ln1, ln2 (D,)
-float32 RMSNorm weights (the attention's and the MLP's); wqkv, wgu: tuples of
+float32 RMSNorm weights (the attention's and the MLP's; Gemma's 1 + w, see
+layer.norm_vector), with post-norms (Gemma 2/3) ln1_post, ln2_post on their
+outputs; wqkv, wgu: tuples of
 weights whose outputs concatenate to the q|k|v and gate|up projections (one
 fused weight when the parts share a format, else one per part); wo, wd: single
 weights; with attention_bias bqkv ((nh + 2 nkv) hd,); with a q/k norm q_norm,
@@ -33,7 +35,7 @@ from cake.config import ModelConfig
 from cake.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from cake.shard import Shard
 from cake.weights import TensorSource
-from cake.weights.layer import read_layer
+from cake.weights.layer import norm_vector, read_layer
 from cake.weights.packed import Packed, Stored, release_pages, stored_tensor
 
 Params = dict[str, Any]  # pytree of arrays
@@ -193,8 +195,8 @@ def load_params(
     for i in shard.layers:
         lw = read_layer(config, tensors, i)
         layer = {
-            "ln1": load.vector(lw.attn_norm),
-            "ln2": load.vector(lw.mlp_norm),
+            "ln1": load.vector(norm_vector(config, lw.attn_norm)),
+            "ln2": load.vector(norm_vector(config, lw.mlp_norm)),
             "wqkv": mats(lw.qkv),
             "wo": mats((lw.o,))[0],
             "wgu": mats(lw.gate_up),
@@ -203,13 +205,17 @@ def load_params(
         if lw.qkv_bias:
             layer["bqkv"] = jnp.concatenate([load.vector(b) for b in lw.qkv_bias])
         if lw.q_norm is not None:
-            layer["q_norm"] = load.vector(lw.q_norm)
-            layer["k_norm"] = load.vector(lw.k_norm)
+            layer["q_norm"] = load.vector(norm_vector(config, lw.q_norm))
+            layer["k_norm"] = load.vector(norm_vector(config, lw.k_norm))
+        if lw.attn_post_norm is not None:
+            layer["ln1_post"] = load.vector(norm_vector(config, lw.attn_post_norm))
+            layer["ln2_post"] = load.vector(norm_vector(config, lw.mlp_post_norm))
         params["layers"].append(layer)
     tied = config.tie_word_embeddings
     embed = "model.embed_tokens.weight"
     if shard.head:
-        params["norm"] = load.vector(stored_tensor(tensors, "model.norm.weight"))
+        norm = stored_tensor(tensors, "model.norm.weight")
+        params["norm"] = load.vector(norm_vector(config, norm))
         head = embed if tied else "lm_head.weight"
         # (D, V) float or QMat (V, ...); repacked too: linear.take_rows reads
         # the tiles when the tied head doubles as the embedding
@@ -218,15 +224,18 @@ def load_params(
         # (V, D) float, or QMat (V, ...)
         table = stored_tensor(tensors, embed)
         params["embed"] = load.matrices((table,), rows=True)[0]
-    # RoPE tables for every position of the context: (max_context, hd/2) each
-    cos, sin = rope_cos_sin(
-        rope_inv_freq(config, max_context),
-        np.arange(max_context),
-        rope_attention_factor(config),
-    )
+    # RoPE tables for every position of the context: (max_context, hd/2) each;
+    # "_local" ones for the layers with a RoPE base of their own (Gemma 3)
     half = config.head_dim // 2
-    params["rope_cos"] = jax.device_put(cos[:, :half], device)
-    params["rope_sin"] = jax.device_put(sin[:, :half], device)
+    for local in {config.local_rope(i) for i in shard.layers} | {False}:
+        cos, sin = rope_cos_sin(
+            rope_inv_freq(config, max_context, local),
+            np.arange(max_context),
+            rope_attention_factor(config, local),
+        )
+        suffix = "_local" if local else ""
+        params["rope_cos" + suffix] = jax.device_put(cos[:, :half], device)
+        params["rope_sin" + suffix] = jax.device_put(sin[:, :half], device)
     return params
 
 

@@ -109,6 +109,7 @@ class JaxLlamaStage:
             embed=self.shard.embed,
             head=self.shard.head,
             out_dtype=self.dtype,
+            first=self.shard.start,
             **static,
         )
 

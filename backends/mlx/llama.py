@@ -1,4 +1,4 @@
-"""The MLX stage, and the llama block (llama, mistral, qwen2, qwen3, phi3).
+"""The MLX stage, and the llama block (llama, mistral, qwen2, qwen3, phi3, gemma).
 
 Every family runs the stage: its decoder block is `attn_in` and `attn_out` of
 the module `config.family.block` names (this one, or e.g. olmo2.py), in the
@@ -37,12 +37,13 @@ from cake.backends.mlx.quant import (
     take_rows,
 )
 from cake.config import ModelConfig
+from cake.embedding import embed_scale
 from cake.kv import check_step, dtype_of
 from cake.rope import rope_attention_factor, rope_inv_freq
 from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
-from cake.weights.layer import LayerWeights, read_layer
+from cake.weights.layer import LayerWeights, norm_vector, read_layer
 from cake.weights.names import head_tensor_names
 from cake.weights.packed import Stored, as_float, stored_tensor
 
@@ -77,23 +78,44 @@ def split_qkv(cfg: ModelConfig, qkv: mx.array) -> list[mx.array]:
     return mx.split(qkv, [q, q + kv], axis=-1)
 
 
-def mlp(w: Weights, x: mx.array) -> mx.array:
+def rms_norm(x: mx.array, w: mx.array, eps: float) -> mx.array:
+    """RMSNorm of x by w; a float32 w (Gemma's 1 + w) normalizes in float32 and
+    casts back, as transformers' Gemma RMSNorm does."""
+    if w.dtype == x.dtype:
+        return mx.fast.rms_norm(x, w, eps)
+    return mx.fast.rms_norm(x.astype(w.dtype), w, eps).astype(x.dtype)
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU's tanh approximation (transformers' gelu_pytorch_tanh)."""
+    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+ACTS = {"silu": lambda x: x * mx.sigmoid(x), "gelu_pytorch_tanh": gelu_tanh}
+
+
+def softcap(x: mx.array, cap: float | None) -> mx.array:
+    """tanh(x / cap) * cap (Gemma's soft-capping), or x as it is without a cap."""
+    return x if cap is None else mx.tanh(x / cap) * cap
+
+
+def mlp(cfg: ModelConfig, w: Weights, x: mx.array) -> mx.array:
     gate, up = mx.split(linears(x, w["gate_up"]), 2, axis=-1)
-    return linear(gate * mx.sigmoid(gate) * up, w["down"])
+    return linear(ACTS[cfg.hidden_act](gate) * up, w["down"])
 
 
 def attn_in(cfg: ModelConfig, w: Weights, h: mx.array) -> mx.array:
     """h (B, L, D) -> q|k|v (B, L, (nh + 2 nkv) hd) as attention takes it (before RoPE)."""
-    a = mx.fast.rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
+    a = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
     qkv = linears(a, w["qkv"])
     if "qkv_bias" in w:
         qkv = qkv + w["qkv_bias"]
-    if "q_norm" in w:  # per head (Qwen3)
+    if "q_norm" in w:  # per head (Qwen3, Gemma 3)
         B, L, _ = h.shape
         hd, eps = cfg.head_dim, cfg.rms_norm_eps
         q, k, v = split_qkv(cfg, qkv)
-        q = mx.fast.rms_norm(q.reshape(B, L, -1, hd), w["q_norm"], eps)
-        k = mx.fast.rms_norm(k.reshape(B, L, -1, hd), w["k_norm"], eps)
+        q = rms_norm(q.reshape(B, L, -1, hd), w["q_norm"], eps)
+        k = rms_norm(k.reshape(B, L, -1, hd), w["k_norm"], eps)
         qkv = mx.concatenate([q.reshape(B, L, -1), k.reshape(B, L, -1), v], axis=-1)
     return qkv
 
@@ -101,7 +123,7 @@ def attn_in(cfg: ModelConfig, w: Weights, h: mx.array) -> mx.array:
 def attn_out(cfg: ModelConfig, w: Weights, h: mx.array, attn: mx.array) -> mx.array:
     """The residual block around attention's output attn (B, L, nh hd): h out."""
     h = h + linear(attn, w["o"])
-    return h + mlp(w, mx.fast.rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps))
+    return h + mlp(cfg, w, rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps))
 
 
 class _SeqCache:
@@ -162,8 +184,14 @@ class MlxLlamaStage:
         model_dtype = dtype_of(dtype)
         self.mx_dtype = MX_DTYPES[model_dtype.name]
 
-        def vector(v: Stored) -> mx.array:  # norms and biases: small, model dtype
+        def vector(v: Stored) -> mx.array:  # biases: small, model dtype
             return to_mx(as_float(v), dtype)
+
+        # norms in the model dtype; Gemma's (1 + w) in float32 (see rms_norm)
+        norm_dtype = "float32" if config.family.norm_offset else dtype
+
+        def norm(v: Stored) -> mx.array:
+            return to_mx(norm_vector(config, v), norm_dtype)
 
         def matrix(w: Stored) -> dict:
             return load_linear(w, model_dtype)
@@ -174,13 +202,13 @@ class MlxLlamaStage:
         self.block = importlib.import_module(f"cake.backends.mlx.{config.family.block}")
         self.embed = matrix(named("model.embed_tokens.weight")) if shard.embed else None
         self.layers = [
-            self._load_layer(vector, matrix, read_layer(config, tensors, i))
+            self._load_layer(vector, norm, matrix, read_layer(config, tensors, i))
             for i in shard.layers
         ]
         held = [self.embed, *self.layers]
         if shard.head:
-            norm, head = head_tensor_names(config)
-            self.norm = vector(named(norm))
+            norm_name, head = head_tensor_names(config)
+            self.norm = norm(named(norm_name))
             tied = head == "model.embed_tokens.weight" and self.embed is not None
             self.lm_head = self.embed if tied else matrix(named(head))
             held += [self.norm, self.lm_head]
@@ -188,27 +216,32 @@ class MlxLlamaStage:
         self.weight_bytes = sum(a.nbytes for a in _arrays(held))
         # mx.fast.rope takes periods (1 / inverse frequency), not frequencies;
         # the pairs that do not turn (partial rotary) get an infinite period.
-        inv = rope_inv_freq(config, max_context)
-        with np.errstate(divide="ignore"):
-            self.rope_periods = mx.array(1.0 / inv)
-        # longrope's attention factor on the pairs that turn (cake.rope)
-        factor = rope_attention_factor(config)
-        turn = np.concatenate([inv, inv]) > 0
-        self.rope_scale = (
-            None if factor == 1.0 else to_mx(np.where(turn, factor, 1.0), dtype)
-        )
+        # One set per kind of layer the stage holds (config.local_rope).
+        self.rope_kinds = [config.local_rope(i) for i in shard.layers]
+        self.rope_periods, self.rope_scale = {}, {}
+        for local in set(self.rope_kinds):
+            inv = rope_inv_freq(config, max_context, local)
+            with np.errstate(divide="ignore"):
+                self.rope_periods[local] = mx.array(1.0 / inv)
+            # longrope's attention factor on the pairs that turn (cake.rope)
+            factor = rope_attention_factor(config, local)
+            turn = np.concatenate([inv, inv]) > 0
+            self.rope_scale[local] = (
+                None if factor == 1.0 else to_mx(np.where(turn, factor, 1.0), dtype)
+            )
+        self.embed_scale = embed_scale(config, dtype)
         self._attn_in = mx.compile(self._attn_in_fn)
         self._attn_out = mx.compile(self._attn_out_fn)
         mx.eval(held)
         self.caches: dict[int, _SeqCache] = {}
         self.seqs = StageSequences(max_sequences, max_context)
 
-    def _load_layer(self, vector, matrix, lw: LayerWeights) -> Weights:
+    def _load_layer(self, vector, norm, matrix, lw: LayerWeights) -> Weights:
         # q/k/v as one (q+2kv)*hd x D product and gate/up as one 2I x D product
         # where their layouts match (fuse); else a list of separate products.
         w = {
-            "attn_norm": vector(lw.attn_norm),
-            "mlp_norm": vector(lw.mlp_norm),
+            "attn_norm": norm(lw.attn_norm),
+            "mlp_norm": norm(lw.mlp_norm),
             "qkv": fuse([matrix(p) for p in lw.qkv]),
             "o": matrix(lw.o),
             "gate_up": fuse([matrix(p) for p in lw.gate_up]),
@@ -217,7 +250,10 @@ class MlxLlamaStage:
         if lw.qkv_bias:
             w["qkv_bias"] = mx.concatenate([vector(b) for b in lw.qkv_bias])
         if lw.q_norm is not None:
-            w["q_norm"], w["k_norm"] = vector(lw.q_norm), vector(lw.k_norm)
+            w["q_norm"], w["k_norm"] = norm(lw.q_norm), norm(lw.k_norm)
+        if lw.attn_post_norm is not None:
+            w["attn_post_norm"] = norm(lw.attn_post_norm)
+            w["mlp_post_norm"] = norm(lw.mlp_post_norm)
         return w
 
     def release(self, seq_ids: Sequence[int]) -> None:
@@ -232,6 +268,8 @@ class MlxLlamaStage:
         if self.shard.embed:
             x = np.asarray(x, np.int32)
             h = take_rows(self.embed, mx.array(x), self.mx_dtype)  # (B, L, D)
+            if self.embed_scale is not None:
+                h = h * mx.array(self.embed_scale, self.mx_dtype)
         else:
             h = to_mx(x, self.dtype)  # (B, L, D)
         caches = [
@@ -240,7 +278,9 @@ class MlxLlamaStage:
         ]
         offsets = mx.array(np.asarray(step.positions, np.int32))
         for j, w in enumerate(self.layers):
-            q, k, v = self._attn_in(h, w, offsets)  # (B, heads, L, hd)
+            local = self.rope_kinds[j]
+            rope = (self.rope_periods[local], self.rope_scale[local])
+            q, k, v = self._attn_in(h, w, offsets, *rope)  # (B, heads, L, hd)
             attn = self._attend(q, k, v, j, caches, step)  # (B, nh, L, hd)
             h = self._attn_out(h, attn, w)
         for sid, c in zip(step.seq_ids, caches, strict=True):
@@ -251,10 +291,12 @@ class MlxLlamaStage:
             valid = mx.arange(step.max_len)[None, :, None] < lengths[:, None, None]
             h = mx.where(valid, h, mx.zeros((), h.dtype))  # padding leaves as 0
             return self._finish(h, caches)
-        h = mx.fast.rms_norm(h, self.norm, cfg.rms_norm_eps)
+        h = rms_norm(h, self.norm, cfg.rms_norm_eps)
         if not step.all_logits:
             h = h[mx.arange(step.batch), lengths - 1]  # (B, D)
-        logits = linear(h, self.lm_head, mx.float32)
+        logits = softcap(
+            linear(h, self.lm_head, mx.float32), cfg.final_logit_softcapping
+        )
         return self._finish(logits, caches)
 
     def _finish(self, out: mx.array, caches: list[_SeqCache]) -> np.ndarray:
@@ -272,8 +314,9 @@ class MlxLlamaStage:
         step: Step,
     ) -> mx.array:
         """Each sequence's new queries over its own cache; (B, nh, L, hd), pad rows 0."""
-        scale = 1.0 / math.sqrt(self.config.head_dim)
-        window = self.config.sliding_window
+        cfg = self.config
+        scale = cfg.attn_scale
+        window = cfg.window(self.shard.start + j)
         outs = []
         for b, (c, pos, n) in enumerate(
             zip(caches, step.positions, step.lengths, strict=True)
@@ -289,16 +332,31 @@ class MlxLlamaStage:
                 mask = (kpos <= qpos) & (kpos > qpos - window)  # (n, T - first)
             elif n > 1:
                 mask = "causal"  # lower-right aligned: query i sees keys <= pos + i
-            o = mx.fast.scaled_dot_product_attention(
-                q[b : b + 1, :, :n], keys, vals, scale=scale, mask=mask
-            )
+            if cfg.attn_logit_softcapping is None:
+                o = mx.fast.scaled_dot_product_attention(
+                    q[b : b + 1, :, :n], keys, vals, scale=scale, mask=mask
+                )
+            else:  # the fused kernel has no soft-cap (Gemma 2)
+                o = _capped_attention(
+                    q[b : b + 1, :, :n],
+                    keys,
+                    vals,
+                    scale,
+                    cfg.attn_logit_softcapping,
+                    mask,
+                )
             if n < step.max_len:
                 o = mx.pad(o, [(0, 0), (0, 0), (0, step.max_len - n), (0, 0)])
             outs.append(o)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
 
     def _attn_in_fn(
-        self, h: mx.array, w: Weights, offsets: mx.array
+        self,
+        h: mx.array,
+        w: Weights,
+        offsets: mx.array,
+        periods: mx.array,
+        rope_scale: mx.array | None,
     ) -> tuple[mx.array, mx.array, mx.array]:
         cfg = self.config
         B, L, _ = h.shape
@@ -311,14 +369,38 @@ class MlxLlamaStage:
             base=None,
             scale=1.0,
             offset=offsets,  # (B,) each sequence's first position
-            freqs=self.rope_periods,
+            freqs=periods,
         )
         q, k = mx.fast.rope(q, hd, **rope), mx.fast.rope(k, hd, **rope)
-        if self.rope_scale is not None:
-            q, k = q * self.rope_scale, k * self.rope_scale
+        if rope_scale is not None:
+            q, k = q * rope_scale, k * rope_scale
         return q, k, v
 
     def _attn_out_fn(self, h: mx.array, attn: mx.array, w: Weights) -> mx.array:
         B, L, _ = h.shape
         attn = attn.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.block.attn_out(self.config, w, h, attn)
+
+
+def _capped_attention(
+    q: mx.array,
+    keys: mx.array,
+    vals: mx.array,
+    scale: float,
+    cap: float,
+    mask: mx.array | str | None,
+) -> mx.array:
+    """Attention with soft-capped scores: q (1, nh, n, hd), keys/vals (1, nkv,
+    T, hd) -> (1, nh, n, hd); scores and softmax in float32, as transformers."""
+    nh, n, hd = q.shape[1], q.shape[2], q.shape[3]
+    nkv, t = keys.shape[1], keys.shape[2]
+    qg = q.reshape(1, nkv, nh // nkv, n, hd).astype(mx.float32) * scale
+    scores = qg @ keys.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
+    scores = mx.tanh(scores / cap) * cap  # (1, nkv, rep, n, T)
+    if mask == "causal":  # lower-right aligned, as the fused kernel's
+        mask = mx.arange(t - n, t)[:, None] >= mx.arange(t)[None, :]
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf)
+    probs = mx.softmax(scores, axis=-1)
+    out = probs @ vals.astype(mx.float32)[:, :, None]
+    return out.reshape(1, nh, n, hd).astype(q.dtype)

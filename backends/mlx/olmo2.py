@@ -25,4 +25,4 @@ def attn_in(cfg: ModelConfig, w: Weights, h: mx.array) -> mx.array:
 def attn_out(cfg: ModelConfig, w: Weights, h: mx.array, attn: mx.array) -> mx.array:
     eps = cfg.rms_norm_eps
     h = h + mx.fast.rms_norm(linear(attn, w["o"]), w["attn_norm"], eps)
-    return h + mx.fast.rms_norm(mlp(w, h), w["mlp_norm"], eps)
+    return h + mx.fast.rms_norm(mlp(cfg, w, h), w["mlp_norm"], eps)

@@ -1,4 +1,4 @@
-"""The NumPy stage, and the llama block (llama, mistral, qwen2, qwen3, phi3).
+"""The NumPy stage, and the llama block (llama, mistral, qwen2, qwen3, phi3, gemma).
 
 The stage runs every family: its decoder block is `attn_in` and `attn_out` of
 the module `config.family.block` names (this one, or e.g. olmo2.py) around the
@@ -19,12 +19,13 @@ import numpy as np
 
 from cake.backends.base import DeviceInfo, Step
 from cake.config import ModelConfig
+from cake.embedding import embed_scale
 from cake.kv import check_step, dtype_of
 from cake.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
-from cake.weights.layer import read_layer
+from cake.weights.layer import norm_vector, read_layer
 from cake.weights.names import head_tensor_names
 from cake.weights.packed import Stored, as_float, lookup_rows, stored_tensor
 
@@ -47,6 +48,20 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation (transformers' gelu_pytorch_tanh)."""
+    inner = np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x**3)
+    return 0.5 * x * (1.0 + np.tanh(inner))
+
+
+ACTS = {"silu": silu, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def softcap(x: np.ndarray, cap: float | None) -> np.ndarray:
+    """tanh(x / cap) * cap (Gemma's soft-capping), or x as it is without a cap."""
+    return x if cap is None else np.tanh(x / np.float32(cap)) * np.float32(cap)
+
+
 def linear(x: np.ndarray, w: Stored) -> np.ndarray:
     """x (..., in) float32 @ w.T, w (out, in) widened to float32 for this product only."""
     return x @ np.asarray(as_float(w), np.float32).T
@@ -66,9 +81,9 @@ def split_qkv(cfg: ModelConfig, qkv: np.ndarray) -> list[np.ndarray]:
     return np.split(qkv, [q, q + kv], axis=-1)
 
 
-def mlp(w: Weights, x: np.ndarray) -> np.ndarray:
+def mlp(cfg: ModelConfig, w: Weights, x: np.ndarray) -> np.ndarray:
     gate, up = np.split(linears(x, w["gate_up"]), 2, axis=-1)
-    return linear(silu(gate) * up, w["down"])
+    return linear(ACTS[cfg.hidden_act](gate) * up, w["down"])
 
 
 def attn_in(cfg: ModelConfig, w: Weights, x: np.ndarray) -> np.ndarray:
@@ -88,7 +103,7 @@ def attn_in(cfg: ModelConfig, w: Weights, x: np.ndarray) -> np.ndarray:
 def attn_out(cfg: ModelConfig, w: Weights, x: np.ndarray, attn: np.ndarray):
     """The residual block around attention's output attn (n, nh hd): x (n, D) out."""
     h = x + linear(attn, w["o"])
-    return h + mlp(w, rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps))
+    return h + mlp(cfg, w, rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps))
 
 
 def load_layer(config: ModelConfig, tensors: TensorSource, i: int) -> Weights:
@@ -98,9 +113,12 @@ def load_layer(config: ModelConfig, tensors: TensorSource, i: int) -> Weights:
     def vec(v: Stored) -> np.ndarray:
         return np.asarray(as_float(v), np.float32)
 
+    def norm(v: Stored) -> np.ndarray:
+        return norm_vector(config, v)
+
     w: Weights = {
-        "attn_norm": vec(lw.attn_norm),
-        "mlp_norm": vec(lw.mlp_norm),
+        "attn_norm": norm(lw.attn_norm),
+        "mlp_norm": norm(lw.mlp_norm),
         "qkv": lw.qkv,
         "o": lw.o,
         "gate_up": lw.gate_up,
@@ -109,7 +127,10 @@ def load_layer(config: ModelConfig, tensors: TensorSource, i: int) -> Weights:
     if lw.qkv_bias:
         w["qkv_bias"] = np.concatenate([vec(b) for b in lw.qkv_bias])
     if lw.q_norm is not None:
-        w["q_norm"], w["k_norm"] = vec(lw.q_norm), vec(lw.k_norm)
+        w["q_norm"], w["k_norm"] = norm(lw.q_norm), norm(lw.k_norm)
+    if lw.attn_post_norm is not None:
+        w["attn_post_norm"] = norm(lw.attn_post_norm)
+        w["mlp_post_norm"] = norm(lw.mlp_post_norm)
     return w
 
 
@@ -156,7 +177,7 @@ class NumpyLlamaStage:
         self.layers = [load_layer(config, tensors, i) for i in shard.layers]
         if shard.head:
             norm, head = head_tensor_names(config)
-            self.norm = get(norm)
+            self.norm = norm_vector(config, stored_tensor(tensors, norm))
             same = shard.embed and head == "model.embed_tokens.weight"
             self.lm_head = self.embed if same else get(head)
         held = [
@@ -170,8 +191,16 @@ class NumpyLlamaStage:
         if shard.head:
             held += [self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         self.weight_bytes = sum(int(w.nbytes) for w in held)
-        self.inv_freq = rope_inv_freq(config, max_context)
-        self.rope_factor = rope_attention_factor(config)
+        # one RoPE table per kind of layer the stage holds (global, local)
+        self.rope_kinds = [config.local_rope(i) for i in shard.layers]
+        self.inv_freq = {
+            local: rope_inv_freq(config, max_context, local)
+            for local in set(self.rope_kinds)
+        }
+        self.rope_factor = {
+            local: rope_attention_factor(config, local) for local in self.inv_freq
+        }
+        self.embed_scale = embed_scale(config, dtype)
         self.caches: dict[int, _SeqCache] = {}
         self.seqs = StageSequences(max_sequences, max_context)
 
@@ -186,6 +215,9 @@ class NumpyLlamaStage:
         self.seqs.admit(step)
         if self.shard.embed:
             h = lookup_rows(self.embed, x).astype(np.float32)  # (B, L, D)
+            if self.embed_scale is not None:  # in the model dtype, as transformers
+                h = (h * np.float32(self.embed_scale)).astype(dtype_of(self.dtype))
+                h = h.astype(np.float32)
         else:
             h = np.asarray(x, dtype=np.float32)
         for b, (sid, pos, n) in enumerate(
@@ -195,9 +227,13 @@ class NumpyLlamaStage:
                 sid, _SeqCache(len(self.shard), cfg.num_key_value_heads, cfg.head_dim)
             )
             positions = np.arange(pos, pos + n)
-            cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_factor)
+            rope = {
+                k: rope_cos_sin(inv, positions, self.rope_factor[k])
+                for k, inv in self.inv_freq.items()
+            }
             hb = h[b, :n]
             for j, w in enumerate(self.layers):
+                cos, sin = rope[self.rope_kinds[j]]
                 hb = self._layer(hb, w, j, cache, pos, cos, sin)
             h[b, :n] = hb
             h[b, n:] = 0
@@ -207,7 +243,8 @@ class NumpyLlamaStage:
         h = rms_norm(h, self.norm, cfg.rms_norm_eps)
         if not step.all_logits:
             h = h[np.arange(step.batch), np.asarray(step.lengths) - 1]  # (B, D)
-        return linear(h, self.lm_head).astype(np.float32)
+        logits = linear(h, self.lm_head).astype(np.float32)
+        return softcap(logits, cfg.final_logit_softcapping)
 
     def _layer(self, x, w, j, cache, pos, cos, sin):
         qkv = self.block.attn_in(self.config, w, x)
@@ -230,13 +267,15 @@ class NumpyLlamaStage:
         rep = nh // nkv
         keys, vals = np.repeat(keys, rep, axis=1), np.repeat(vals, rep, axis=1)
         # a float32 scale: a NumPy float64 scalar would promote everything after it
-        scale = np.float32(1.0 / np.sqrt(hd))
+        scale = np.float32(cfg.attn_scale)
         scores = np.einsum("qhd,khd->hqk", q, keys) * scale  # (nh, n, T)
+        scores = softcap(scores, cfg.attn_logit_softcapping)
         qpos = np.arange(pos, pos + n)[:, None]
         kpos = np.arange(pos + n)[None, :]
         allowed = kpos <= qpos
-        if cfg.sliding_window:
-            allowed &= kpos > qpos - cfg.sliding_window
+        window = cfg.window(self.shard.start + j)
+        if window:
+            allowed &= kpos > qpos - window
         scores = np.where(allowed[None], scores, -np.inf)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         probs = scores / scores.sum(-1, keepdims=True)

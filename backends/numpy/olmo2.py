@@ -23,4 +23,4 @@ def attn_in(cfg: ModelConfig, w: Weights, x: np.ndarray) -> np.ndarray:
 def attn_out(cfg: ModelConfig, w: Weights, x: np.ndarray, attn: np.ndarray):
     eps = cfg.rms_norm_eps
     h = x + rms_norm(linear(attn, w["o"]), w["attn_norm"], eps)
-    return h + rms_norm(mlp(w, h), w["mlp_norm"], eps)
+    return h + rms_norm(mlp(cfg, w, h), w["mlp_norm"], eps)

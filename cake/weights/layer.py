@@ -20,7 +20,13 @@ import numpy as np
 
 from cake.config import ModelConfig
 from cake.weights.names import layer_names
-from cake.weights.packed import Packed, Stored, release_pages, stored_tensor
+from cake.weights.packed import (
+    Packed,
+    Stored,
+    as_float,
+    release_pages,
+    stored_tensor,
+)
 from cake.weights.source import TensorSource
 
 
@@ -35,6 +41,16 @@ class LayerWeights:
     qkv_bias: tuple[Stored, ...] = ()  # stack as ((nh + 2 nkv) hd,)
     q_norm: Stored | None = None  # (hd,) per head, or (nh hd,): see Family.qk_norm
     k_norm: Stored | None = None  # (hd,) or (nkv hd,)
+    attn_post_norm: Stored | None = None  # (D,) on the attention's output
+    mlp_post_norm: Stored | None = None  # (D,) on the MLP's output
+
+
+def norm_vector(config: ModelConfig, w: Stored) -> np.ndarray:
+    """An RMSNorm weight as the blocks multiply by it: float32, plus the
+    family's norm_offset (Gemma's 1 + w, in float32 as transformers computes it)."""
+    v = np.asarray(as_float(w), np.float32)
+    offset = config.family.norm_offset
+    return v + np.float32(offset) if offset else v
 
 
 def rotary_order(config: ModelConfig) -> np.ndarray | None:
@@ -65,6 +81,8 @@ def read_layer(config: ModelConfig, tensors: TensorSource, i: int) -> LayerWeigh
         qkv_bias=tuple(get(n) for n in names.qkv_bias),
         q_norm=get(names.q_norm),
         k_norm=get(names.k_norm),
+        attn_post_norm=get(names.attn_post_norm),
+        mlp_post_norm=get(names.mlp_post_norm),
     )
     order = rotary_order(config)
     return lw if order is None else _reorder(config, lw, order)

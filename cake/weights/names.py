@@ -23,6 +23,8 @@ class LayerNames:
     qkv_bias: tuple[str, ...] = ()  # vectors stacking as the q|k|v bias
     q_norm: str | None = None
     k_norm: str | None = None
+    attn_post_norm: str | None = None  # on the attention's output (Gemma 2/3)
+    mlp_post_norm: str | None = None  # on the MLP's output
 
     def all(self) -> list[str]:
         out: list[str] = []
@@ -38,7 +40,7 @@ def layer_names(config: ModelConfig, i: int) -> LayerNames:
     fam = config.family
     p = f"model.layers.{i}."
     at, mlp = p + "self_attn.", p + "mlp."
-    qk = fam.qk_norm is not None
+    qk, post = fam.qk_norm is not None, fam.post_norms
     return LayerNames(
         attn_norm=p + fam.norms[0] + ".weight",
         mlp_norm=p + fam.norms[1] + ".weight",
@@ -51,6 +53,8 @@ def layer_names(config: ModelConfig, i: int) -> LayerNames:
         else (),
         q_norm=at + "q_norm.weight" if qk else None,
         k_norm=at + "k_norm.weight" if qk else None,
+        attn_post_norm=p + post[0] + ".weight" if post else None,
+        mlp_post_norm=p + post[1] + ".weight" if post else None,
     )
 
 
@@ -76,6 +80,8 @@ def layer_shapes(config: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
     }
     if names.qkv_bias:
         shapes.update({n: (r,) for n, r in zip(names.qkv_bias, qkv, strict=True)})
+    if names.attn_post_norm is not None:
+        shapes[names.attn_post_norm] = shapes[names.mlp_post_norm] = (d,)
     if names.q_norm is not None:
         per_head = c.family.qk_norm == "head"
         shapes[names.q_norm] = (hd,) if per_head else (q,)

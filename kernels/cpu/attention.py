@@ -14,9 +14,11 @@ scatter, a gather of the batch's slots and softmax attention:
   l >= lengths[b] are padding (nothing written, zero output).
 
 Every real token's rotated k and its v are written to the cache first; then
-each query head j (rope(q) / sqrt(hd), kv head j // (nh / nkv)) attends to the
+each query head j (rope(q) * scale, kv head j // (nh / nkv)) attends to the
 slot's positions [lo, t], lo = max(0, t - window + 1) with a window (> 0),
-else 0. Output: float32 `(B, L, nh hd)`.
+else 0. `scale` defaults to 1 / sqrt(hd) (Gemma: query_pre_attn_scalar ** -0.5);
+with `softcap` > 0 every score s becomes softcap * tanh(s / softcap) before the
+softmax (Gemma 2). Output: float32 `(B, L, nh hd)`.
 
 `attention_np` calls the kernel through ctypes and writes `cache` in place;
 `attention` is the same kernel as an XLA CPU custom call (jit-able) whose cache
@@ -44,6 +46,7 @@ _ERRORS = {
     -6: "a length is outside [0, L]",
     -7: "a slot is out of range",
     -8: "a token's position is negative or past the cache (>= T)",
+    -9: "scale is not positive or softcap is negative (or either is not finite)",
 }
 
 
@@ -88,6 +91,8 @@ def _check_static(
     n_heads: int,
     layer: int,
     window: int,
+    scale: float,
+    softcap: float,
 ) -> tuple[int, ...]:
     dims = _dims(tuple(qkv.shape), tuple(cache.shape), n_heads)
     b, n, _, _, hd, n_layers = dims[:6]
@@ -105,7 +110,16 @@ def _check_static(
         raise ValueError(f"layer must be in [0, {n_layers}); got {layer}")
     if window < 0:
         raise ValueError(f"window must be >= 0 (0: none); got {window}")
+    if not (0 < scale < np.inf):
+        raise ValueError(f"scale must be a positive finite number; got {scale}")
+    if not (0 <= softcap < np.inf):
+        raise ValueError(f"softcap must be >= 0 (0: none) and finite; got {softcap}")
     return dims
+
+
+def _scale(hd: int, scale: float | None) -> np.float32:
+    """The query scale as the kernel takes it: float32 of 1 / sqrt(hd) unless given."""
+    return np.float32(1.0 / np.sqrt(hd) if scale is None else scale)
 
 
 def _check_values(
@@ -160,6 +174,8 @@ def _call(
     n_heads: int,
     layer: int,
     window: int = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> np.ndarray:
     """attention_np on one loaded library (`raw`: its ctypes CDLL)."""
     if not isinstance(cache, np.ndarray) or cache.dtype != np.float32:
@@ -170,18 +186,28 @@ def _call(
         )
     qkv, cos, sin = _float32("qkv", qkv), _float32("cos", cos), _float32("sin", sin)
     ints = [np.asarray(a) for a in (slots, positions, lengths)]
-    dims = _check_static(qkv, cos, sin, cache, ints, n_heads, layer, window)
+    scale = _scale(cache.shape[-1], scale)
+    dims = _check_static(
+        qkv, cos, sin, cache, ints, n_heads, layer, window, scale, softcap
+    )
     slots, positions, lengths = (_int32(a) for a in ints)
     _check_values(slots, positions, lengths, dims)
     b, n, nh, nkv, hd, n_layers, s, t = dims
     out = np.empty((b, n, nh * hd), np.float32)
     fn = raw.cake_attention
     if fn.argtypes is None:
-        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 10 + [ctypes.c_void_p]
+        fn.argtypes = (
+            [ctypes.c_void_p] * 7
+            + [ctypes.c_int64] * 10
+            + [ctypes.c_float] * 2
+            + [ctypes.c_void_p]
+        )
         fn.restype = ctypes.c_int
     rc = fn(
         *(a.ctypes.data for a in (qkv, cos, sin, cache, slots, positions, lengths)),
         *(b, n, nh, nkv, hd, n_layers, s, t, layer, window),
+        float(scale),
+        float(softcap),
         out.ctypes.data,
     )
     if rc != 0:
@@ -203,6 +229,8 @@ def attention_np(
     n_heads: int,
     layer: int,
     window: int = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> np.ndarray:
     """Attention output float32 `(B, L, n_heads hd)`; writes the batch's k and v
     into `cache` (a float32, C-contiguous, writeable NumPy array) in place. See
@@ -211,7 +239,8 @@ def attention_np(
     qkv, cos and sin must be float32 NumPy arrays (copied if not contiguous);
     slots, positions and lengths any integers that fit int32. Raises ValueError
     for a wrong dtype or shape, a slot out of [0, S), a token at or past T, a
-    length outside [0, L], a layer out of range or window < 0.
+    length outside [0, L], a layer out of range, window < 0, scale <= 0 or
+    softcap < 0.
     """
     lib = _require()
     if not hasattr(lib.raw, "cake_attention"):
@@ -228,6 +257,8 @@ def attention_np(
         n_heads=n_heads,
         layer=layer,
         window=window,
+        scale=scale,
+        softcap=softcap,
     )
 
 
@@ -266,14 +297,16 @@ def attention(
     n_heads: int,
     layer: int,
     window: int = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> tuple[Any, Any]:
     """(out float32 `(B, L, n_heads hd)`, the updated cache) as an XLA CPU custom
     call, usable inside `jax.jit`. The cache result aliases `cache` (float32):
     donate it to jit (`donate_argnums`) and XLA updates it without a copy.
 
-    Shapes, dtypes, layer and window are checked here (ValueError); slot and
-    position ranges can only be checked when the call runs: a bad one fails it
-    with an XLA runtime error, and nothing is written.
+    Shapes, dtypes, layer, window, scale and softcap are checked here
+    (ValueError); slot and position ranges can only be checked when the call
+    runs: a bad one fails it with an XLA runtime error, and nothing is written.
     """
     import jax
     import jax.numpy as jnp
@@ -282,8 +315,9 @@ def attention(
     if np.dtype(cache.dtype) != np.float32:
         raise ValueError(f"cache must be float32; got {np.dtype(cache.dtype)}")
     ints = [jnp.asarray(a) for a in (slots, positions, lengths)]
+    scale = _scale(cache.shape[-1], scale)
     b, n, nh, _, hd, _, _, _ = _check_static(
-        qkv, cos, sin, cache, ints, n_heads, layer, window
+        qkv, cos, sin, cache, ints, n_heads, layer, window, scale, softcap
     )
     out = jax.ShapeDtypeStruct((b, n, nh * hd), jnp.float32)
     new_cache = jax.ShapeDtypeStruct(cache.shape, jnp.float32)
@@ -302,4 +336,6 @@ def attention(
         *(jnp.asarray(a, jnp.int32) for a in ints),
         layer=np.int64(layer),
         window=np.int64(window),
+        scale=np.float32(scale),
+        softcap=np.float32(softcap),
     )

@@ -13,10 +13,12 @@
 // Token l < lengths[b] of sequence b sits at t = positions[b] + l. Its rotated
 // k and its v go to cache[layer, 0 | 1, slots[b], :, t]; all writes of a call
 // come before any read, so a chunk attends to its own keys. Query head j
-// (rope(q) / sqrt(hd)) attends with kv head j / (nh / nkv) to cache positions
-// [lo, t], lo = max(0, t - window + 1) with a window, else 0: float32 scores,
-// max-subtracted softmax, weighted sum of v. Rows l >= lengths[b] are padding:
-// nothing is written to the cache for them and their output is zero.
+// (rope(q) * scale: 1 / sqrt(hd) for most models, Gemma's
+// query_pre_attn_scalar^-0.5) attends with kv head j / (nh / nkv) to cache
+// positions [lo, t], lo = max(0, t - window + 1) with a window, else 0: float32
+// scores s, soft-capped to softcap * tanh(s / softcap) where softcap > 0 (Gemma
+// 2), max-subtracted softmax, weighted sum of v. Rows l >= lengths[b] are
+// padding: nothing is written to the cache for them and their output is zero.
 //
 // Work: a unit is (sequence, kv head, block of up to 8 tokens, block of that kv
 // head's query heads). Its query rows score each block of 16 keys (AVX-512; 8
@@ -57,11 +59,13 @@ extern "C" {
 //   -7 some sequence with lengths[b] > 0 has slots[b] outside [0, S)
 //   -8 some sequence with lengths[b] > 0 has positions[b] < 0 or
 //      positions[b] + lengths[b] > T (a token past the cache's end)
+//   -9 scale is not a positive finite number, or softcap is negative or not finite
 // Sequences with lengths[b] == 0 are not read: their slot and position may be anything.
 int cake_attention(const float* qkv, const float* cos, const float* sin, float* cache,
                    const int32_t* slots, const int32_t* positions, const int32_t* lengths,
                    int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, int64_t n_layers,
-                   int64_t S, int64_t T, int64_t layer, int64_t window, float* out);
+                   int64_t S, int64_t T, int64_t layer, int64_t window, float scale, float softcap,
+                   float* out);
 int cake_num_threads(void);  // matmul.cc
 }
 #pragma GCC visibility pop
@@ -411,6 +415,7 @@ struct Job {
   float* cache;
   const int32_t *slots, *positions, *lengths;
   int64_t L, nh, nkv, hd, S, T, layer, window;
+  float scale, softcap;  // softcap 0: none
   float* out;
   int64_t rep;     // query heads per kv head
   int64_t tokens;  // tokens per unit
@@ -444,7 +449,7 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
   float* q = scratch.data();           // (rows, hd): rotated, scaled queries
   float* scores = q + rows * hd;       // (rows, span), row r's key t' at t' - lo
   float* tail = scores + rows * span + rows;  // (kKeyBlock, hd) + kKeyBlock scores
-  const float mul = (float)(1.0 / sqrt((double)hd));  // as jnp's q * (1 / np.sqrt(hd))
+  const float mul = j.scale;
   for (int64_t l = l0; l < l1; l++) {
     const int64_t tok = b * j.L + l;
     for (int64_t r = 0; r < nr; r++)
@@ -477,6 +482,10 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
     float* s = scores + row * span;
     float* sr = s + (a - lo);
     const int64_t n = e - a + 1;
+    // Gemma 2's soft-cap, as transformers computes it: (s / cap), tanh, * cap.
+    // Scalar tanhf: ~n calls per row, next to the row's n * hd multiply-adds.
+    if (j.softcap > 0.0f)
+      for (int64_t i = 0; i < n; i++) sr[i] = tanhf(sr[i] / j.softcap) * j.softcap;
     scale[row] = 1.0f / exp_sum(sr, n, max_of(sr, n));
     if (a > lo) memset(s, 0, sizeof(float) * (a - lo));
     if (e < hi) memset(sr + n, 0, sizeof(float) * (hi - e));
@@ -518,12 +527,14 @@ void work(void* p, int, int) {
 int cake_attention(const float* qkv, const float* cos, const float* sin, float* cache,
                    const int32_t* slots, const int32_t* positions, const int32_t* lengths,
                    int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, int64_t n_layers,
-                   int64_t S, int64_t T, int64_t layer, int64_t window, float* out) {
+                   int64_t S, int64_t T, int64_t layer, int64_t window, float scale, float softcap,
+                   float* out) {
   if (B < 0 || L < 0 || nh <= 0 || nkv <= 0 || hd <= 0 || n_layers <= 0 || S <= 0 || T <= 0) return -1;
   if (nh % nkv != 0) return -2;
   if (hd % 2 != 0) return -3;
   if (layer < 0 || layer >= n_layers) return -4;
   if (window < 0) return -5;
+  if (!(scale > 0.0f) || !isfinite(scale) || !(softcap >= 0.0f) || !isfinite(softcap)) return -9;
   if (B == 0 || L == 0) return 0;
   if (!qkv || !cos || !sin || !cache || !slots || !positions || !lengths || !out) return -1;
   int64_t macs = 0;  // scores and weighted sums, for the choice of threads
@@ -562,6 +573,7 @@ int cake_attention(const float* qkv, const float* cos, const float* sin, float* 
   job.slots = slots, job.positions = positions, job.lengths = lengths;
   job.L = L, job.nh = nh, job.nkv = nkv, job.hd = hd, job.S = S, job.T = T;
   job.layer = layer, job.window = window, job.out = out;
+  job.scale = scale, job.softcap = softcap;
   job.rep = nh / nkv;
   const bool one = macs < kParallelMin;
   const int threads = one ? 1 : cake_num_threads();
@@ -595,7 +607,7 @@ using S32_1 = ffi::Buffer<ffi::S32, 1>;
 
 ffi::Error ffi_attention(F32_3 qkv, F32_3 cos, F32_3 sin, F32_6 cache, S32_1 slots, S32_1 positions,
                          S32_1 lengths, ffi::Result<F32_3> out, ffi::Result<F32_6> cache_out, int64_t layer,
-                         int64_t window) {
+                         int64_t window, float scale, float softcap) {
   const auto qd = qkv.dimensions(), cd = cache.dimensions(), od = out->dimensions();
   const int64_t B = qd[0], L = qd[1], nkv = cd[3], T = cd[4], hd = cd[5];
   if (hd <= 0 || hd % 2 != 0 || qd[2] % hd != 0 || qd[2] / hd <= 2 * nkv)
@@ -618,7 +630,7 @@ ffi::Error ffi_attention(F32_3 qkv, F32_3 cos, F32_3 sin, F32_6 cache, S32_1 slo
   if ((const void*)kv != cache.untyped_data()) memcpy(kv, cache.untyped_data(), cache.size_bytes());
   const int rc = cake_attention(qkv.typed_data(), cos.typed_data(), sin.typed_data(), kv, slots.typed_data(),
                                 positions.typed_data(), lengths.typed_data(), B, L, nh, nkv, hd, cd[0], cd[2], T,
-                                layer, window, out->typed_data());
+                                layer, window, scale, softcap, out->typed_data());
   switch (rc) {
     case 0:
       return ffi::Error::Success();
@@ -634,6 +646,8 @@ ffi::Error ffi_attention(F32_3 qkv, F32_3 cos, F32_3 sin, F32_6 cache, S32_1 slo
       return ffi::Error::InvalidArgument("cake attention: a slot is out of range");
     case -8:
       return ffi::Error::InvalidArgument("cake attention: a token's position is past the cache (>= T) or negative");
+    case -9:
+      return ffi::Error::InvalidArgument("cake attention: scale must be positive, softcap >= 0 (both finite)");
     default:
       return ffi::Error::InvalidArgument("cake attention: bad arguments (code " + std::to_string(rc) + ")");
   }
@@ -654,6 +668,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_attention, ffi_attention,
                                   .Ret<F32_3>()  // out (B, L, nh hd)
                                   .Ret<F32_6>()  // cache_out: aliases cache
                                   .Attr<int64_t>("layer")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap"));
 #pragma GCC visibility pop
 #endif
