@@ -94,6 +94,19 @@ FAMILIES: dict[str, Family] = {
                config_keys=("query_pre_attn_scalar", "attn_logit_softcapping",
                             "final_logit_softcapping"),
                sliding_window="layer_types", sliding_pattern=2),
+        # Gemma 3 (text): Gemma 2's block with per-head (1 + w) q/k norms, no
+        # attention soft-cap (transformers ignores the key), 5 local layers in
+        # 6 with a RoPE base of their own
+        Family("gemma3_text", "Gemma3ForCausalLM", block="gemma",
+               norms=("input_layernorm", "pre_feedforward_layernorm"),
+               post_norms=("post_attention_layernorm",
+                           "post_feedforward_layernorm"),
+               qk_norm="head", norm_offset=1.0, embed_scale=True,
+               act_keys=("hidden_activation", "hidden_act"),
+               act_default="gelu_pytorch_tanh",
+               config_keys=("query_pre_attn_scalar", "final_logit_softcapping"),
+               sliding_window="layer_types", sliding_pattern=6,
+               rope_local_default=10000.0),
     )
 }  # fmt: skip
 

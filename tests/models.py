@@ -87,6 +87,23 @@ ARCHS: dict[str, dict] = {
         rope_theta=10000.0,
         pad_token_id=0,
     ),
+    # Gemma 3: per-head q/k norms; local layers 0, 1, 3 (every third global,
+    # window 4) turning with a base of their own (100), global ones with a
+    # linearly scaled base; a final soft-cap; transformers 5's rope_parameters
+    "gemma3": dict(
+        model_type="gemma3_text",
+        num_hidden_layers=4,
+        head_dim=16,
+        sliding_window=4,
+        sliding_window_pattern=3,
+        query_pre_attn_scalar=24,
+        final_logit_softcapping=8.0,
+        rope_parameters=dict(
+            full_attention=dict(rope_type="linear", factor=4.0, rope_theta=10000.0),
+            sliding_attention=dict(rope_type="default", rope_theta=100.0),
+        ),
+        pad_token_id=0,
+    ),
 }
 
 

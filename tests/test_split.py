@@ -382,9 +382,15 @@ def test_mlx_quantized_tensors_are_written_as_stored(tmp_path):
                     sliding_window=4, hidden_act="gelu_pytorch_tanh",
                     layer_types=("sliding_attention", "full_attention") * 2,
                     query_pre_attn_scalar=24.0, attn_logit_softcapping=10.0),
+        ModelConfig("gemma3_text", 128, 64, 96, 3, 4, 2, 16,
+                    tie_word_embeddings=True, sliding_window=4,
+                    rope_theta=1e6, rope_scaling=RopeScaling("linear", 8.0),
+                    layer_types=("sliding_attention",) * 2 + ("full_attention",),
+                    rope_local_base_freq=1e4, hidden_act="gelu_pytorch_tanh",
+                    query_pre_attn_scalar=24.0, final_logit_softcapping=8.0),
     ],
     ids=["llama3", "mistral", "qwen2", "qwen3", "olmo2", "phi4-mini", "gemma",
-         "gemma2"],
+         "gemma2", "gemma3"],
 )  # fmt: skip
 def test_hf_config_dict_reads_back_equal(config):
     d = json.loads(json.dumps(hf_config_dict(config)))
