@@ -114,6 +114,7 @@ class WorkerServer:
     limit_context: int = 0  # the most a load may ask for (0: `context`)
     limit_sequences: int = 0  # (0: `max_sequences`)
     model_fingerprint: str = ""  # the config's alone, before any layers
+    on_load: Callable[[], None] | None = None  # after a load (the announcement)
     sock: zmq.Socket | None = None
     # (connection routing id, master seq id) -> our seq id, the one the stages
     # see; what each stage holds of it is that stage's `seqs` (cake.sequence)
@@ -248,7 +249,10 @@ class WorkerServer:
             if op == BENCH:
                 return [encode_header(handle_bench(self, peer, header))]
             if op == LOAD:
-                return [encode_header(handle_load(self, peer, header))]
+                reply = handle_load(self, peer, header)
+                if self.on_load is not None:
+                    self.on_load()
+                return [encode_header(reply)]
             raise ProtocolError(f"unknown op {op[:40]!r}")
         except ProtocolError as e:
             self._log_bad(str(e))
