@@ -156,7 +156,9 @@ def load(
       layers (workers started without --layers); see `Model.plan`.
     workers: with topology="auto": "HOST:PORT,..." or a list of "HOST:PORT"
       (or WorkerSpecs), or a topology file / Topology whose hosts and public
-      keys are used.
+      keys are used; or "discover" / `cake.net.discovery.Discover(...)`: the
+      workers found on the local network (mDNS) whose public keys its
+      `allow_workers` folder holds (topology None means "auto" then).
     retry_timeout: seconds to wait for a lost worker to come back (and for a
       worker to answer at load); then the generation fails with a NetworkError.
     client_key: this master's CurveZMQ NAME.key_secret (see `cake keys`).
@@ -180,6 +182,8 @@ def load(
         name = auto_backend()
         print(f"cake: backend auto -> {name}", file=sys.stderr)
     plan = None
+    if workers is not None:
+        topology, workers = _discover(topology, workers, config, tensors)
     if isinstance(topology, str) and topology == "auto":
         from cake.net.autoplan import auto_plan
 
@@ -243,6 +247,26 @@ def load(
     device = devices[0].name if devices else "?"
     info = LoadInfo(name, device, dtype, time.perf_counter() - t0)
     return Model(config, tokenizer, Pipeline(stages, ctx), info, plan, max_sequences)
+
+
+def _discover(topology, workers, config, tensors) -> tuple[Any, Any]:
+    """(topology, workers) with workers="discover" (or a Discover) browsed for:
+    the usable ones as WorkerSpecs, planned by topology "auto"."""
+    from cake.net.discovery import Discover, find_workers
+    from cake.net.protocol import fingerprint
+
+    if not (isinstance(workers, Discover) or workers == "discover"):
+        return topology, workers
+    if topology not in (None, "auto"):
+        raise CakeError("discovered workers go with topology 'auto', not a file")
+    found = find_workers(
+        workers if isinstance(workers, Discover) else Discover(),
+        model_fingerprint=fingerprint(config, [], tensors),
+    )
+    if not found:  # min_workers 0
+        print("cake: no workers found: every layer runs on the master", file=sys.stderr)
+        return None, None
+    return "auto", found
 
 
 def _distributed_stages(

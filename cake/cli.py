@@ -55,7 +55,28 @@ WorkersOpt = Annotated[
     str | None,
     typer.Option(
         help="With --topology auto: HOST:PORT,... (or a topology file, for "
-        "its hosts and public keys)."
+        "its hosts and public keys); 'discover': the workers found on the local "
+        "network whose keys --allow-workers holds (implies --topology auto)."
+    ),
+]
+DiscoverTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--discover-timeout", min=0.1, help="Seconds --workers discover listens."
+    ),
+]
+MinWorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--min-workers", min=0, help="With --workers discover: fail with fewer."
+    ),
+]
+AllowWorkersOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--allow-workers",
+        help="Folder of the workers' public NAME.key files: --workers discover "
+        "uses only those.",
     ),
 ]
 BenchTimeoutOpt = Annotated[
@@ -115,6 +136,9 @@ def run(
     ] = None,
     topology: TopologyOpt = None,
     workers: WorkersOpt = None,
+    discover_timeout: DiscoverTimeoutOpt = 3.0,
+    min_workers: MinWorkersOpt = 1,
+    allow_workers: AllowWorkersOpt = None,
     bench_timeout: BenchTimeoutOpt = 300.0,
     retry_timeout: RetryTimeoutOpt = 30.0,
     client_key: ClientKeyOpt = None,
@@ -134,6 +158,9 @@ def run(
                 context=context,
                 topology=topology,
                 workers=workers,
+                discover_timeout=discover_timeout,
+                min_workers=min_workers,
+                allow_workers=allow_workers,
                 retry_timeout=retry_timeout,
                 client_key=client_key,
                 bench_timeout=bench_timeout,
@@ -196,6 +223,9 @@ def serve(
     ] = 32,
     topology: TopologyOpt = None,
     workers: WorkersOpt = None,
+    discover_timeout: DiscoverTimeoutOpt = 3.0,
+    min_workers: MinWorkersOpt = 1,
+    allow_workers: AllowWorkersOpt = None,
     bench_timeout: BenchTimeoutOpt = 300.0,
     retry_timeout: RetryTimeoutOpt = 30.0,
     client_key: ClientKeyOpt = None,
@@ -213,6 +243,9 @@ def serve(
                 context=context,
                 topology=topology,
                 workers=workers,
+                discover_timeout=discover_timeout,
+                min_workers=min_workers,
+                allow_workers=allow_workers,
                 retry_timeout=retry_timeout,
                 client_key=client_key,
                 bench_timeout=bench_timeout,
@@ -327,6 +360,12 @@ def worker(
         bool,
         typer.Option("--insecure", help="Allow a non-loopback bind without keys."),
     ] = False,
+    announce: Annotated[
+        bool,
+        typer.Option(
+            help="With keys: announce this worker on the local network (mDNS)."
+        ),
+    ] = True,
 ) -> None:
     """Serve a range of layers to masters over ZeroMQ until Ctrl-C or SIGTERM.
 
@@ -348,6 +387,7 @@ def worker(
             secret_key=secret_key,
             allow_keys=allow_keys,
             insecure=insecure,
+            announce=announce,
         )
     )
 
@@ -365,6 +405,22 @@ def keys(
     from cake.cli_worker import keys_command
 
     keys_command(name, folder)
+
+
+@app.command()
+def workers(
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds to listen for answers.")
+    ] = 3.0,
+    allow_workers: AllowWorkersOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON list on stdout.")
+    ] = False,
+) -> None:
+    """List the workers that announce themselves on the local network (mDNS)."""
+    from cake.cli_worker import workers_command
+
+    workers_command(timeout, allow_workers, as_json)
 
 
 @app.command()

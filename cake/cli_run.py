@@ -24,7 +24,10 @@ class LoadOptions:
     dtype: str = "auto"
     context: int | None = None
     topology: Path | None = None
-    workers: str | None = None  # with topology "auto"
+    workers: str | None = None  # with topology "auto"; "discover": by mDNS
+    discover_timeout: float = 3.0
+    min_workers: int = 1
+    allow_workers: Path | None = None  # the workers' NAME.key files, for discover
     retry_timeout: float = 30.0
     client_key: Path | None = None
     bench_timeout: float = 300.0
@@ -78,10 +81,22 @@ def run_command(o: RunOptions) -> None:
 def load_model(o: LoadOptions, err: Console) -> cake.Model:
     """cake.load with a progress bar on stderr."""
     topology: str | Path | None = o.topology
-    if o.topology is not None and str(o.topology) == "auto":
+    workers: object = o.workers
+    if o.workers == "discover":
+        from cake.net.discovery import Discover
+
+        if o.topology is not None and str(o.topology) != "auto":
+            raise CakeError("--workers discover goes with --topology auto, not a file")
+        topology = "auto"
+        workers = Discover(o.discover_timeout, o.min_workers, o.allow_workers)
+    elif o.allow_workers is not None:
+        raise CakeError("--allow-workers goes with --workers discover")
+    elif o.topology is not None and str(o.topology) == "auto":
         topology = "auto"
         if not o.workers:
-            raise CakeError("--topology auto needs --workers HOST:PORT,...")
+            raise CakeError(
+                "--topology auto needs --workers HOST:PORT,... (or discover)"
+            )
     elif o.workers:
         raise CakeError("--workers goes with --topology auto")
     with Progress(
@@ -106,7 +121,7 @@ def load_model(o: LoadOptions, err: Console) -> cake.Model:
             topology=topology,
             retry_timeout=o.retry_timeout,
             client_key=o.client_key,
-            workers=o.workers,
+            workers=workers,
             bench_timeout=o.bench_timeout,
             max_sequences=o.max_sequences,
         )

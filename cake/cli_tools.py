@@ -27,8 +27,11 @@ def _pair(v: tuple[float, float]) -> str:
     return f"{_ms(v[0])} / {_ms(v[1])}"
 
 
-def _workers(topology: Path | None, workers: str | None) -> list:
-    """WorkerSpecs to probe, from a topology file or HOST:PORT,... (named so)."""
+def _workers(
+    topology: Path | None, workers: str | None, discover=None, model_fp=None
+) -> list:
+    """WorkerSpecs to probe, from a topology file or HOST:PORT,... (named so),
+    or `discover`ed (--workers discover)."""
     from cake.net.bench import worker_specs
     from cake.topology import load_topology
 
@@ -36,6 +39,11 @@ def _workers(topology: Path | None, workers: str | None) -> list:
         raise CakeError("give --topology or --workers, not both")
     if topology is not None:
         return list(load_topology(topology).workers)
+    if workers == "discover":
+        from cake.net.discovery import find_workers
+
+        # a probe does not assign layers: a worker with fixed ones will do
+        return find_workers(discover, model_fingerprint=model_fp, fixed_ok=True)
     return worker_specs(workers)
 
 
@@ -68,7 +76,30 @@ def bench_command(
         Path | None, typer.Option(help="Also probe the workers of this topology.")
     ] = None,
     workers: Annotated[
-        str | None, typer.Option(help="Also probe these workers: HOST:PORT,...")
+        str | None,
+        typer.Option(
+            help="Also probe these workers: HOST:PORT,..., or 'discover' (the "
+            "workers found on the local network whose keys --allow-workers holds)."
+        ),
+    ] = None,
+    discover_timeout: Annotated[
+        float,
+        typer.Option(
+            "--discover-timeout", min=0.1, help="Seconds --workers discover listens."
+        ),
+    ] = 3.0,
+    min_workers: Annotated[
+        int,
+        typer.Option(
+            "--min-workers", min=0, help="With --workers discover: fail with fewer."
+        ),
+    ] = 1,
+    allow_workers: Annotated[
+        Path | None,
+        typer.Option(
+            "--allow-workers",
+            help="Folder of the workers' public NAME.key files (--workers discover).",
+        ),
     ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write every figure here as JSON.")
@@ -90,16 +121,25 @@ def bench_command(
 
     from cake.bench import profile_local, save_profiles, synthetic_config
     from cake.net.bench import probe_workers
+    from cake.net.discovery import Discover
 
-    remote = _workers(topology, workers) if topology or workers else []
     if model is not None:
+        from cake.net.protocol import fingerprint
         from cake.weights.checkpoint import open_checkpoint
 
         config, tensors = open_checkpoint(model)
         label = str(model)
+        model_fp = fingerprint(config, [], tensors)
     else:
         config, tensors = synthetic_config(synthetic), None
         label = f"synthetic {synthetic}"
+        model_fp = None  # a synthetic probe: any worker's model will do
+    if allow_workers is not None and workers != "discover":
+        raise CakeError("--allow-workers goes with --workers discover")
+    discover = Discover(discover_timeout, min_workers, allow_workers)
+    remote = (
+        _workers(topology, workers, discover, model_fp) if topology or workers else []
+    )
     err = Console(stderr=True)
     with Progress(
         TextColumn("{task.fields[device]:>12}"),

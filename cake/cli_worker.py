@@ -1,7 +1,10 @@
-"""`cake worker` and `cake keys`: serve a range of layers; create CurveZMQ keys.
+"""`cake worker`, `cake keys` and `cake workers`: serve a range of layers; create
+CurveZMQ keys; list the workers on the local network.
 
 Without --layers and --name a worker loads no layers: it waits for a master to
-assign them (`cake run --topology auto`, or any topology naming its address)."""
+assign them (`cake run --topology auto`, or any topology naming its address).
+A worker with keys announces itself by mDNS unless --no-announce
+(cake/net/discovery.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class WorkerOptions:
     secret_key: Path | None
     allow_keys: Path | None
     insecure: bool
+    announce: bool = True  # with keys: a DNS-SD service on the local network
 
 
 def worker_command(o: WorkerOptions) -> None:
@@ -80,10 +84,12 @@ def worker_command(o: WorkerOptions) -> None:
             file=sys.stderr,
         )
 
+    # announced as this: the key pair's name unless --name says otherwise
+    name = o.name or (o.secret_key.name.removesuffix(".key_secret") if keys else "")
     server = load_worker(
         model,
         ranges,
-        name=o.name or "worker",
+        name=name or "worker",
         backend=backend,
         dtype=o.dtype,
         context=o.context,
@@ -96,8 +102,12 @@ def worker_command(o: WorkerOptions) -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    announcer = None
     try:
         endpoint = server.bind(bind, keys=keys, allow=allow)
+        announced = "not announced (no keys)" if keys is None else "not announced"
+        if keys is not None and o.announce:
+            announcer, announced = _announce(server, keys[0], endpoint)
         dev = server.device
         security = "curve" + (" + allowed keys" if allow else "") if keys else "no keys"
         what = (
@@ -110,20 +120,79 @@ def worker_command(o: WorkerOptions) -> None:
             f"cake worker: ready on {endpoint}: {what} on {server.backend} "
             f"({dev.kind}:{dev.name}, {server.dtype}), {upto}context "
             f"{server.context}, {upto}max sequences {server.max_sequences}, "
-            f"{security}",
+            f"{security}, {announced}",
             file=sys.stderr,
             flush=True,
         )
         server.serve(stop=lambda: bool(stopping))
     finally:
+        if announcer is not None:
+            announcer.close()  # masters stop seeing it before it stops answering
         server.close()
     print("cake worker: stopped", file=sys.stderr, flush=True)
 
 
+def _announce(server, public_key: bytes, endpoint: str):
+    """(announcer or None, what the ready line says about it)."""
+    from cake.net.discovery import Announcer, DiscoveryError, worker_announcement
+
+    about = worker_announcement(server, public_key)
+    try:
+        announcer = Announcer(about, endpoint)
+        announcer.start()
+    except DiscoveryError as e:
+        print(f"cake worker: note: {e}; masters need its address", file=sys.stderr)
+        return None, "not announced"
+
+    def reannounce() -> None:
+        announcer.update(worker_announcement(server, public_key))
+
+    server.on_load = reannounce  # its layers and free memory changed
+    where = ", ".join(announcer.interfaces or ["every interface"])
+    return announcer, (
+        f"announced as {announcer.instance!r} (key {about.key_fingerprint}) on {where}"
+    )
+
+
 def keys_command(name: str, folder: Path) -> None:
+    from cake.net.discovery import key_fingerprint
     from cake.net.keys import create_keys, load_public_key
 
     public, secret = create_keys(name, folder)
+    key = load_public_key(public).decode()
     print(f"public key (give to the other side): {public}")
     print(f"secret key (keep private):           {secret}")
-    print(f"public key: {load_public_key(public).decode()}")
+    print(f"public key: {key}")
+    print(f"fingerprint (what `cake workers` shows): {key_fingerprint(key)}")
+
+
+def workers_command(timeout: float, allow_workers: Path | None, as_json: bool) -> None:
+    """Browse for `timeout` seconds; a table of the workers found on stdout."""
+    import json
+    from dataclasses import asdict
+
+    from rich.console import Console
+
+    from cake.net.discovery import allowed_worker_keys, browse, found_table
+
+    allowed = allowed_worker_keys(allow_workers) if allow_workers else None
+    found = browse(timeout)
+    if as_json:
+        rows = [
+            {
+                **asdict(w.about),
+                "instance": w.instance,
+                "address": w.hostport,
+                "addresses": list(w.addresses),
+                "allowed": None
+                if allowed is None
+                else w.about.key_fingerprint in allowed,
+            }
+            for w in found
+        ]
+        print(json.dumps(rows, indent=1))
+        return
+    if not found:
+        print(f"no workers answered within {timeout:g} s", file=sys.stderr)
+        return
+    Console().print(found_table(found, allowed))
