@@ -81,7 +81,7 @@ FAMILIES: dict[str, Family] = {
         Family("gemma", "GemmaForCausalLM", norm_offset=1.0, embed_scale=True,
                act_keys=("hidden_activation", "hidden_act"),
                act_default="gelu_pytorch_tanh",
-               act_aliases=(("gelu", "gelu_pytorch_tanh"),)),
+               act_aliases=(("gelu", "gelu_pytorch_tanh"),), gguf_arch="gemma"),
         # Gemma 2: sandwich norms, (1 + w) norms, GELU-tanh, scaled embeddings,
         # soft-capped attention scores and logits, every other layer local
         Family("gemma2", "Gemma2ForCausalLM", block="gemma",
@@ -93,7 +93,8 @@ FAMILIES: dict[str, Family] = {
                act_default="gelu_pytorch_tanh",
                config_keys=("query_pre_attn_scalar", "attn_logit_softcapping",
                             "final_logit_softcapping"),
-               sliding_window="layer_types", sliding_pattern=2),
+               sliding_window="layer_types", sliding_pattern=2,
+               gguf_arch="gemma2"),
         # Gemma 3 (text): Gemma 2's block with per-head (1 + w) q/k norms, no
         # attention soft-cap (transformers ignores the key), 5 local layers in
         # 6 with a RoPE base of their own
@@ -106,7 +107,7 @@ FAMILIES: dict[str, Family] = {
                act_default="gelu_pytorch_tanh",
                config_keys=("query_pre_attn_scalar", "final_logit_softcapping"),
                sliding_window="layer_types", sliding_pattern=6,
-               rope_local_default=10000.0),
+               rope_local_default=10000.0, gguf_arch="gemma3"),
     )
 }  # fmt: skip
 

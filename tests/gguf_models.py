@@ -1,8 +1,9 @@
 """Tiny quantized GGUF models for the tests, and their float twins for HF.
 
 `write_gguf` turns a tiny HF checkpoint (tests/models.py) into a GGUF of its
-family's llama.cpp architecture (llama, olmo2, phi3: tensor names, metadata and
-rotary layout as llama.cpp's convert_hf_to_gguf writes them) whose matrices
+family's llama.cpp architecture (llama, olmo2, phi3, gemma, gemma2, gemma3:
+tensor names, metadata, rotary layout and Gemma's norms + 1 as llama.cpp's
+convert_hf_to_gguf writes them) whose matrices
 are in a chosen type: quantized from the HF weights where
 gguf-py can quantize that type, else random valid blocks of the same spread
 (gguf-py has no K-quant quantizer). `hf_twin` writes the GGUF's weights,
@@ -41,8 +42,17 @@ _LAYER = {
     "self_attn.k_norm": "attn_k_norm",
     "post_feedforward_layernorm": "post_ffw_norm",  # olmo2
 }
-# olmo2's post_attention_layernorm is on the attention's output
-_ARCH_LAYER = {"olmo2": {"post_attention_layernorm": "post_attention_norm"}}
+# olmo2's and Gemma 2/3's post_attention_layernorm is on the attention's
+# output; Gemma 2/3's norm before the MLP is llama.cpp's ffn_norm
+_SANDWICH = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+}
+_ARCH_LAYER = {
+    "olmo2": {"post_attention_layernorm": "post_attention_norm"},
+    "gemma2": _SANDWICH,
+    "gemma3": _SANDWICH,
+}
 _TOP = {
     "model.embed_tokens": "token_embd",
     "model.norm": "output_norm",
@@ -98,9 +108,17 @@ def write_gguf(
     w.add_rope_dimension_count(cfg.rotary_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    if arch == "phi3":
+    if arch in ("phi3", "gemma2", "gemma3"):
         w.add_sliding_window(cfg.sliding_window or 0)
+    if arch == "gemma2":  # as convert_hf_to_gguf's Gemma2Model
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if arch == "gemma3" and cfg.final_logit_softcapping:
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     rs = cfg.rope_scaling
+    if rs is not None and rs.rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rs.factor)
     if rs is not None and rs.rope_type == "longrope":
         # as convert_hf_to_gguf's Phi3MiniModel: the factors as tensors
         w.add_rope_scaling_orig_ctx_len(rs.original_max_position_embeddings)
@@ -115,6 +133,8 @@ def write_gguf(
         a = np.asarray(src.get(name), np.float32)
         if fan_in_scale and a.ndim == 2:
             a = a * np.float32(1 / np.sqrt(a.shape[1]) / a.std())
+        if cfg.family.norm_offset and name.endswith("norm.weight"):
+            a = a + np.float32(cfg.family.norm_offset)  # Gemma: 1 + w, as converted
         if arch == "llama" and ".q_proj." in name:
             a = _permute(a, cfg.num_attention_heads)
         elif arch == "llama" and ".k_proj." in name:

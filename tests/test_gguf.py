@@ -149,6 +149,8 @@ def _write(path: Path, tensors: dict[str, tuple[np.ndarray, Q | None]], **meta) 
     for key, value in meta.items():
         if isinstance(value, float):
             w.add_float32(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
         else:
             w.add_string(key, value)
     for name, (array, raw) in tensors.items():
@@ -316,13 +318,44 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     )
     with pytest.raises(ModelError, match="rope_freqs"):
         gguf_config(tmp_path / "b.gguf")
-    # a linear scaling type reaches ModelConfig, which refuses it by name
+    # linear scaling is read as such (llama.cpp's freq_scale is 1 / factor);
+    # another type reaches ModelConfig, which refuses it by name
     _write(
         tmp_path / "c.gguf",
         {"token_embd.weight": emb},
         **{"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0},
     )
-    with pytest.raises(ModelError, match="linear"):
+    rs = gguf_config(tmp_path / "c.gguf").rope_scaling
+    assert (rs.rope_type, rs.factor) == ("linear", 2.0)
+    _write(
+        tmp_path / "d.gguf",
+        {"token_embd.weight": emb},
+        **{"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 2.0},
+    )
+    with pytest.raises(ModelError, match="yarn"):
+        gguf_config(tmp_path / "d.gguf")
+
+
+def test_gemma_metadata_as_llama_cpp_reads_it(tmp_path):
+    emb = (np.zeros((V, D), np.float32), None)
+    _write(tmp_path / "a.gguf", {"token_embd.weight": emb}, arch="gemma2")
+    c = gguf_config(tmp_path / "a.gguf")
+    # llama.cpp's Gemma 2 defaults; the query scale is head_dim's (not a 27B)
+    assert (c.sliding_window, c.attn_logit_softcapping, c.final_logit_softcapping) == (
+        4096,
+        50.0,
+        30.0,
+    )
+    assert c.query_pre_attn_scalar == c.head_dim
+    assert c.layer_types == ("sliding_attention",)
+    assert c.tie_word_embeddings and c.hidden_act == "gelu_pytorch_tanh"
+    meta = {"gemma3.attention.sliding_window": 512, "gemma3.rope.freq_base_swa": 5e3}
+    _write(tmp_path / "b.gguf", {"token_embd.weight": emb}, arch="gemma3", **meta)
+    c = gguf_config(tmp_path / "b.gguf")
+    assert (c.sliding_window, c.rope_local_base_freq) == (512, 5e3)
+    assert c.attn_logit_softcapping is None and c.final_logit_softcapping is None
+    _write(tmp_path / "c.gguf", {"token_embd.weight": emb}, arch="gemma3")
+    with pytest.raises(ModelError, match="sliding_window"):
         gguf_config(tmp_path / "c.gguf")
 
 

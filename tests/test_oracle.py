@@ -1,6 +1,6 @@
 """Every backend against HF transformers on tiny random checkpoints of every
-architecture: whole, split across two stages, and (OLMo 2, Phi-3) as GGUF files
-against HF on their safetensors twins."""
+architecture: whole, split across two stages, and (OLMo 2, Phi-3, Gemma 1-3) as
+GGUF files against HF on their safetensors twins."""
 
 from __future__ import annotations
 
@@ -91,9 +91,40 @@ def test_split_in_two_stages_matches_hf(reference, backend):
 
 
 # One GGUF per family llama.cpp writes differently from llama (its own tensor
-# names, no Q/K permutation, Phi-3's fused tensors and rope factor tensors), in
-# a float and a quantized type; Phi-4-mini's shape with a sliding window added.
-GGUF_MODELS = [(a, f) for a in ("olmo2", "phi4-mini") for f in ("F16", "Q8_0")]
+# names, no Q/K permutation, Phi-3's fused tensors and rope factor tensors,
+# Gemma's norms + 1), in a float and a quantized type; Phi-4-mini's shape with a
+# sliding window added. A Gemma 2/3 file holds no query scale nor local pattern:
+# llama.cpp takes head_dim ** -0.5 (27B aside) and its fixed pattern (every
+# other layer; five in six, with a local RoPE base of 10000), so the twins do.
+GGUF_ARCHS = ("olmo2", "phi4-mini", "gemma", "gemma2", "gemma3")
+GGUF_MODELS = [(a, f) for a in GGUF_ARCHS for f in ("F16", "Q8_0")]
+GGUF_EXTRA = {
+    "phi4-mini": {"sliding_window": 6},
+    "gemma2": {"query_pre_attn_scalar": 16},
+    "gemma3": {
+        "query_pre_attn_scalar": 16,
+        "num_hidden_layers": 6,
+        "sliding_window_pattern": 6,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 4.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    },
+}
+CONFIG_FIELDS = (
+    "model_type",
+    "head_dim",
+    "partial_rotary_factor",
+    "sliding_window",
+    "layer_types",
+    "rope_theta",
+    "rope_local_base_freq",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "hidden_act",
+    "tie_word_embeddings",
+)
 
 
 @pytest.fixture(
@@ -102,8 +133,7 @@ GGUF_MODELS = [(a, f) for a in ("olmo2", "phi4-mini") for f in ("F16", "Q8_0")]
 def gguf_reference(request, tmp_path_factory):
     arch, fmt = request.param
     d = tmp_path_factory.mktemp(f"{arch}-{fmt}")
-    extra = {"sliding_window": 6} if arch == "phi4-mini" else {}
-    folder = make_checkpoint(arch, d / "hf", **extra)
+    folder = make_checkpoint(arch, d / "hf", **GGUF_EXTRA.get(arch, {}))
     path = write_gguf(folder, d / "m.gguf", fmt)
     twin = hf_twin(path, folder, d / "twin")  # the file's weights as float32
     return fmt, path, twin, hf_reference(twin, PROMPT, steps=8)
@@ -114,14 +144,15 @@ def test_gguf_matches_its_safetensors_twin(gguf_reference, backend, monkeypatch)
     fmt, path, twin, ref = gguf_reference
     got, _ = open_checkpoint(path)
     want = ModelConfig.from_file(twin / "config.json")
-    for field in ("model_type", "head_dim", "partial_rotary_factor", "sliding_window"):
+    for field in CONFIG_FIELDS:
         assert getattr(got, field) == getattr(want, field), field
-    assert got.tie_word_embeddings == want.tie_word_embeddings
     if want.rope_scaling is not None:  # float32 in the file
         g, w = got.rope_scaling, want.rope_scaling
-        assert g.rope_type == w.rope_type == "longrope"
+        assert g.rope_type == w.rope_type
+        np.testing.assert_allclose(g.factor, w.factor, rtol=1e-6)
+    if want.rope_scaling is not None and want.rope_scaling.rope_type == "longrope":
         assert g.original_max_position_embeddings == w.original_max_position_embeddings
-        for a in ("short_factor", "long_factor", "attention_factor", "factor"):
+        for a in ("short_factor", "long_factor", "attention_factor"):
             np.testing.assert_allclose(getattr(g, a), getattr(w, a), rtol=1e-6)
     if backend == "jax-xla":
         monkeypatch.setenv("CAKE_CPU_ATTENTION", "0")

@@ -1,13 +1,17 @@
 """GGUF checkpoints (llama.cpp) as a TensorSource: the architectures a family
-of cake.family names as its `gguf_arch` (llama, olmo2, phi3).
+of cake.family names as its `gguf_arch` (llama, olmo2, phi3, gemma, gemma2,
+gemma3).
 
 The file is memory-mapped by `gguf.GGUFReader`. `stored` hands a tensor out as
 the file holds it (float arrays, quantized types as `Packed` blocks, no
 decoding pass); `get` is the float view, decoded only when asked for. Names
 are mapped to Hugging Face names, shapes are (out, in) as in PyTorch, and the
 Q/K projections of llama GGUFs are un-permuted from llama.cpp's rotary layout
-back to Hugging Face's (olmo2 and phi3 files keep Hugging Face's: llama.cpp
-rotates them in halves, as transformers does).
+back to Hugging Face's (the other architectures keep Hugging Face's: llama.cpp
+rotates them in halves, as transformers does). Gemma files hold their RMSNorm
+weights with the 1 of `1 + w` already added (convert_hf_to_gguf adds it);
+`stored`/`get` give them back as Hugging Face holds them (w), so the family's
+norm offset applies to every checkpoint alike.
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ _LAYER = {
     "post_attention_norm": "post_attention_layernorm",  # olmo2
     "post_ffw_norm": "post_feedforward_layernorm",  # olmo2
 }
+# the norm before the MLP is `ffn_norm` in every llama.cpp architecture: the
+# Gemma 2/3 sandwich's pre_feedforward_layernorm
+_ARCH_LAYER = {
+    "gemma2": {"ffn_norm": "pre_feedforward_layernorm"},
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm"},
+}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)")
 # llama.cpp's converter reorders Q/K rows for the architectures it rotates in
 # adjacent pairs (rope type NORM); of those cake reads, only llama
@@ -75,7 +85,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
         return f"{_TOP[base]}.{suffix}"
     m = _BLOCK.fullmatch(base)
     if m and m[2] in _LAYER:
-        part = _LAYER[m[2]]
+        part = _ARCH_LAYER.get(arch, {}).get(m[2]) or _LAYER[m[2]]
         fam = _GGUF_FAMILIES.get(arch)
         if part == "mlp.up_proj" and fam is not None and len(fam.gate_up) == 1:
             part = "mlp." + fam.gate_up[0]
@@ -267,12 +277,50 @@ def gguf_config(path_or_reader: str | Path | GGUFReader) -> ModelConfig:
         "partial_rotary_factor": int(rot) / head_dim if rot else 1.0,
         # 0 or absent: none (Phi-4 writes 0)
         "sliding_window": _meta(reader, f"{a}.attention.sliding_window", None) or None,
+        **_gemma(reader, a, hidden, n_heads, head_dim),  # its window wins
         "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id", None),
         "eos_token_id": list(dict.fromkeys(eos)),
         # llama_ftype: 1 = mostly F16, 32 = mostly BF16; quantized files decode to F32
         "torch_dtype": {1: "float16", 32: "bfloat16"}.get(file_type, "float32"),
     }
     return ModelConfig.from_dict(d)
+
+
+# llama.cpp's Gemma 2/3 27B (by its layer count) scale queries by
+# (hidden / heads) ** -0.5, the others by head_dim ** -0.5 (gemma_pytorch's
+# query_pre_attn_scalar); the file stores no scale
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma(
+    reader: GGUFReader, arch: str, hidden: int, n_heads: int, head_dim: int
+) -> dict[str, Any]:
+    """The config.json keys of a Gemma 2/3 file, as llama.cpp's loader reads it:
+    the window (Gemma 2: 4096 unless given), soft-caps (Gemma 2: 50 and 30
+    unless given), the query scale and (Gemma 3) the local layers' RoPE base
+    (10000 unless `rope.freq_base_swa`). Which layers are local is the family's
+    fixed pattern (every other; five in six), as llama.cpp has it."""
+    if arch not in _GEMMA_27B_LAYERS:
+        return {}
+    n_layers = int(_meta(reader, f"{arch}.block_count"))
+    big = n_layers == _GEMMA_27B_LAYERS[arch]
+    gemma2 = arch == "gemma2"
+    d = {
+        "query_pre_attn_scalar": hidden // n_heads if big else head_dim,
+        "sliding_window": _meta(
+            reader, f"{arch}.attention.sliding_window", 4096 if gemma2 else ...
+        ),
+        "final_logit_softcapping": _meta(
+            reader, f"{arch}.final_logit_softcapping", 30.0 if gemma2 else None
+        ),
+    }
+    if gemma2:
+        d["attn_logit_softcapping"] = _meta(
+            reader, f"{arch}.attn_logit_softcapping", 50.0
+        )
+    else:
+        d["rope_local_base_freq"] = _meta(reader, f"{arch}.rope.freq_base_swa", None)
+    return d
 
 
 class GGUFSource:
@@ -292,6 +340,7 @@ class GGUFSource:
         self.reader = self._reader  # shared with the tokenizer: parse the file once
         arch = self.config.family.gguf_arch
         self._permuted = arch in _PERMUTED
+        self._norm_offset = self.config.family.norm_offset
         self._tensors = {
             hf: t
             for t in self._reader.tensors
@@ -345,7 +394,16 @@ class GGUFSource:
             if self._permuted and part in name:
                 w = _unpermute(w, n_head)
                 release_pages(t.data)  # the file's copy: only the un-permuted stays
-        return w
+        return self._hf_norm(name, w)
+
+    def _hf_norm(self, name: str, w: Stored) -> Stored:
+        """A Gemma RMSNorm weight as Hugging Face holds it: the file's minus 1.
+        Exact where the file's value is in [0.5, 2] (Sterbenz), else within an
+        ulp of it; the family's offset adds the 1 back in float32."""
+        if not (self._norm_offset and name.endswith("norm.weight")):
+            return w
+        offset = np.float32(self._norm_offset)
+        return np.asarray(as_float(w), np.float32) - offset
 
     def get(self, name: str) -> np.ndarray:
         w = self.stored(name)
