@@ -483,7 +483,9 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
     float* sr = s + (a - lo);
     const int64_t n = e - a + 1;
     // Gemma 2's soft-cap, as transformers computes it: (s / cap), tanh, * cap.
-    // Scalar tanhf: ~n calls per row, next to the row's n * hd multiply-adds.
+    // Scalar tanhf, n calls per row beside its n * hd multiply-adds: a decode
+    // call at Gemma 2's shape (8 heads, 4 kv heads, hd 256) took 277 us against
+    // 239 uncapped over 512 keys, 2199 against 1923 over 4000 (2 shared cores).
     if (j.softcap > 0.0f)
       for (int64_t i = 0; i < n; i++) sr[i] = tanhf(sr[i] / j.softcap) * j.softcap;
     scale[row] = 1.0f / exp_sum(sr, n, max_of(sr, n));
