@@ -192,7 +192,7 @@ class ModelConfig:
                 rope_theta=float(rope.get("rope_theta") or 10000.0),
                 rope_scaling=_rope_scaling(rope, max_pos),
                 max_position_embeddings=max_pos,
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", fam.tie_default)),
                 attention_bias=fam.qkv_bias or bool(d.get("attention_bias", False)),
                 partial_rotary_factor=partial,
                 sliding_window=int(window) if window else None,

@@ -46,6 +46,10 @@ class Family:
     # every RMSNorm weight w is used as (norm_offset + w) in float32 (Gemma's 1 + w)
     norm_offset: float = 0.0
     embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the model dtype
+    # tie_word_embeddings where config.json leaves it out: the transformers
+    # class's default (transformers omits a value equal to its base default,
+    # True, so Google's Gemma configs never say it)
+    tie_default: bool = False
     # the MLP's activation: the first of these config keys that is set, else
     # act_default; act_aliases renames legacy values (Gemma's "gelu")
     act_keys: tuple[str, ...] = ("hidden_act", "hidden_activation")
@@ -79,6 +83,7 @@ FAMILIES: dict[str, Family] = {
         # Gemma: the llama block with (1 + w) norms, GELU-tanh (a legacy
         # "gelu" means it, as transformers reads it) and scaled embeddings
         Family("gemma", "GemmaForCausalLM", norm_offset=1.0, embed_scale=True,
+               tie_default=True,
                act_keys=("hidden_activation", "hidden_act"),
                act_default="gelu_pytorch_tanh",
                act_aliases=(("gelu", "gelu_pytorch_tanh"),), gguf_arch="gemma"),
@@ -88,7 +93,7 @@ FAMILIES: dict[str, Family] = {
                norms=("input_layernorm", "pre_feedforward_layernorm"),
                post_norms=("post_attention_layernorm",
                            "post_feedforward_layernorm"),
-               norm_offset=1.0, embed_scale=True,
+               norm_offset=1.0, embed_scale=True, tie_default=True,
                act_keys=("hidden_activation", "hidden_act"),
                act_default="gelu_pytorch_tanh",
                config_keys=("query_pre_attn_scalar", "attn_logit_softcapping",
@@ -102,7 +107,7 @@ FAMILIES: dict[str, Family] = {
                norms=("input_layernorm", "pre_feedforward_layernorm"),
                post_norms=("post_attention_layernorm",
                            "post_feedforward_layernorm"),
-               qk_norm="head", norm_offset=1.0, embed_scale=True,
+               qk_norm="head", norm_offset=1.0, embed_scale=True, tie_default=True,
                act_keys=("hidden_activation", "hidden_act"),
                act_default="gelu_pytorch_tanh",
                config_keys=("query_pre_attn_scalar", "final_logit_softcapping"),

@@ -38,6 +38,17 @@ def test_gemma2_without_layer_types_slides_every_other_layer():
     assert not any(c.local_rope(i) for i in range(4))
 
 
+def test_gemma_configs_without_tie_word_embeddings_are_tied():
+    # transformers leaves out a value equal to its base default (True): Google's
+    # Gemma configs never say it, and their checkpoints hold no lm_head
+    for mt in ("gemma", "gemma2", "gemma3_text"):
+        assert config(model_type=mt).tie_word_embeddings, mt
+    assert not config(
+        model_type="gemma2", tie_word_embeddings=False
+    ).tie_word_embeddings
+    assert not config(model_type="llama").tie_word_embeddings
+
+
 def test_layer_types_as_given():
     c = config(model_type="gemma2", sliding_window=8,
                layer_types=[FULL, SLIDE, SLIDE, FULL])  # fmt: skip
