@@ -435,10 +435,14 @@ class Engine:
         if tok in self._eos:
             self._finish(s, "eos", "", (tok,), lp)
             return
+        if run.constraint is not None:
+            try:
+                run.constraint.accept(tok)  # the mask allowed it
+            except GrammarError as e:  # this request fails, not the whole batch
+                self._fail(s, e)
+                return
         s.tokens.append(tok)
         text, hit = run.stops.push(run.decoder.push(tok))
-        if run.constraint is not None:
-            run.constraint.accept(tok)  # mask allowed it
         if hit:
             self._finish(s, "stop", text, (tok,), lp)
         elif run.constraint is not None and run.constraint.complete:
