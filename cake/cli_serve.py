@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -48,6 +49,7 @@ def serve_command(o: ServeOptions) -> None:
     app = create_app(served, on_shutdown=[close])
     # every batch size and chunk width compiles now, not in a client's request
     shapes, warm_s = engine.warm_up()
+    threading.Thread(target=engine.grammars.prepare, daemon=True).start()
     engine.start()
     info = model.info
     warm = f", {shapes} step shapes compiled in {warm_s:.1f} s" if shapes else ""

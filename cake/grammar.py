@@ -11,6 +11,7 @@ matcher.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -84,16 +85,32 @@ class Grammars:
     def __init__(self, tokenizer) -> None:
         self._tokenizer = tokenizer
         self._ll = None
+        self._lock = threading.Lock()  # the server's loop and the engine's thread
+
+    def prepare(self) -> None:
+        """Build the vocabulary's view now (cake serve does, in a thread at start,
+        so that the first constrained request does not wait 0.2 s in the loop).
+        A failure is left for that request to report."""
+        try:
+            self._vocab()
+        except GrammarError:
+            pass
 
     def _vocab(self):
-        if self._ll is None:
-            from llguidance import LLTokenizer
+        with self._lock:
+            if self._ll is None:
+                from llguidance import LLTokenizer
 
-            tok = self._tokenizer
-            self._ll = LLTokenizer(
-                tok.to_json(), eos_token=sorted(tok.eos_token_ids) or None
-            )
-        return self._ll
+                tok = self._tokenizer
+                try:
+                    self._ll = LLTokenizer(
+                        tok.to_json(), eos_token=sorted(tok.eos_token_ids) or None
+                    )
+                except Exception as e:  # llguidance's own errors: one line
+                    raise GrammarError(
+                        f"this model's tokenizer cannot constrain decoding: {e}"
+                    ) from None
+            return self._ll
 
     def check(self, grammar: str) -> None:
         """GrammarError if `grammar` does not compile for this vocabulary."""
