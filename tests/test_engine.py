@@ -272,8 +272,7 @@ def test_warm_up_compiles_every_shape_the_engine_then_sends(tiny, expected):
         m.engine.prefill_chunk = 16
         shapes, _ = m.engine.warm_up()
         assert shapes == 4 + 4  # decode of 1..4 sequences; chunks of 2, 4, 8, 16
-        assert compiles
-        compiles.clear()
+        compiles.clear()  # (none where the persistent cache held these steps)
         # requests that join and leave: every batch size, chunks of every width
         reqs = [Request(p, GREEDY, 12 - i) for i, p in enumerate(PROMPTS)]
         got = run_together(m.engine, reqs)
@@ -286,7 +285,7 @@ def test_warm_up_compiles_every_shape_the_engine_then_sends(tiny, expected):
         (wide,) = [Request(fresh_ids, GREEDY, 2)]
         run_together(m.engine, [wide])
         st = wide.stats
-        assert compiles and st.prompt_compile_s > 0 and st.decode_compile_s == 0
+        assert st.prompt_compile_s > 0 and st.decode_compile_s == 0
         assert st.prompt_compile_tokens == len(fresh_ids)
         assert st.prompt_tokens_per_s == pytest.approx(
             len(fresh_ids) / st.prompt_s  # every prefill step compiled: all time
