@@ -26,10 +26,11 @@
 
 namespace cake_vmath {
 
-// exp(x) for x <= 0 (Cephes expf, ~1 ulp); below -87 the result is ~0.
-#if CAKE_AVX512
+// exp(x) for x <= 0 (Cephes expf, ~1 ulp), for softmax weights and SiLU. The
+// AVX-512 form gives 0 below -103; the AVX2 one clamps at -87.3 (~1e-38).
+#if defined(__AVX512F__)
 inline __m512 exp_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -44,7 +45,7 @@ inline __m512 exp_nonpos(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 #endif
-#if CAKE_AVX2
+#if defined(__AVX2__) && defined(__FMA__)
 inline __m256 exp_nonpos(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
