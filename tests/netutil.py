@@ -225,3 +225,28 @@ if __name__ == "__main__":
 
     sys.argv[0] = "cake"
     main()
+
+
+class ForgetfulStage:
+    """A stage that, at its calls numbered in `fail_at` (from 1), loses every
+    sequence it holds and raises StageReset, as a worker that restarted does."""
+
+    def __init__(self, inner, fail_at: set[int]) -> None:
+        self.inner, self.shard, self.fail_at, self.calls = (
+            inner,
+            inner.shard,
+            fail_at,
+            0,
+        )
+
+    def forward(self, x, step):
+        from cake.pipeline import StageReset
+
+        self.calls += 1
+        if self.calls in self.fail_at:
+            self.inner.release(list(self.inner.seqs.slot))
+            raise StageReset("restarted")
+        return self.inner.forward(x, step)
+
+    def release(self, seq_ids):
+        self.inner.release(seq_ids)

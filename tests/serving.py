@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from collections.abc import Iterator
 
 from tests.netutil import Proc, cake, free_port
+from tests.smollm import smollm_gguf
 
 
 def start_server(*args: str, timeout: float = 180) -> tuple[Proc, int]:
@@ -19,6 +21,17 @@ def start_server(*args: str, timeout: float = 180) -> tuple[Proc, int]:
         p.kill()
         raise
     return p, port
+
+
+def smollm_server(key: str, name: str, context: int, parallel: int) -> Iterator[int]:
+    """A module fixture's body: `cake serve` of the real small model on jax,
+    its port, then stopped."""
+    p, port = start_server(
+        "--model", str(smollm_gguf()), "--backend", "jax", "--context", str(context),
+        "--parallel", str(parallel), "--api-key", key, "--served-model-name", name,
+    )  # fmt: skip
+    yield port
+    stop_server(p)
 
 
 def stop_server(p: Proc) -> None:

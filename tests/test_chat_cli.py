@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from tests.netutil import Proc, free_port
-from tests.serving import get, greedy_chat, start_server, stop_server
-from tests.smollm import smollm_gguf
+from tests.serving import get, greedy_chat, smollm_server
 
 KEY = "chat-key"
 NAME = "smol"
@@ -24,12 +23,7 @@ ITALY = "And of Italy?"
 
 @pytest.fixture(scope="module")
 def server():
-    p, port = start_server(
-        "--model", str(smollm_gguf()), "--backend", "jax", "--context", "1024",
-        "--parallel", "2", "--api-key", KEY, "--served-model-name", NAME,
-    )  # fmt: skip
-    yield port
-    stop_server(p)
+    yield from smollm_server(KEY, NAME, context=1024, parallel=2)
 
 
 @pytest.fixture(scope="module")

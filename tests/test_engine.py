@@ -10,9 +10,9 @@ import pytest
 import cake
 from cake.engine import Engine, QueueFullError, Request
 from cake.errors import ContextLengthError
-from cake.pipeline import Pipeline, StageReset
+from cake.pipeline import Pipeline
 from cake.sampling import SamplingParams
-from tests.netutil import tiny_model
+from tests.netutil import ForgetfulStage, tiny_model
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [[5, 17, 99, 3, 42], [1, 2, 3], list(range(10, 60)), [7]]
@@ -174,27 +174,10 @@ def test_a_stage_reset_replays_every_running_sequence(tiny, expected):
     m = cake.load(tiny, backend="numpy", max_sequences=4, max_context=128)
     stages = m.pipeline.stages
 
-    class Flaky:
-        def __init__(self, inner, fail_at):
-            self.inner, self.shard, self.calls, self.fail_at = (
-                inner,
-                inner.shard,
-                0,
-                fail_at,
-            )
-
-        def forward(self, x, step):
-            self.calls += 1
-            if self.calls in self.fail_at:
-                self.inner.release(list(range(4)))  # it lost every sequence
-                raise StageReset("restarted")
-            return self.inner.forward(x, step)
-
-        def release(self, seq_ids):
-            self.inner.release(seq_ids)
-
     e = Engine(
-        Pipeline([Flaky(stages[0], {2, 5, 6, 11})], 128), m.tokenizer, max_sequences=4
+        Pipeline([ForgetfulStage(stages[0], {2, 5, 6, 11})], 128),
+        m.tokenizer,
+        max_sequences=4,
     )
     try:
         assert run_together(e, [Request(p, GREEDY, 12) for p in PROMPTS]) == expected

@@ -24,12 +24,12 @@ from cake.net.protocol import (
     step_from_header,
 )
 from cake.net.worker import load_worker
-from cake.pipeline import Pipeline, StageReset, load_local_stage
+from cake.pipeline import Pipeline, load_local_stage
 from cake.sampling import SamplingParams
 from cake.shard import Shard
 from cake.tokenizer import load_tokenizer
 from cake.weights.checkpoint import open_checkpoint
-from tests.netutil import tiny_model
+from tests.netutil import ForgetfulStage, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -165,29 +165,10 @@ def test_generator_replays_after_a_stage_reset(tiny):
             config, shard, tensors, "numpy", "float32", max_context=64, max_sequences=1
         )
 
-    class Flaky:
-        def __init__(self, inner, fail_at):
-            self.inner, self.shard, self.calls, self.fail_at = (
-                inner,
-                inner.shard,
-                0,
-                fail_at,
-            )
-
-        def forward(self, x, step):
-            self.calls += 1
-            if self.calls in self.fail_at:
-                self.inner.release(step.seq_ids)  # the restarted worker has nothing
-                raise StageReset("restarted")
-            return self.inner.forward(x, step)
-
-        def release(self, seq_ids):
-            self.inner.release(seq_ids)
-
     def run(fail_at):
         shards = (Shard(0, 1, 3, embed=True), Shard(1, 3, 3), Shard(3, 3, 3, head=True))
         stages = [stage(s) for s in shards]
-        stages[1] = Flaky(stages[1], fail_at)
+        stages[1] = ForgetfulStage(stages[1], fail_at)
         gen = Generator(Pipeline(stages, 64), load_tokenizer(tiny))
         ids = [5, 17, 99, 3, 42]
         return "".join(gen.generate(ids, SamplingParams(temperature=0.0), 16))

@@ -11,8 +11,7 @@ import openai
 import pytest
 
 from tests.netutil import tiny_model
-from tests.serving import get, start_server, stop_server
-from tests.smollm import smollm_gguf
+from tests.serving import get, smollm_server, start_server
 
 KEY = "test-key"
 NAME = "smol"
@@ -28,12 +27,7 @@ ASK = [
 
 @pytest.fixture(scope="module")
 def server():
-    p, port = start_server(
-        "--model", str(smollm_gguf()), "--backend", "jax", "--context", "512",
-        "--parallel", "4", "--api-key", KEY, "--served-model-name", NAME,
-    )  # fmt: skip
-    yield port
-    stop_server(p)
+    yield from smollm_server(KEY, NAME, context=512, parallel=4)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import urllib.request
 import openai
 import pytest
 
-from tests.serving import get, greedy_chat, start_server, stop_server
-from tests.smollm import smollm_gguf
+from tests.serving import get, greedy_chat, smollm_server
 
 KEY = "web-key"
 NAME = "smol"
@@ -27,12 +26,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 @pytest.fixture(scope="module")
 def server():
-    p, port = start_server(
-        "--model", str(smollm_gguf()), "--backend", "jax", "--context", "2048",
-        "--parallel", "2", "--api-key", KEY, "--served-model-name", NAME,
-    )  # fmt: skip
-    yield port
-    stop_server(p)
+    yield from smollm_server(KEY, NAME, context=2048, parallel=2)
 
 
 @pytest.fixture(scope="module")
