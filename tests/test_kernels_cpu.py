@@ -89,15 +89,23 @@ def compiled(lib, fmt: Format) -> None:
         pytest.skip(f"{fmt.name} is not compiled in (its kernel file is absent)")
 
 
-def assert_matmul_close(y: np.ndarray, x: np.ndarray, w: np.ndarray, fmt: str) -> None:
+def assert_matmul_close(
+    y: np.ndarray, x: np.ndarray, w: np.ndarray, fmt: str, one_step: bool = False
+) -> None:
+    """y = x @ W^T to 1e-5 of sum |x||w|. one_step: x is the reference's float32
+    form of what the kernel computed itself (a fused prologue), which may land
+    on the other side of a rounding boundary when quantized; then one
+    activation per row may also sit one quantization step (max |x_row| / 127)
+    away, against any weight of the column."""
     k = x.shape[-1]
     want = ref.matmul_ref(x, w, fmt, k)
-    scale = (
-        np.abs(ref.quantize_activations(x, fmt))
-        @ np.abs(ref.dequantize_ref(w, fmt, k).astype(np.float64)).T
-    )
+    wd = np.abs(ref.dequantize_ref(w, fmt, k).astype(np.float64))
+    scale = np.abs(ref.quantize_activations(x, fmt)) @ wd.T
     assert y.shape == want.shape and y.dtype == np.float32
-    err = np.abs(y - want) / np.maximum(scale, 1e-30)
+    slack = 0.0
+    if one_step and fmt not in ("F16", "BF16"):  # those take float activations
+        slack = np.abs(x).max(axis=1, keepdims=True) / 127 * wd.max(axis=1)
+    err = (np.abs(y - want) - slack) / np.maximum(scale, 1e-30)
     assert err.max() < 1e-5, f"{fmt}: max error {err.max():.2e} of sum |x||w|"
 
 
@@ -174,10 +182,10 @@ def test_fused_prologues_and_residual(lib, fmt, m):
         x, wk, fmt.name, prologue="rms", norm=norm, eps=1e-5, residual=res
     )
     xn = _rms_input(x, norm, 1e-5)
-    assert_matmul_close(got - res, xn, w, plain)
+    assert_matmul_close(got - res, xn, w, plain, one_step=True)
     x2 = rng.standard_normal((m, 2 * k)).astype(np.float32)
     got = cpu.matmul_np(x2, wk, fmt.name, prologue="swiglu")
-    assert_matmul_close(got, _swiglu_input(x2), w, plain)
+    assert_matmul_close(got, _swiglu_input(x2), w, plain, one_step=True)
     jax = pytest.importorskip("jax")
     fused = jax.jit(
         lambda x, w, n, r: cpu.matmul(
