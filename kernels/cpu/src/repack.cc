@@ -67,6 +67,7 @@ inline uint32_t load_u32(const uint8_t* p) {
 // kZ: the zero point the stored q carry (value d (q - kZ) + m); kMin: a min m.
 struct Q8_0 {
   static constexpr int kBytes = 34, kGroup = 16 + 256, kZ = 0, kM = 0;
+  static constexpr int kQMax = 128;  // the largest unsigned weight a product takes (AVX2: |q|)
   static constexpr bool kMin = false;
   static void repack(const uint8_t* src, size_t stride, uint8_t* g) {
     for (int r = 0; r < kR; r++)
@@ -85,6 +86,7 @@ struct Nibbles {
   static constexpr bool kMin = kMin_;
   static constexpr int kBytes = 18 + 2 * kMin + 4 * kHigh, kGroup = kR * kBytes;
   static constexpr int kZ = kMin ? 0 : kHigh ? 16 : 8;
+  static constexpr int kQMax = kHigh ? 31 : 15;
   // offsets: plain block (qh, qs), group (m, h, qs)
   static constexpr int kPlainQh = 2 + 2 * kMin, kPlainQs = kPlainQh + 4 * kHigh;
   static constexpr int kM = 16, kH = 16 + 16 * kMin, kQs = kH + 32 * kHigh;
@@ -249,10 +251,27 @@ constexpr int kMaxRows = 8;
 constexpr int kMaxRows = 4;
 #endif
 
+// Without VNNI a product is vpmaddubsw (u8 x s8, adjacent pairs summed to
+// int16) and then vpmaddwd by ones to int32: two multiplies per 32 byte
+// products. A pair sum is at most 2 x kQMax x 127 in size, so int16_run chunks of a
+// block can add up in int16 first (< 2^15: the sums are exact, the bits the
+// same) and one vpmaddwd per run widens them: 4-bit weights (15) 8 chunks, the
+// whole block; 5-bit (31) 4; Q8_0 on AVX2 (|q| up to 128) 1, the plain chain.
+template <class F>
+constexpr int int16_run() {
+  const int n = 32767 / (2 * F::kQMax * 127);
+  return n >= 8 ? 8 : n >= 4 ? 4 : n >= 2 ? 2 : 1;
+}
+
 template <class F, int NR>
 __attribute__((noinline)) void gemm_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y,
                                          size_t ys) {
   using S = Simd<F>;
+#if CAKE_VNNI
+  constexpr int R = 1;
+#else
+  constexpr int R = int16_run<F>();
+#endif
   // below 4 rows, two chains of products per row so that their latency does not bind
   constexpr int U = NR < 4 ? 2 : 1;
   __m256 acc[NR];
@@ -272,9 +291,22 @@ __attribute__((noinline)) void gemm_rows(int64_t nb, const uint8_t* w, const voi
       const cake_q8_32* xb = xr[i] + b;
       __m256i s[U];
       for (int u = 0; u < U; u++) s[u] = _mm256_setzero_si256();
-      for (int c = 0; c < 8; c++) {
-        const __m256i xv = _mm256_set1_epi32((int)load_u32((const uint8_t*)xb->qs + 4 * c));
-        s[c % U] = dot_acc(s[c % U], wq[c], S::signed_x(xv, w, c));
+      if constexpr (R == 1) {
+        for (int c = 0; c < 8; c++) {
+          const __m256i xv = _mm256_set1_epi32((int)load_u32((const uint8_t*)xb->qs + 4 * c));
+          s[c % U] = dot_acc(s[c % U], wq[c], S::signed_x(xv, w, c));
+        }
+      } else {  // runs of R chunks summed in int16 (int16_run), two chains below 4 rows
+        for (int c0 = 0; c0 < 8; c0 += R) {
+          __m256i h[U];
+          for (int c = c0; c < c0 + R; c++) {
+            const __m256i xv = _mm256_set1_epi32((int)load_u32((const uint8_t*)xb->qs + 4 * c));
+            const __m256i p = _mm256_maddubs_epi16(wq[c], S::signed_x(xv, w, c));
+            h[c % U] = c - c0 < U ? p : _mm256_add_epi16(h[c % U], p);
+          }
+          if (U == 2) h[0] = _mm256_add_epi16(h[0], h[U - 1]);
+          s[0] = _mm256_add_epi32(s[0], _mm256_madd_epi16(h[0], _mm256_set1_epi16(1)));
+        }
       }
       if (U == 2) s[0] = _mm256_add_epi32(s[0], s[U - 1]);
       if constexpr (F::kMin) {
