@@ -366,11 +366,20 @@ def worker(
             help="With keys: announce this worker on the local network (mDNS)."
         ),
     ] = True,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="No model here: the master streams the weights of the layers it "
+            "assigns, kept in DIR for later runs.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a range of layers to masters over ZeroMQ until Ctrl-C or SIGTERM.
 
     Without --layers or --name the worker waits for a master to assign its layers
-    (`cake run --topology auto --workers ...`)."""
+    (`cake run --topology auto --workers ...`); with --cache-dir and no --model
+    the master also sends their weights."""
     from cake.cli_worker import WorkerOptions, worker_command
 
     worker_command(
@@ -388,6 +397,7 @@ def worker(
             allow_keys=allow_keys,
             insecure=insecure,
             announce=announce,
+            cache_dir=cache_dir,
         )
     )
 

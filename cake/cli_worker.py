@@ -31,6 +31,7 @@ class WorkerOptions:
     allow_keys: Path | None
     insecure: bool
     announce: bool = True  # with keys: a DNS-SD service on the local network
+    cache_dir: Path | None = None  # no model: the master streams the weights here
 
 
 def worker_command(o: WorkerOptions) -> None:
@@ -45,10 +46,19 @@ def worker_command(o: WorkerOptions) -> None:
         raise CakeError("give either --layers A-B or --name NAME with --topology FILE")
     if o.name is not None and o.topology is None:
         raise CakeError("--name needs --topology FILE")
-    model = o.model or default_model_path()
-    config, _ = open_checkpoint(model)
-    n = config.num_hidden_layers
     spec, ranges = None, None  # None: a master assigns the layers
+    if o.cache_dir is not None:
+        if o.model is not None or o.layers is not None or o.name is not None:
+            raise CakeError(
+                "--cache-dir is for a worker without a model: the master assigns "
+                "its layers and streams their weights; drop --model, --layers "
+                "and --name"
+            )
+        model, n = None, 0
+    else:
+        model = o.model or default_model_path()
+        config, _ = open_checkpoint(model)
+        n = config.num_hidden_layers
     if o.layers is not None:
         ranges = [parse_layer_range(o.layers, n)]
     elif o.name is not None:
@@ -94,6 +104,7 @@ def worker_command(o: WorkerOptions) -> None:
         dtype=o.dtype,
         context=o.context,
         max_sequences=o.max_sequences,
+        cache_dir=o.cache_dir,
     )
     stopping = []
 
@@ -114,6 +125,7 @@ def worker_command(o: WorkerOptions) -> None:
             f"layers {format_ranges(server.ranges)}"
             if ranges is not None
             else "no layers yet, a master assigns them"
+            + (f" and streams their weights to {o.cache_dir}" if o.cache_dir else "")
         )
         upto = "" if ranges is not None else "up to "
         print(

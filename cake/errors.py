@@ -41,5 +41,9 @@ class NetworkError(CakeError):
     """A worker that cannot be reached, refused, or was lost."""
 
 
+class WorkerLost(NetworkError):
+    """The connection to a worker dropped, or it stopped answering."""
+
+
 class ServerError(CakeError):
     """A server that `cake chat` cannot reach, that refused it, or that failed."""

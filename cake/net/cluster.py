@@ -71,6 +71,7 @@ def connect_workers(
                 retry_timeout=retry_timeout,
                 request_timeout=request_timeout,
             )
+            client.weights = (config, tensors)  # for a worker with --cache-dir
             clients[w.name] = client
             info = client.connect()
             dev = info.get("device") or {}

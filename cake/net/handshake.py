@@ -40,16 +40,31 @@ def ensure_layers(client: WorkerClient, h: dict[str, Any]) -> dict[str, Any]:
     e = client.expect
     if e is None or h.get("fixed", True):
         return h
+    streamed = bool(h.get("streams"))
+    if streamed:  # a worker with no model of its own: send it the weights first
+        if client.weights is None:
+            raise NetworkError(
+                f"{client.who} has no model (--cache-dir) and this master has no "
+                "weights to stream it"
+            )
+        from cake.net.stream import stream_weights
+
+        stream_weights(client, *client.weights, e.ranges)
     theirs = h.get("model_fingerprint")
-    if e.model_fingerprint and theirs and theirs != e.model_fingerprint:
+    if (
+        e.model_fingerprint
+        and theirs
+        and theirs != e.model_fingerprint
+        and not streamed
+    ):
         raise NetworkError(_different_model(client, h))
     limit = int(h.get("context_limit") or h.get("context") or 1)
     context = min(e.context, limit) if e.context else limit
     held = tuple(tuple(r) for r in h.get("layers") or ())
     if (held, h.get("dtype"), h.get("context")) == (e.ranges, e.dtype, context) and (
-        int(h.get("max_sequences") or 0) >= e.max_sequences
+        int(h.get("max_sequences") or 0) >= e.max_sequences and not streamed
     ):
-        return h
+        return h  # (a streamed worker may have dropped them for new weights)
     print(
         f"cake: {client.who}: loading layers {format_ranges(e.ranges)} "
         f"({e.dtype}, context {context})",

@@ -22,7 +22,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from cake.backends.base import DeviceInfo, Step
-from cake.errors import CacheFullError, ContextLengthError, NetworkError
+from cake.errors import CacheFullError, ContextLengthError, NetworkError, WorkerLost
 from cake.kv import DTYPES
 from cake.net import keys as curve
 from cake.net.handshake import Expect, check_hello, ensure_layers
@@ -76,6 +76,8 @@ class WorkerClient:
         self.retry_timeout, self.request_timeout = retry_timeout, request_timeout
         self.ctx = ctx or zmq.Context.instance()
         self.info: dict[str, Any] = {}
+        # (config, tensors) to stream to a worker without a model (cake/net/stream.py)
+        self.weights: tuple[Any, Any] | None = None
         self._sock: zmq.Socket | None = None
         self._mon: zmq.Socket | None = None
         self._next_id = 0
@@ -93,6 +95,13 @@ class WorkerClient:
         self._open()
         deadline = time.monotonic() + self.retry_timeout
         self.info = self._handshake(deadline, announce=True)
+        return self.info
+
+    def reopen(self) -> dict[str, Any]:
+        """A new connection and hello (no load, no checks), waiting up to
+        retry_timeout for the worker: after a WorkerLost, to go on where it was."""
+        self._open()
+        self.info = self._hello(time.monotonic() + self.retry_timeout, announce=True)
         return self.info
 
     def close(self) -> None:
@@ -298,7 +307,7 @@ class WorkerClient:
         """Wait for the worker to come back, then raise StageReset (or NetworkError)."""
         self.close()
         if not recover:
-            raise NetworkError(f"lost {self.who}: {reason}")
+            raise WorkerLost(f"lost {self.who}: {reason}")
         t = self.retry_timeout
         _say(f"lost {self.who} ({reason}); waiting up to {t:g} s for it to come back")
         self._open()

@@ -38,6 +38,7 @@ from cake.kv import dtype_of
 from cake.net import keys as curve
 from cake.net.protocol import (
     BENCH,
+    CHUNK_OP,
     E_CACHE_FULL,
     E_CONTEXT,
     E_INTERNAL,
@@ -50,6 +51,7 @@ from cake.net.protocol import (
     PING,
     PROTOCOL_VERSION,
     RELEASE,
+    WEIGHTS,
     ProtocolError,
     array_from_frame,
     decode_header,
@@ -61,7 +63,15 @@ from cake.net.protocol import (
     payload,
     step_from_header,
 )
-from cake.net.worker_ops import handle_bench, handle_load, held_bytes, load_worker
+from cake.net.worker_ops import (
+    handle_bench,
+    handle_chunk,
+    handle_load,
+    handle_weights,
+    held_bytes,
+    load_worker,
+)
+from cake.weights.cache import CHUNK, Entry, Manifest, WeightCache
 from cake.weights.source import TensorSource
 
 __all__ = ["DEFAULT_BIND", "WorkerServer", "check_bind", "load_worker"]
@@ -69,6 +79,8 @@ __all__ = ["DEFAULT_BIND", "WorkerServer", "check_bind", "load_worker"]
 DEFAULT_BIND = "tcp://127.0.0.1:10128"
 HWM = 64  # queued messages per peer: bounds the memory a flood can take
 MAX_FRAMES = 3  # routing id, header, activation
+CHUNK_LIMIT = 4 * CHUNK  # the largest weight chunk a streaming worker takes
+MAX_STREAMED_HIDDEN = 16384  # a streaming worker's activation frames assume at most
 
 
 def check_bind(address: str, secure: bool, insecure: bool) -> None:
@@ -101,7 +113,7 @@ class WorkerServer:
     the worker waits for a master to assign its layers: `fixed` False)."""
 
     name: str
-    config: ModelConfig
+    config: ModelConfig | None  # None: a streaming worker before its manifest
     stages: dict[tuple[int, int], StageModel]
     fingerprint: str
     dtype: str
@@ -115,6 +127,10 @@ class WorkerServer:
     limit_sequences: int = 0  # (0: `max_sequences`)
     model_fingerprint: str = ""  # the config's alone, before any layers
     on_load: Callable[[], None] | None = None  # after a load (the announcement)
+    cache: WeightCache | None = None  # --cache-dir: weights streamed by a master
+    manifest: Manifest | None = None  # what the last master streams
+    entries: dict[str, Entry] = field(default_factory=dict)  # the manifest's
+    receiving: list = field(default_factory=list)  # bytes got, expected, report
     sock: zmq.Socket | None = None
     # (connection routing id, master seq id) -> our seq id, the one the stages
     # see; what each stage holds of it is that stage's `seqs` (cake.sequence)
@@ -137,6 +153,8 @@ class WorkerServer:
         item = dtype_of(self.dtype).itemsize
         if not self.fixed:  # a load may ask for up to the limits, in float32
             seqs, ctx, item = self.limit_sequences or seqs, self.limit_context or ctx, 4
+        if self.cache is not None:  # any model a master may stream
+            return max(MAX_HEADER, CHUNK_LIMIT, seqs * ctx * MAX_STREAMED_HIDDEN * 4)
         return max(MAX_HEADER, seqs * ctx * self.config.hidden_size * item)
 
     @property
@@ -232,6 +250,10 @@ class WorkerServer:
             op = header["op"]
             if op == FORWARD:
                 return self._forward(peer, header, frames)
+            if op == CHUNK_OP:
+                return [encode_header(handle_chunk(self, header, frames))]
+            if op == WEIGHTS:
+                return [encode_header(handle_weights(self, header, frames))]
             if op == ECHO and len(frames) <= 2:  # the payload comes back as it came
                 head = {"op": ECHO, "v": PROTOCOL_VERSION, "id": rid}
                 return [encode_header(head), *frames[1:]]
@@ -269,16 +291,17 @@ class WorkerServer:
 
     def hello(self, rid: int, op: str = HELLO) -> dict:
         """What the worker is (also the reply to a load)."""
-        dev = self.device
+        dev, c = self.device, self.config
         return {
             "op": op,
             "v": PROTOCOL_VERSION,
             "id": rid,
             "name": self.name,
             "layers": [list(r) for r in self.ranges],
-            "n_layers": self.config.num_hidden_layers,
-            "model_type": self.config.model_type,
-            "hidden_size": self.config.hidden_size,
+            "n_layers": c.num_hidden_layers if c else 0,
+            "model_type": c.model_type if c else "",
+            "hidden_size": c.hidden_size if c else 0,
+            "streams": self.cache is not None,  # takes weights from the master
             "fingerprint": self.fingerprint,
             "backend": self.backend,
             "device": {"kind": dev.kind, "name": dev.name},

@@ -23,9 +23,12 @@ from cake.errors import CakeError
 from cake.kv import DTYPES
 from cake.net.protocol import (
     BENCH,
+    CHUNK_OP,
     E_ASSIGN,
+    E_CHECKSUM,
     LOAD,
     PROTOCOL_VERSION,
+    WEIGHTS,
     ProtocolError,
     fingerprint,
     format_ranges,
@@ -116,6 +119,79 @@ def handle_bench(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> d
     return {"op": BENCH, "v": PROTOCOL_VERSION, "id": rid, "profile": profile}
 
 
+def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict:
+    """A master's manifest (frame 1, cake/weights/cache.py) of the layers it
+    will assign: the reply's `held` says the bytes of each entry this worker's
+    cache holds, in the manifest's order. Only a worker started with
+    --cache-dir and no model takes one."""
+    from cake.config import ModelConfig
+    from cake.weights.cache import Manifest
+
+    if server.cache is None:
+        raise ProtocolError(
+            f"worker {server.name!r} was started with --model: it streams no weights"
+        )
+    if len(frames) != 2:
+        raise ProtocolError(f"a weights request has 2 frames, got {len(frames)}")
+    if server._seqs:
+        raise ProtocolError(
+            f"worker {server.name!r} is serving sequences: wait for them to end",
+            E_ASSIGN,
+        )
+    try:
+        manifest = Manifest.from_bytes(bytes(frames[1]))
+        config = ModelConfig.from_dict(manifest.config)
+    except CakeError as e:
+        raise ProtocolError(f"bad weights manifest: {e}") from None
+    old = server.manifest
+    if old is not None and [e.digest for e in old.entries()] != [
+        e.digest for e in manifest.entries()
+    ]:
+        server.stages, server.tensors = {}, None  # other weights: drop the old ones
+        gc.collect()
+    server.manifest, server.config = manifest, config
+    server.model_fingerprint = manifest.model_fingerprint
+    server.entries = {e.digest: e for e in manifest.entries()}
+    held = [server.cache.held(e, manifest.chunk) for e in manifest.entries()]
+    need = manifest.nbytes - sum(held)
+    if need:
+        _say(
+            f"receiving {need / 1e6:.1f} MB of weights ({manifest.nbytes / 1e6:.1f} "
+            f"MB for {len(manifest.tensors)} tensors) into {server.cache.root}"
+        )
+    server.receiving = [0, need, 0.1]  # bytes received, expected, next report
+    return {"op": WEIGHTS, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
+
+
+def handle_chunk(server: WorkerServer, header: dict[str, Any], frames) -> dict:
+    """One chunk of an entry of the manifest, written to the cache after its
+    CRC is checked (`checksum` error otherwise: the master sends it again);
+    the reply's `held` is the entry's bytes now held."""
+    from cake.weights.cache import ChecksumError
+
+    if server.manifest is None or len(frames) != 2:
+        raise ProtocolError("a chunk comes after a weights manifest, in 2 frames")
+    e = server.entries.get(header.get("digest"))
+    if e is None:
+        raise ProtocolError("chunk of an entry the manifest does not list")
+    offset = int_field(header, "offset", 0, e.nbytes)
+    crc = int_field(header, "crc", 0, 2**32 - 1)
+    try:
+        held = server.cache.write(e, server.manifest.chunk, offset, frames[1], crc)
+    except ChecksumError as err:
+        raise ProtocolError(str(err), E_CHECKSUM) from None
+    except CakeError as err:
+        raise ProtocolError(str(err)) from None
+    except OSError as err:
+        raise ProtocolError(f"cannot write the weight cache: {err}", E_ASSIGN) from None
+    r = server.receiving
+    r[0] += held - offset
+    if r[1] and r[0] / r[1] >= r[2]:
+        _say(f"received {r[0] / 1e6:.1f} of {r[1] / 1e6:.1f} MB of weights")
+        r[2] += 0.1
+    return {"op": CHUNK_OP, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
+
+
 def held_bytes(server: WorkerServer) -> int:
     """Bytes of weights the worker's loaded stages hold: each stage's own
     `weight_bytes` where its backend reports one, else its tensors' bytes as
@@ -124,9 +200,9 @@ def held_bytes(server: WorkerServer) -> int:
     from cake.shard import Shard
     from cake.weights.names import shard_tensor_names
 
-    n = server.config.num_hidden_layers
     total = 0
     for (a, b), stage in server.stages.items():
+        n = server.config.num_hidden_layers
         held = getattr(stage, "weight_bytes", None)
         if held is None and server.tensors is not None:
             names = shard_tensor_names(server.config, Shard(a, b, n))
@@ -178,6 +254,12 @@ def handle_load(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> di
     the hello after loading. A fixed worker, or one serving another master's
     sequences, refuses (`assign`)."""
     rid = header["id"]
+    if server.config is None:
+        raise ProtocolError(
+            f"worker {server.name!r} has no model yet: the master streams its "
+            "weights first (a newer master), or start it with --model",
+            E_ASSIGN,
+        )
     ranges = _ranges(header, server.config.num_hidden_layers)
     dtype = header.get("dtype")
     if dtype not in DTYPES:
@@ -217,6 +299,13 @@ def handle_load(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> di
     server._release(peer, [s for p, s in list(server._seqs) if p == peer])
     server.stages = {}  # free the old layers before loading the new ones
     gc.collect()
+    if server.cache is not None:  # the layers the master streamed, mapped
+        from cake.weights.cache import CachedSource
+
+        try:
+            server.tensors = CachedSource(server.cache, server.manifest)
+        except CakeError as e:
+            raise ProtocolError(f"worker {server.name!r}: {e}", E_ASSIGN) from None
     _say(f"loading layers {format_ranges(ranges)} ({dtype}, context {context})")
     t0 = time.perf_counter()
     try:
@@ -230,7 +319,10 @@ def handle_load(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> di
         ) from None
     server.stages, server.dtype = stages, dtype
     server.context, server.max_sequences = context, max_sequences
-    server.fingerprint = fingerprint(server.config, ranges, server.tensors)
+    try:
+        server.fingerprint = fingerprint(server.config, ranges, server.tensors)
+    except CakeError as e:  # a streamed manifest of other layers
+        raise ProtocolError(f"worker {server.name!r}: {e}", E_ASSIGN) from None
     dev = server.device
     _say(
         f"serving layers {format_ranges(ranges)} on {server.backend} "
@@ -271,7 +363,7 @@ def load_stages(
 
 
 def load_worker(
-    model: str | Path,
+    model: str | Path | None,
     ranges: Sequence[tuple[int, int]] | None,
     *,
     name: str = "worker",
@@ -280,21 +372,36 @@ def load_worker(
     context: int | None = None,
     max_sequences: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> WorkerServer:
     """Load only `ranges` (half-open) of the model at `model` on `backend`.
 
     ranges None: load nothing yet and wait for a master's `load`; `context` and
-    `max_sequences` are then the most a load may ask for.
+    `max_sequences` are then the most a load may ask for. model None (with
+    `cache_dir`, ranges None): no model at all; a master streams the weights
+    of the layers it assigns into the cache (cake/weights/cache.py).
     """
     from cake.backends.base import auto_backend
     from cake.net.worker import WorkerServer
     from cake.weights.checkpoint import context_for, open_checkpoint, resolve_dtype
 
+    if backend == "auto":
+        backend = auto_backend()
+    if model is None:  # the master streams the weights into cache_dir
+        from cake.weights.cache import WeightCache
+        from cake.weights.checkpoint import DEFAULT_CONTEXT
+
+        ctx = context or DEFAULT_CONTEXT
+        return WorkerServer(
+            name=name, config=None, stages={}, fingerprint="",
+            dtype="float32" if dtype == "auto" else dtype, backend=backend,
+            context=ctx, max_sequences=max_sequences, label="streamed weights",
+            fixed=False, limit_context=ctx, limit_sequences=max_sequences,
+            cache=WeightCache(cache_dir),
+        )  # fmt: skip
     config, tensors = open_checkpoint(model)
     dtype = resolve_dtype(dtype, tensors)
     ctx = context_for(config, context)
-    if backend == "auto":
-        backend = auto_backend()
     stages = {}
     if ranges is not None:
         stages = load_stages(

@@ -1,0 +1,206 @@
+"""Weight streaming: a `cake worker --cache-dir` with no model gets its layers'
+weights from the master, as stored, and keeps them (real processes on loopback)."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cake
+from cake.errors import CakeError
+from cake.net import stream
+from cake.net.handshake import Expect
+from cake.net.protocol import fingerprint
+from cake.net.remote import RemoteStage, WorkerClient
+from cake.weights.cache import (
+    CachedSource,
+    ChecksumError,
+    ChunkError,
+    Manifest,
+    WeightCache,
+    chunk_crcs,
+    entry_digest,
+    flat_bytes,
+)
+from cake.weights.checkpoint import open_checkpoint
+from cake.weights.packed import Packed, stored_tensor
+from tests.netutil import PYTHON, Proc, free_port, tiny_model, write_topology
+from tests.netutil import cake as cake_proc
+from tests.smollm import smollm_gguf
+
+PROMPT = "w5 w17 w99 w3 w42 w7 w64 w12"
+SMALL_CHUNK = 1 << 16  # several chunks per SmolLM2 matrix
+
+
+def _stream_worker(cache: Path, port: int) -> Proc:
+    w = Proc([PYTHON, "-m", "tests.netutil", "worker", "--cache-dir", str(cache),
+              "--bind", f"tcp://127.0.0.1:{port}", "--backend", "numpy"])  # fmt: skip
+    try:
+        w.wait_for("ready on", 120)
+    except AssertionError:
+        w.kill()
+        raise
+    return w
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def _greedy(model, n=12, **kw) -> str:
+    m = cake.load(model, backend="numpy", retry_timeout=20, **kw)
+    try:
+        if "topology" in kw:
+            assert any(isinstance(s, RemoteStage) for s in m.pipeline.stages)
+        return "".join(m.generate(PROMPT, max_tokens=n, temperature=0))
+    finally:
+        m.close()
+
+
+def test_worker_without_model_gets_weights_then_streams_nothing(tiny, tmp_path, capfd):
+    whole = _greedy(tiny)
+    cache, port = tmp_path / "cache", free_port()
+    topo = write_topology(tmp_path / "t.yaml", {"w": (port, "1-2")})
+    w = _stream_worker(cache, port)
+    try:
+        assert _greedy(tiny, topology=topo) == whole
+        err = capfd.readouterr().err
+        assert "streaming" in err and "MB of weights sent" in err
+        config, tensors = open_checkpoint(tiny)
+        want = stream.build_manifest(config, tensors, [(1, 3)])
+        blobs = sorted(p.name for p in (cache / "blobs").iterdir())
+        assert blobs == sorted({e.digest for e in want.entries()})  # no .part left
+        assert "receiving" in w.stderr
+    finally:
+        assert w.terminate() == 0, w.stderr
+    # a new worker process on the same cache: nothing to send
+    w = _stream_worker(cache, port)
+    try:
+        assert _greedy(tiny, topology=topo) == whole
+        err = capfd.readouterr().err
+        assert "holds the weights already" in err and "streaming" not in err
+    finally:
+        assert w.terminate() == 0, w.stderr
+
+
+def _client(model: Path, port: int, ranges) -> WorkerClient:
+    config, tensors = open_checkpoint(model)
+    e = Expect(fingerprint(config, ranges, tensors), tuple(ranges), "float32",
+               config.model_type, config.num_hidden_layers, config.hidden_size,
+               fingerprint(config, [], tensors))  # fmt: skip
+    c = WorkerClient("w", f"tcp://127.0.0.1:{port}", e, retry_timeout=60)
+    c.weights = (config, tensors)
+    return c
+
+
+def test_quantized_layers_stay_quantized_and_a_damaged_chunk_is_sent_again(
+    tmp_path, capfd, monkeypatch
+):
+    monkeypatch.setattr(stream, "CHUNK", SMALL_CHUNK)
+    model = smollm_gguf()
+    cache, port = tmp_path / "cache", free_port()
+    w = _stream_worker(cache, port)
+    damaged = []
+
+    def corrupt(k: int, data: bytes) -> bytes:
+        if k in (3, 40):  # two chunks arrive with a flipped bit, once each
+            damaged.append(k)
+            return bytes([data[0] ^ 1]) + data[1:]
+        return data
+
+    c = _client(model, port, [(28, 30)])
+    try:
+        c.connect()  # the worker needs weights: connect streams them (CHUNK)
+        c.close()
+        config, tensors = open_checkpoint(model)
+        for p in (cache / "blobs").iterdir():
+            p.unlink()
+        # again, by hand, with two damaged chunks, into an emptied cache
+        c = _client(model, port, [(28, 30)])
+        c._open()
+        c.info = c._hello(1e12)
+        sent = stream.stream_weights(c, config, tensors, [(28, 30)], corrupt=corrupt)
+        m = stream.build_manifest(config, tensors, [(28, 30)], SMALL_CHUNK)
+        assert damaged == [3, 40] and sent == m.nbytes  # bytes that arrived whole
+        assert capfd.readouterr().err.count("sending that chunk again") == 2
+        src = CachedSource(WeightCache(cache), m)
+        name = "model.layers.29.mlp.down_proj.weight"
+        got, ref = src.stored(name), stored_tensor(tensors, name)
+        assert isinstance(got, Packed) and got.format == ref.format == "Q4_1"
+        np.testing.assert_array_equal(got.data, ref.data)  # the file's bytes
+        assert sum(src.nbytes(t.name) for t in m.tensors) == m.nbytes
+    finally:
+        c.close()
+        assert w.terminate() == 0, w.stderr
+
+
+def test_a_stream_cut_by_a_worker_restart_resumes(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(stream, "CHUNK", SMALL_CHUNK)
+    model = smollm_gguf()
+    cache, port = tmp_path / "cache", free_port()
+    workers = [_stream_worker(cache, port)]
+
+    def restart(k: int, data: bytes) -> bytes:
+        if k == 30:  # mid-entry: the new worker finds a .part to go on from
+            workers[0].kill()
+            assert list((cache / "blobs").glob("*.part"))
+            workers.append(_stream_worker(cache, port))
+        return data
+
+    config, tensors = open_checkpoint(model)
+    c = _client(model, port, [(29, 30)])
+    try:
+        c._open()
+        c.info = c._hello(1e12)
+        sent = stream.stream_weights(c, config, tensors, [(29, 30)], corrupt=restart)
+        m = stream.build_manifest(config, tensors, [(29, 30)], SMALL_CHUNK)
+        # chunk 30 was lost with the first worker and sent again: nothing else
+        assert sent == m.nbytes, (sent, m.nbytes)
+        assert "reconnecting to resume" in capfd.readouterr().err
+        CachedSource(WeightCache(cache), m)  # every entry whole and checked
+    finally:
+        c.close()
+        for w in workers[1:]:
+            assert w.terminate() == 0, w.stderr
+
+
+def test_cache_checks_chunks_and_resumes_parts(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 3 * SMALL_CHUNK - 5, np.uint8)
+    crcs = chunk_crcs(data, SMALL_CHUNK)
+    from cake.weights.cache import Entry
+
+    e = Entry("data", "uint8", (data.size,), data.size,
+              entry_digest(data.size, SMALL_CHUNK, crcs))  # fmt: skip
+    c = WeightCache(tmp_path)
+    piece = flat_bytes(data)[:SMALL_CHUNK].tobytes()
+    with pytest.raises(ChecksumError):
+        c.write(e, SMALL_CHUNK, 0, bytes([piece[0] ^ 4]) + piece[1:], crcs[0])
+    assert c.held(e, SMALL_CHUNK) == 0
+    assert c.write(e, SMALL_CHUNK, 0, piece, crcs[0]) == SMALL_CHUNK
+    with pytest.raises(ChunkError):  # not where the held bytes end
+        c.write(e, SMALL_CHUNK, 2 * SMALL_CHUNK, piece, crcs[0])
+    c = WeightCache(tmp_path)  # a restarted worker: the part is still there
+    assert c.held(e, SMALL_CHUNK) == SMALL_CHUNK
+    for k in (1, 2):
+        part = data[k * SMALL_CHUNK : (k + 1) * SMALL_CHUNK].tobytes()
+        c.write(e, SMALL_CHUNK, k * SMALL_CHUNK, part, zlib.crc32(part))
+    assert c.held(e, SMALL_CHUNK) == data.size
+    np.testing.assert_array_equal(c.array(e), data)
+    # an entry whose chunks pass but whose digest does not is refused
+    bad = Entry("data", "uint8", (10,), 10, "0" * 64)
+    with pytest.raises(ChecksumError, match="digest"):
+        c.write(bad, SMALL_CHUNK, 0, b"x" * 10, zlib.crc32(b"x" * 10))
+    assert c.held(bad, SMALL_CHUNK) == 0
+
+
+def test_bad_manifest_and_flags_fail_in_one_line(tmp_path):
+    with pytest.raises(CakeError, match="bad weights manifest"):
+        Manifest.from_bytes(b'{"config": {}, "tensors": [{"name": 1}]}')
+    p = cake_proc("worker", "--cache-dir", str(tmp_path), "--layers", "0-1")
+    assert p.wait(60) != 0
+    assert "--cache-dir is for a worker without a model" in p.stderr
+    assert "Traceback" not in p.stderr
