@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -161,6 +161,62 @@ class WorkerClient:
                     on_progress(h["progress"])
                 continue  # an interim reply; the answer follows
             return h, (reply[1] if len(reply) > 1 else None)
+
+    def pipelined(
+        self,
+        messages: Iterable[tuple[dict[str, Any], Any]],
+        window: int,
+        on_reply: Callable[[dict[str, Any], dict[str, Any]], None],
+    ) -> None:
+        """Send (header, frame) messages with up to `window` awaiting replies;
+        on_reply(header, reply) for each answer that is not an error. The first
+        error stops the sending: the replies in flight are awaited (later errors
+        dropped), then it raises as `request(recover=False)` would."""
+        sent: dict[int, dict[str, Any]] = {}  # id -> header, in sending order
+        error: dict[str, Any] | None = None
+        it = iter(messages)
+        more = True
+        deadline = time.monotonic() + self.request_timeout
+        while True:
+            while more and error is None and len(sent) < window:
+                if self._sock is None:
+                    self._lost("it is not connected", False)
+                if self._events_pending():
+                    self._drain_events()
+                if self._dropped:
+                    self._lost("the connection dropped", False)
+                try:
+                    header, data = next(it)
+                except StopIteration:
+                    more = False
+                    break
+                rid = header["id"] = self._new_id()
+                try:
+                    self._sock.send_multipart([encode_header(header), data], copy=False)
+                except zmq.Again:
+                    self._lost("it takes no messages", False)
+                sent[rid] = header
+            if not sent:
+                break
+            reply = self._recv()
+            if reply is None:
+                self._drain_events()
+                if self._dropped:
+                    self._lost("the connection dropped", False)
+                if time.monotonic() > deadline:
+                    self._lost(f"no answer within {self.request_timeout:g} s", False)
+                continue
+            h = self._decode(reply[0])
+            header = sent.pop(h["id"], None)
+            if header is None:
+                continue  # a late reply to an abandoned request
+            deadline = time.monotonic() + self.request_timeout
+            if h["op"] == ERROR:
+                error = error or h
+            else:
+                on_reply(header, h)
+        if error is not None:
+            self._raise_error(error, False)
 
     def _recv(self) -> list | None:
         """One message's frames, or None after WAIT_MS without one."""

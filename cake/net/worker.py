@@ -223,6 +223,8 @@ class WorkerServer:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        if self.cache is not None:
+            self.cache.close()  # entries half received stay as .part files
 
     # --- one message ----------------------------------------------------------
 

@@ -53,7 +53,8 @@ def _say(message: str) -> None:
 def handle_bench(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> dict:
     """Probe this worker's device; the reply carries `profile` (a DeviceProfile dict).
 
-    Fields: `synthetic` (a shape name, or null for the worker's own model),
+    Fields: `synthetic` (a shape name, or null for the worker's own model;
+    a worker with no model, --cache-dir, takes the model's `config` instead),
     `context`, `layers`, `dtype` ("auto" or a dtype), and optionally `short`,
     `chunk`, `batch`, `repeats` (cake.bench.profile_local's parameters).
     """
@@ -82,6 +83,17 @@ def handle_bench(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> d
             None,
             f"synthetic {synthetic}",
         )
+    elif server.cache is not None:  # no model of its own: the master's shape
+        from cake.config import ModelConfig
+
+        try:
+            config = ModelConfig.from_dict(header.get("config"))
+        except (CakeError, TypeError, AttributeError) as e:
+            raise ProtocolError(
+                f"a worker with no model (--cache-dir) probes the shape in "
+                f"'config': {e}"
+            ) from None
+        tensors, label = None, f"{config.model_type} shape, random float weights"
     else:
         config, tensors, label = server.config, server.tensors, server.label
         if tensors is None:
@@ -133,11 +145,6 @@ def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict
         )
     if len(frames) != 2:
         raise ProtocolError(f"a weights request has 2 frames, got {len(frames)}")
-    if server._seqs:
-        raise ProtocolError(
-            f"worker {server.name!r} is serving sequences: wait for them to end",
-            E_ASSIGN,
-        )
     try:
         manifest = Manifest.from_bytes(bytes(frames[1]))
         config = ModelConfig.from_dict(manifest.config)
@@ -147,6 +154,12 @@ def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict
     if old is not None and [e.digest for e in old.entries()] != [
         e.digest for e in manifest.entries()
     ]:
+        if server._seqs:  # the same weights again are fine (a reconnection)
+            raise ProtocolError(
+                f"worker {server.name!r} is serving sequences of other weights: "
+                "wait for them to end",
+                E_ASSIGN,
+            )
         server.stages, server.tensors = {}, None  # other weights: drop the old ones
         gc.collect()
     server.manifest, server.config = manifest, config
@@ -165,7 +178,7 @@ def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict
 
 def handle_chunk(server: WorkerServer, header: dict[str, Any], frames) -> dict:
     """One chunk of an entry of the manifest, written to the cache after its
-    CRC is checked (`checksum` error otherwise: the master sends it again);
+    checksum is checked (`checksum` error otherwise: the master sends it again);
     the reply's `held` is the entry's bytes now held."""
     from cake.weights.cache import ChecksumError
 
@@ -175,9 +188,9 @@ def handle_chunk(server: WorkerServer, header: dict[str, Any], frames) -> dict:
     if e is None:
         raise ProtocolError("chunk of an entry the manifest does not list")
     offset = int_field(header, "offset", 0, e.nbytes)
-    crc = int_field(header, "crc", 0, 2**32 - 1)
+    sum_ = int_field(header, "sum", 0, 2**64 - 1)
     try:
-        held = server.cache.write(e, server.manifest.chunk, offset, frames[1], crc)
+        held = server.cache.write(e, server.manifest.chunk, offset, frames[1], sum_)
     except ChecksumError as err:
         raise ProtocolError(str(err), E_CHECKSUM) from None
     except CakeError as err:
