@@ -40,6 +40,7 @@ from cake.plan import (
     plan,
 )
 from cake.shard import Shard
+from cake.split import hf_config_dict
 from cake.topology import Topology, WorkerSpec
 from cake.weights.source import TensorSource
 
@@ -217,9 +218,12 @@ def auto_plan(
             )
         ]
         head = head_seconds(config, tensors, backend, dtype)
+        shape = hf_config_dict(config)  # what a worker with no model probes
         for c in clients:
             say(f"probing {c.who}")
-            profiles.append(probe_client(c, synthetic=None, batch=1, **probe))
+            profiles.append(
+                probe_client(c, synthetic=None, batch=1, model_config=shape, **probe)
+            )
     finally:
         for c in clients:
             c.close()

@@ -169,9 +169,12 @@ def probe_client(
     repeats: int = 3,
     timeout: float | None = None,
     progress: RemoteProgress | None = None,
+    model_config: dict | None = None,
 ) -> DeviceProfile:
     """The link, then the worker's own probe; the profile is named after the
-    client, with its address, round trip and bandwidth."""
+    client, with its address, round trip and bandwidth. model_config (the
+    master's config.json fields): what a worker with no model of its own
+    (--cache-dir) probes, with random weights of that shape."""
     name = client.name
 
     def show(phase: str, done: int, total: int) -> None:
@@ -201,6 +204,8 @@ def probe_client(
         "batch": batch,
         "repeats": repeats,
     }
+    if info.get("streams") and synthetic is None and model_config is not None:
+        header["config"] = model_config
 
     def relay(p: dict) -> None:
         done, total = p.get("done"), p.get("total")
