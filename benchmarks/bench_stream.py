@@ -1,0 +1,253 @@
+"""Weight streaming on loopback against copying the same bytes with bare ZeroMQ.
+
+The bench writes a GGUF of random Q4_0 blocks (1B-shaped layers, --layers of
+them), starts a real `cake worker --cache-dir` (no model) and streams it those
+layers through `cake.net.stream.stream_weights`, as `cake run` does for such a
+worker; then copies the same number of bytes, in chunks of the same size, to a
+bare ZeroMQ ROUTER in another process, two ways: pipelined (the DEALER sends
+every chunk, the receiver answers once at the end: the ceiling) and one reply
+per chunk with as many in flight as cake's stream (its request pattern, with
+no checksums, files or manifest), and the same plus writing each chunk to a
+file in the workers' folder (what storing them costs on this disk). The
+systems alternate, round by round; each figure is the median of --rounds.
+
+cake's figure is measured twice per round: "cold", the master has never
+read the file (it computes the chunks' CRCs while it sends) and the worker's
+cache is empty; "warm digests", the master kept its digests from an earlier
+run (what a second worker of the same model costs). Also printed: the worker's
+resident memory after the stream (bounded by a chunk, not the layers), and the
+bytes sent by a second run on the same cache (0).
+
+    .venv/bin/python benchmarks/bench_stream.py [--layers 8] [--rounds 3] [--json-out F]
+
+Target (issue 10): cake >= 0.8x bare ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from procs import free_port  # noqa: E402
+
+SHAPE_1B = dict(
+    model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
+    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    rope_theta=500000.0, tie_word_embeddings=True,
+)  # fmt: skip
+
+# `python -c BARE tcp://... DIR`: receive TOTAL bytes of chunks (the first
+# message says "MODE TOTAL"); MODE "ack": reply to each chunk, "once": reply
+# after the last one, "write": as "ack", each chunk first written to a file
+# in DIR (the storing a worker's cache does, with nothing else).
+BARE = """
+import os, sys, zmq
+s = zmq.Context().socket(zmq.ROUTER)
+s.maxmsgsize = -1
+s.bind(sys.argv[1])
+print("ready", flush=True)
+while True:
+    mode, total, got, out = None, None, 0, None
+    while True:
+        f = s.recv_multipart(copy=False)
+        if total is None:
+            mode, total = f[1].bytes.decode().split()
+            total = int(total)
+            if mode == "write":
+                out = open(os.path.join(sys.argv[2], "bare.bin"), "wb")
+            s.send_multipart([f[0], b"go"])
+            continue
+        if out is not None:
+            out.write(f[1])
+        got += len(f[1])
+        if mode != "once" or got >= total:
+            s.send_multipart([f[0], b"ok"])
+        if got >= total:
+            break
+    if out is not None:
+        out.close()
+        os.unlink(out.name)
+"""
+
+
+def rss_of(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def start(args: list[str], ready: str, env: dict | None = None) -> subprocess.Popen:
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env={**os.environ, **(env or {})}, text=True)  # fmt: skip
+    t0 = time.monotonic()
+    for line in p.stdout:
+        if ready in line:
+            return p
+        if time.monotonic() - t0 > 300:
+            break
+    p.kill()
+    raise RuntimeError(f"{args[:4]} did not start")
+
+
+def bare(chunks: list[memoryview], mode: str, folder: Path, window: int) -> float:
+    """Seconds to copy `chunks` to a fresh bare ROUTER process (replies per
+    chunk: `window` chunks in flight, as cake's stream)."""
+    import zmq
+
+    port = free_port()
+    p = start([sys.executable, "-c", BARE, f"tcp://127.0.0.1:{port}", str(folder)],
+              "ready")  # fmt: skip
+    try:
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.connect(f"tcp://127.0.0.1:{port}")
+        total = sum(len(c) for c in chunks)
+        s.send_multipart([f"{mode} {total}".encode()])
+        s.recv()
+        t = time.perf_counter()
+        waiting = 0
+        for c in chunks:
+            s.send(c, copy=False)
+            waiting += 1
+            if mode != "once" and waiting == window:
+                s.recv()
+                waiting -= 1
+        for _ in range(waiting if mode != "once" else 1):
+            s.recv()
+        dt = time.perf_counter() - t
+        s.close(0)
+        return dt
+    finally:
+        p.kill()
+        p.wait()
+
+
+def cake_stream(
+    model: Path, ranges, cache: Path, window: int = 16
+) -> tuple[float, int, int, int]:
+    """(seconds, bytes sent, worker RSS after, bytes a second stream sends) for
+    a worker on an empty `cache`."""
+    from cake.net import stream
+    from cake.net.handshake import Expect
+    from cake.net.protocol import fingerprint
+    from cake.net.remote import WorkerClient
+    from cake.weights.checkpoint import open_checkpoint
+
+    port = free_port()
+    w = start([sys.executable, "-m", "cake", "worker", "--cache-dir", str(cache),
+               "--bind", f"tcp://127.0.0.1:{port}", "--backend", "numpy"], "ready on",
+              env={"CAKE_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        config, tensors = open_checkpoint(model)
+        e = Expect(fingerprint(config, ranges, tensors), tuple(ranges), "float32",
+                   config.model_type, config.num_hidden_layers, config.hidden_size)  # fmt: skip
+        c = WorkerClient("w", f"tcp://127.0.0.1:{port}", e, retry_timeout=60)
+        c._open()
+        c.info = c._hello(time.monotonic() + 60)
+        t = time.perf_counter()
+        sent = stream.stream_weights(c, config, tensors, ranges, window=window)
+        dt = time.perf_counter() - t
+        rss = rss_of(w.pid)
+        again = stream.stream_weights(c, config, tensors, ranges)
+        c.close()
+        return dt, sent, rss, again
+    finally:
+        w.kill()
+        w.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--window", type=int, default=16, help="chunks in flight")
+    ap.add_argument("--worker-dir", type=Path, help="where the workers' caches go "
+                    "(default: a temporary folder; /dev/shm: memory, no disk)")  # fmt: skip
+    a = ap.parse_args()
+    from random_weights import write_random_gguf
+
+    from cake.shard import Shard
+    from cake.weights.cache import CHUNK, flat_bytes, raw_entries
+    from cake.weights.checkpoint import open_checkpoint
+    from cake.weights.names import shard_tensor_names
+    from cake.weights.packed import stored_tensor
+
+    tmp = Path(tempfile.mkdtemp(prefix="cake-bench-stream-"))
+    os.environ["CAKE_CACHE_DIR"] = str(tmp / "master-cache")  # the master's digests
+    try:
+        model = write_random_gguf(tmp / "m.gguf", SHAPE_1B, lambda _n: "Q4_0")
+        ranges = [(0, a.layers)]
+
+        def file_chunks() -> list[memoryview]:
+            """The layers' bytes in CHUNK pieces, from a new mapping of the file
+            (its pages are faulted in while they are sent, as cake's are)."""
+            config, tensors = open_checkpoint(model)
+            n_layers = config.num_hidden_layers
+            out = []
+            for n in shard_tensor_names(config, Shard(0, a.layers, n_layers)):
+                for _, arr in raw_entries(stored_tensor(tensors, n)):
+                    mv = memoryview(flat_bytes(arr))
+                    out += [mv[o : o + CHUNK] for o in range(0, len(mv), CHUNK)]
+            return out
+
+        chunks = file_chunks()
+        total = sum(len(c) for c in chunks)
+        res = {
+            "cold": [],
+            "warm": [],
+            "bare_once": [],
+            "bare_ack": [],
+            "bare_write": [],
+        }
+        rss, again = [], []
+        for r in range(a.rounds):
+            shutil.rmtree(tmp / "master-cache", ignore_errors=True)  # cold digests
+            for kind in ("cold", "warm"):
+                cache = (a.worker_dir or tmp) / f"cake-bench-worker-{r}-{kind}"
+                dt, sent, rs, ag = cake_stream(model, ranges, cache, a.window)
+                assert sent == total, (sent, total)
+                res[kind].append(total / dt)
+                rss.append(rs)
+                again.append(ag)
+                shutil.rmtree(cache)
+            for mode in ("once", "ack", "write"):
+                folder = a.worker_dir or tmp
+                dt = bare(file_chunks(), mode, folder, a.window)
+                res[f"bare_{mode}"].append(total / dt)
+        med = {k: statistics.median(v) for k, v in res.items()}
+        anchor = med["bare_once"]
+        print(f"{a.layers} layers of a 1B-shaped Q4_0 GGUF: {total / 1e6:.1f} MB in "
+              f"{len(chunks)} chunks of {CHUNK >> 20} MiB; median of {a.rounds} rounds")  # fmt: skip
+        print("| system | MB/s | vs bare ZeroMQ (pipelined) |")
+        print("|---|---:|---:|")
+        for k, label in (("bare_once", "bare ZeroMQ, pipelined (anchor)"),
+                         ("bare_ack", "bare ZeroMQ, a reply per chunk (same window)"),
+                         ("bare_write", "bare ZeroMQ + write to a file, same folder"),
+                         ("cold", "cake stream, cold (CRCs computed while sending)"),
+                         ("warm", "cake stream, digests kept")):  # fmt: skip
+            print(f"| {label} | {med[k] / 1e6:.0f} | {med[k] / anchor:.2f}x |")
+        print(f"worker RSS after the stream: {max(rss) / 1e6:.0f} MB (layers "
+              f"{total / 1e6:.0f} MB); a second run sent {max(again)} bytes")  # fmt: skip
+        if a.json_out:
+            a.json_out.write_text(json.dumps({"bytes": total, "chunks": len(chunks),
+                "samples": res, "median": med, "worker_rss": rss,
+                "second_run_bytes": again, "layers": a.layers}, indent=1))  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
