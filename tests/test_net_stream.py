@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import cake
+from cake.backends.base import available_backends
 from cake.errors import CakeError
 from cake.net import stream
 from cake.net.handshake import Expect
@@ -35,9 +36,9 @@ PROMPT = "w5 w17 w99 w3 w42 w7 w64 w12"
 SMALL_CHUNK = 1 << 16  # several chunks per SmolLM2 matrix
 
 
-def _stream_worker(cache: Path, port: int) -> Proc:
+def _stream_worker(cache: Path, port: int, backend: str = "numpy") -> Proc:
     w = Proc([PYTHON, "-m", "tests.netutil", "worker", "--cache-dir", str(cache),
-              "--bind", f"tcp://127.0.0.1:{port}", "--backend", "numpy"])  # fmt: skip
+              "--bind", f"tcp://127.0.0.1:{port}", "--backend", backend])  # fmt: skip
     try:
         w.wait_for("ready on", 120)
     except AssertionError:
@@ -225,5 +226,20 @@ def test_auto_topology_probes_a_worker_without_model(tiny, tmp_path):
         assert "random float weights" in w.stderr
         used = m.plan.topology is not None
         assert ("receiving" in w.stderr) == used
+    finally:
+        assert w.terminate() == 0, w.stderr
+
+
+@pytest.mark.parametrize(
+    "backend", [b for b in ("jax", "mlx") if b in available_backends()]
+)
+def test_streamed_worker_on_another_backend(tiny, tmp_path, backend):
+    whole = _greedy(tiny)
+    port = free_port()
+    topo = write_topology(tmp_path / "t.yaml", {"w": (port, "0-1")})
+    w = _stream_worker(tmp_path / "cache", port, backend)
+    try:
+        assert _greedy(tiny, topology=topo) == whole
+        assert f"on {backend}" in w.stderr
     finally:
         assert w.terminate() == 0, w.stderr
