@@ -210,22 +210,21 @@ def test_bad_manifest_and_flags_fail_in_one_line(tmp_path):
     assert "Traceback" not in p.stderr
 
 
-def test_auto_topology_probes_a_worker_without_model(tiny, tmp_path):
+def test_auto_topology_probes_and_fills_a_worker_without_model(tiny, tmp_path):
     whole = _greedy(tiny)
     port = free_port()
     w = _stream_worker(tmp_path / "cache", port)
     try:
-        m = cake.load(tiny, backend="numpy", topology="auto",
-                      workers=[f"127.0.0.1:{port}"], retry_timeout=20)  # fmt: skip
-        try:
-            assert m.plan is not None
-            assert "".join(m.generate(PROMPT, max_tokens=12, temperature=0)) == whole
-        finally:
-            m.close()
-        # it probed the master's shape; weights came only if the plan used it
-        assert "random float weights" in w.stderr
-        used = m.plan.topology is not None
-        assert ("receiving" in w.stderr) == used
+        # a slow master (20 ms per forward): the plan gives the worker layers
+        r = Proc([PYTHON, "-m", "tests.netutil", "run", "--model", str(tiny),
+                  "--backend", "slownumpy", "--topology", "auto", "--workers",
+                  f"127.0.0.1:{port}", "--raw", "-t", "0", "-n", "12", PROMPT],
+                 env={"CAKE_TEST_DELAY": "0.02"})  # fmt: skip
+        assert r.wait(240) == 0, r.stderr
+        assert r.stdout.strip() == whole.strip()
+        assert "random float weights" in w.stderr  # it probed the master's shape
+        assert f"127.0.0.1:{port}: layers" in r.stderr, r.stderr
+        assert "streaming" in r.stderr and "receiving" in w.stderr
     finally:
         assert w.terminate() == 0, w.stderr
 
