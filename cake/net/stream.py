@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING
 from cake.errors import NetworkError, WorkerLost
 from cake.net.protocol import CHUNK_OP, E_CHECKSUM, PROTOCOL_VERSION, WEIGHTS
 from cake.shard import Shard
-from cake.weights.cache import CHUNK, Manifest, flat_bytes, raw_entries, tensor_entries
+from cake.weights.cache import (
+    CHUNK,
+    Manifest,
+    TensorEntry,
+    entry_from_json,
+    flat_bytes,
+    raw_entries,
+    tensor_entries,
+)
 from cake.weights.names import shard_tensor_names
 from cake.weights.packed import stored_tensor
 
@@ -104,14 +112,36 @@ def build_manifest(
     entries, sums = [], []
     for a, b in ranges:
         for name in shard_tensor_names(config, Shard(a, b, n)):
-            w = stored_tensor(tensors, name)
-            t, s = tensor_entries(name, w, digests.known, chunk)
-            entries.append(t)
-            sums += s
+            known = _known_tensor(digests.known, name)
+            if known is None:  # read it once: its bytes give the digests
+                w = stored_tensor(tensors, name)
+                known = tensor_entries(name, w, digests.known, chunk)
+                t = known[0]
+                digests.known[name] = {"format": t.format, "shape": list(t.shape),
+                                       "entries": [e.to_json() for e in t.entries]}  # fmt: skip
+            entries.append(known[0])
+            sums += known[1]
     digests.save()
     config_dict = hf_config_dict(config)
     m = Manifest(config_dict, fingerprint(config, [], tensors), chunk, tuple(entries))
     return m, sums
+
+
+def _known_tensor(known: dict, name: str):
+    """(TensorEntry, entry sums) of `name` from the digest cache, or None: a
+    warm run builds its manifest without reading (or un-permuting) a tensor."""
+    meta = known.get(name)
+    if not isinstance(meta, dict):
+        return None
+    try:
+        entries = tuple(entry_from_json(e) for e in meta["entries"])
+        sums = [known[f"{name}/{e.role}"][1] for e in entries]
+        if any(known[f"{name}/{e.role}"][0] != e.digest for e in entries):
+            return None
+        t = TensorEntry(name, meta["format"], tuple(meta["shape"]), entries)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return t, sums
 
 
 class _Bar:

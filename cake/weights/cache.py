@@ -143,7 +143,7 @@ class Manifest:
                     _str(t["name"]),
                     None if t["format"] is None else _str(t["format"]),
                     _shape(t["shape"]),
-                    tuple(_entry(e) for e in t["entries"]),
+                    tuple(entry_from_json(e) for e in t["entries"]),
                 )
                 for t in d["tensors"]
             )
@@ -171,7 +171,8 @@ def _shape(v: Any) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _entry(e: dict) -> Entry:
+def entry_from_json(e: dict) -> Entry:
+    """An Entry from its JSON form, checked (ValueError, KeyError, TypeError)."""
     dtype = e["dtype"]
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r}")
