@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from cake.backends.base import DeviceInfo
 from cake.config import ModelConfig
+from cake.paths import cache_dir
 from cake.shard import Shard
 from cake.weights import TensorSource
 
@@ -17,9 +18,7 @@ _KINDS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"
 
 def compilation_cache_dir() -> Path:
     """`$CAKE_CACHE_DIR/jax`, else `~/.cache/cake/jax`."""
-    base = os.environ.get("CAKE_CACHE_DIR")
-    root = Path(base) if base else Path.home() / ".cache" / "cake"
-    return root / "jax"
+    return cache_dir() / "jax"
 
 
 def enable_compilation_cache() -> None:

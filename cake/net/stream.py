@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from cake.errors import NetworkError, WorkerLost
 from cake.net.protocol import CHUNK_OP, E_CHECKSUM, PROTOCOL_VERSION, WEIGHTS
+from cake.paths import cache_dir
 from cake.shard import Shard
 from cake.weights.cache import (
     CHUNK,
@@ -67,8 +68,6 @@ class DigestCache:
     files stay the same ("name/role" -> [digest, checksums])."""
 
     def __init__(self, tensors: TensorSource, chunk: int) -> None:
-        from cake.kernels.cpu.build import cache_dir
-
         files = _source_files(tensors)
         self.path: Path | None = None
         self.known: dict[str, list] = {}

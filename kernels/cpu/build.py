@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cake.paths import cache_dir
+
 SRC = Path(__file__).resolve().parent / "src"
 LIB_NAME = "libcake_cpu.so"
 # What available() announces before a first build (measured: 7 s on 2 cores).
@@ -43,11 +45,6 @@ class BuildError(Exception):
 
 class NoCompiler(BuildError):
     """No C++ compiler on this machine."""
-
-
-def cache_dir() -> Path:
-    """`$CAKE_CACHE_DIR`, else `~/.cache/cake`."""
-    return Path(os.environ.get("CAKE_CACHE_DIR") or Path.home() / ".cache" / "cake")
 
 
 def compiler() -> str | None:
