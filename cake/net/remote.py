@@ -126,30 +126,13 @@ class WorkerClient:
         timeout: seconds for this request (default request_timeout).
         on_progress: called with the `progress` of interim replies (bench).
         """
-        if self._sock is None:
-            self._lost("it is not connected", recover)
-        if self._events_pending():
-            self._drain_events()
-        if self._dropped:
-            self._lost("the connection dropped", recover)
-        rid = header["id"] = self._new_id()
-        head = encode_header(header)
-        try:
-            self._sock.send_multipart(
-                [head] if data is None else [head, data], copy=False
-            )
-        except zmq.Again:
-            self._lost("it takes no messages", recover)
+        rid = self._send(header, data, recover)
         limit = self.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:
             reply = self._recv()
             if reply is None:  # nothing for WAIT_MS: look at the connection
-                self._drain_events()
-                if self._dropped:
-                    self._lost("the connection dropped", recover)
-                if time.monotonic() > deadline:
-                    self._lost(f"no answer within {limit:g} s", recover)
+                self._check_waiting(deadline, limit, recover)
                 continue
             h = self._decode(reply[0])
             if h["id"] != rid:
@@ -179,32 +162,17 @@ class WorkerClient:
         deadline = time.monotonic() + self.request_timeout
         while True:
             while more and error is None and len(sent) < window:
-                if self._sock is None:
-                    self._lost("it is not connected", False)
-                if self._events_pending():
-                    self._drain_events()
-                if self._dropped:
-                    self._lost("the connection dropped", False)
                 try:
                     header, data = next(it)
                 except StopIteration:
                     more = False
                     break
-                rid = header["id"] = self._new_id()
-                try:
-                    self._sock.send_multipart([encode_header(header), data], copy=False)
-                except zmq.Again:
-                    self._lost("it takes no messages", False)
-                sent[rid] = header
+                sent[self._send(header, data, False)] = header
             if not sent:
                 break
             reply = self._recv()
             if reply is None:
-                self._drain_events()
-                if self._dropped:
-                    self._lost("the connection dropped", False)
-                if time.monotonic() > deadline:
-                    self._lost(f"no answer within {self.request_timeout:g} s", False)
+                self._check_waiting(deadline, self.request_timeout, False)
                 continue
             h = self._decode(reply[0])
             header = sent.pop(h["id"], None)
@@ -217,6 +185,33 @@ class WorkerClient:
                 on_reply(header, h)
         if error is not None:
             self._raise_error(error, False)
+
+    def _send(self, header: dict[str, Any], data: Any, recover: bool) -> int:
+        """Send one request on a live connection; its new id."""
+        if self._sock is None:
+            self._lost("it is not connected", recover)
+        if self._events_pending():
+            self._drain_events()
+        if self._dropped:
+            self._lost("the connection dropped", recover)
+        rid = header["id"] = self._new_id()
+        head = encode_header(header)
+        try:
+            self._sock.send_multipart(
+                [head] if data is None else [head, data], copy=False
+            )
+        except zmq.Again:
+            self._lost("it takes no messages", recover)
+        return rid
+
+    def _check_waiting(self, deadline: float, limit: float, recover: bool) -> None:
+        """After WAIT_MS without a reply: a dropped connection or a deadline
+        passed is a lost worker."""
+        self._drain_events()
+        if self._dropped:
+            self._lost("the connection dropped", recover)
+        if time.monotonic() > deadline:
+            self._lost(f"no answer within {limit:g} s", recover)
 
     def _recv(self) -> list | None:
         """One message's frames, or None after WAIT_MS without one."""
