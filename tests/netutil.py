@@ -161,7 +161,7 @@ class Proc:
 
 
 def start_worker(
-    model: Path,
+    model: Path | None,
     layers: str | None,
     port: int | None,
     *extra: str,
@@ -171,8 +171,11 @@ def start_worker(
 ) -> Proc:
     """`cake worker` on 127.0.0.1:port, returned once it says it is ready.
 
-    layers/port None: the caller's `extra` says where (--name, --topology)."""
-    args = [PYTHON, "-m", "tests.netutil", "worker", "--model", str(model)]
+    layers/port None: the caller's `extra` says where (--name, --topology);
+    model None: a worker with no model (`extra` gives its --cache-dir)."""
+    args = [PYTHON, "-m", "tests.netutil", "worker"]
+    if model is not None:
+        args += ["--model", str(model)]
     if layers is not None:
         args += ["--layers", layers]
     if port is not None:

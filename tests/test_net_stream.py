@@ -28,7 +28,14 @@ from cake.weights.cache import (
 )
 from cake.weights.checkpoint import open_checkpoint
 from cake.weights.packed import Packed, stored_tensor
-from tests.netutil import PYTHON, Proc, free_port, tiny_model, write_topology
+from tests.netutil import (
+    PYTHON,
+    Proc,
+    free_port,
+    start_worker,
+    tiny_model,
+    write_topology,
+)
 from tests.netutil import cake as cake_proc
 from tests.smollm import smollm_gguf
 
@@ -37,14 +44,7 @@ SMALL_CHUNK = 1 << 16  # several chunks per SmolLM2 matrix
 
 
 def _stream_worker(cache: Path, port: int, backend: str = "numpy") -> Proc:
-    w = Proc([PYTHON, "-m", "tests.netutil", "worker", "--cache-dir", str(cache),
-              "--bind", f"tcp://127.0.0.1:{port}", "--backend", backend])  # fmt: skip
-    try:
-        w.wait_for("ready on", 120)
-    except AssertionError:
-        w.kill()
-        raise
-    return w
+    return start_worker(None, None, port, "--cache-dir", str(cache), backend=backend)
 
 
 @pytest.fixture(scope="module")
