@@ -31,6 +31,7 @@ from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.shard import Shard
 from cake.topology import Topology, load_topology, placements
+from cake.weights.cache import raw_entries
 from cake.weights.checkpoint import open_checkpoint
 from cake.weights.gguf import GGUFSource, hf_name
 from cake.weights.names import head_tensor_names, shard_tensor_names
@@ -67,15 +68,13 @@ _CODES = {
 def _raw_tensors(name: str, w: Stored) -> list[tuple[str, np.ndarray]]:
     """The safetensors entries that store `w`: one array, or an mlx-quantized
     matrix's packed weight, scales and biases (mlx-lm's names)."""
-    if not isinstance(w, Packed):
-        return [(name, w)]
-    if not w.is_mlx:
+    if isinstance(w, Packed) and not w.is_mlx:
         raise CakeError(
             f"tensor {name} is stored as {w.format} blocks, which a safetensors "
             "file cannot hold: split the GGUF file itself"
         )
     base = name.removesuffix("weight")
-    return [(name, w.data), (base + "scales", w.scales), (base + "biases", w.biases)]
+    return [(name if role == "data" else base + role, a) for role, a in raw_entries(w)]
 
 
 def _entry_bounds(tensors: TensorSource, name: str) -> list[tuple[str, tuple]]:

@@ -71,7 +71,7 @@ from cake.net.worker_ops import (
     held_bytes,
     load_worker,
 )
-from cake.weights.cache import CHUNK, Entry, Manifest, WeightCache
+from cake.weights.cache import CHUNK, Manifest, WeightCache
 from cake.weights.source import TensorSource
 
 __all__ = ["DEFAULT_BIND", "WorkerServer", "check_bind", "load_worker"]
@@ -129,7 +129,6 @@ class WorkerServer:
     on_load: Callable[[], None] | None = None  # after a load (the announcement)
     cache: WeightCache | None = None  # --cache-dir: weights streamed by a master
     manifest: Manifest | None = None  # what the last master streams
-    entries: dict[str, Entry] = field(default_factory=dict)  # the manifest's
     receiving: list = field(default_factory=list)  # bytes got, expected, report
     sock: zmq.Socket | None = None
     # (connection routing id, master seq id) -> our seq id, the one the stages

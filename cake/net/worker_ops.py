@@ -164,7 +164,6 @@ def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict
         gc.collect()
     server.manifest, server.config = manifest, config
     server.model_fingerprint = manifest.model_fingerprint
-    server.entries = {e.digest: e for e in manifest.entries()}
     held = [server.cache.held(e, manifest.chunk) for e in manifest.entries()]
     need = manifest.nbytes - sum(held)
     if need:
@@ -184,7 +183,7 @@ def handle_chunk(server: WorkerServer, header: dict[str, Any], frames) -> dict:
 
     if server.manifest is None or len(frames) != 2:
         raise ProtocolError("a chunk comes after a weights manifest, in 2 frames")
-    e = server.entries.get(header.get("digest"))
+    e = server.manifest.by_digest.get(header.get("digest"))
     if e is None:
         raise ProtocolError("chunk of an entry the manifest does not list")
     offset = int_field(header, "offset", 0, e.nbytes)

@@ -31,6 +31,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,10 @@ class Manifest:
     def entries(self) -> Iterator[Entry]:
         for t in self.tensors:
             yield from t.entries
+
+    @cached_property
+    def by_digest(self) -> dict[str, Entry]:
+        return {e.digest: e for e in self.entries()}
 
     def to_bytes(self) -> bytes:
         body = {
