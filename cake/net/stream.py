@@ -51,24 +51,13 @@ def _say(message: str) -> None:
     print(f"cake: {message}", file=sys.stderr, flush=True)
 
 
-def _source_files(tensors: TensorSource) -> list[Path]:
-    """The files behind a checkpoint source (none known: digests not kept)."""
-    from cake.weights.gguf import GGUFSource
-    from cake.weights.safetensors import SafetensorsSource
-
-    if isinstance(tensors, GGUFSource):
-        return [tensors.path]
-    if isinstance(tensors, SafetensorsSource):
-        return sorted(set(tensors._where.values()))
-    return []
-
-
 class DigestCache:
     """Entry digests and chunk checksums of one checkpoint, kept while its
     files stay the same ("name/role" -> [digest, checksums])."""
 
     def __init__(self, tensors: TensorSource, chunk: int) -> None:
-        files = _source_files(tensors)
+        # the files behind the source (a source that names none: not kept)
+        files = tensors.files() if hasattr(tensors, "files") else []
         self.path: Path | None = None
         self.known: dict[str, list] = {}
         if not files:
@@ -149,7 +138,6 @@ class _Bar:
     def __init__(self, label: str, total: int) -> None:
         self.label, self.total, self.done, self._next = label, total, 0, 0.1
         self._rich = None
-        self._t0 = time.monotonic()
         if sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import DownloadColumn, Progress, TransferSpeedColumn

@@ -350,6 +350,10 @@ class GGUFSource:
     def keys(self) -> list[str]:
         return list(self._tensors)
 
+    def files(self) -> list[Path]:
+        """The file the tensors are read from."""
+        return [self.path]
+
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
 

@@ -143,6 +143,10 @@ class SafetensorsSource:
     def keys(self) -> list[str]:
         return list(self._names)
 
+    def files(self) -> list[Path]:
+        """The .safetensors files the tensors are read from."""
+        return sorted(set(self._where.values()))
+
     def __contains__(self, name: object) -> bool:
         return name in self._where
 

@@ -16,6 +16,9 @@ class TensorSource(Protocol):
     tensors come back dequantized to float32). Linear weights are (out, in) as
     in PyTorch.
 
+    Readers of files may also offer `files()`, the paths they read (what
+    identifies the checkpoint on disk, e.g. for cake/net/stream.py's digests).
+
     Readers of quantized files also offer `stored(name)`: the tensor as the
     file holds it, a float array or a `cake.weights.packed.Packed`, with no
     decoding. Backends read through `packed.stored_tensor(source, name)`, which
