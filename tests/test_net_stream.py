@@ -3,6 +3,7 @@ weights from the master, as stored, and keeps them (real processes on loopback).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,21 +147,28 @@ def test_a_stream_cut_by_a_worker_restart_resumes(tmp_path, capfd, monkeypatch):
     model = smollm_gguf()
     cache, port = tmp_path / "cache", free_port()
     workers = [_stream_worker(cache, port)]
+    config, tensors = open_checkpoint(model)
+    m, _ = stream.build_manifest(config, tensors, [(29, 30)], SMALL_CHUNK)
+    # the first chunk past 20 that is not an entry's first: chunk cut - 1, already
+    # sent when chunk cut is made, is in the same entry, so a .part must appear
+    starts = np.cumsum([0] + [-(-e.nbytes // SMALL_CHUNK) for e in m.entries()])
+    cut = next(k for k in range(20, starts[-1]) if k not in set(starts))
 
     def restart(k: int, data: bytes) -> bytes:
-        if k == 30:  # mid-entry: the new worker finds a .part to go on from
+        if k == cut:  # mid-entry: the new worker finds a .part to go on from
+            deadline = time.monotonic() + 30
+            while not list((cache / "blobs").glob("*.part")):
+                assert time.monotonic() < deadline, "no .part was written"
+                time.sleep(0.01)
             workers[0].kill()
-            assert list((cache / "blobs").glob("*.part"))
             workers.append(_stream_worker(cache, port))
         return data
 
-    config, tensors = open_checkpoint(model)
     c = _client(model, port, [(29, 30)])
     try:
         c._open()
         c.info = c._hello(1e12)
         sent = stream.stream_weights(c, config, tensors, [(29, 30)], corrupt=restart)
-        m, _ = stream.build_manifest(config, tensors, [(29, 30)], SMALL_CHUNK)
         # what the first worker verified is not sent again: at most the chunks
         # that were in flight when it died
         assert m.nbytes <= sent <= m.nbytes + stream.WINDOW * SMALL_CHUNK
