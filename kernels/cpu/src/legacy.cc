@@ -378,6 +378,13 @@ struct BF16 {
 #endif
 };
 
+// The weight rows are read in order, one after another (a thread's block of
+// rows), so a prefetch this far ahead of the read brings in the rows to come.
+// The 8-row products are bound by their FMAs (51 GMAC/s on one Zen 4 core in
+// cache), and without it the loads waited on memory on top: BF16 3072 x 576,
+// 30 matrices, 2 threads, us: M = 8 284 -> 206, M = 1 97 -> 87.
+constexpr size_t kFloatPrefetch = 8192;
+
 template <class F, int NR>
 void dot_float_rows(int64_t k, const uint16_t* w, const void* x, size_t stride, float* out) {
   const float* xr[NR];
@@ -389,6 +396,7 @@ void dot_float_rows(int64_t k, const uint16_t* w, const void* x, size_t stride, 
   __m512 acc[NR];
   for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
   for (; i + 16 <= k; i += 16) {
+    _mm_prefetch((const char*)(w + i) + kFloatPrefetch, _MM_HINT_T0);
     const __m512 wv = F::widen16(w + i);
     for (int r = 0; r < NR; r++) acc[r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr[r] + i), acc[r]);
   }
@@ -403,6 +411,7 @@ void dot_float_rows(int64_t k, const uint16_t* w, const void* x, size_t stride, 
   __m256 acc[NR];
   for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
   for (; i + 8 <= k; i += 8) {
+    _mm_prefetch((const char*)(w + i) + kFloatPrefetch, _MM_HINT_T0);
     const __m256 wv = F::widen8(w + i);
     for (int r = 0; r < NR; r++) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr[r] + i), acc[r]);
   }
