@@ -152,7 +152,8 @@ def test_a_stream_cut_by_a_worker_restart_resumes(tmp_path, capfd, monkeypatch):
     # the first chunk past 20 that is not an entry's first: chunk cut - 1, already
     # sent when chunk cut is made, is in the same entry, so a .part must appear
     starts = np.cumsum([0] + [-(-e.nbytes // SMALL_CHUNK) for e in m.entries()])
-    cut = next(k for k in range(20, starts[-1]) if k not in set(starts))
+    firsts = set(starts.tolist())
+    cut = next(k for k in range(20, int(starts[-1])) if k not in firsts)
 
     def restart(k: int, data: bytes) -> bytes:
         if k == cut:  # mid-entry: the new worker finds a .part to go on from

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cake.errors import NetworkError, WorkerLost
+from cake.net.progress import ByteBar
 from cake.net.protocol import CHUNK_OP, E_CHECKSUM, PROTOCOL_VERSION, WEIGHTS
 from cake.paths import cache_dir
 from cake.shard import Shard
@@ -132,36 +133,6 @@ def _known_tensor(known: dict, name: str):
     return t, sums
 
 
-class _Bar:
-    """Bytes sent of a total: a rich bar on a terminal, else a line per 10 %."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done, self._next = label, total, 0, 0.1
-        self._rich = None
-        if sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
-
-            self._rich = Progress(
-                *Progress.get_default_columns(), DownloadColumn(),
-                TransferSpeedColumn(), console=Console(stderr=True), transient=True,
-            )  # fmt: skip
-            self._rich.start()
-            self._task = self._rich.add_task(label, total=total)
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self._rich is not None:
-            self._rich.update(self._task, completed=self.done)
-        elif self.total and self.done / self.total >= self._next:
-            _say(f"{self.label}: {self.done / 1e6:.1f} of {self.total / 1e6:.1f} MB")
-            self._next += 0.1
-
-    def close(self) -> None:
-        if self._rich is not None:
-            self._rich.stop()
-
-
 def stream_weights(
     client: WorkerClient,
     config: ModelConfig,
@@ -205,10 +176,10 @@ def stream_weights(
                         f"{client.who}: streaming {need / 1e6:.1f} MB of weights "
                         f"({manifest.nbytes / 1e6:.1f} MB in all)"
                     )
-                    bar = _Bar(f"weights to {client.name}", need)
+                    bar = ByteBar(f"weights to {client.name}", need)
                 chunks = _missing(tensors, manifest, sums, held, count, corrupt)
 
-                def took(header: dict, reply: dict, bar: _Bar = bar) -> None:
+                def took(header: dict, reply: dict, bar: ByteBar = bar) -> None:
                     n = int(reply.get("held", 0)) - header["offset"]
                     count["bytes"] += n
                     bar.advance(n)

@@ -36,6 +36,7 @@ from cake.errors import (
 )
 from cake.kv import dtype_of
 from cake.net import keys as curve
+from cake.net.progress import ByteBar
 from cake.net.protocol import (
     BENCH,
     CHUNK_OP,
@@ -129,7 +130,7 @@ class WorkerServer:
     on_load: Callable[[], None] | None = None  # after a load (the announcement)
     cache: WeightCache | None = None  # --cache-dir: weights streamed by a master
     manifest: Manifest | None = None  # what the last master streams
-    receiving: list = field(default_factory=list)  # bytes got, expected, report
+    receiving: ByteBar | None = None  # the weights still to come, if any
     sock: zmq.Socket | None = None
     # (connection routing id, master seq id) -> our seq id, the one the stages
     # see; what each stage holds of it is that stage's `seqs` (cake.sequence)
@@ -224,6 +225,8 @@ class WorkerServer:
             self._auth = None
         if self.cache is not None:
             self.cache.close()  # entries half received stay as .part files
+        if self.receiving is not None:
+            self.receiving.close()
 
     # --- one message ----------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cake.errors import CakeError
 from cake.kv import DTYPES
+from cake.net.progress import ByteBar
 from cake.net.protocol import (
     BENCH,
     CHUNK_OP,
@@ -171,7 +172,11 @@ def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict
             f"receiving {need / 1e6:.1f} MB of weights ({manifest.nbytes / 1e6:.1f} "
             f"MB for {len(manifest.tensors)} tensors) into {server.cache.root}"
         )
-    server.receiving = [0, need, 0.1]  # bytes received, expected, next report
+    if server.receiving is not None:
+        server.receiving.close()
+    server.receiving = (
+        ByteBar("weights received", need, "cake worker") if need else None
+    )
     return {"op": WEIGHTS, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
 
 
@@ -196,11 +201,12 @@ def handle_chunk(server: WorkerServer, header: dict[str, Any], frames) -> dict:
         raise ProtocolError(str(err)) from None
     except OSError as err:
         raise ProtocolError(f"cannot write the weight cache: {err}", E_ASSIGN) from None
-    r = server.receiving
-    r[0] += held - offset
-    if r[1] and r[0] / r[1] >= r[2]:
-        _say(f"received {r[0] / 1e6:.1f} of {r[1] / 1e6:.1f} MB of weights")
-        r[2] += 0.1
+    bar = server.receiving
+    if bar is not None:
+        bar.advance(held - offset)
+        if bar.done >= bar.total:
+            bar.close()
+            server.receiving = None
     return {"op": CHUNK_OP, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
 
 
