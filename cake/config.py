@@ -58,6 +58,28 @@ _ROPE_FIELDS = {
     ),
     "linear": ("rope_type", "factor"),
 }
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the sparse layers'
+    MLP is the sum of the `top_k` experts the router picks for each token,
+    each weighted by its softmax probability over all experts (renormalised
+    over the top k when `normalize`), plus the shared expert where
+    `shared_intermediate_size` is non-zero (gated by sigmoid(x . gate))."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # each expert's
+    normalize: bool
+    shared_intermediate_size: int = 0
+    decoder_sparse_step: int = 1  # layer i is sparse where (i + 1) % step == 0
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not one of these
+
+    def sparse(self, i: int) -> bool:
+        return i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # the MLP activations the blocks compute
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -88,6 +110,7 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None  # scores -> tanh(s / cap) * cap
     final_logit_softcapping: float | None = None  # logits -> tanh(z / cap) * cap
     hidden_act: str = "silu"  # one of ACTIVATIONS
+    moe: Moe | None = None  # the experts of a mixture-of-experts family
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     torch_dtype: str = "float32"
@@ -124,6 +147,10 @@ class ModelConfig:
         """The sliding window of layer i (of the whole model), or None: it
         attends to every past position."""
         return self.sliding_window if self.is_sliding(i) else None
+
+    def is_moe(self, i: int) -> bool:
+        """Whether layer i (of the whole model) routes its MLP through experts."""
+        return self.moe is not None and self.moe.sparse(i)
 
     def local_rope(self, i: int) -> bool:
         """Whether layer i turns with rope_local_base_freq (unscaled) rather than
@@ -193,13 +220,15 @@ class ModelConfig:
                 rope_scaling=_rope_scaling(rope, max_pos),
                 max_position_embeddings=max_pos,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", fam.tie_default)),
-                attention_bias=fam.qkv_bias or bool(d.get("attention_bias", False)),
+                attention_bias=bool(d.get("qkv_bias", fam.qkv_bias))
+                or bool(d.get("attention_bias", False)),
                 partial_rotary_factor=partial,
                 sliding_window=int(window) if window else None,
                 layer_types=layer_types,
                 rope_local_base_freq=local,
                 **keys,
                 hidden_act=act,
+                moe=_moe(d, fam, n_layers),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=eos_t,
                 torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
@@ -221,6 +250,46 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d.pop("extra")
         return d
+
+
+def _moe(d: dict[str, Any], fam: Family, n_layers: int) -> Moe | None:
+    """The experts of a MoE family's config (None for a dense family, or a
+    Qwen MoE config with no experts: every layer dense, as transformers runs it)."""
+    names = fam.moe
+    if names is None:
+        return None
+    n = int(next((d[k] for k in names.count_keys if d.get(k)), 0))
+    if n == 0 and names.sparse_keys:
+        return None
+    k = int(d.get("num_experts_per_tok") or 0)
+    if not 0 < k <= n:
+        raise ModelError(
+            f"num_experts_per_tok {k} must be between 1 and the {n} experts "
+            f"({names.count_keys[0]})"
+        )
+    size = d.get(names.size_key) if names.size_key else d["intermediate_size"]
+    step = int(d.get("decoder_sparse_step") or 1) if names.sparse_keys else 1
+    only = (
+        tuple(int(i) for i in d.get("mlp_only_layers") or ())
+        if names.sparse_keys
+        else ()
+    )
+    moe = Moe(
+        num_experts=n,
+        top_k=k,
+        intermediate_size=int(size),
+        normalize=True
+        if names.normalize_key is None
+        else bool(d.get(names.normalize_key, False)),
+        shared_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0)
+        if names.shared
+        else 0,
+        decoder_sparse_step=step,
+        mlp_only_layers=only,
+    )
+    if not any(moe.sparse(i) for i in range(n_layers)):
+        return None
+    return moe
 
 
 def _activation(d: dict[str, Any], fam: Family) -> str:

@@ -20,6 +20,30 @@ from cake.errors import ModelError
 
 
 @dataclass(frozen=True)
+class MoeNames:
+    """Where a mixture-of-experts family keeps its experts, and which config
+    keys count. A sparse layer's MLP is the router's top-k experts, weighted by
+    their softmax probabilities (renormalised to sum 1 where `normalize_key`
+    says so, or always when it is None), plus a shared expert where the family
+    has one (Qwen2-MoE: an MLP gated by sigmoid(x . shared_gate))."""
+
+    block: str  # the layer's MoE module: "block_sparse_moe" (Mixtral) or "mlp"
+    # config keys of the number of experts, the first that is set (transformers
+    # 5 writes Qwen3-MoE's as num_local_experts)
+    count_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
+    gate_up: tuple[str, str] = ("gate_proj", "up_proj")  # each expert's gate|up
+    down: str = "down_proj"
+    normalize_key: str | None = "norm_topk_prob"  # None: always renormalised
+    # config keys of the expert MLP's width; None: intermediate_size (Mixtral)
+    size_key: str | None = "moe_intermediate_size"
+    shared: str | None = None  # the shared expert's module (Qwen2-MoE)
+    shared_gate: str | None = None  # its (1, D) sigmoid gate
+    # which layers are sparse: `decoder_sparse_step` and `mlp_only_layers`
+    # (Qwen), else every layer (Mixtral)
+    sparse_keys: bool = True
+
+
+@dataclass(frozen=True)
 class Family:
     model_type: str
     architecture: str  # the transformers class: config.json's `architectures`
@@ -63,6 +87,7 @@ class Family:
     # rope_local_base_freq): the default where the config gives none
     rope_local_default: float | None = None
     gguf_arch: str | None = None  # llama.cpp's `general.architecture`, if read
+    moe: MoeNames | None = None  # a mixture of experts: where its experts are
 
 
 FAMILIES: dict[str, Family] = {
@@ -74,6 +99,17 @@ FAMILIES: dict[str, Family] = {
                sliding_window="use_sliding_window"),
         Family("qwen3", "Qwen3ForCausalLM", qk_norm="head",
                sliding_window="use_sliding_window"),
+        # mixtures of experts: the llama block with a routed MLP (cake.config.Moe)
+        Family("mixtral", "MixtralForCausalLM", sliding_window="always",
+               moe=MoeNames("block_sparse_moe", count_keys=("num_local_experts",),
+                            gate_up=("w1", "w3"), down="w2", normalize_key=None,
+                            size_key=None, sparse_keys=False)),
+        Family("qwen2_moe", "Qwen2MoeForCausalLM", qkv_bias=True,
+               sliding_window="use_sliding_window",
+               moe=MoeNames("mlp", shared="shared_expert",
+                            shared_gate="shared_expert_gate")),
+        Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm="head",
+               sliding_window="use_sliding_window", moe=MoeNames("mlp")),
         Family("olmo2", "Olmo2ForCausalLM", block="olmo2",
                norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                qk_norm="proj", gguf_arch="olmo2"),

@@ -211,6 +211,7 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     """config.json fields (Hugging Face names) that `ModelConfig.from_dict` reads
     back to an equal config."""
     d = config.to_dict()
+    d.pop("moe")
     fam = config.family
     window = d.pop("sliding_window")
     if fam.sliding_window != "never":
@@ -243,7 +244,32 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
             d["original_max_position_embeddings"] = rs.original_max_position_embeddings
     if config.partial_rotary_factor == 1.0:
         d.pop("partial_rotary_factor")
+    d.update(_moe_keys(config))
     return {"architectures": [fam.architecture], **d}
+
+
+def _moe_keys(config: ModelConfig) -> dict[str, Any]:
+    """The config keys of the family's experts (cake.family.MoeNames), for
+    `hf_config_dict`; a MoE family's config without experts says so."""
+    names, moe = config.family.moe, config.to_dict().get("moe")
+    if names is None:
+        return {}
+    if moe is None:
+        return {names.count_keys[0]: 0}
+    d: dict[str, Any] = {
+        names.count_keys[0]: moe["num_experts"],
+        "num_experts_per_tok": moe["top_k"],
+    }
+    if names.size_key:
+        d[names.size_key] = moe["intermediate_size"]
+    if names.normalize_key:
+        d[names.normalize_key] = moe["normalize"]
+    if names.shared:
+        d["shared_expert_intermediate_size"] = moe["shared_intermediate_size"]
+    if names.sparse_keys:
+        d["decoder_sparse_step"] = moe["decoder_sparse_step"]
+        d["mlp_only_layers"] = list(moe["mlp_only_layers"])
+    return d
 
 
 def _export_tokenizer(model_path: Path, folder: Path) -> None:

@@ -104,6 +104,35 @@ ARCHS: dict[str, dict] = {
         ),
         pad_token_id=0,
     ),
+    # mixtures of experts: Mixtral (4 experts, top 2, always renormalised, a
+    # sliding window), Qwen2-MoE (a shared expert with its sigmoid gate, q/k/v
+    # bias, top-2 weights not renormalised, layer 1 dense), Qwen3-MoE (per-head
+    # q/k norms, 8 experts of which 3 are picked, renormalised)
+    "mixtral": dict(
+        model_type="mixtral",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=6,
+        rope_theta=1000000.0,
+    ),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        mlp_only_layers=[1],
+        rope_theta=1000000.0,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        head_dim=24,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=24,
+        norm_topk_prob=True,
+        rope_theta=1000000.0,
+    ),
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cake.backends.base import DeviceInfo, Step
+from cake.backends.numpy import moe
 from cake.config import ModelConfig
 from cake.embedding import embed_scale
 from cake.kv import check_step, dtype_of
@@ -81,9 +82,17 @@ def split_qkv(cfg: ModelConfig, qkv: np.ndarray) -> list[np.ndarray]:
     return np.split(qkv, [q, q + kv], axis=-1)
 
 
+def ffn(cfg: ModelConfig, gate_up: tuple, down: Stored, x: np.ndarray) -> np.ndarray:
+    """A gated MLP: act(x @ gate) * (x @ up) @ down."""
+    gate, up = np.split(linears(x, gate_up), 2, axis=-1)
+    return linear(ACTS[cfg.hidden_act](gate) * up, down)
+
+
 def mlp(cfg: ModelConfig, w: Weights, x: np.ndarray) -> np.ndarray:
-    gate, up = np.split(linears(x, w["gate_up"]), 2, axis=-1)
-    return linear(ACTS[cfg.hidden_act](gate) * up, w["down"])
+    """The layer's MLP on x (n, D), normed: dense, or its experts (moe.py)."""
+    if "router" in w:
+        return moe.mlp(cfg, w, x, ffn, linear)
+    return ffn(cfg, w["gate_up"], w["down"], x)
 
 
 def attn_in(cfg: ModelConfig, w: Weights, x: np.ndarray) -> np.ndarray:
@@ -131,7 +140,20 @@ def load_layer(config: ModelConfig, tensors: TensorSource, i: int) -> Weights:
     if lw.attn_post_norm is not None:
         w["attn_post_norm"] = norm(lw.attn_post_norm)
         w["mlp_post_norm"] = norm(lw.mlp_post_norm)
+    if lw.router is not None:  # matrices as stored, the router too
+        w["router"] = lw.router
+        w["expert_gate_up"] = lw.expert_gate_up
+        w["expert_down"] = lw.expert_down
+        if lw.shared_gate is not None:
+            w["shared_gate"] = lw.shared_gate
     return w
+
+
+def _flat(v) -> list:
+    """The arrays of a weight entry: one, a tuple, or tuples of tuples (experts)."""
+    if isinstance(v, tuple):
+        return [a for p in v for a in _flat(p)]
+    return [] if v is None else [v]
 
 
 class _SeqCache:
@@ -180,12 +202,7 @@ class NumpyLlamaStage:
             self.norm = norm_vector(config, stored_tensor(tensors, norm))
             same = shard.embed and head == "model.embed_tokens.weight"
             self.lm_head = self.embed if same else get(head)
-        held = [
-            w
-            for layer in self.layers
-            for v in layer.values()
-            for w in (v if isinstance(v, tuple) else (v,))
-        ]
+        held = [w for layer in self.layers for v in layer.values() for w in _flat(v)]
         if shard.embed:
             held.append(self.embed)
         if shard.head:

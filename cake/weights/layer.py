@@ -36,13 +36,21 @@ class LayerWeights:
     mlp_norm: Stored  # (D,)
     qkv: tuple[Stored, ...]  # rows stack as q|k|v: ((nh + 2 nkv) hd, D)
     o: Stored  # (D, nh hd)
+    # the dense MLP (in a MoE layer the shared expert, or () and None)
     gate_up: tuple[Stored, ...]  # rows stack as gate|up: (2 I, D)
-    down: Stored  # (D, I)
+    down: Stored | None  # (D, I)
     qkv_bias: tuple[Stored, ...] = ()  # stack as ((nh + 2 nkv) hd,)
     q_norm: Stored | None = None  # (hd,) per head, or (nh hd,): see Family.qk_norm
     k_norm: Stored | None = None  # (hd,) or (nkv hd,)
     attn_post_norm: Stored | None = None  # (D,) on the attention's output
     mlp_post_norm: Stored | None = None  # (D,) on the MLP's output
+    # a MoE layer (cake.config.Moe): the router (E, D); per expert its gate|up
+    # parts ((I_e, D) each) and its down projection (D, I_e); the shared
+    # expert's gate (1, D)
+    router: Stored | None = None
+    expert_gate_up: tuple[tuple[Stored, ...], ...] = ()
+    expert_down: tuple[Stored, ...] = ()
+    shared_gate: Stored | None = None
 
 
 def norm_vector(config: ModelConfig, w: Stored) -> np.ndarray:
@@ -78,6 +86,10 @@ def read_layer(config: ModelConfig, tensors: TensorSource, i: int) -> LayerWeigh
         o=get(names.o),
         gate_up=tuple(get(n) for n in names.gate_up),
         down=get(names.down),
+        router=get(names.router),
+        expert_gate_up=tuple(tuple(get(n) for n in e) for e in names.expert_gate_up),
+        expert_down=tuple(get(n) for n in names.expert_down),
+        shared_gate=get(names.shared_gate),
         qkv_bias=tuple(get(n) for n in names.qkv_bias),
         q_norm=get(names.q_norm),
         k_norm=get(names.k_norm),
