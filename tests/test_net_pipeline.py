@@ -127,3 +127,22 @@ def test_bfloat16_travels_as_two_bytes(tmp_path, started):
         np.testing.assert_allclose(got, want, atol=1e-2, rtol=1e-2)
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_a_mixture_of_experts_across_two_workers(arch, started, tmp_path):
+    """Each MoE family split over two worker processes (a non-NumPy backend
+    where there is one, holding only its layers' experts): the single-process
+    numbers and greedy text."""
+    model = tiny_model(tmp_path / arch, arch)
+    m = cake.load(model, backend="numpy")
+    want = (
+        "".join(m.generate(PROMPT, max_tokens=12, temperature=0)),
+        m.pipeline.forward(np.array([IDS], np.int32), _step()),
+    )
+    m.close()
+    first = OTHERS[0] if OTHERS else "numpy"
+    p1 = _worker(started, model, "0-1", first)
+    p2 = _worker(started, model, "2")
+    topo = write_topology(tmp_path / "t.yaml", {"a": (p1, "0-1"), "b": (p2, "2")})
+    _check(model, topo, want, tmp_path)

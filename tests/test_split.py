@@ -15,7 +15,7 @@ from gguf.quants import quantize
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from cake.backends.base import Step
-from cake.config import ModelConfig, RopeScaling
+from cake.config import ModelConfig, Moe, RopeScaling
 from cake.errors import CakeError, TopologyError
 from cake.pipeline import load_local_stage
 from cake.plan import checkpoint_sizes
@@ -388,9 +388,15 @@ def test_mlx_quantized_tensors_are_written_as_stored(tmp_path):
                     layer_types=("sliding_attention",) * 2 + ("full_attention",),
                     rope_local_base_freq=1e4, hidden_act="gelu_pytorch_tanh",
                     query_pre_attn_scalar=24.0, final_logit_softcapping=8.0),
+        ModelConfig("mixtral", 128, 64, 96, 3, 4, 2, 16, sliding_window=6,
+                    moe=Moe(4, 2, 96, True)),
+        ModelConfig("qwen2_moe", 128, 64, 96, 3, 4, 2, 16, attention_bias=True,
+                    moe=Moe(4, 2, 32, False, 48, mlp_only_layers=(1,))),
+        ModelConfig("qwen3_moe", 128, 64, 96, 4, 4, 2, 24,
+                    moe=Moe(8, 3, 24, True, decoder_sparse_step=2)),
     ],
     ids=["llama3", "mistral", "qwen2", "qwen3", "olmo2", "phi4-mini", "gemma",
-         "gemma2", "gemma3"],
+         "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe"],
 )  # fmt: skip
 def test_hf_config_dict_reads_back_equal(config):
     d = json.loads(json.dumps(hf_config_dict(config)))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cake.backends.jax import moe
 from cake.backends.jax.linear import QMat, mm, mm_cat, rms, take_rows
 from cake.backends.jax.params import Params
 from cake.config import ModelConfig
@@ -193,11 +194,18 @@ def down(
     return mm(jax.nn.gelu(gate, approximate=True) * up, w["wd"], residual=residual)
 
 
+def ffn(cfg: ModelConfig, w: Params, x: jax.Array) -> jax.Array:
+    """A gated MLP of x (..., D) as it is (no norm): an expert's, the shared one's."""
+    return down(cfg, w, mm_cat(x, w["wgu"]))
+
+
 def attn_out(cfg: ModelConfig, w: Params, x: jax.Array, attn: jax.Array) -> jax.Array:
     """The residual block around attention's output attn (B, L, nh hd): x out."""
     with jax.named_scope("attention"):
         x = mm(attn, w["wo"], residual=x)
     with jax.named_scope("mlp"):
+        if "router" in w:  # a mixture of experts (moe.py)
+            return x + moe.mlp(cfg, w, w["ln2"] * rms(x, cfg.rms_norm_eps), ffn)
         gate_up = mm_cat(
             x, w["wgu"], prologue="rms", norm=w["ln2"], eps=cfg.rms_norm_eps
         )

@@ -6,7 +6,8 @@ layer.norm_vector), with post-norms (Gemma 2/3) ln1_post, ln2_post on their
 outputs; wqkv, wgu: tuples of
 weights whose outputs concatenate to the q|k|v and gate|up projections (one
 fused weight when the parts share a format, else one per part); wo, wd: single
-weights; with attention_bias bqkv ((nh + 2 nkv) hd,); with a q/k norm q_norm,
+weights; a MoE layer (cake.config.Moe) adds router, experts (one dict of wgu
+and wd per expert) and, with its shared expert in wgu/wd, shared_gate; with attention_bias bqkv ((nh + 2 nkv) hd,); with a q/k norm q_norm,
 k_norm ((hd,) per head, or the projection's width: see Family.qk_norm). A weight is a float (K, N) matrix for XLA
 (`x @ W`) or a linear.QMat in the checkpoint's format (see linear.py).
 
@@ -199,9 +200,18 @@ def load_params(
             "ln2": load.vector(norm_vector(config, lw.mlp_norm)),
             "wqkv": mats(lw.qkv),
             "wo": mats((lw.o,))[0],
-            "wgu": mats(lw.gate_up),
-            "wd": mats((lw.down,))[0],
         }
+        if lw.down is not None:  # the dense MLP, or a MoE layer's shared expert
+            layer["wgu"] = mats(lw.gate_up)
+            layer["wd"] = mats((lw.down,))[0]
+        if lw.router is not None:
+            layer["router"] = mats((lw.router,))[0]
+            layer["experts"] = tuple(
+                {"wgu": mats(gu), "wd": mats((dn,))[0]}
+                for gu, dn in zip(lw.expert_gate_up, lw.expert_down, strict=True)
+            )
+            if lw.shared_gate is not None:
+                layer["shared_gate"] = mats((lw.shared_gate,))[0]
         if lw.qkv_bias:
             layer["bqkv"] = jnp.concatenate([load.vector(b) for b in lw.qkv_bias])
         if lw.q_norm is not None:
