@@ -1,4 +1,4 @@
-"""The MLX backend: batching, splits with NumPy, bfloat16, cache limits.
+"""The MLX backend: batching, splits with NumPy, bfloat16, cache limits, experts.
 
 Numbers against HF transformers are in test_oracle.py; these check the
 properties that the oracle's single-sequence run does not reach.
@@ -10,21 +10,31 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-pytest.importorskip("mlx.core")
+mx = pytest.importorskip("mlx.core")
 
 from cake.backends import Step, get_backend  # noqa: E402
-from cake.backends.mlx.llama import _SeqCache, to_mx, to_numpy  # noqa: E402
+from cake.backends.mlx import moe  # noqa: E402
+from cake.backends.mlx.llama import _SeqCache, mlp, to_mx, to_numpy  # noqa: E402
+from cake.backends.mlx.quant import load_linear, nbytes  # noqa: E402
+from cake.backends.numpy import llama as numpy_llama  # noqa: E402
+from cake.config import ModelConfig  # noqa: E402
 from cake.errors import (  # noqa: E402
     CacheFullError,  # noqa: E402
     CakeError,
     ContextLengthError,
+    ModelError,
 )
 from cake.shard import Shard  # noqa: E402
 from cake.weights.checkpoint import open_checkpoint  # noqa: E402
-from tests.models import make_checkpoint  # noqa: E402
+from cake.weights.layer import LayerWeights  # noqa: E402
+from cake.weights.names import shard_tensor_names  # noqa: E402
+from cake.weights.packed import stored_tensor  # noqa: E402
+from tests.models import hf_config, make_checkpoint  # noqa: E402
+from tests.test_mlx_quant import random_blocks  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen3"])
+# qwen2_moe: routed experts, a shared expert and a dense layer (1)
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen3", "qwen2_moe"])
 def model(request, tmp_path_factory):
     folder = make_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
     return open_checkpoint(folder)
@@ -170,3 +180,114 @@ def test_device_info():
     assert MlxBackend.is_available()
     (dev,) = MlxBackend.devices()
     assert dev.kind in ("cpu", "metal") and dev.memory_bytes
+
+
+# --- mixtures of experts (moe.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    return open_checkpoint(make_checkpoint("mixtral", tmp_path_factory.mktemp("moe")))
+
+
+def test_moe_weight_bytes_count_every_expert(moe_model):
+    config, tensors = moe_model
+    whole = Shard.whole(config.num_hidden_layers)
+    stored = sum(
+        stored_tensor(tensors, n).nbytes for n in shard_tensor_names(config, whole)
+    )
+    assert load(moe_model).weight_bytes == stored  # float32 in, float32 held
+
+
+def test_moe_sorted_by_expert_equals_unsorted(moe_model, monkeypatch):
+    tokens = ids(np.random.default_rng(4), 40)[None]
+    step = Step((0,), (0,), (40,), all_logits=True)
+    monkeypatch.setattr(moe, "SORT_AT", 10**9)
+    unsorted = load(moe_model).forward(tokens, step)
+    monkeypatch.setattr(moe, "SORT_AT", 1)
+    got = load(moe_model).forward(tokens, step)
+    np.testing.assert_allclose(got, unsorted, atol=1e-5, rtol=1e-5)
+
+
+def _gguf_experts(rng, gate: str, up: str, down: str, n: int = 4) -> LayerWeights:
+    """A Qwen2-MoE layer's MLP tensors of 256 wide, as GGUF blocks."""
+    d = i = 256
+
+    def block(fmt, rows, cols):
+        return random_blocks(fmt, rows, cols, rng, 1e-3, 2e-2)
+
+    def dense(rows, cols):
+        return rng.normal(0, 0.1, (rows, cols)).astype(np.float32)
+
+    return LayerWeights(
+        attn_norm=None,
+        mlp_norm=None,
+        qkv=(),
+        o=None,
+        gate_up=(block("Q8_0", i, d), block("Q8_0", i, d)),
+        down=block("Q8_0", d, i),
+        router=dense(n, d),
+        expert_gate_up=tuple((block(gate, i, d), block(up, i, d)) for _ in range(n)),
+        expert_down=tuple(block(down, d, i) for _ in range(n)),
+        shared_gate=dense(1, d),
+    )
+
+
+@pytest.mark.parametrize(
+    "gate, up, down", [("Q8_0", "Q8_0", "Q4_0"), ("Q4_K", "Q8_0", "Q5_K")]
+)
+def test_moe_quantized_experts_match_numpy(gate, up, down):
+    """GGUF experts repacked per expert and stacked (gate and up fused where
+    they share a layout) give the NumPy reference's MLP, held as compactly as
+    the per-expert repacks."""
+    config = ModelConfig.from_dict(hf_config("qwen2_moe").to_dict())
+    rng = np.random.default_rng(5)
+    lw = _gguf_experts(rng, gate, up, down)
+
+    def matrix(t):
+        return load_linear(t, np.dtype(np.float32))
+
+    w = moe.load_experts(lw, matrix)
+    w["gate_up"], w["down"] = [matrix(p) for p in lw.gate_up], matrix(lw.down)
+    assert len(w["expert_gate_up"]) == (1 if gate == up else 2)
+    experts = [p for e in lw.expert_gate_up for p in e] + list(lw.expert_down)
+    held = sum(nbytes(p) for p in [*w["expert_gate_up"], w["expert_down"]])
+    assert held == sum(nbytes(matrix(p)) for p in experts)
+
+    x = rng.normal(0, 0.1, (2, 9, 256)).astype(np.float32)
+    got = np.array(mlp(config, w, mx.array(x)))
+    ref_w = {
+        "router": lw.router,
+        "expert_gate_up": lw.expert_gate_up,
+        "expert_down": lw.expert_down,
+        "gate_up": lw.gate_up,
+        "down": lw.down,
+        "shared_gate": lw.shared_gate,
+    }
+    want = numpy_llama.mlp(config, ref_w, x.reshape(-1, 256)).reshape(x.shape)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-4)
+
+
+def test_moe_experts_of_one_matrix_must_share_a_quantization():
+    rng = np.random.default_rng(6)
+    lw = _gguf_experts(rng, "Q8_0", "Q8_0", "Q4_0")
+    odd = random_blocks("Q8_0", 256, 256, rng)
+    lw = LayerWeights(**{**lw.__dict__, "expert_down": (*lw.expert_down[:-1], odd)})
+    with pytest.raises(ModelError, match="share a quantization"):
+        moe.load_experts(lw, lambda t: load_linear(t, np.dtype(np.float32)))
+
+
+def test_moe_bfloat16_experts(tmp_path):
+    """16-bit float experts (which mlx's CPU gather_mm does not take): in
+    float32 the NumPy reference's numbers, prefill (many picks) and decode
+    (few); in bfloat16 close to them."""
+    model = open_checkpoint(make_checkpoint("mixtral", tmp_path, dtype="bfloat16"))
+    stages = [load(model), load(model, dtype="bfloat16"), load(model, "numpy")]
+    tokens, pos = ids(np.random.default_rng(7), 9)[None], 0
+    for _ in range(3):
+        step = Step((0,), (pos,), (tokens.shape[1],), all_logits=True)
+        got, low, want = (s.forward(tokens, step) for s in stages)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert np.abs(low - want).max() < 0.05 * np.abs(want).max()
+        pos += tokens.shape[1]
+        tokens = np.array([[int(want[0, -1].argmax())]], np.int32)

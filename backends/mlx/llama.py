@@ -5,7 +5,9 @@ the module `config.family.block` names (this one, or e.g. olmo2.py), in the
 model dtype.
 
 Weights stay as compact as the checkpoint (see quant.py): float matrices in
-their stored dtype, quantized ones as `mx.quantized_matmul` operands.
+their stored dtype, quantized ones as `mx.quantized_matmul` operands; a MoE
+layer's experts stacked per role, for `mx.gather_mm` / `mx.gather_qmm`
+(moe.py).
 
 Each layer is two compiled functions around the attention: `_attn_in` (the
 block's `attn_in`: norm, fused q/k/v projection, q/k norm; then RoPE) and
@@ -28,7 +30,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from cake.backends.base import DeviceInfo, Step
+from cake.backends.mlx import moe
 from cake.backends.mlx.quant import (
+    Linear,
     from_numpy,
     fuse,
     linear,
@@ -99,9 +103,17 @@ def softcap(x: mx.array, cap: float | None) -> mx.array:
     return x if cap is None else mx.tanh(x / cap) * cap
 
 
+def ffn(cfg: ModelConfig, gate_up: list[Linear], down: Linear, x: mx.array) -> mx.array:
+    """A gated MLP: act(x @ gate) * (x @ up) @ down."""
+    gate, up = mx.split(linears(x, gate_up), 2, axis=-1)
+    return linear(ACTS[cfg.hidden_act](gate) * up, down)
+
+
 def mlp(cfg: ModelConfig, w: Weights, x: mx.array) -> mx.array:
-    gate, up = mx.split(linears(x, w["gate_up"]), 2, axis=-1)
-    return linear(ACTS[cfg.hidden_act](gate) * up, w["down"])
+    """The layer's MLP on x (B, L, D), normed: dense, or its experts (moe.py)."""
+    if "router" in w:
+        return moe.mlp(cfg, w, x, ffn, ACTS[cfg.hidden_act])
+    return ffn(cfg, w["gate_up"], w["down"], x)
 
 
 def attn_in(cfg: ModelConfig, w: Weights, h: mx.array) -> mx.array:
@@ -244,9 +256,10 @@ class MlxLlamaStage:
             "mlp_norm": norm(lw.mlp_norm),
             "qkv": fuse([matrix(p) for p in lw.qkv]),
             "o": matrix(lw.o),
-            "gate_up": fuse([matrix(p) for p in lw.gate_up]),
-            "down": matrix(lw.down),
         }
+        if lw.down is not None:  # the dense MLP, or a MoE layer's shared expert
+            w["gate_up"] = fuse([matrix(p) for p in lw.gate_up])
+            w["down"] = matrix(lw.down)
         if lw.qkv_bias:
             w["qkv_bias"] = mx.concatenate([vector(b) for b in lw.qkv_bias])
         if lw.q_norm is not None:
@@ -254,6 +267,8 @@ class MlxLlamaStage:
         if lw.attn_post_norm is not None:
             w["attn_post_norm"] = norm(lw.attn_post_norm)
             w["mlp_post_norm"] = norm(lw.mlp_post_norm)
+        if lw.router is not None:
+            w.update(moe.load_experts(lw, matrix))
         return w
 
     def release(self, seq_ids: Sequence[int]) -> None:

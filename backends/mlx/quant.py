@@ -8,6 +8,8 @@ A linear weight is a dict, passed whole into the compiled layer functions:
                 "group_size": int, "bits": int}
 
 (mx.compile takes the ints as constants: one trace per distinct layout.)
+A MoE layer's experts of one role are one such weight with a leading expert
+axis, (E, out, ...) each array (`stack`), multiplied by `gather_linear`.
 mlx-lm folders hold this layout already and pass through unchanged. GGUF blocks
 are repacked once at load, on the host, a chunk of rows at a time, into affine
 groups of 32, the smallest group mlx 0.32 has (bits 1-6 and 8; no group 16):
@@ -117,15 +119,101 @@ def linears(x: mx.array, parts: list[Linear]) -> mx.array:
 
 
 def fuse(parts: list[Linear]) -> list[Linear]:
-    """One weight of all the rows when the parts share a layout, else the parts."""
+    """One weight of all the rows when the parts share a layout, else the parts.
+
+    Rows are the second last axis: stacked experts (see `stack`) fuse too.
+    """
     if len({_layout(p) for p in parts}) > 1:
         return parts
     return [
         {
-            k: mx.concatenate([p[k] for p in parts]) if isinstance(v, mx.array) else v
+            k: mx.concatenate([p[k] for p in parts], axis=-2)
+            if isinstance(v, mx.array)
+            else v
             for k, v in parts[0].items()
         }
     ]
+
+
+def stack(experts: list[Linear]) -> Linear:
+    """The experts' weights of one role as one: each array (E, out, ...).
+
+    Quantized experts must share bits and group size; scales and biases of
+    different dtypes are held in float32, which holds each of them exactly.
+    """
+    kinds = {
+        f"{p['bits']} bits in groups of {p['group_size']}" if "bits" in p else "float"
+        for p in experts
+    }
+    if len(kinds) > 1:
+        got = ", ".join(sorted(kinds))
+        raise ModelError(
+            "the MLX backend runs the experts of one MLP matrix as one stacked "
+            f"weight, so they must share a quantization; got {got}: requantize "
+            "the model with one type per expert tensor"
+        )
+    out = dict(experts[0])
+    for k, v in experts[0].items():
+        if isinstance(v, mx.array):
+            arrays = [p[k] for p in experts]
+            if len({a.dtype for a in arrays}) > 1:
+                arrays = [a.astype(mx.float32) for a in arrays]
+            out[k] = mx.stack(arrays)
+    return out
+
+
+def gather_linear(
+    x: mx.array, p: Linear, experts: mx.array, sorted_experts: bool = False
+) -> mx.array:
+    """x (..., 1, in) @ w[experts].T for a stacked weight (see `stack`):
+    (..., 1, out), in x's dtype, the batch axes of x broadcast with experts'."""
+    if "scales" in p:
+        y = mx.gather_qmm(
+            x,
+            p["w"],
+            p["scales"],
+            p["biases"],
+            rhs_indices=experts,
+            transpose=True,
+            group_size=p["group_size"],
+            bits=p["bits"],
+            sorted_indices=sorted_experts,
+        )
+    elif p["w"].dtype == mx.float32 or mx.default_device().type != mx.cpu:
+        y = mx.gather_mm(
+            x,
+            p["w"].swapaxes(-1, -2),
+            rhs_indices=experts,
+            sorted_indices=sorted_experts,
+        )
+    else:  # mlx's CPU gather_mm takes float32 only: widen what is multiplied
+        y = _gather_mm_f32(x.astype(mx.float32), p["w"], experts, sorted_experts)
+    return y.astype(x.dtype)
+
+
+def _gather_mm_f32(
+    x: mx.array, w: mx.array, experts: mx.array, sorted_experts: bool
+) -> mx.array:
+    """`gather_linear` of a 16-bit float stack w (E, out, in) in float32, as
+    mlx's CPU computes it: with at most E picks (decode), only the picked
+    experts are widened, a copy each; with more (prefill), the whole stack,
+    once for the call (a transient float32 copy of one matrix's experts)."""
+    if experts.size <= w.shape[0]:
+        return x @ w[experts].astype(mx.float32).swapaxes(-1, -2)
+    return mx.gather_mm(
+        x,
+        w.astype(mx.float32).swapaxes(-1, -2),
+        rhs_indices=experts,
+        sorted_indices=sorted_experts,
+    )
+
+
+def gather_linears(
+    x: mx.array, parts: list[Linear], experts: mx.array, sorted_experts: bool = False
+) -> mx.array:
+    """`gather_linear` with each of `parts` side by side: (..., 1, sum of outs)."""
+    ys = [gather_linear(x, p, experts, sorted_experts) for p in parts]
+    return ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=-1)
 
 
 def take_rows(p: Linear, ids: mx.array, dtype: mx.Dtype) -> mx.array:
