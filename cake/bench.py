@@ -5,14 +5,16 @@ of a synthetic model of a stated shape), feeds it hidden states and times decode
 (batch 1 and batch 8) and a prefill chunk, each at a short and a long context.
 Times are per layer: the stage's time divided by its layer count. Bytes are
 counted as the checkpoint stores them (quantized layers by their blocks), with
-what the backend said it held beside them. A worker calls the same function
-for a remote probe. See docs/bench.md.
+what the backend said it held beside them and, for a mixture of experts, what
+one token read of them (its top_k experts and the rest). A worker calls the
+same function for a remote probe. See docs/bench.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -29,10 +31,10 @@ from cake.backends.base import DeviceInfo, Step, auto_backend, get_backend
 from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import DTYPES, dtype_of
-from cake.pipeline import expected_shape, load_local_stage
-from cake.plan import model_sizes, stored_bytes
+from cake.pipeline import load_local_stage
+from cake.plan import byte_counter, model_sizes, stored_and_active
 from cake.shard import Shard
-from cake.weights.names import layer_tensor_names
+from cake.weights.names import layer_shapes, layer_tensor_names
 from cake.weights.source import TensorSource
 
 # Named shapes for a synthetic probe: (hidden, intermediate, heads, kv heads,
@@ -84,19 +86,26 @@ class SyntheticSource:
 
     def __init__(self, config: ModelConfig, layers: range, dtype: str) -> None:
         self.config, self.dtype = config, dtype_of(dtype)
-        self._names = [n for i in layers for n in layer_tensor_names(config, i)]
+        # name -> shape, in checkpoint order (a MoE layer has hundreds)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for i in layers:
+            shapes = layer_shapes(config, i)
+            self._shapes.update((n, shapes[n]) for n in layer_tensor_names(config, i))
 
     def keys(self) -> list[str]:
-        return list(self._names)
+        return list(self._shapes)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names
+        return name in self._shapes
 
     def shape(self, name: str) -> tuple[int, ...]:
-        shape = expected_shape(self.config, name)
-        if name not in self._names or shape is None:
+        if name not in self._shapes:
             raise CakeError(f"the synthetic model has no tensor {name}")
-        return shape
+        return self._shapes[name]
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of the tensor as made: parameters x the dtype."""
+        return math.prod(self.shape(name)) * self.dtype.itemsize
 
     def get(self, name: str) -> np.ndarray:
         shape = self.shape(name)
@@ -114,7 +123,9 @@ class DeviceProfile:
     """What one device did in a probe. Seconds are per layer, as (short, long)
     context pairs; weight bytes are the probed layers' as stored in the
     checkpoint (parameters x dtype for a synthetic model), cache bytes at the
-    probed dtype."""
+    probed dtype. Decode times are scaled to another model by the bytes a token
+    reads (`active_layer_bytes`): for a mixture of experts, every tensor but
+    the experts and top_k of them, for a dense model `layer_bytes`."""
 
     name: str  # "master" or the worker's name
     backend: str
@@ -141,6 +152,10 @@ class DeviceProfile:
     # what the backend's stage held per probed layer (its weight_bytes), if it says
     held_layer_bytes: int | None = None
     loaded_bytes: int | None = None  # weights a worker holds now (its own layers)
+    # what one decode token read of a probed layer, as stored, where it is less
+    # than layer_bytes (MoE: top_k experts); None: layer_bytes (a dense model,
+    # and every profile written before cake counted experts)
+    active_layer_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -377,11 +392,12 @@ def profile_local(
     finally:
         stage.release(seqs)
     sizes = model_sizes(config, dtype)
-    if isinstance(tensors, SyntheticSource):
-        layer_bytes = sizes.layer_bytes  # parameters x dtype, as it holds them
-    else:
-        names = [n for i in span for n in layer_tensor_names(config, i)]
-        layer_bytes = round(stored_bytes(tensors, names) / k)
+    # as stored (a synthetic source: parameters x dtype, as it holds them), and
+    # what a decode token read of them: the probe's times go with the latter
+    count = byte_counter(tensors)
+    both = [stored_and_active(config, i, count) for i in span]
+    layer_bytes = round(sum(b for b, _ in both) / k)
+    active = round(sum(a for _, a in both) / k)
     kind = stage.device.kind
     dev_name = stage.device.name
     if kind == "cpu":
@@ -407,4 +423,5 @@ def profile_local(
         estimated=tuple(estimated),
         probe_seconds=time.perf_counter() - t_start,
         held_layer_bytes=None if held is None else round(held / k),
+        active_layer_bytes=active if active != layer_bytes else None,
     )

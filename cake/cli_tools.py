@@ -237,6 +237,8 @@ def _print_profiles(profiles: list, n_layers: int) -> None:
         ratio = p.held_layer_bytes / p.layer_bytes if p.layer_bytes else 1.0
         if p.held_layer_bytes and abs(ratio - 1) > 0.05:
             held = f" ({p.held_layer_bytes / 1e6:.1f} MB as {p.backend} holds them)"
+        if p.active_layer_bytes is not None:
+            held += f" (a token reads {p.active_layer_bytes / 1e6:.1f} MB)"
         loaded = ""
         if p.loaded_bytes is not None:
             loaded = f"; holds {_gb(p.loaded_bytes)} GB of weights now"
@@ -274,6 +276,7 @@ def plan_command(
     from cake.plan import (
         checkpoint_sizes,
         even_split,
+        experts_line,
         memory_share_split,
         plan,
         to_topology,
@@ -293,7 +296,11 @@ def plan_command(
         ctx,
         master,
     )
-    kw = dict(activation_bytes=sizes.activation_bytes, master_bytes=sizes.master_bytes)
+    kw = dict(
+        activation_bytes=sizes.activation_bytes,
+        master_bytes=sizes.master_bytes,
+        active_bytes=sizes.active_per_layer,
+    )
     mean = sizes.mean_layer_bytes
     print(
         f"{model}: {sizes.weight_bytes / 1e9:.2f} GB of weights as stored, "
@@ -301,13 +308,17 @@ def plan_command(
         f"{sizes.layer_bytes / 1e6:.1f} MB)",
         file=sys.stderr,
     )
+    if (experts := experts_line(config, sizes)) is not None:
+        print(experts, file=sys.stderr)
+    read = sizes.mean_active_bytes  # what times are scaled by
     for p in profiles:
-        ratio = mean / p.layer_bytes if p.layer_bytes else 1.0
+        probed = p.active_layer_bytes or p.layer_bytes
+        ratio = read / probed if probed else 1.0
         if not 0.5 <= ratio <= 2:
             print(
-                f"cake: note: {p.name} was probed with {p.layer_bytes / 1e6:.0f} MB "
-                f"layers; its times are scaled to this model's "
-                f"{mean / 1e6:.0f} MB (probe with --model for accuracy)",
+                f"cake: note: {p.name} was probed with layers of {probed / 1e6:.0f} "
+                f"MB read per token; its times are scaled to this model's "
+                f"{read / 1e6:.0f} MB (probe with --model for accuracy)",
                 file=sys.stderr,
             )
     best = plan(*args, **kw)

@@ -7,10 +7,11 @@ of one stream decoding one token at the planning context:
                    + sum over used remote devices of  hop seconds
 
 A device's seconds per layer come from its probe, rescaled to this model (the
-weights part by layer bytes, the attention part by KV bytes per token); a remote
-device's hop is its round trip plus the activation sent and returned. Since the
-time is additive, the optimum is found exactly: for every subset of devices,
-fill the fastest first up to memory, and keep the cheapest. See docs/bench.md.
+weights part by the bytes a token reads of a layer, the attention part by KV
+bytes per token); a remote device's hop is its round trip plus the activation
+sent and returned. Since the time is additive, the optimum is found exactly:
+for every subset of devices, fill the fastest first up to memory, and keep the
+cheapest. See docs/bench.md.
 
 Layers are counted by the bytes the checkpoint stores (`checkpoint_sizes`), so
 a quantized model is placed by its real size. A mixed file (llama.cpp's Q4_K_M
@@ -22,6 +23,13 @@ the largest. Counting each range's real bytes instead would make room depend on
 the order of the devices and the position of their ranges (a search over orders
 and cut points, not counts). Time is predicted from the mean layer, and the
 plan reports each device's memory and time from the bytes of its actual range.
+
+A mixture-of-experts layer keeps every expert in memory but one token's decode
+step reads only the `top_k` experts its router picks, beside the attention,
+the router and the shared expert. So memory counts a layer's stored bytes and
+time its active bytes (`ModelSizes.each_active`): the non-expert tensors and
+top_k / num_experts of the experts' stored bytes. For a dense model they are
+the same.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from cake.errors import CakeError
 from cake.kv import dtype_of
 from cake.pipeline import expected_shape
 from cake.topology import Topology, parse_topology
-from cake.weights.names import head_tensor_names, layer_tensor_names
+from cake.weights.names import head_tensor_names, layer_names, layer_shapes
 from cake.weights.packed import stored_tensor
 from cake.weights.source import TensorSource
 
@@ -61,7 +69,9 @@ class ModelSizes:
     as parameters x a dtype (`model_sizes`); the KV cache and activations are in
     the compute dtype. `each_layer` lists every layer's weights when they
     differ (a quantized file mixing formats); `layer_bytes` is then the largest,
-    what the planner reserves for every layer.
+    what the planner reserves for every layer. `each_active` lists what one
+    token's decode step reads of each layer where that is less than it stores
+    (a mixture of experts: all experts resident, top_k of them read).
     """
 
     n_layers: int
@@ -70,6 +80,8 @@ class ModelSizes:
     activation_bytes: int  # hidden state of one token crossing a hop
     master_bytes: int  # embedding, final norm and head: always on the master
     each_layer: tuple[int, ...] = ()  # weights of layers 0, 1, ...; () if uniform
+    # weights one token reads of layers 0, 1, ...; () if every weight (dense)
+    each_active: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         each = self.each_layer
@@ -78,6 +90,15 @@ class ModelSizes:
                 f"{len(each)} layer sizes for {self.n_layers} layers, or their "
                 f"largest is not layer_bytes {self.layer_bytes}"
             )
+        active = self.each_active
+        if active and (
+            len(active) != self.n_layers
+            or any(a > b for a, b in zip(active, self.per_layer, strict=True))
+        ):
+            raise PlanError(
+                f"{len(active)} active layer sizes for {self.n_layers} layers, or "
+                "one exceeds the bytes its layer stores"
+            )
 
     @property
     def per_layer(self) -> tuple[int, ...]:
@@ -85,8 +106,18 @@ class ModelSizes:
         return self.each_layer or (self.layer_bytes,) * self.n_layers
 
     @property
+    def active_per_layer(self) -> tuple[int, ...]:
+        """What one token's decode step reads of every layer, in order."""
+        return self.each_active or self.per_layer
+
+    @property
     def mean_layer_bytes(self) -> float:
         return sum(self.per_layer) / self.n_layers if self.n_layers else 0.0
+
+    @property
+    def mean_active_bytes(self) -> float:
+        """What one token reads of the mean layer: what its time is scaled by."""
+        return sum(self.active_per_layer) / self.n_layers if self.n_layers else 0.0
 
     def range_bytes(self, start: int, end: int) -> int:
         """Weights of layers [start, end)."""
@@ -94,10 +125,22 @@ class ModelSizes:
             return (end - start) * self.layer_bytes
         return sum(self.each_layer[start:end])
 
+    def active_range_bytes(self, start: int, end: int) -> int:
+        """What one token reads of layers [start, end)."""
+        if not self.each_active:
+            return self.range_bytes(start, end)
+        return sum(self.each_active[start:end])
+
     @property
     def weight_bytes(self) -> int:
         """Every weight of the model: the layers and the master's part."""
         return self.range_bytes(0, self.n_layers) + self.master_bytes
+
+    @property
+    def active_weight_bytes(self) -> int:
+        """What one token reads of the model: its layers' active bytes and the
+        master's part (the whole embedding, as MoE parameter counts go)."""
+        return self.active_range_bytes(0, self.n_layers) + self.master_bytes
 
 
 def _master_names(config: ModelConfig) -> list[str]:
@@ -106,23 +149,72 @@ def _master_names(config: ModelConfig) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def model_sizes(config: ModelConfig, dtype: str) -> ModelSizes:
-    """Sizes of `config` with weights, cache and activations in `dtype` (for a
-    model without a file, e.g. a synthetic probe; a checkpoint's weights are
-    counted by `checkpoint_sizes`)."""
-    item = dtype_of(dtype).itemsize
+def expert_names(config: ModelConfig, i: int) -> tuple[list[str], list[str]]:
+    """Layer i's tensors that every token reads (attention, norms, router, the
+    shared expert, a dense MLP), and its experts' tensors, of which a token
+    reads top_k of num_experts (none in a dense layer)."""
+    names = layer_names(config, i)
+    experts = [n for parts in names.expert_gate_up for n in parts]
+    experts += names.expert_down
+    routed = set(experts)
+    return [n for n in names.all() if n not in routed], experts
 
-    def nbytes(names: list[str]) -> int:
-        return item * sum(math.prod(expected_shape(config, n) or ()) for n in names)
 
+def stored_and_active(
+    config: ModelConfig, i: int, count: Callable[[str], int]
+) -> tuple[int, int]:
+    """(stored, active) bytes of layer i, each tensor counted by `count`: every
+    tensor; and what one token's decode step reads (batch 1), the tensors
+    besides the experts and top_k / num_experts of the experts' bytes (the mean
+    expert, top_k times: quantized experts count as stored)."""
+    always, experts = expert_names(config, i)
+    base = sum(count(n) for n in always)
+    if not experts:
+        return base, base
+    routed = sum(count(n) for n in experts)
+    m = config.moe
+    return base + routed, base + round(routed * m.top_k / m.num_experts)
+
+
+def _sizes_of(config, each, master, item) -> ModelSizes:
+    """ModelSizes of per-layer (stored, active) pairs, cache and activations in
+    `item`-byte elements."""
+    stored = tuple(s for s, _ in each)
+    active = tuple(a for _, a in each)
     c = config
     return ModelSizes(
         n_layers=c.num_hidden_layers,
-        layer_bytes=nbytes(layer_tensor_names(c, 0)),
+        layer_bytes=max(stored, default=0),
         kv_bytes_per_token=2 * c.num_key_value_heads * c.head_dim * item,
         activation_bytes=c.hidden_size * item,
-        master_bytes=nbytes(_master_names(c)),
+        master_bytes=master,
+        each_layer=stored if len(set(stored)) > 1 else (),
+        each_active=active if active != stored else (),
     )
+
+
+def model_sizes(config: ModelConfig, dtype: str) -> ModelSizes:
+    """Sizes of `config` with weights, cache and activations in `dtype` (for a
+    model without a file, e.g. a synthetic probe; a checkpoint's weights are
+    counted by `checkpoint_sizes`). Layers differ where a MoE config makes some
+    dense (Qwen's mlp_only_layers, decoder_sparse_step)."""
+    item = dtype_of(dtype).itemsize
+    each = [
+        stored_and_active(config, i, _by_shape(layer_shapes(config, i), item))
+        for i in range(config.num_hidden_layers)
+    ]
+    master = _master_shapes(config)
+    return _sizes_of(config, each, sum(map(_by_shape(master, item), master)), item)
+
+
+def _by_shape(shapes: Mapping[str, tuple[int, ...]], item: int) -> Callable[[str], int]:
+    """name -> parameters x `item` bytes, by the shapes the config implies (a
+    layer's worked out once: a MoE layer has hundreds of tensors)."""
+    return lambda name: item * math.prod(shapes.get(name, ()))
+
+
+def _master_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {n: expected_shape(config, n) or () for n in _master_names(config)}
 
 
 def byte_counter(tensors: TensorSource) -> Callable[[str], int]:
@@ -156,48 +248,44 @@ def checkpoint_sizes(
     config: ModelConfig, tensors: TensorSource, dtype: str
 ) -> ModelSizes:
     """Sizes of the checkpoint `tensors`: each layer's weights as stored (a
-    quantized layer by its blocks, a mixed file layer by layer), the KV cache and
+    quantized layer by its blocks, a mixed file layer by layer; a MoE layer
+    with every expert) and what one token reads of it (a MoE layer: top_k of
+    its experts' stored bytes, see `stored_and_active`), the KV cache and
     activations in the compute `dtype`. Tensors the source lacks (a split part
     holds only some layers) count as parameters x `dtype`."""
-    count = byte_counter(tensors)
-    fallback = model_sizes(config, dtype)
+    stored = byte_counter(tensors)
     item = dtype_of(dtype).itemsize
 
-    def nbytes(names: list[str]) -> int:
-        return sum(
-            count(n)
-            if n in tensors
-            else item * math.prod(expected_shape(config, n) or ())
-            for n in names
-        )
+    def counter(shapes: Mapping[str, tuple[int, ...]]) -> Callable[[str], int]:
+        missing = _by_shape(shapes, item)
+        return lambda n: stored(n) if n in tensors else missing(n)
 
-    each = tuple(
-        nbytes(layer_tensor_names(config, i)) for i in range(config.num_hidden_layers)
-    )
+    each = [
+        stored_and_active(config, i, counter(layer_shapes(config, i)))
+        for i in range(config.num_hidden_layers)
+    ]
+    master = _master_shapes(config)
+    return _sizes_of(config, each, sum(map(counter(master), master)), item)
+
+
+def _sizes(n_layers, layer_bytes, kv_bytes_per_token, activation, master, active):
+    """ModelSizes from plan()'s arguments: layer_bytes an int or one per layer,
+    active (what a token reads) None, an int or one per layer."""
+    each = _per_layer(n_layers, layer_bytes, "layer sizes")
+    reads = each if active is None else _per_layer(n_layers, active, "active sizes")
     return ModelSizes(
-        n_layers=config.num_hidden_layers,
-        layer_bytes=max(each, default=0),
-        kv_bytes_per_token=fallback.kv_bytes_per_token,
-        activation_bytes=fallback.activation_bytes,
-        master_bytes=nbytes(_master_names(config)),
-        each_layer=each if len(set(each)) > 1 else (),
-    )
+        n_layers, max(each, default=0), kv_bytes_per_token, activation, master,
+        each if len(set(each)) > 1 else (), reads if reads != each else (),
+    )  # fmt: skip
 
 
-def _sizes(n_layers, layer_bytes, kv_bytes_per_token, activation, master):
-    """ModelSizes from plan()'s arguments: layer_bytes an int or one per layer."""
-    if isinstance(layer_bytes, Sequence):
-        each = tuple(int(b) for b in layer_bytes)
-        if len(each) != n_layers:
-            raise PlanError(f"{len(each)} layer sizes given for {n_layers} layers")
-        uniform = len(set(each)) <= 1
-        return ModelSizes(
-            n_layers, max(each, default=0), kv_bytes_per_token, activation, master,
-            () if uniform else each,
-        )  # fmt: skip
-    return ModelSizes(
-        n_layers, int(layer_bytes), kv_bytes_per_token, activation, master
-    )
+def _per_layer(n_layers: int, b: int | Sequence[int], what: str) -> tuple[int, ...]:
+    if not isinstance(b, Sequence):
+        return (int(b),) * n_layers
+    each = tuple(int(x) for x in b)
+    if len(each) != n_layers:
+        raise PlanError(f"{len(each)} {what} given for {n_layers} layers")
+    return each
 
 
 @dataclass(frozen=True)
@@ -247,20 +335,26 @@ class Plan:
 
 
 def layer_seconds(
-    p: DeviceProfile, context: int, layer_bytes: float, kv_bytes_per_token: int
+    p: DeviceProfile, context: int, active_bytes: float, kv_bytes_per_token: int
 ) -> float:
-    """Predicted decode seconds per layer on `p` for this model at `context`.
+    """Predicted decode seconds per layer on `p` for this model at `context`,
+    for a layer of which one token reads `active_bytes` (`ModelSizes.
+    mean_active_bytes`: all its weights, or a MoE layer's top_k experts and the
+    rest).
 
     The probe gives decode (batch 1) at a short and a long context; the line
     through them splits into a fixed part (reading the weights) and a part per
     cached position (attention). Each is scaled from the probed layer to this one
-    by bytes: a decode step reads every weight once, so its time goes with the
-    bytes stored (float or quantized blocks alike).
+    by bytes: a decode step reads every weight it uses once, so its time goes
+    with the bytes stored of the weights read (float or quantized blocks alike),
+    this layer's active bytes over the probed layer's (`DeviceProfile.
+    active_layer_bytes`, which is `layer_bytes` for a dense probe).
     """
     (t_short, t_long), c0, c1 = p.decode_s, p.short_context, p.long_context
     slope = max(t_long - t_short, 0.0) / max(c1 - c0, 1)  # seconds per position
     fixed = max(t_short - slope * c0, 0.0)
-    w_scale = layer_bytes / p.layer_bytes if p.layer_bytes else 1.0
+    probed = p.active_layer_bytes or p.layer_bytes
+    w_scale = active_bytes / probed if probed else 1.0
     probe_kv = p.kv_bytes_per_1k / 1000
     kv_scale = kv_bytes_per_token / probe_kv if probe_kv else 1.0
     return fixed * w_scale + slope * kv_scale * context
@@ -289,7 +383,7 @@ class _Dev:
     t: float  # seconds per layer
     hop: float
     cap: int  # layers it can hold
-    per_layer: float  # bytes one (largest) layer takes here with its KV cache
+    per_layer: float  # bytes one (largest) layer stores here with its KV cache
 
     @property
     def name(self) -> str:
@@ -317,7 +411,7 @@ def _devices(profiles, sizes: ModelSizes, context, master, fraction) -> list[_De
             )
         cap = min(sizes.n_layers, max(0, int(usable // per_layer)))
         kv = sizes.kv_bytes_per_token
-        t = layer_seconds(p, context, sizes.mean_layer_bytes, kv)
+        t = layer_seconds(p, context, sizes.mean_active_bytes, kv)  # time: read
         hop = hop_seconds(p, sizes.activation_bytes)
         out.append(_Dev(i, p, t, hop, cap, per_layer))
     return out
@@ -375,7 +469,10 @@ def _make_plan(method, devs, counts, sizes, context, master, dropped) -> Plan:
         extra = sizes.master_bytes if d.name == master else 0
         weights = sizes.range_bytes(pos, pos + k)  # this range's real bytes
         held = round(held_factor(p) * weights)
-        t = d.t if not sizes.each_layer else layer_seconds(p, context, weights / k, kv)
+        t = d.t
+        if sizes.each_layer or sizes.each_active:  # this range's, not the mean's
+            read = sizes.active_range_bytes(pos, pos + k)
+            t = layer_seconds(p, context, read / k, kv)
         out.append(
             Assignment(
                 name=d.name,
@@ -424,6 +521,7 @@ def plan(
     *,
     activation_bytes: int = 0,
     master_bytes: int = 0,
+    active_bytes: int | Sequence[int] | None = None,
     memory_fraction: float = MEMORY_FRACTION,
 ) -> Plan:
     """The placement with the least predicted time per token that fits in memory.
@@ -431,6 +529,10 @@ def plan(
     layer_bytes: one layer's weights, or each layer's (n_layers of them) when
     they differ, e.g. `ModelSizes.per_layer`; a device reserves the largest for
     every layer it holds (see the module docstring for why).
+    active_bytes: what one token's decode step reads of a layer, or of each
+    (`ModelSizes.active_per_layer`: a MoE layer's top_k experts and the rest);
+    None: every weight, a dense model. Memory is placed by layer_bytes, time
+    predicted from active_bytes.
     kv_bytes_per_token: K and V of one layer for one position. master: the name
     of the profile that is the master process (it keeps the embedding and head,
     `master_bytes`, and runs the first layers if it runs any). A device that
@@ -440,7 +542,12 @@ def plan(
     if n_layers < 1 or context < 1:
         raise PlanError("planning needs at least one layer and a context of 1")
     sizes = _sizes(
-        n_layers, layer_bytes, kv_bytes_per_token, activation_bytes, master_bytes
+        n_layers,
+        layer_bytes,
+        kv_bytes_per_token,
+        activation_bytes,
+        master_bytes,
+        active_bytes,
     )
     devs = _devices(profiles, sizes, context, master, memory_fraction)
     per_layer = sizes.layer_bytes + kv_bytes_per_token * context
@@ -497,11 +604,17 @@ def even_split(
     *,
     activation_bytes: int = 0,
     master_bytes: int = 0,
+    active_bytes: int | Sequence[int] | None = None,
     memory_fraction: float = MEMORY_FRACTION,
 ) -> Plan | None:
     """Every device the same number of layers (mlx-lm's way); None if it does not fit."""
     sizes = _sizes(
-        n_layers, layer_bytes, kv_bytes_per_token, activation_bytes, master_bytes
+        n_layers,
+        layer_bytes,
+        kv_bytes_per_token,
+        activation_bytes,
+        master_bytes,
+        active_bytes,
     )
     return _baseline(
         "even split",
@@ -524,11 +637,17 @@ def memory_share_split(
     *,
     activation_bytes: int = 0,
     master_bytes: int = 0,
+    active_bytes: int | Sequence[int] | None = None,
     memory_fraction: float = MEMORY_FRACTION,
 ) -> Plan | None:
     """Layers in proportion to usable memory (exo's way); None if it does not fit."""
     sizes = _sizes(
-        n_layers, layer_bytes, kv_bytes_per_token, activation_bytes, master_bytes
+        n_layers,
+        layer_bytes,
+        kv_bytes_per_token,
+        activation_bytes,
+        master_bytes,
+        active_bytes,
     )
 
     def usable(ds: list[_Dev]) -> list[float]:
@@ -540,6 +659,24 @@ def memory_share_split(
 
     return _baseline(
         "memory share", usable, profiles, sizes, context, master, memory_fraction
+    )
+
+
+def experts_line(config: ModelConfig, sizes: ModelSizes) -> str | None:
+    """For a mixture of experts, the weights it keeps against those a token
+    reads, e.g. "experts: 8, 2 active per token; a token reads 25.76 of 93.41
+    GB"; None for a dense model."""
+    m, n = config.moe, config.num_hidden_layers
+    if m is None:
+        return None
+    sparse = sum(config.is_moe(i) for i in range(n))
+    shared = " and a shared one" if m.shared_intermediate_size else ""
+    where = "" if sparse == n else f" in {sparse} of {n} layers"
+    unit, scale = ("GB", 1e9) if sizes.weight_bytes >= 1e9 else ("MB", 1e6)
+    return (
+        f"experts: {m.num_experts}{shared}, {m.top_k} active per token{where}; "
+        f"a token reads {sizes.active_weight_bytes / scale:.2f} of "
+        f"{sizes.weight_bytes / scale:.2f} {unit}"
     )
 
 

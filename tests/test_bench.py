@@ -72,6 +72,7 @@ def test_probe_of_a_checkpoint_counts_its_bytes(tiny):
     names = layer_tensor_names(config, 0)
     assert p.layer_bytes == sum(tensors.get(n).nbytes for n in names)
     assert p.held_layer_bytes == p.layer_bytes  # NumPy keeps float32 as stored
+    assert p.active_layer_bytes is None  # dense: a token reads every weight
     assert p.dtype == "float32" and p.layers_probed == 3 and p.model == "tiny"
 
 
@@ -188,3 +189,33 @@ def test_cli_plan_writes_a_topology(tiny, tmp_path):
     r = cake("plan", "--model", str(tiny), "--profile", str(tmp_path / "none.json"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("cake: error: profile file")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_probe_of_a_moe_records_what_a_token_read(arch, tmp_path):
+    from cake.plan import checkpoint_sizes, model_sizes
+
+    config, tensors = open_checkpoint(make_checkpoint(arch, tmp_path / arch))
+    s = checkpoint_sizes(config, tensors, "float32")
+    # qwen2_moe: layers 0 (sparse) and 1 (dense, mlp_only_layers), as the mean
+    p = profile_local("numpy", config, tensors, layers=2, **SMALL)
+    assert p.layer_bytes == round(sum(s.per_layer[:2]) / 2)  # every expert
+    assert p.active_layer_bytes == round(sum(s.active_per_layer[:2]) / 2)
+    assert p.active_layer_bytes < p.layer_bytes
+    assert p.held_layer_bytes == p.layer_bytes  # held: every expert, as stored
+    assert DeviceProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    # a synthetic probe of the same shape (a worker without the model) alike
+    q = profile_local("numpy", config, None, layers=2, dtype="float32", **SMALL)
+    m = model_sizes(config, "float32")
+    assert q.layer_bytes == p.layer_bytes == round(sum(m.per_layer[:2]) / 2)
+    assert q.active_layer_bytes == p.active_layer_bytes
+    # `cake plan` says what the experts hold and what a token reads
+    save_profiles(tmp_path / "bench.json", [p])
+    r = cake("plan", "--model", str(tmp_path / arch), "--profile",
+             str(tmp_path / "bench.json"), "--context", "64")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    e = config.moe
+    mb = f"{s.active_weight_bytes / 1e6:.2f} of {s.weight_bytes / 1e6:.2f} MB"
+    assert f"experts: {e.num_experts}" in r.stderr and mb in r.stderr
+    assert f"{e.top_k} active per token" in r.stderr
+    assert "predicted" in r.stdout

@@ -1,6 +1,7 @@
 """Placement: a table of Llama-3-70B-sized clusters, optimality against brute force,
-baselines, dropped devices, clear errors, the topology a plan becomes, and a
-quantized 70B placed by the bytes it stores."""
+baselines, dropped devices, clear errors, the topology a plan becomes, a
+quantized 70B placed by the bytes it stores, and mixtures of experts placed by
+every expert they store and timed by the experts a token reads."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from cake.bench import DeviceProfile, synthetic_config
+from cake.config import ModelConfig
 from cake.pipeline import expected_shape
 from cake.plan import (
     PlanError,
     checkpoint_sizes,
     even_split,
+    experts_line,
+    held_factor,
     layer_seconds,
     memory_share_split,
     model_sizes,
@@ -24,7 +28,9 @@ from cake.plan import (
     to_topology,
 )
 from cake.topology import dump_topology, parse_topology, placements
-from cake.weights.names import layer_tensor_names
+from cake.weights.checkpoint import open_checkpoint
+from cake.weights.names import layer_names, layer_tensor_names
+from tests.models import make_checkpoint
 
 # Llama-3-70B: 80 layers, hidden 8192, intermediate 28672, 8 KV heads of 128, bf16
 SIZES = model_sizes(synthetic_config("llama3-70b"), "bfloat16")
@@ -386,3 +392,165 @@ def test_layer_sizes_must_match_the_layers():
         plan([dev("master", 256, 9.0, None)], 4, [1, 2, 3], 1, 16)
     even = plan([dev("master", 256, 9.0, None)], 4, [5, 5, 5, 5], 1, 16)
     assert even == plan([dev("master", 256, 9.0, None)], 4, 5, 1, 16)
+
+
+# --- mixtures of experts: memory by every expert, time by the experts a token uses -----
+
+# Mixtral 8x7B's shape (its config.json), bf16
+MIXTRAL = ModelConfig.from_dict(
+    dict(model_type="mixtral", vocab_size=32000, hidden_size=4096,
+         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+         torch_dtype="bfloat16")
+)  # fmt: skip
+# Qwen1.5-MoE-A2.7B's shape, and the same with its first layer made dense as
+# mlp_only_layers allows
+QWEN15_MOE = dict(
+    model_type="qwen2_moe", vocab_size=151936, hidden_size=2048,
+    intermediate_size=5632, moe_intermediate_size=1408,
+    shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+    num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+    torch_dtype="bfloat16",
+)  # fmt: skip
+QWEN2_MOE = ModelConfig.from_dict({**QWEN15_MOE, "mlp_only_layers": [0]})
+
+
+def test_mixtral_stores_every_expert_and_a_token_reads_two():
+    s = model_sizes(MIXTRAL, "bfloat16")
+    d, kv, inter, e = 4096, 8 * 128, 14336, 8
+    attention = 2 * d * d + 2 * kv * d + 2 * d  # q, o, k, v and the two norms
+    router, expert = e * d, 3 * inter * d  # gate | up and down
+    stored, active = attention + router + e * expert, attention + router + 2 * expert
+    assert s.per_layer == (2 * stored,) * 32 and s.each_layer == ()
+    assert s.active_per_layer == (2 * active,) * 32
+    assert s.master_bytes == 2 * (2 * 32000 * d + d)  # embedding, head, final norm
+    params = s.weight_bytes // 2
+    assert params == 32 * stored + 2 * 32000 * d + d == 46_702_792_704  # 46.7B
+    reads = s.active_weight_bytes // 2
+    assert reads == 32 * active + 2 * 32000 * d + d == 12_879_925_248  # 12.9B active
+    assert experts_line(MIXTRAL, s) == (
+        "experts: 8, 2 active per token; a token reads 25.76 of 93.41 GB"
+    )
+    # a dense model: a token reads every weight
+    dense = model_sizes(synthetic_config("llama3-8b"), "bfloat16")
+    assert dense.each_active == () and dense.active_per_layer == dense.per_layer
+    assert experts_line(synthetic_config("llama3-8b"), dense) is None
+
+
+def test_qwen2_moe_layers_differ_where_mlp_only_layers_are_dense():
+    s = model_sizes(QWEN2_MOE, "bfloat16")
+    d, e = 2048, 60
+    attention = 4 * d * d + 3 * d + 2 * d  # q, k, v, o, the q|k|v bias, the norms
+    shared = 3 * 5632 * d + d  # the shared expert and its sigmoid gate
+    dense = attention + 3 * 5632 * d
+    sparse = attention + e * d + shared + e * 3 * 1408 * d
+    active = attention + e * d + shared + 4 * 3 * 1408 * d
+    assert s.per_layer == (2 * dense,) + (2 * sparse,) * 23
+    assert s.active_per_layer == (2 * dense,) + (2 * active,) * 23  # dense: all read
+    assert s.layer_bytes == 2 * sparse  # what the planner reserves for each layer
+    real = model_sizes(ModelConfig.from_dict(QWEN15_MOE), "bfloat16")
+    assert real.weight_bytes == s.weight_bytes + 2 * (sparse - dense)
+    assert 14.2e9 < real.weight_bytes / 2 < 14.4e9  # Qwen1.5-MoE: 14.3B in all
+    assert 2.6e9 < real.active_weight_bytes / 2 < 2.8e9  # and 2.7B active
+    assert experts_line(QWEN2_MOE, s) == (
+        "experts: 60 and a shared one, 4 active per token in 23 of 24 layers; "
+        "a token reads 5.31 of 27.59 GB"
+    )
+    # a plan predicts each range's time from its own layers' active bytes
+    p = dev("master", 20, 5.0, None)  # probed on a dense 70B layer
+    w = dev("w1", 16, 5.0)
+    args = (
+        [p, w], 24, s.per_layer, s.kv_bytes_per_token, CONTEXT, "master",
+    )  # fmt: skip
+    kw = dict(master_bytes=s.master_bytes, active_bytes=s.active_per_layer)
+    best = plan(*args, **kw)
+    assert [a.name for a in best.assignments] == ["master", "w1"]
+    assert best.assignments[-1].end == 24
+    # the master's range holds the dense layer, which a token reads less of
+    assert best.assignments[0].layer_seconds < best.assignments[1].layer_seconds
+    for a in best.assignments:
+        read = s.active_range_bytes(a.start, a.end) / a.layers
+        prof = p if a.name == "master" else w
+        want = layer_seconds(prof, CONTEXT, read, s.kv_bytes_per_token)
+        assert a.layer_seconds == pytest.approx(want)
+        kv = a.layers * s.kv_bytes_per_token * CONTEXT
+        extra = s.master_bytes if a.name == "master" else 0
+        assert a.memory_bytes == s.range_bytes(a.start, a.end) + kv + extra
+
+
+def test_a_moe_plan_places_by_stored_bytes_and_times_by_active_bytes():
+    s = model_sizes(MIXTRAL, "bfloat16")
+    master = dev("master", 64, 10.0, None)  # 10 ms per 70B layer, probed dense
+    worker = dev("w1", 48, 12.0)
+    args = ([master, worker], 32, s.per_layer, s.kv_bytes_per_token, CONTEXT, "master")
+    kw = dict(activation_bytes=s.activation_bytes, master_bytes=s.master_bytes)
+    moe = plan(*args, **kw, active_bytes=s.active_per_layer)
+    dense = plan(*args, **kw)  # a dense model that stores as many bytes
+    # the same placement: room counts every expert (19 and 13 of the 2.9 GB layers)
+    per_layer = s.layer_bytes + s.kv_bytes_per_token * CONTEXT
+    assert int((0.9 * 64e9 - s.master_bytes) // per_layer) == 19
+    got = [(a.name, a.start, a.end, a.memory_bytes) for a in moe.assignments]
+    assert got == [(a.name, a.start, a.end, a.memory_bytes) for a in dense.assignments]
+    assert [(a.start, a.end) for a in moe.assignments] == [(0, 19), (19, 32)]
+    # a token reads 27 % of each layer: the weights part of its time shrinks so
+    ratio = s.mean_active_bytes / s.mean_layer_bytes
+    assert ratio == pytest.approx(394_305_536 / 1_451_270_144)
+    for a, b in zip(moe.assignments, dense.assignments, strict=True):
+        assert a.layer_seconds == pytest.approx(ratio * b.layer_seconds)  # no slope
+        assert a.hop_seconds == b.hop_seconds
+    assert moe.tokens_per_second > 3 * dense.tokens_per_second
+    # the baselines place and time the same way
+    for fn in (even_split, memory_share_split):
+        a, b = fn(*args, **kw, active_bytes=s.active_per_layer), fn(*args, **kw)
+        assert a is None or a.seconds_per_token < b.seconds_per_token
+    # a device probed on Mixtral itself scales from what its probe read
+    probed = DeviceProfile(
+        **{**master.to_dict(), "layer_bytes": s.layer_bytes,
+           "active_layer_bytes": s.mean_active_bytes, "held_layer_bytes": s.layer_bytes}
+    )  # fmt: skip
+    assert layer_seconds(
+        probed, CONTEXT, s.mean_active_bytes, s.kv_bytes_per_token
+    ) == pytest.approx(0.010)
+    assert held_factor(probed) == 1.0  # memory per stored byte, not per byte read
+    # profiles written before experts were counted load, reading every weight
+    old = {k: v for k, v in probed.to_dict().items() if k != "active_layer_bytes"}
+    assert DeviceProfile.from_dict(old).active_layer_bytes is None
+    assert layer_seconds(
+        DeviceProfile.from_dict(old), CONTEXT, s.layer_bytes, s.kv_bytes_per_token
+    ) == pytest.approx(0.010)
+
+
+def test_active_sizes_must_match_the_layers():
+    with pytest.raises(PlanError, match="2 active sizes given for 4 layers"):
+        plan([dev("master", 256, 9.0, None)], 4, 5, 1, 16, active_bytes=[1, 2])
+    with pytest.raises(PlanError, match="exceeds the bytes its layer stores"):
+        plan([dev("master", 256, 9.0, None)], 4, 5, 1, 16, active_bytes=6)
+    same = plan([dev("master", 256, 9.0, None)], 4, 5, 1, 16, active_bytes=5)
+    assert same == plan([dev("master", 256, 9.0, None)], 4, 5, 1, 16)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_checkpoint_sizes_of_a_moe_count_every_expert_as_stored(arch, dtype, tmp_path):
+    config, tensors = open_checkpoint(
+        make_checkpoint(arch, tmp_path / arch, dtype=dtype)
+    )
+    s = checkpoint_sizes(config, tensors, "float32")  # cache in float32
+    m = config.moe
+    for i in range(config.num_hidden_layers):
+        names = layer_names(config, i)
+        experts = {n for parts in names.expert_gate_up for n in parts}
+        experts |= set(names.expert_down)
+        assert set(names.all()) <= set(tensors.keys())  # every expert is stored
+        nbytes = {n: tensors.get(n).nbytes for n in names.all()}  # as the file has
+        routed = sum(nbytes[n] for n in experts)
+        base = sum(nbytes.values()) - routed
+        assert s.per_layer[i] == base + routed
+        assert s.active_per_layer[i] == base + round(routed * m.top_k / m.num_experts)
+        assert config.is_moe(i) == (s.active_per_layer[i] < s.per_layer[i])
+    if arch == "qwen2_moe":  # mlp_only_layers [1]: a dense layer amid sparse ones
+        assert not config.is_moe(1) and len(set(s.per_layer)) == 2
+    # parameters x the file's dtype: what model_sizes counts
+    assert s.per_layer == model_sizes(config, dtype).per_layer
+    assert s.active_per_layer == model_sizes(config, dtype).active_per_layer
+    assert s.kv_bytes_per_token == model_sizes(config, "float32").kv_bytes_per_token

@@ -35,6 +35,7 @@ from cake.plan import (
     ModelSizes,
     Plan,
     checkpoint_sizes,
+    experts_line,
     hop_seconds,
     layer_seconds,
     plan,
@@ -74,8 +75,8 @@ class AutoPlan:
         total = self.head_seconds
         for a in self.plan.assignments:
             p = by_name[a.name]
-            weights = s.range_bytes(a.start, a.end) / a.layers
-            t = layer_seconds(p, context, weights, s.kv_bytes_per_token)
+            read = s.active_range_bytes(a.start, a.end) / a.layers
+            t = layer_seconds(p, context, read, s.kv_bytes_per_token)
             total += a.layers * t + hop_seconds(p, s.activation_bytes)
         return total
 
@@ -249,7 +250,10 @@ def auto_plan(
         MASTER,
         activation_bytes=sizes.activation_bytes,
         master_bytes=sizes.master_bytes,
+        active_bytes=sizes.active_per_layer,
     )
+    if (experts := experts_line(config, sizes)) is not None:
+        say(experts)
     for line in plan_lines(best, head):
         say(line)
     by_name = {s.name: s for s in specs}
