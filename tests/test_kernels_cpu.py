@@ -148,6 +148,36 @@ def test_jax_ffi_in_jit_equals_ctypes(lib, fmt):
     np.testing.assert_array_equal(np.asarray(d), cpu.dequantize_np(w, fmt.name, k))
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q8_0", "Q4_K", "BF16"])
+def test_expert_of_a_stack_and_its_row_count(lib, fmt):
+    """matmul_expert(x, stack, e, count=c) is x[:c] @ W_e^T (each row the same
+    numbers as matmul with W_e alone: the kernels' rows are independent), zeros
+    after; a SwiGLU prologue as in matmul; an expert out of range is an error."""
+    jax = pytest.importorskip("jax")
+    compiled(lib, Format(fmt, ()))
+    f = next(x for x in FORMATS if x.name == fmt)
+    k = ks(fmt)[1]
+    rng = np.random.default_rng(5)
+    stack = np.stack([random_weights(f, 16, k, rng) for _ in range(3)])
+    x = rng.standard_normal((6, 2 * k)).astype(np.float32)
+    run = jax.jit(
+        lambda x, w, e, c, pro: cpu.matmul_expert(
+            x, w, e, fmt, k, prologue=pro, count=c
+        ),
+        static_argnames="pro",
+    )
+    for e, c in ((0, 6), (2, 4), (1, 0)):
+        y = np.asarray(run(x[:, :k], stack, e, c, pro=None))
+        want = cpu.matmul_np(x[:c, :k], stack[e], fmt)
+        np.testing.assert_array_equal(y[:c], want)
+        assert not y[c:].any()
+        y = np.asarray(run(x, stack, e, c, pro="swiglu"))
+        want = cpu.matmul_np(x[:c], stack[e], fmt, prologue="swiglu")
+        np.testing.assert_array_equal(y[:c], want)
+    with pytest.raises(Exception, match="expert index out of range"):
+        np.asarray(run(x[:, :k], stack, 3, 6, pro=None))
+
+
 def _rms_input(x, norm, eps):
     """The rms prologue as backends/jax/linear.py's prologue_of computes it."""
     inv = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)

@@ -6,8 +6,8 @@ layer.norm_vector), with post-norms (Gemma 2/3) ln1_post, ln2_post on their
 outputs; wqkv, wgu: tuples of
 weights whose outputs concatenate to the q|k|v and gate|up projections (one
 fused weight when the parts share a format, else one per part); wo, wd: single
-weights; a MoE layer (cake.config.Moe) adds router, experts (one dict of wgu
-and wd per expert) and, with its shared expert in wgu/wd, shared_gate; with attention_bias bqkv ((nh + 2 nkv) hd,); with a q/k norm q_norm,
+weights; a MoE layer (cake.config.Moe) adds router, experts (wgu and wd, each
+a stack of every expert's matrices: _Loader.stacked) and, with its shared expert in wgu/wd, shared_gate; with attention_bias bqkv ((nh + 2 nkv) hd,); with a q/k norm q_norm,
 k_norm ((hd,) per head, or the projection's width: see Family.qk_norm). A weight is a float (K, N) matrix for XLA
 (`x @ W`) or a linear.QMat in the checkpoint's format (see linear.py).
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from cake.backends.jax.linear import QMat, Weight
 from cake.config import ModelConfig
+from cake.errors import ModelError
 from cake.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from cake.shard import Shard
 from cake.weights import TensorSource
@@ -110,6 +111,10 @@ class _Loader:
         cake.kernels.jax decodes in the file's layout) may be repacked for the
         CPU kernels.
         """
+        return tuple(self._weight(g, rows, repack) for g in self._groups(parts))
+
+    def _groups(self, parts: tuple[Stored, ...]) -> list[list]:
+        """Consecutive parts of one kind (format and width): each one product."""
         parts = [p if isinstance(p, Packed) else self._float(p) for p in parts]
         groups: list[list] = []
         for p in parts:
@@ -117,7 +122,7 @@ class _Loader:
                 groups[-1].append(p)
             else:
                 groups.append([p])
-        return tuple(self._weight(g, rows, repack) for g in groups)
+        return groups
 
     def _weight(self, group: list, rows: bool, repack: bool) -> Weight:
         first = group[0]
@@ -173,6 +178,92 @@ class _Loader:
             return self.put(np.ascontiguousarray(w))
         return _transpose(self.put(np.ascontiguousarray(w)), store=w.dtype)
 
+    def stacked(
+        self, experts: tuple[tuple[Stored, ...], ...], repack: bool = True
+    ) -> tuple[Weight, ...]:
+        """Each expert's parts (rows stacking as in `matrices`) as weights of
+        E stacked matrices, for linear.mm_expert: a QMat whose data is (E, N,
+        ...) blocks (repacked as one matrix of E N rows: 8-row tiles stay within
+        an expert when N is a multiple of 8, which the repack requires), or a
+        float (E, K, N). The stack is one copy; the file's pages go."""
+        per = [[_cat(g) for g in self._groups(parts)] for parts in experts]
+        kinds = {tuple(_kind(w) for w in ws) for ws in per}
+        if len(kinds) != 1:
+            raise ModelError(
+                "the experts of a layer are stored in different formats; cake "
+                "needs each of their matrices in one format across experts"
+            )
+        return tuple(
+            self._stack([ws[j] for ws in per], repack) for j in range(len(per[0]))
+        )
+
+    def _stack(self, mats: list, repack: bool) -> Weight:
+        first = mats[0]
+        if isinstance(first, np.ndarray):  # float (N, K) each
+            w = np.stack(mats)  # (E, N, K), already in the model's dtype (_groups)
+            for m in mats:
+                release_pages(m)
+            fmt = _FLOAT_FORMATS.get(w.dtype)
+            if self.on_cpu and fmt is not None:
+                return QMat(
+                    self.put(w), fmt=fmt, cols=w.shape[2], kernel=fmt in self.kernels
+                )
+            return _transpose_stack(self.put(w), store=w.dtype)
+        data = np.stack([m.data for m in mats])  # (E, N, row)
+        sb = [
+            None
+            if getattr(first, a) is None
+            else np.stack([getattr(m, a) for m in mats])
+            for a in ("scales", "biases")
+        ]
+        for m in mats:
+            release_pages(m.data)
+        on = self.on_cpu and first.format in self.kernels and first.scales is None
+        fmt = first.format
+        if on and repack and self.repack:
+            from cake.kernels import cpu
+
+            if cpu.REPACKED.get(fmt) in self.kernels:
+                e, n = data.shape[:2]
+                fmt, flat = cpu.repack_np(data.reshape(e * n, -1), fmt)
+                data = flat.reshape(e, n, -1)
+        data.setflags(write=False)
+        return QMat(
+            self.put(data),
+            *(None if a is None else self.put(a) for a in sb),
+            fmt=fmt,
+            cols=first.shape[1],
+            kernel=on,
+        )
+
+
+@partial(jax.jit, static_argnames="store")
+def _transpose_stack(w: jax.Array, *, store: np.dtype) -> jax.Array:
+    return jnp.swapaxes(w.astype(_F32), 1, 2).astype(store)
+
+
+def _cat(group: list) -> Stored:
+    """A group's parts as one stored matrix of their rows (the part itself if one)."""
+    if len(group) == 1:
+        return group[0]
+    first = group[0]
+    if isinstance(first, Packed):
+        rows = sum(p.shape[0] for p in group)
+        arrays = {
+            a: None
+            if getattr(first, a) is None
+            else np.concatenate([getattr(p, a) for p in group])
+            for a in ("data", "scales", "biases")
+        }
+        out: Stored = Packed(first.format, (rows, first.shape[1]), **arrays)
+        for p in group:
+            release_pages(p.data)
+        return out
+    out = np.concatenate(group)
+    for p in group:
+        release_pages(p)
+    return out
+
 
 def _kind(p) -> tuple:
     if isinstance(p, Packed):
@@ -206,10 +297,11 @@ def load_params(
             layer["wd"] = mats((lw.down,))[0]
         if lw.router is not None:
             layer["router"] = mats((lw.router,))[0]
-            layer["experts"] = tuple(
-                {"wgu": mats(gu), "wd": mats((dn,))[0]}
-                for gu, dn in zip(lw.expert_gate_up, lw.expert_down, strict=True)
-            )
+            # each role's experts stacked (E, ...): one program for every expert
+            layer["experts"] = {
+                "wgu": load.stacked(lw.expert_gate_up),
+                "wd": load.stacked(tuple((d,) for d in lw.expert_down))[0],
+            }
             if lw.shared_gate is not None:
                 layer["shared_gate"] = mats((lw.shared_gate,))[0]
         if lw.qkv_bias:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import astuple, dataclass
+from functools import lru_cache
+from types import MappingProxyType
 
 from cake.config import ModelConfig
 from cake.shard import Shard
@@ -98,8 +101,15 @@ def layer_tensor_names(config: ModelConfig, i: int) -> list[str]:
     return layer_names(config, i).all()
 
 
-def layer_shapes(config: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
-    """The shape the config implies for each of layer i's tensors."""
+def layer_shapes(config: ModelConfig, i: int) -> Mapping[str, tuple[int, ...]]:
+    """The shape the config implies for each of layer i's tensors (read-only:
+    one table per layer, kept, since loading asks once per tensor and a MoE
+    layer holds hundreds)."""
+    return _layer_shapes(config, i)
+
+
+@lru_cache(maxsize=1024)
+def _layer_shapes(config: ModelConfig, i: int) -> Mapping[str, tuple[int, ...]]:
     c, names = config, layer_names(config, i)
     d, hd, inter = c.hidden_size, c.head_dim, c.intermediate_size
     if names.router is not None:  # the MLP beside the experts is the shared one
@@ -133,7 +143,7 @@ def layer_shapes(config: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
         per_head = c.family.qk_norm == "head"
         shapes[names.q_norm] = (hd,) if per_head else (q,)
         shapes[names.k_norm] = (hd,) if per_head else (kv,)
-    return shapes
+    return MappingProxyType(shapes)
 
 
 def head_tensor_names(config: ModelConfig) -> list[str]:

@@ -344,7 +344,7 @@ def _register_jax() -> None:
 
         from . import build as _build
 
-        for name in ("matmul", "matmul_fused", "dequantize"):
+        for name in ("matmul", "matmul_fused", "matmul_expert", "dequantize"):
             symbol = getattr(lib.raw, f"cake_ffi_{name}", None)
             if symbol is None:
                 raise KernelsUnavailable(
@@ -406,6 +406,46 @@ def matmul(
         fmt=fmt,
         prologue=np.int64(PROLOGUES[prologue]),
         eps=np.float32(eps),
+    )
+
+
+def matmul_expert(
+    x: Any,
+    w: Any,
+    expert: Any,
+    fmt: str,
+    k: int,
+    *,
+    prologue: str | None = None,
+    count: Any = None,
+) -> Any:
+    """`x (M, K) @ W[expert]^T` -> float32 `(M, N)`: one matrix of a stack
+    `w` (E, ...) laid out as `weight_spec(fmt, N, k)` each, chosen by the int32
+    scalar `expert` at run time (a MoE tile's expert), as an XLA CPU custom call.
+    count: an int32 scalar, the rows of x in use (default all): only those are
+    multiplied, the other rows of the result are zeros."""
+    import jax
+    import jax.numpy as jnp
+
+    _register_jax()
+    if x.ndim < 1 or _prologue_k(x.shape, prologue, None) != k:
+        raise ValueError(
+            f"x must be (..., K={k}) for prologue {prologue!r}; got {tuple(x.shape)}"
+        )
+    if w.ndim != 3:
+        raise ValueError(f"stacked weights must be (E, N, row); got {tuple(w.shape)}")
+    n = _check_weights(w.shape[1:], w.dtype, fmt, k)
+    _require().code(fmt)
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32)
+    rows = math.prod(x.shape[:-1])
+    call = jax.ffi.ffi_call("cake_cpu_matmul_expert", out, vmap_method="sequential")
+    return call(
+        x.astype(jnp.float32),
+        w,
+        jnp.asarray(expert, jnp.int32).reshape(()),
+        jnp.asarray(rows if count is None else count, jnp.int32).reshape(()),
+        fmt=fmt,
+        prologue=np.int64(PROLOGUES[prologue]),
     )
 
 

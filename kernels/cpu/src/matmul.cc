@@ -19,6 +19,7 @@
 // build.py passes -DCAKE_HAVE_KQUANTS when kquants.cc exists. The repacked
 // K-quant tables (repack_k.cc) are weak on ELF as well: absent, they are null
 // and those formats are not listed.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -617,20 +618,46 @@ int code_of(std::string_view name) {
   return -1;
 }
 
+// Whether a weight row of row_bytes holds K values of f.
+ffi::Error check_row(const Format* f, int64_t row_bytes, int64_t k) {
+  if (k % f->block_elems != 0 || row_bytes != k / f->block_elems * f->block_bytes)
+    return ffi::Error::InvalidArgument(std::string("cake: weight rows do not hold K values of ") + f->name);
+  return ffi::Error::Success();
+}
+
 // w: (N, row bytes) uint8 for the block formats, (N, K) float16 / bfloat16.
 ffi::Error check_weights(const Format* f, const ffi::AnyBuffer& w, int64_t k, int64_t* n) {
   const auto dims = w.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("cake: weights must be 2-D (N, row)");
-  const int64_t row_bytes = dims[1] * (int64_t)ffi::ByteWidth(w.element_type());
-  if (k % f->block_elems != 0 || row_bytes != k / f->block_elems * f->block_bytes)
-    return ffi::Error::InvalidArgument(std::string("cake: weight rows do not hold K values of ") + f->name);
   *n = dims[0];
+  return check_row(f, dims[1] * (int64_t)ffi::ByteWidth(w.element_type()), k);
+}
+
+// One expert of a stack w (E, N, row): its rows' address and N, for the
+// expert index held in the int32 scalar `expert` (a MoE tile's, chosen at run
+// time inside the jitted step; so one program serves every expert).
+ffi::Error expert_weights(const Format* f, const ffi::AnyBuffer& w, const ffi::AnyBuffer& expert, int64_t k,
+                          const void** wp, int64_t* n) {
+  const auto dims = w.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("cake: stacked weights must be 3-D (E, N, row)");
+  if (expert.element_type() != ffi::DataType::S32 || expert.element_count() != 1)
+    return ffi::Error::InvalidArgument("cake: the expert index must be one int32");
+  const int64_t row_bytes = dims[2] * (int64_t)ffi::ByteWidth(w.element_type());
+  if (ffi::Error e = check_row(f, row_bytes, k); e.failure()) return e;
+  const int64_t e = *(const int32_t*)expert.untyped_data();
+  if (e < 0 || e >= dims[0]) return ffi::Error::InvalidArgument("cake: expert index out of range");
+  *n = dims[1];
+  *wp = (const char*)w.untyped_data() + e * dims[1] * row_bytes;
   return ffi::Error::Success();
 }
 
+// expert: null for a 2-D w, else the index into a 3-D stack (expert_weights);
+// count: null, or an int32 scalar: only x's first `count` rows are multiplied
+// (a MoE tile's rows in use), y's other rows are zeros.
 ffi::Error matmul_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                        std::string_view fmt, int prologue, const ffi::AnyBuffer* norm, float eps,
-                       const ffi::AnyBuffer* residual) {
+                       const ffi::AnyBuffer* residual, const ffi::AnyBuffer* expert = nullptr,
+                       const ffi::AnyBuffer* count = nullptr) {
   const int code = code_of(fmt);
   if (code < 0) return ffi::Error::InvalidArgument("cake: format not compiled in: " + std::string(fmt));
   if (x.element_type() != ffi::DataType::F32 || y->element_type() != ffi::DataType::F32)
@@ -642,7 +669,12 @@ ffi::Error matmul_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
     return ffi::Error::InvalidArgument("cake: a SwiGLU prologue needs x (..., 2K)");
   const int64_t m = (int64_t)x.element_count() / xd.back();
   int64_t n;
-  if (ffi::Error e = check_weights(formats()[code], w, k, &n); e.failure()) return e;
+  const void* wp = w.untyped_data();
+  if (expert != nullptr) {
+    if (ffi::Error e = expert_weights(formats()[code], w, *expert, k, &wp, &n); e.failure()) return e;
+  } else if (ffi::Error e = check_weights(formats()[code], w, k, &n); e.failure()) {
+    return e;
+  }
   if ((int64_t)y->element_count() != m * n) return ffi::Error::InvalidArgument("cake: y must be (..., N)");
   const float* norm_p = nullptr;
   if (norm != nullptr && norm->element_count() > 0) {
@@ -656,7 +688,15 @@ ffi::Error matmul_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
       return ffi::Error::InvalidArgument("cake: the residual must be float32 (..., N) like y");
     res_p = (const float*)residual->untyped_data();
   }
-  const int rc = cake_matmul_fused(code, (const float*)x.untyped_data(), m, k, w.untyped_data(), n,
+  int64_t rows = m;
+  if (count != nullptr) {
+    if (count->element_type() != ffi::DataType::S32 || count->element_count() != 1)
+      return ffi::Error::InvalidArgument("cake: the row count must be one int32");
+    rows = std::min<int64_t>(m, std::max<int64_t>(0, *(const int32_t*)count->untyped_data()));
+    if (rows < m) std::memset((float*)y->untyped_data() + rows * n, 0, (size_t)((m - rows) * n) * sizeof(float));
+    if (rows == 0) return ffi::Error::Success();
+  }
+  const int rc = cake_matmul_fused(code, (const float*)x.untyped_data(), rows, k, wp, n,
                                    (float*)y->untyped_data(), prologue, norm_p, eps, res_p);
   if (rc == -3) return ffi::Error::InvalidArgument("cake: a repacked format needs N to be a multiple of 8");
   if (rc == -4) return ffi::Error::InvalidArgument("cake: unknown prologue, or an RMS norm without its weight");
@@ -672,6 +712,13 @@ ffi::Error ffi_matmul(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBu
 ffi::Error ffi_matmul_fused(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer norm, ffi::AnyBuffer residual,
                             ffi::Result<ffi::AnyBuffer> y, std::string_view fmt, int64_t prologue, float eps) {
   return matmul_call(x, w, y, fmt, (int)prologue, &norm, eps, &residual);
+}
+
+// w (E, N, row), expert () int32: the product of x's first `count` rows with
+// that expert's matrix.
+ffi::Error ffi_matmul_expert(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer expert, ffi::AnyBuffer count,
+                             ffi::Result<ffi::AnyBuffer> y, std::string_view fmt, int64_t prologue) {
+  return matmul_call(x, w, y, fmt, (int)prologue, nullptr, 0.0f, nullptr, &expert, &count);
 }
 
 ffi::Error ffi_dequantize(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out, std::string_view fmt) {
@@ -708,6 +755,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_matmul_fused, ffi_matmul_fused,
                                   .Attr<std::string_view>("fmt")
                                   .Attr<int64_t>("prologue")
                                   .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_matmul_expert, ffi_matmul_expert,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x (..., K) or (..., 2K) float32
+                                  .Arg<ffi::AnyBuffer>()  // w (E, N, row)
+                                  .Arg<ffi::AnyBuffer>()  // expert () int32
+                                  .Arg<ffi::AnyBuffer>()  // count () int32: rows of x in use
+                                  .Ret<ffi::AnyBuffer>()  // y (..., N) float32
+                                  .Attr<std::string_view>("fmt")
+                                  .Attr<int64_t>("prologue"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_dequantize, ffi_dequantize,
                               ffi::Ffi::Bind()
