@@ -86,7 +86,9 @@ class Family:
     # sliding layers turn with a RoPE base of their own, unscaled (Gemma 3's
     # rope_local_base_freq): the default where the config gives none
     rope_local_default: float | None = None
-    gguf_arch: str | None = None  # llama.cpp's `general.architecture`, if read
+    # llama.cpp's `general.architecture`, if read; a dense family and a MoE one
+    # may share one (llama: Llama, and Mixtral where the file has experts)
+    gguf_arch: str | None = None
     moe: MoeNames | None = None  # a mixture of experts: where its experts are
 
 
@@ -100,16 +102,19 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3", "Qwen3ForCausalLM", qk_norm="head",
                sliding_window="use_sliding_window"),
         # mixtures of experts: the llama block with a routed MLP (cake.config.Moe)
+        # (llama.cpp writes Mixtral as a llama GGUF with experts)
         Family("mixtral", "MixtralForCausalLM", sliding_window="always",
+               gguf_arch="llama",
                moe=MoeNames("block_sparse_moe", count_keys=("num_local_experts",),
                             gate_up=("w1", "w3"), down="w2", normalize_key=None,
                             size_key=None, sparse_keys=False)),
         Family("qwen2_moe", "Qwen2MoeForCausalLM", qkv_bias=True,
-               sliding_window="use_sliding_window",
+               sliding_window="use_sliding_window", gguf_arch="qwen2moe",
                moe=MoeNames("mlp", shared="shared_expert",
                             shared_gate="shared_expert_gate")),
         Family("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm="head",
-               sliding_window="use_sliding_window", moe=MoeNames("mlp")),
+               sliding_window="use_sliding_window", gguf_arch="qwen3moe",
+               moe=MoeNames("mlp")),
         Family("olmo2", "Olmo2ForCausalLM", block="olmo2",
                norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                qk_norm="proj", gguf_arch="olmo2"),

@@ -33,7 +33,7 @@ from cake.shard import Shard
 from cake.topology import Topology, load_topology, placements
 from cake.weights.cache import raw_entries
 from cake.weights.checkpoint import open_checkpoint
-from cake.weights.gguf import GGUFSource, hf_name
+from cake.weights.gguf import GGUFSource, tensor_names
 from cake.weights.names import head_tensor_names, shard_tensor_names
 from cake.weights.packed import Packed, Stored, stored_tensor
 from cake.weights.source import TensorSource
@@ -162,15 +162,17 @@ def write_gguf(
 
     Each tensor keeps its GGUF name, its stored type and llama.cpp's Q/K row
     order, its bytes copied as they are (the reader un-permutes on reading);
-    tensors with no Hugging Face name (`rope_freqs.weight`, Phi-3's
-    `rope_factors_*.weight`) go into every part.
+    a stack of experts (`blk.N.ffn_gate_exps`) goes whole into the part that
+    asks for any of them; tensors with no Hugging Face name
+    (`rope_freqs.weight`, Phi-3's `rope_factors_*.weight`) go into every part.
     The vocabulary size is added to the metadata if missing: the reader takes
     it from `token_embd.weight`, which only the master's part holds.
     """
-    keep = set(names) | {None}
+    keep = set(names)
     arch = reader.fields["general.architecture"].contents()
-    picked = [t for t in reader.tensors if hf_name(t.name, arch) in keep]
-    found = {hf_name(t.name, arch) for t in picked}
+    hf = {t.name: tensor_names(t, arch) for t in reader.tensors}
+    picked = [t for t in reader.tensors if not hf[t.name] or keep & set(hf[t.name])]
+    found = {n for t in picked for n in hf[t.name]}
     if missing := [n for n in names if n not in found]:
         raise CakeError(f"the GGUF file has no tensor for {missing[0]}")
     writer = gguf.GGUFWriter(path, arch)
@@ -201,8 +203,10 @@ def write_gguf(
     for t in picked:
         writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
         total += int(t.n_bytes)
-        if on_tensor is not None and (hf := hf_name(t.name, arch)) is not None:
-            on_tensor(hf)
+        if on_tensor is not None:
+            for name in hf[t.name]:
+                if name in keep:
+                    on_tensor(name)
     writer.close()
     return total
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import gguf
@@ -11,10 +12,21 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
+from cake.backends.base import Step
+from cake.config import ModelConfig, Moe
 from cake.errors import ModelError
+from cake.pipeline import load_local_stage
+from cake.plan import checkpoint_sizes
+from cake.shard import Shard
+from cake.split import SHARD_FILE, hf_config_dict, split_model
+from cake.topology import parse_topology
 from cake.weights import TensorSource
+from cake.weights.checkpoint import open_checkpoint
 from cake.weights.gguf import GGUFSource, gguf_config, llama3_rope_factors
+from cake.weights.names import layer_shapes, layer_tensor_names
+from cake.weights.packed import Packed
 from tests.blocks import random_blocks
+from tests.gguf_models import write_gguf
 
 Q = gguf.GGMLQuantizationType
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -275,8 +287,6 @@ def test_unsupported_type_names_tensor(tmp_path):
     ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"],
 )
 def test_every_supported_type_is_stored_as_in_the_file(tmp_path, fmt):
-    from cake.weights.packed import Packed
-
     raw = random_blocks(fmt, V, 256)
     _write(tmp_path / "m.gguf", {"token_embd.weight": (raw, Q[fmt])})
     src = GGUFSource(tmp_path / "m.gguf")
@@ -386,3 +396,187 @@ def test_not_a_gguf(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(ModelError, match="no GGUF file"):
         GGUFSource(tmp_path / "missing.gguf")
+
+
+# --- mixtures of experts -----------------------------------------------------------
+
+
+def _moe_args(arch: str, **meta) -> dict:
+    """`_write` metadata of a MoE file as convert_hf_to_gguf writes it."""
+    keys = {"expert_count": 4, "expert_used_count": 2, **meta}
+    return {"arch": arch, **{f"{arch}.{k}": v for k, v in keys.items()}}
+
+
+def test_moe_config_as_llama_cpp_reads_it(tmp_path):
+    emb = {"token_embd.weight": (np.zeros((V, D), np.float32), None)}
+
+    def moe(name: str, arch: str, **meta):
+        return gguf_config(_write(tmp_path / name, emb, **_moe_args(arch, **meta)))
+
+    # Qwen2-MoE: top-k weights not renormalised (llama.cpp's qwen2moe), a
+    # shared expert; without the widths, llama.cpp's defaults
+    c = moe("a.gguf", "qwen2moe", expert_feed_forward_length=32,
+            expert_shared_feed_forward_length=48)  # fmt: skip
+    assert c.model_type == "qwen2_moe" and c.attention_bias
+    assert c.moe == Moe(4, 2, 32, normalize=False, shared_intermediate_size=48)
+    c = moe("b.gguf", "qwen2moe")
+    assert c.moe == Moe(4, 2, F // 2, normalize=False, shared_intermediate_size=F)
+    # the shared expert's gate as llama.cpp's loader takes it, (D,): HF's (1, D)
+    gate = {"blk.0.ffn_gate_inp_shexp.weight": (np.arange(D, dtype=np.float32), None)}
+    src = GGUFSource(_write(tmp_path / "h.gguf", emb | gate, **_moe_args("qwen2moe")))
+    name = "model.layers.0.mlp.shared_expert_gate.weight"
+    assert src.shape(name) == src.get(name).shape == (1, D)
+    # Qwen3-MoE: renormalised (llama.cpp's qwen3moe), no shared expert
+    c = moe("c.gguf", "qwen3moe", expert_feed_forward_length=24)
+    assert c.model_type == "qwen3_moe" and c.moe == Moe(4, 2, 24, normalize=True)
+    # a llama file with experts is Mixtral: experts as wide as the MLP,
+    # renormalised; without experts it stays llama
+    c = moe("d.gguf", "llama")
+    assert c.model_type == "mixtral" and c.moe == Moe(4, 2, F, normalize=True)
+    assert c.sliding_window is None  # a llama GGUF holds none
+    c = moe("e.gguf", "llama", expert_count=0)
+    assert c.model_type == "llama" and c.moe is None
+    # what llama.cpp would compute and cake cannot: refused by name
+    with pytest.raises(ModelError, match="scaled expert weights"):
+        moe("f.gguf", "qwen3moe", expert_weights_scale=2.5)
+    with pytest.raises(ModelError, match="shared experts"):
+        moe("g.gguf", "llama", expert_shared_feed_forward_length=64)
+
+
+MOE_CONFIGS = {
+    "mixtral": ModelConfig("mixtral", V, D, F, 3, H, KV, HD, rms_norm_eps=2.0**-16,
+                           bos_token_id=1, eos_token_id=(2,),
+                           moe=Moe(4, 2, F, normalize=True)),
+    # layer 1 dense: its MLP in ffn_gate/up/down, no router
+    "qwen2_moe": ModelConfig("qwen2_moe", V, D, F, 3, H, KV, HD,
+                             rms_norm_eps=2.0**-16, attention_bias=True,
+                             bos_token_id=1, eos_token_id=(2,),
+                             moe=Moe(4, 2, 32, False, 64, mlp_only_layers=(1,))),
+    "qwen3_moe": ModelConfig("qwen3_moe", V, D, F, 3, H, KV, HD,
+                             rms_norm_eps=2.0**-16, bos_token_id=1,
+                             eos_token_id=(2,), moe=Moe(8, 3, 32, True)),
+}  # fmt: skip
+
+
+def _moe_gguf(tmp_path: Path, model_type: str, fmt: str, **kw) -> tuple[Path, Path]:
+    """(GGUF, its HF folder) of MOE_CONFIGS[model_type] with random weights,
+    written as llama.cpp's converter writes them (tests/gguf_models.py)."""
+    from safetensors.numpy import save_file
+
+    config = MOE_CONFIGS[model_type]
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,),
+              "lm_head.weight": (V, D)}  # fmt: skip
+    for i in range(config.num_hidden_layers):
+        shapes.update(layer_shapes(config, i))
+    weights = {
+        n: (rng.uniform(0.5, 1.5, s) if len(s) == 1 else rng.normal(0, 0.1, s))
+        for n, s in shapes.items()
+    }
+    hf = tmp_path / f"{model_type}-hf"
+    hf.mkdir(exist_ok=True)
+    save_file({n: w.astype(np.float32) for n, w in weights.items()},
+              hf / "model.safetensors")  # fmt: skip
+    (hf / "config.json").write_text(json.dumps(hf_config_dict(config)))
+    path = tmp_path / f"{model_type}-{fmt}-{kw}.gguf"
+    return write_gguf(hf, path, fmt, **kw), hf
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_CONFIGS))
+def test_moe_experts_are_views_of_their_stack(tmp_path, model_type):
+    path, hf = _moe_gguf(tmp_path, model_type, "Q8_0")
+    config, want = open_checkpoint(hf)
+    src = GGUFSource(path)
+    assert src.config == config
+    assert sorted(src.keys()) == sorted(want.keys())
+    stacks = {t.name: t for t in src.reader.tensors if t.name.endswith("_exps.weight")}
+    assert stacks and all(len(t.shape) == 3 for t in stacks.values())
+    block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    leaves = ("w1", "w3", "w2") if model_type == "mixtral" else (
+        "gate_proj", "up_proj", "down_proj")  # fmt: skip
+    for i in (0, 2):
+        for kind, leaf in zip(("gate", "up", "down"), leaves, strict=True):
+            stack = stacks[f"blk.{i}.ffn_{kind}_exps.weight"]
+            names = [f"model.layers.{i}.{block}.experts.{e}.{leaf}.weight"
+                     for e in range(config.moe.num_experts)]  # fmt: skip
+            assert sum(src.nbytes(n) for n in names) == stack.n_bytes
+            for e, name in enumerate(names):
+                w = src.stored(name)
+                assert isinstance(w, Packed) and w.format == src.format(name) == "Q8_0"
+                assert w.shape == src.shape(name) == want.shape(name)
+                assert np.shares_memory(w.data, stack.data)  # a view, not a copy
+                np.testing.assert_array_equal(w.data, stack.data[e])
+                assert w.nbytes == src.nbytes(name)
+                # the expert's HF weights, rounded through Q8_0
+                ref = dequantize(quantize(want.get(name), Q.Q8_0), Q.Q8_0)
+                np.testing.assert_array_equal(src.get(name), ref)
+    # the router (and Qwen2-MoE's shared gate) kept as float32, as converted
+    assert src.format(f"model.layers.0.{block}.gate.weight") == "F32"
+    if model_type == "qwen2_moe":
+        gate = "model.layers.0.mlp.shared_expert_gate.weight"
+        assert src.shape(gate) == (1, D) and src.format(gate) == "F32"
+        assert "model.layers.1.mlp.down_proj.weight" in src  # the dense layer
+    # older files: one tensor per expert (blk.N.ffn_gate.E), the same weights
+    old, _ = _moe_gguf(tmp_path, model_type, "Q8_0", stack_experts=False)
+    again = GGUFSource(old)
+    assert sorted(again.keys()) == sorted(src.keys()) and again.config == config
+    for name in src.keys():
+        np.testing.assert_array_equal(again.get(name), src.get(name), err_msg=name)
+
+
+MOE_TOPOLOGY = """
+w1:
+  host: 127.0.0.1:10001
+  layers: ['model.layers.1']
+w2:
+  host: 127.0.0.1:10002
+  layers: ['model.layers.2']
+"""  # the master keeps layer 0, the embedding and the head
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_CONFIGS))
+def test_moe_gguf_splits_into_parts_that_load(tmp_path, model_type):
+    """`cake split` of a MoE GGUF: each part holds its layers' stacks whole,
+    opens to the whole's config and tensors, and computes what the whole does."""
+    path, _ = _moe_gguf(tmp_path, model_type, "Q8_0")
+    config, whole = open_checkpoint(path)
+    folders = split_model(path, parse_topology(MOE_TOPOLOGY), tmp_path / "out")
+    n = config.num_hidden_layers
+    sizes = checkpoint_sizes(config, whole, "float32")
+    for name, layer in (("master", 0), ("w1", 1), ("w2", 2)):
+        cfg, part = open_checkpoint(folders[name])
+        assert cfg == config
+        assert set(layer_tensor_names(config, layer)) <= set(part.keys())
+        assert not any(
+            f"layers.{j}." in k for k in part.keys() for j in {0, 1, 2} - {layer}
+        )
+        for k in part.keys():  # as stored: same type, same bytes
+            a, b = part.stored(k), whole.stored(k)
+            assert part.format(k) == whole.format(k), k
+            assert part.nbytes(k) == whole.nbytes(k), k
+            assert np.array_equal(getattr(a, "data", a), getattr(b, "data", b)), k
+        shard = json.loads((folders[name] / SHARD_FILE).read_text())
+        assert shard["bytes"] == sum(whole.nbytes(k) for k in part.keys())
+        # the planner counts a part's layer as the whole counts it
+        mine = checkpoint_sizes(cfg, part, "float32")
+        assert mine.range_bytes(layer, layer + 1) == sizes.range_bytes(layer, layer + 1)
+
+    def stage(source, shard):
+        return load_local_stage(config, shard, source, "numpy", "float32",
+                                max_context=16, max_sequences=1)  # fmt: skip
+
+    ids = np.random.default_rng(0).integers(0, V, (1, 5)).astype(np.int32)
+    step = Step((0,), (0,), (5,))
+    x_whole = x_split = ids
+    stages = [
+        (Shard(0, 1, n, embed=True), "master"),
+        (Shard(1, 2, n), "w1"),
+        (Shard(2, 3, n), "w2"),
+        (Shard(n, n, n, head=True), "master"),
+    ]
+    for shard, name in stages:
+        _, part = open_checkpoint(folders[name])
+        x_whole = stage(whole, shard).forward(x_whole, step)
+        x_split = stage(part, shard).forward(x_split, step)
+        assert np.array_equal(x_whole, x_split)
+    assert x_split.shape == (1, V) and np.isfinite(x_split).all()

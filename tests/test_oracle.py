@@ -92,14 +92,18 @@ def test_split_in_two_stages_matches_hf(reference, backend):
 
 # One GGUF per family llama.cpp writes differently from llama (its own tensor
 # names, no Q/K permutation, Phi-3's fused tensors and rope factor tensors,
-# Gemma's norms + 1), in a float and a quantized type; Phi-4-mini's shape with a
-# sliding window added. A Gemma 2/3 file holds no query scale nor local pattern:
-# llama.cpp takes head_dim ** -0.5 (27B aside) and its fixed pattern (every
-# other layer; five in six, with a local RoPE base of 10000), so the twins do.
-GGUF_ARCHS = ("olmo2", "phi4-mini", "gemma", "gemma2", "gemma3")
+# Gemma's norms + 1, experts stacked per projection), in a float and a
+# quantized type; Phi-4-mini's shape with a sliding window added. A Gemma 2/3
+# file holds no query scale nor local pattern: llama.cpp takes head_dim ** -0.5
+# (27B aside) and its fixed pattern (every other layer; five in six, with a
+# local RoPE base of 10000), so the twins do. A Mixtral file (llama) holds no
+# sliding window, so its twin has none.
+GGUF_ARCHS = ("olmo2", "phi4-mini", "gemma", "gemma2", "gemma3", "mixtral",
+              "qwen2_moe", "qwen3_moe")  # fmt: skip
 GGUF_MODELS = [(a, f) for a in GGUF_ARCHS for f in ("F16", "Q8_0")]
 GGUF_EXTRA = {
     "phi4-mini": {"sliding_window": 6},
+    "mixtral": {"sliding_window": None},  # a llama GGUF holds no window
     "gemma2": {"query_pre_attn_scalar": 16},
     "gemma3": {
         "query_pre_attn_scalar": 16,
@@ -124,6 +128,7 @@ CONFIG_FIELDS = (
     "final_logit_softcapping",
     "hidden_act",
     "tie_word_embeddings",
+    "moe",
 )
 
 

@@ -1,6 +1,6 @@
 """GGUF checkpoints (llama.cpp) as a TensorSource: the architectures a family
 of cake.family names as its `gguf_arch` (llama, olmo2, phi3, gemma, gemma2,
-gemma3).
+gemma3, qwen2moe, qwen3moe; a llama file with experts is Mixtral).
 
 The file is memory-mapped by `gguf.GGUFReader`. `stored` hands a tensor out as
 the file holds it (float arrays, quantized types as `Packed` blocks, no
@@ -11,7 +11,9 @@ back to Hugging Face's (the other architectures keep Hugging Face's: llama.cpp
 rotates them in halves, as transformers does). Gemma files hold their RMSNorm
 weights with the 1 of `1 + w` already added (convert_hf_to_gguf adds it);
 `stored`/`get` give them back as Hugging Face holds them (w), so the family's
-norm offset applies to every checkpoint alike.
+norm offset applies to every checkpoint alike. A MoE layer's experts are
+stacked in one tensor per projection (`blk.N.ffn_gate_exps`, (E, out, in));
+each expert's Hugging Face name is a view of its slice of the stack.
 """
 
 from __future__ import annotations
@@ -68,29 +70,103 @@ _ARCH_LAYER = {
     "gemma3": {"ffn_norm": "pre_feedforward_layernorm"},
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)")
+# a MoE layer's experts, stacked (E, out, in) as the family's gate, up, down
+_STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+# one tensor per expert, as older llama.cpp wrote Mixtral: blk.N.ffn_gate.E
+_PER_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)")
+_ROW = ".shared_expert_gate."  # a (1, D) matrix in HF, whatever the file holds
+_SHARED = {"ffn_gate_shexp": "gate_proj", "ffn_up_shexp": "up_proj",
+           "ffn_down_shexp": "down_proj"}  # fmt: skip
 # llama.cpp's converter reorders Q/K rows for the architectures it rotates in
-# adjacent pairs (rope type NORM); of those cake reads, only llama
+# adjacent pairs (rope type NORM); of those cake reads, only llama (Mixtral too)
 _PERMUTED = {"llama"}
-_GGUF_FAMILIES = {f.gguf_arch: f for f in FAMILIES.values() if f.gguf_arch}
+# architecture -> {whether the file has experts: family}; llama is both
+_GGUF_FAMILIES = {
+    arch: {f.moe is not None: f for f in FAMILIES.values() if f.gguf_arch == arch}
+    for arch in dict.fromkeys(f.gguf_arch for f in FAMILIES.values() if f.gguf_arch)
+}
+# whether llama.cpp renormalises the top-k routing weights (build_moe_ffn's
+# norm_w, fixed per architecture in src/models/*.cpp; the converter writes no
+# norm_topk_prob): llama (Mixtral) always does, as the family does
+_RENORMALISED = {"qwen2moe": False, "qwen3moe": True}
+
+
+def _arch_family(arch: str, moe: bool) -> Family | None:
+    """The family of a llama.cpp architecture: its MoE one where `moe` and it
+    has one, else its dense one (or its only one)."""
+    by = _GGUF_FAMILIES.get(arch)
+    if by is None:
+        return None
+    return by.get(moe) or next(iter(by.values()))
+
+
+def _moe_name(base: str, arch: str) -> str | None:
+    """The Hugging Face name (less its suffix) of a MoE layer's router, shared
+    expert or old-style per-expert tensor; None for any other."""
+    fam = _arch_family(arch, moe=True)
+    if fam is None or fam.moe is None:
+        return None
+    names = fam.moe
+    if m := _PER_EXPERT.fullmatch(base):
+        leaf = (*names.gate_up, names.down)[("gate", "up", "down").index(m[2])]
+        return f"model.layers.{m[1]}.{names.block}.experts.{m[3]}.{leaf}"
+    m = _BLOCK.fullmatch(base)
+    if m is None:
+        return None
+    block = f"model.layers.{m[1]}.{names.block}."
+    if m[2] == "ffn_gate_inp":
+        return block + "gate"
+    if names.shared and m[2] in _SHARED:
+        return f"{block}{names.shared}.{_SHARED[m[2]]}"
+    if names.shared_gate and m[2] == "ffn_gate_inp_shexp":
+        return block + names.shared_gate
+    return None
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if
-    the tensor has no Hugging Face counterpart (e.g. `rope_freqs.weight`).
+    the tensor has no Hugging Face counterpart (e.g. `rope_freqs.weight`) or
+    is a stack of experts, which has one per expert (`hf_names`).
 
     `ffn_up` is the stacked gate|up (`mlp.gate_up_proj`) of an architecture
     whose family fuses them (phi3), as llama.cpp writes it."""
     base, _, suffix = gguf_name.rpartition(".")
     if base in _TOP:
         return f"{_TOP[base]}.{suffix}"
+    if (moe := _moe_name(base, arch)) is not None:
+        return f"{moe}.{suffix}"
     m = _BLOCK.fullmatch(base)
     if m and m[2] in _LAYER:
         part = _ARCH_LAYER.get(arch, {}).get(m[2]) or _LAYER[m[2]]
-        fam = _GGUF_FAMILIES.get(arch)
+        fam = _arch_family(arch, moe=False)
         if part == "mlp.up_proj" and fam is not None and len(fam.gate_up) == 1:
             part = "mlp." + fam.gate_up[0]
         return f"model.layers.{m[1]}.{part}.{suffix}"
     return None
+
+
+def hf_names(gguf_name: str, arch: str = "llama", experts: int = 0) -> list[str]:
+    """Every Hugging Face name of a GGUF tensor: `[hf_name(...)]`, or [] where
+    it has none; a stack of `experts` experts (`blk.3.ffn_gate_exps.weight`,
+    (E, out, in)) has expert e's at e
+    (`model.layers.3.block_sparse_moe.experts.{e}.w1.weight` for Mixtral)."""
+    base, _, suffix = gguf_name.rpartition(".")
+    m = _BLOCK.fullmatch(base)
+    fam = _arch_family(arch, moe=True)
+    if m and m[2] in _STACKS and fam is not None and fam.moe is not None:
+        names = fam.moe
+        leaf = (*names.gate_up, names.down)[_STACKS.index(m[2])]
+        block = f"model.layers.{m[1]}.{names.block}.experts"
+        return [f"{block}.{e}.{leaf}.{suffix}" for e in range(experts)]
+    name = hf_name(gguf_name, arch)
+    return [] if name is None else [name]
+
+
+def tensor_names(tensor: Any, arch: str) -> list[str]:
+    """`hf_names` of one of a GGUFReader's tensors; a stack's experts are its
+    outermost dimension (GGUF lists it last)."""
+    shape = tensor.shape.tolist()
+    return hf_names(tensor.name, arch, int(shape[-1]) if len(shape) == 3 else 0)
 
 
 class _Reader(GGUFReader):
@@ -139,7 +215,8 @@ def _meta(reader: GGUFReader, key: str, default: Any = ...) -> Any:
 
 def _family(reader: GGUFReader) -> Family:
     arch = _meta(reader, "general.architecture")
-    fam = _GGUF_FAMILIES.get(arch)
+    experts = _meta(reader, f"{arch}.expert_count", 0) or 0
+    fam = _arch_family(arch, moe=int(experts) > 0)
     if fam is None:
         raise ModelError(
             f"GGUF architecture {arch!r} is not supported: cake reads "
@@ -278,12 +355,55 @@ def gguf_config(path_or_reader: str | Path | GGUFReader) -> ModelConfig:
         # 0 or absent: none (Phi-4 writes 0)
         "sliding_window": _meta(reader, f"{a}.attention.sliding_window", None) or None,
         **_gemma(reader, a, hidden, n_heads, head_dim),  # its window wins
+        **_experts(reader, fam, tensors),
         "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id", None),
         "eos_token_id": list(dict.fromkeys(eos)),
         # llama_ftype: 1 = mostly F16, 32 = mostly BF16; quantized files decode to F32
         "torch_dtype": {1: "float16", 32: "bfloat16"}.get(file_type, "float32"),
     }
     return ModelConfig.from_dict(d)
+
+
+def _experts(reader: GGUFReader, fam: Family, tensors: dict) -> dict[str, Any]:
+    """The config.json keys of a MoE family's experts, as llama.cpp reads
+    them: the expert width (else feed_forward_length / top-k), the shared
+    expert's (else feed_forward_length), renormalisation as `_RENORMALISED`.
+    A Qwen layer without a router whose dense MLP the file holds is one of
+    `mlp_only_layers` (llama.cpp's converter writes such a layer's MLP as a
+    dense one; llama.cpp itself runs none)."""
+    names, a = fam.moe, fam.gguf_arch
+    if names is None:
+        return {}
+    n_ff = int(_meta(reader, f"{a}.feed_forward_length"))
+    top_k = int(_meta(reader, f"{a}.expert_used_count", 0))
+    d: dict[str, Any] = {
+        names.count_keys[0]: int(_meta(reader, f"{a}.expert_count", 0)),
+        "num_experts_per_tok": top_k,
+    }
+    scale = float(_meta(reader, f"{a}.expert_weights_scale", 0.0))
+    shared = int(_meta(reader, f"{a}.expert_shared_feed_forward_length", 0))
+    if scale not in (0.0, 1.0) or (shared and not names.shared):
+        what = "scaled expert weights" if scale not in (0.0, 1.0) else "shared experts"
+        raise ModelError(
+            f"this {a} GGUF has {what}, which {fam.model_type} models do not "
+            "have: cake cannot run it"
+        )
+    if names.size_key:
+        size = _meta(reader, f"{a}.expert_feed_forward_length", None)
+        d[names.size_key] = int(size or n_ff // max(top_k, 1))
+    if names.normalize_key:
+        d[names.normalize_key] = _RENORMALISED[a]
+    if names.shared:
+        d["shared_expert_intermediate_size"] = shared or n_ff
+    if names.sparse_keys:
+        n_layers = int(_meta(reader, f"{a}.block_count"))
+        d["mlp_only_layers"] = [
+            i
+            for i in range(n_layers)
+            if f"blk.{i}.ffn_down.weight" in tensors
+            and f"blk.{i}.ffn_gate_inp.weight" not in tensors
+        ]
+    return d
 
 
 # llama.cpp's Gemma 2/3 27B (by its layer count) scale queries by
@@ -341,11 +461,12 @@ class GGUFSource:
         arch = self.config.family.gguf_arch
         self._permuted = arch in _PERMUTED
         self._norm_offset = self.config.family.norm_offset
-        self._tensors = {
-            hf: t
-            for t in self._reader.tensors
-            if (hf := hf_name(t.name, arch)) is not None
-        }
+        # HF name -> (reader tensor, expert e of a stack, or None)
+        self._tensors: dict[str, tuple[Any, int | None]] = {}
+        for t in self._reader.tensors:
+            stacked = len(t.shape) == 3
+            for e, hf in enumerate(tensor_names(t, arch)):
+                self._tensors[hf] = (t, e if stacked else None)
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -357,33 +478,41 @@ class GGUFSource:
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
 
-    def _tensor(self, name: str) -> Any:
-        t = self._tensors.get(name)
-        if t is None:
+    def _entry(self, name: str) -> tuple[Any, int | None]:
+        entry = self._tensors.get(name)
+        if entry is None:
             raise ModelError(f"{self.path} has no tensor {name!r}")
-        return t
+        return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
-        # GGUF lists ne[0] (the innermost, contiguous dim) first: reverse it.
-        return tuple(int(n) for n in reversed(self._tensor(name).shape.tolist()))
+        # GGUF lists ne[0] (the innermost, contiguous dim) first: reverse it;
+        # an expert of a stack (E, out, in) is one (out, in) slice
+        t, e = self._entry(name)
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        if e is not None:
+            return shape[1:]
+        # Qwen2-MoE's shared expert gate is (1, D) in HF; llama.cpp reads (D,)
+        return (1, *shape) if len(shape) == 1 and _ROW in name else shape
 
     def format(self, name: str) -> str:
         """The stored type's name: F32, F16, BF16, Q4_K, ..."""
-        return self._tensor(name).tensor_type.name
+        return self._entry(name)[0].tensor_type.name
 
     def nbytes(self, name: str) -> int:
-        """Bytes the tensor takes in the file."""
-        return int(self._tensor(name).n_bytes)
+        """Bytes the tensor (an expert: its slice of the stack) takes in the file."""
+        t, e = self._entry(name)
+        return int(t.n_bytes) if e is None else int(t.n_bytes) // int(t.shape[-1])
 
     def stored(self, name: str) -> Stored:
-        t = self._tensor(name)
+        t, e = self._entry(name)
+        data = t.data if e is None else t.data[e]  # a view: the stack stays mapped
         shape = self.shape(name)
         kind = t.tensor_type
         if kind in _FLOAT:
             # The reader exposes BF16 as raw bytes (rows, 2*cols): view as bfloat16.
-            w: Stored = t.data.view(_FLOAT[kind]).reshape(shape)
+            w: Stored = data.view(_FLOAT[kind]).reshape(shape)
         elif kind in _QUANT and len(shape) == 2:
-            w = Packed(kind.name, shape, t.data.reshape(shape[0], -1))
+            w = Packed(kind.name, shape, data.reshape(shape[0], -1))
         else:
             known = ", ".join(["F32", "F16", "BF16", *GGUF_FORMATS])
             raise ModelError(
