@@ -29,7 +29,8 @@ def open_checkpoint(path: str | Path) -> tuple[ModelConfig, TensorSource]:
     from cake.weights.safetensors import SafetensorsSource
 
     config = ModelConfig.from_file(path / "config.json")
-    return config, SafetensorsSource(path, _quantization(path / "config.json"))
+    quantization = _quantization(path / "config.json")
+    return config, SafetensorsSource(path, quantization, config)
 
 
 def _quantization(config_json: Path) -> dict | None:

@@ -10,18 +10,27 @@ Folders quantized by mlx-lm (config.json "quantization": {group_size, bits},
 optionally per module) store a linear `X.weight` as packed uint32 beside
 `X.scales` and `X.biases`; `stored` hands those out as one `Packed` and `get`
 dequantizes them.
+
+mlx-lm folders of a mixture of experts (its models' `sanitize`) stack each
+role's experts in one tensor, float or quantized:
+`model.layers.N.<block>.switch_mlp.{gate_proj,up_proj,down_proj}.{weight,scales,biases}`,
+(E, out, ...). Each expert's Hugging Face name
+(`model.layers.N.block_sparse_moe.experts.E.w1.weight`) is a view of its
+slice of the stack, as the GGUF reader hands out llama.cpp's stacks.
 """
 
 from __future__ import annotations
 
 import json
 import mmap
+import re
 import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from cake.config import ModelConfig
 from cake.errors import ModelError
 from cake.weights.packed import Packed, Stored, mlx_format, parse_mlx_format
 
@@ -39,6 +48,12 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _MAX_HEADER = 100 * 1024 * 1024
+# mlx-lm's stacked experts (SwitchGLU): layer, MoE block, role, entry; (E, out, ...)
+_SWITCH = re.compile(
+    r"model\.layers\.(\d+)\.(\w+)\.switch_mlp\.(\w+)\.(weight|scales|biases)"
+)
+_ROLES = ("gate_proj", "up_proj", "down_proj")  # the family's gate, up, down
+_EXPERT = re.compile(r"(model\.layers\.\d+\.\w+)\.experts\.\d+\.(\w+)")
 
 
 class _File:
@@ -80,10 +95,18 @@ class SafetensorsSource:
 
     quantization: config.json's "quantization" entry of an mlx-lm folder
     ({"group_size", "bits"} and optional per-module overrides), or None.
+    config: the folder's config, which names a MoE family's experts; needed
+    where the folder stacks them as mlx-lm does.
     """
 
-    def __init__(self, folder: str | Path, quantization: dict | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        quantization: dict | None = None,
+        config: ModelConfig | None = None,
+    ) -> None:
         folder = Path(folder)
+        self._folder, self._config = folder, config
         index = folder / "model.safetensors.index.json"
         self._where: dict[str, Path] = {}
         if index.exists():
@@ -101,6 +124,10 @@ class SafetensorsSource:
                 for name in _File(f).entries:
                     self._where[name] = f
         self._files: dict[Path, _File] = {}
+        # an expert's entry name -> (its stack's entry name, expert index)
+        self._slices: dict[str, tuple[str, int]] = {}
+        if any(_SWITCH.fullmatch(n) for n in self._where):
+            self._unstack()
         self._quant = quantization or {}
         # X.weight -> its mlx format, for every X with X.scales beside it
         self._packed = {
@@ -118,8 +145,58 @@ class SafetensorsSource:
         }
         self._names = [n for n in self._where if n not in hidden]
 
+    def _unstack(self) -> None:
+        """Put each expert's names of mlx-lm's stacks in `_where` in place of
+        the stack's (`_slices` says where each is)."""
+        c = self._config
+        if c is None:
+            raise ModelError(
+                f"{self._folder} stacks its experts as mlx-lm does (switch_mlp): "
+                "open it with its config (open_checkpoint reads config.json)"
+            )
+        names = None if c.moe is None else c.family.moe
+        where: dict[str, Path] = {}
+        for name, path in self._where.items():
+            m = _SWITCH.fullmatch(name)
+            if m is None:
+                where[name] = path
+                continue
+            layer, block, role, entry = m.groups()
+            if names is None or block != names.block or role not in _ROLES:
+                what = "no mixture of experts" if names is None else c.model_type
+                raise ModelError(
+                    f"{self._folder} holds {name}, stacked experts that config.json "
+                    f"({what}) does not have: the folder and its config.json do "
+                    "not match"
+                )
+            shape = self._file(path).entries[name]["shape"]  # (E, out, ...)
+            count = int(shape[0]) if len(shape) == 3 else None
+            if count != c.moe.num_experts:
+                raise ModelError(
+                    f"{name} of shape {tuple(shape)} is not a stack of the "
+                    f"{c.moe.num_experts} experts config.json says the model has: "
+                    "the folder is inconsistent"
+                )
+            leaf = (*names.gate_up, names.down)[_ROLES.index(role)]
+            for e in range(count):
+                expert = f"model.layers.{layer}.{block}.experts.{e}.{leaf}.{entry}"
+                where[expert] = path
+                self._slices[expert] = (name, e)
+        self._where = where
+
+    def _quant_key(self, module: str) -> str:
+        """The module whose entry in "quantization" holds `module`'s bits: an
+        expert's is its stack's, as mlx-lm quantizes the stack (a part that
+        `cake split` wrote holds the expert under its own name)."""
+        m = _EXPERT.fullmatch(module)
+        names = None if self._config is None else self._config.family.moe
+        if m is None or names is None or m[2] not in (*names.gate_up, names.down):
+            return module
+        role = _ROLES[(*names.gate_up, names.down).index(m[2])]
+        return f"{m[1]}.switch_mlp.{role}"
+
     def _format(self, module: str) -> str:
-        q = self._quant.get(module, self._quant)
+        q = self._quant.get(module, self._quant.get(self._quant_key(module)))
         if not isinstance(q, dict) or "bits" not in q:
             q = self._quant
         try:
@@ -138,7 +215,19 @@ class SafetensorsSource:
         return f
 
     def _raw(self, name: str) -> np.ndarray:
-        return self._file(self._path(name)).get(name)
+        stack, e = self._slices.get(name, (name, None))
+        a = self._file(self._path(name)).get(stack)
+        return a if e is None else a[e]  # a view: the stack stays mapped
+
+    def _entry(self, name: str) -> tuple[str, tuple[int, ...], int]:
+        """dtype, shape and bytes of an entry (an expert's: its slice of the stack)."""
+        stack, e = self._slices.get(name, (name, None))
+        entry = self._file(self._path(name)).entries[stack]
+        a, b = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        if e is None:
+            return entry["dtype"], shape, b - a
+        return entry["dtype"], shape[1:], (b - a) // shape[0]
 
     def keys(self) -> list[str]:
         return list(self._names)
@@ -151,7 +240,7 @@ class SafetensorsSource:
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        shape = tuple(self._file(self._path(name)).entries[name]["shape"])
+        shape = self._entry(name)[1]
         fmt = self._packed.get(name)
         if fmt is None:
             return shape
@@ -162,17 +251,12 @@ class SafetensorsSource:
         """mlx formats by name (MLX4G64), floats by safetensors dtype (BF16, F32)."""
         if name in self._packed:
             return self._packed[name]
-        return self._file(self._path(name)).entries[name]["dtype"]
+        return self._entry(name)[0]
 
     def nbytes(self, name: str) -> int:
         fmt = self._packed.get(name)
         names = [name] if fmt is None else [name, *self._companions(name)]
-        total = 0
-        for n in names:
-            e = self._file(self._path(n)).entries[n]
-            a, b = e["data_offsets"]
-            total += b - a
-        return total
+        return sum(self._entry(n)[2] for n in names)
 
     def _companions(self, name: str) -> list[str]:
         base = name[: -len("weight")]
