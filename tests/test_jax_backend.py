@@ -211,3 +211,31 @@ def test_long_prefill_matches_numpy(folders, arch):
     (a,) = run(stage, [(1, 0, prompt[0, :170].tolist())])
     (b,) = run(stage, [(1, 170, prompt[0, 170:].tolist())])
     np.testing.assert_allclose(np.concatenate([a, b]), want[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_16_bit_model_keeps_a_16_bit_cache_on_the_cpu(folders, dtype):
+    """With the attention kernel the CPU cache is in the model's dtype (half
+    the bytes of float32); a prefill past the kernel's rows (XLA's attention
+    writes the cache) and decode steps (the kernel reads it) stay close to the
+    float32 run."""
+    if not cpu_kernel_formats():
+        pytest.skip("no CPU kernels here: the cache stays float32")
+    folder = folders["mistral"]
+    ref = load(folder, max_context=320, max_sequences=1)
+    stage = load(folder, dtype=dtype, max_context=320, max_sequences=1)
+    assert np.dtype(stage._cache.dtype) == np.dtype(dtype)
+    assert stage._cache.nbytes * 2 == ref._cache.nbytes
+    prompt = ids(200)
+    got = run(stage, [(0, 0, prompt)])[0]
+    want = run(ref, [(0, 0, prompt)])[0]
+    spread = np.abs(want).max()
+    # 16-bit rounding of the cache (and of the hidden states leaving the stage)
+    tol = 5e-2 if dtype == "bfloat16" else 4e-3  # as the bfloat16 test above
+    assert np.abs(got - want).max() < tol * spread
+    last = want
+    for i in range(4):
+        tok = int(last[-1].argmax())
+        (g,) = run(stage, [(0, 200 + i, [tok])])
+        (last,) = run(ref, [(0, 200 + i, [tok])])
+        assert np.abs(g - last).max() < tol * spread

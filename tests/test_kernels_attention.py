@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import partial
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -173,8 +174,12 @@ def attention_ref(
     window=0,
     scale=None,
     softcap=0.0,
+    attend_over=None,
 ):
-    """(out float64, cache float64 after the writes, mask of the entries written)."""
+    """(out float64, cache float64 after the writes, mask of the entries written).
+
+    attend_over: a cache whose written entries are used instead of the
+    reference's own for the attention (a 16-bit kernel's rounded k and v)."""
     qkv, cos, sin = (np.asarray(a, np.float64) for a in (qkv, cos, sin))
     cache = np.array(cache, np.float64)
     written = np.zeros(cache.shape, bool)
@@ -190,14 +195,18 @@ def attention_ref(
         cache[layer, 0, slots[b], :, t] = rope_ref(k, cos[b, i], sin[b, i])
         cache[layer, 1, slots[b], :, t] = v
         written[layer, :, slots[b], :, t] = True
+    seen = cache
+    if attend_over is not None:
+        seen = cache.copy()
+        seen[written] = np.asarray(attend_over, np.float64)[written]
     for b, i in tokens:
         t = positions[b] + i
         lo = max(0, t - window + 1) if window > 0 else 0
         q = rope_ref(qkv[b, i, : nh * hd].reshape(nh, hd), cos[b, i], sin[b, i])
         q *= 1 / np.sqrt(hd) if scale is None else scale
         for j in range(nh):
-            keys = cache[layer, 0, slots[b], j // rep, lo : t + 1]
-            vals = cache[layer, 1, slots[b], j // rep, lo : t + 1]
+            keys = seen[layer, 0, slots[b], j // rep, lo : t + 1]
+            vals = seen[layer, 1, slots[b], j // rep, lo : t + 1]
             scores = keys @ q[j]
             if softcap:
                 scores = softcap * np.tanh(scores / softcap)
@@ -273,6 +282,55 @@ def test_jit_equals_reference(lib, c):
     f = jax.jit(partial(att.attention, **kwargs(c)))
     out, new_cache = f(qkv, cos, sin, cache, *ints)
     check(c, out, new_cache, cache, ref)
+
+
+KV16 = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+CASES16 = [c for c in CASES if c.name in ("decode-t17", "decode-t200")] + CASES[-3:]
+
+
+@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])
+@pytest.mark.parametrize("kv", sorted(KV16))
+@pytest.mark.parametrize("c", CASES16, ids=lambda c: c.name)
+def test_a_16_bit_cache(lib, portable_libs, march, kv, c):
+    """A float16 / bfloat16 cache: each written k and v is the float32 one
+    rounded to the type (to within one unit of the last place: the kernel
+    turns k in float32, the reference in float64), no other entry changes, and
+    the output is the reference's over the cache as written."""
+    raw = lib.raw if march == "native" else portable_libs[march].raw
+    qkv, cos, sin, cache, *ints = make_inputs(c)
+    cache = cache.astype(KV16[kv])
+    before = cache.copy()
+    out = att._call(raw, qkv, cos, sin, cache, *ints, **kwargs(c))
+    want, want_cache, written = attention_ref(
+        qkv, cos, sin, before.astype(np.float32), *ints, **kwargs(c), attend_over=cache
+    )
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5, err_msg=c.name)
+    got = cache[written].astype(np.float64)
+    ulp = np.spacing(np.abs(want_cache[written]).astype(KV16[kv])).astype(np.float64)
+    assert (np.abs(got - want_cache[written]) <= ulp).all()
+    nearest = want_cache[written].astype(np.float32).astype(KV16[kv])
+    assert (cache[written] == nearest).mean() > 0.99  # rounded to nearest
+    np.testing.assert_array_equal(
+        cache.view(np.uint16)[~written], before.view(np.uint16)[~written]
+    )
+
+
+@pytest.mark.parametrize("kv", sorted(KV16))
+def test_a_16_bit_cache_in_jit_equals_the_ctypes_call(lib, kv):
+    jax = pytest.importorskip("jax")
+    c = CASES16[-1]
+    qkv, cos, sin, cache, *ints = make_inputs(c)
+    cache = cache.astype(KV16[kv])
+    want_cache = cache.copy()
+    want = att.attention_np(qkv, cos, sin, want_cache, *ints, **kwargs(c))
+    out, new_cache = jax.jit(partial(att.attention, **kwargs(c)))(
+        qkv, cos, sin, cache, *ints
+    )
+    assert new_cache.dtype == KV16[kv]
+    np.testing.assert_array_equal(np.asarray(out), want)
+    np.testing.assert_array_equal(
+        np.asarray(new_cache).view(np.uint16), want_cache.view(np.uint16)
+    )
 
 
 def _two_layers(cache, qkv0, qkv1, cos, sin, *ints, nh, window):
@@ -362,18 +420,26 @@ def test_bad_arguments(lib, change, match, rc):
     out = np.zeros((3, c.L, c.nh * c.hd), np.float32)
     fn = lib.raw.cake_attention
     fn.argtypes = (
-        [ctypes.c_void_p] * 7
+        [ctypes.c_void_p] * 4
+        + [ctypes.c_int]
+        + [ctypes.c_void_p] * 3
         + [ctypes.c_int64] * 10
         + [ctypes.c_float] * 2
         + [ctypes.c_void_p]
     )
-    got = fn(
-        *(a.ctypes.data for a in (qkv, cos, sin, cache, slots, positions, lengths)),
-        *(3, c.L, c.nh, c.nkv, c.hd, c.n_layers, c.S, c.T, c.layer, c.window),
-        *scale_softcap,
-        out.ctypes.data,
-    )
-    assert got == rc
+
+    def call(kv_type: int) -> int:
+        return fn(
+            *(a.ctypes.data for a in (qkv, cos, sin, cache)),
+            kv_type,
+            *(a.ctypes.data for a in (slots, positions, lengths)),
+            *(3, c.L, c.nh, c.nkv, c.hd, c.n_layers, c.S, c.T, c.layer, c.window),
+            *scale_softcap,
+            out.ctypes.data,
+        )
+
+    assert call(0) == rc
+    assert call(3) in (rc, -10)  # an unknown cache type: refused too
     np.testing.assert_array_equal(cache, before)
     assert not out.any()
 

@@ -60,10 +60,18 @@ class JaxLlamaStage:
         self._jax_device = jax_device
         model_dtype = dtype_of(dtype)
         on_cpu = jax_device.platform == "cpu"
-        # The KV cache is float32 on the CPU: XLA there computes in float32 and
-        # converting the cache at every read costs more than its bytes save.
-        store = np.dtype(np.float32) if on_cpu else model_dtype
         kernels = cpu_kernel_formats() if on_cpu else frozenset()
+        # Decode steps and short chunks attend through the CPU kernel, which
+        # reads the cache in place at each sequence's own length (see forward).
+        self._attention_kernel = bool(kernels) and _attention_kernel_available()
+        # The KV cache is in the model's dtype, as the checkpoint's activations:
+        # a 16-bit cache halves its memory and the bytes attention reads. On the
+        # CPU without the attention kernel it is float32: XLA there computes in
+        # float32 and converting the cache at every read costs more than its
+        # bytes save (the kernel reads 16-bit rows as they are).
+        store = model_dtype
+        if on_cpu and not self._attention_kernel:
+            store = np.dtype(np.float32)
         self._params = load_params(
             config,
             shard,
@@ -73,9 +81,6 @@ class JaxLlamaStage:
             jax_device,
             kernels=kernels,
         )
-        # Decode steps and short chunks attend through the CPU kernel, which
-        # reads the cache in place at each sequence's own length (see forward).
-        self._attention_kernel = bool(kernels) and _attention_kernel_available()
         self.weight_bytes = weight_bytes(self._params)
         self.prefill_chunk = _prefill_chunk(self._params)
         heap.trim()  # the copies made while loading

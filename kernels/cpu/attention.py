@@ -7,7 +7,7 @@ scatter, a gather of the batch's slots and softmax attention:
   the v heads of each token (each head hd contiguous values);
 - `cos`, `sin` float32 `(B, L, hd / 2)`: the rotary tables at each token's
   position (HF rotate_half layout);
-- `cache` float32 `(n_layers, 2, S, nkv, T, hd)`: [layer, k | v, slot, kv head,
+- `cache` float32, float16 or bfloat16 `(n_layers, 2, S, nkv, T, hd)`: [layer, k | v, slot, kv head,
   position, dim];
 - `slots`, `positions`, `lengths` int32 `(B,)`: token l < lengths[b] of
   sequence b is at position positions[b] + l of cache slot slots[b]; rows
@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from . import KernelsUnavailable, _load, _lock, _require
@@ -47,6 +48,15 @@ _ERRORS = {
     -7: "a slot is out of range",
     -8: "a token's position is negative or past the cache (>= T)",
     -9: "scale is not positive or softcap is negative (or either is not finite)",
+    -10: "the cache is not float32, float16 or bfloat16",
+}
+
+
+# the cache's element types, as the kernel's kv_type codes
+KV_TYPES = {
+    np.dtype(np.float32): 0,
+    np.dtype(np.float16): 1,
+    np.dtype(ml_dtypes.bfloat16): 2,
 }
 
 
@@ -178,8 +188,10 @@ def _call(
     softcap: float = 0.0,
 ) -> np.ndarray:
     """attention_np on one loaded library (`raw`: its ctypes CDLL)."""
-    if not isinstance(cache, np.ndarray) or cache.dtype != np.float32:
-        raise ValueError(f"cache must be a float32 NumPy array; got {_what(cache)}")
+    if not isinstance(cache, np.ndarray) or cache.dtype not in KV_TYPES:
+        raise ValueError(
+            f"cache must be a float32, float16 or bfloat16 NumPy array; got {_what(cache)}"
+        )
     if not cache.flags.c_contiguous or not cache.flags.writeable:
         raise ValueError(
             "cache must be C-contiguous and writeable (it is updated in place)"
@@ -197,14 +209,18 @@ def _call(
     fn = raw.cake_attention
     if fn.argtypes is None:
         fn.argtypes = (
-            [ctypes.c_void_p] * 7
+            [ctypes.c_void_p] * 4
+            + [ctypes.c_int]
+            + [ctypes.c_void_p] * 3
             + [ctypes.c_int64] * 10
             + [ctypes.c_float] * 2
             + [ctypes.c_void_p]
         )
         fn.restype = ctypes.c_int
     rc = fn(
-        *(a.ctypes.data for a in (qkv, cos, sin, cache, slots, positions, lengths)),
+        *(a.ctypes.data for a in (qkv, cos, sin, cache)),
+        KV_TYPES[cache.dtype],
+        *(a.ctypes.data for a in (slots, positions, lengths)),
         *(b, n, nh, nkv, hd, n_layers, s, t, layer, window),
         float(scale),
         float(softcap),
@@ -233,7 +249,8 @@ def attention_np(
     softcap: float = 0.0,
 ) -> np.ndarray:
     """Attention output float32 `(B, L, n_heads hd)`; writes the batch's k and v
-    into `cache` (a float32, C-contiguous, writeable NumPy array) in place. See
+    into `cache` (a float32, float16 or bfloat16 C-contiguous, writeable NumPy
+    array; 16-bit caches hold k and v rounded to nearest even) in place. See
     the module docstring.
 
     qkv, cos and sin must be float32 NumPy arrays (copied if not contiguous);
@@ -301,8 +318,8 @@ def attention(
     softcap: float = 0.0,
 ) -> tuple[Any, Any]:
     """(out float32 `(B, L, n_heads hd)`, the updated cache) as an XLA CPU custom
-    call, usable inside `jax.jit`. The cache result aliases `cache` (float32):
-    donate it to jit (`donate_argnums`) and XLA updates it without a copy.
+    call, usable inside `jax.jit`. The cache result aliases `cache` (float32,
+    float16 or bfloat16: see attention_np): donate it to jit (`donate_argnums`) and XLA updates it without a copy.
 
     Shapes, dtypes, layer, window, scale and softcap are checked here
     (ValueError); slot and position ranges can only be checked when the call
@@ -312,15 +329,17 @@ def attention(
     import jax.numpy as jnp
 
     _register_jax()
-    if np.dtype(cache.dtype) != np.float32:
-        raise ValueError(f"cache must be float32; got {np.dtype(cache.dtype)}")
+    if np.dtype(cache.dtype) not in KV_TYPES:
+        raise ValueError(
+            f"cache must be float32, float16 or bfloat16; got {np.dtype(cache.dtype)}"
+        )
     ints = [jnp.asarray(a) for a in (slots, positions, lengths)]
     scale = _scale(cache.shape[-1], scale)
     b, n, nh, _, hd, _, _, _ = _check_static(
         qkv, cos, sin, cache, ints, n_heads, layer, window, scale, softcap
     )
     out = jax.ShapeDtypeStruct((b, n, nh * hd), jnp.float32)
-    new_cache = jax.ShapeDtypeStruct(cache.shape, jnp.float32)
+    new_cache = jax.ShapeDtypeStruct(cache.shape, cache.dtype)
     call = jax.ffi.ffi_call(
         "cake_cpu_attention",
         (out, new_cache),

@@ -3,7 +3,8 @@
 // attention, in one call per layer (a C entry point for ctypes and an XLA FFI
 // handler whose cache result aliases its cache operand).
 //
-// Layouts (all float32 but slots / positions / lengths, int32; row-major):
+// Layouts (all float32 but slots / positions / lengths, int32, and a cache of
+// kv_type 1 (float16) or 2 (bfloat16); row-major):
 //   qkv   (B, L, (nh + 2 nkv) hd)   q heads, then k heads, then v heads
 //   cos, sin (B, L, hd / 2)         rotary tables at each token's position,
 //                                   HF rotate_half: x1 = x[:hd/2], x2 = x[hd/2:],
@@ -19,6 +20,11 @@
 // scores s, soft-capped to softcap * tanh(s / softcap) where softcap > 0 (Gemma
 // 2), max-subtracted softmax, weighted sum of v. Rows l >= lengths[b] are
 // padding: nothing is written to the cache for them and their output is zero.
+//
+// A 16-bit cache holds each k and v rounded to nearest even (as XLA converts
+// them, so both attention paths write the same bits); a unit widens the rows
+// it reads into float32 scratch first, then runs as over a float32 cache: half
+// the bytes read from memory, which is what bounds attention at batch 8.
 //
 // Work: a unit is (sequence, kv head, block of up to 8 tokens, block of that kv
 // head's query heads). Its query rows score each block of 16 keys (AVX-512; 8
@@ -62,7 +68,8 @@ extern "C" {
 //      positions[b] + lengths[b] > T (a token past the cache's end)
 //   -9 scale is not a positive finite number, or softcap is negative or not finite
 // Sequences with lengths[b] == 0 are not read: their slot and position may be anything.
-int cake_attention(const float* qkv, const float* cos, const float* sin, float* cache,
+//  -10 kv_type is not 0 (float32), 1 (float16) or 2 (bfloat16)
+int cake_attention(const float* qkv, const float* cos, const float* sin, void* cache, int kv_type,
                    const int32_t* slots, const int32_t* positions, const int32_t* lengths,
                    int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, int64_t n_layers,
                    int64_t S, int64_t T, int64_t layer, int64_t window, float scale, float softcap,
@@ -81,6 +88,8 @@ namespace {
 constexpr int64_t kParallelMin = 1 << 18;
 // At most this many tokens of one sequence per unit (they share key loads).
 constexpr int64_t kMaxTokens = 8;
+// Value rows of a 16-bit cache widened at a time (16 KB of float32 at hd 64).
+constexpr int64_t kValueBlock = 64;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -164,14 +173,16 @@ inline float exp_sum(float* x, int64_t n, float m) {
 // over the value rows serves all of them (out[r] = scale[r] * sum_i p_r[i] v[i]).
 constexpr int kRowsAtOnce = 4;
 
+// acc: out[r] already holds an unscaled partial sum over earlier rows of v
+// (a 16-bit cache's values come in blocks): go on from it, in the same order.
 template <int R>
 inline void weighted_rows(const float* p, int64_t stride, int64_t n, const float* v, int64_t hd,
-                          const float* scale, float* const* out) {
+                          const float* scale, float* const* out, bool acc = false) {
   int64_t d = 0;
   for (; d + 64 <= hd; d += 64) {
     __m512 a[R][4];
     for (int r = 0; r < R; r++)
-      for (int u = 0; u < 4; u++) a[r][u] = _mm512_setzero_ps();
+      for (int u = 0; u < 4; u++) a[r][u] = acc ? _mm512_loadu_ps(out[r] + d + 16 * u) : _mm512_setzero_ps();
     const float* vr = v + d;
     for (int64_t i = 0; i < n; i++, vr += hd) {
       __m512 x[4];
@@ -188,7 +199,7 @@ inline void weighted_rows(const float* p, int64_t stride, int64_t n, const float
   for (; d < hd; d += 16) {
     const __mmask16 k = hd - d >= 16 ? (__mmask16)0xffff : tail_mask(hd - d);
     __m512 a[R];
-    for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) a[r] = acc ? _mm512_maskz_loadu_ps(k, out[r] + d) : _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i++) {
       const __m512 x = _mm512_maskz_loadu_ps(k, v + i * hd + d);
       for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * stride + i]), x, a[r]);
@@ -278,11 +289,14 @@ constexpr int kRowsAtOnce = 3;
 
 template <int R>
 inline void weighted_rows(const float* p, int64_t stride, int64_t n, const float* v, int64_t hd,
-                          const float* scale, float* const* out) {
+                          const float* scale, float* const* out, bool acc = false) {
   int64_t d = 0;
   for (; d + 16 <= hd; d += 16) {
     __m256 a[R][2];
-    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int r = 0; r < R; r++) {
+      a[r][0] = acc ? _mm256_loadu_ps(out[r] + d) : _mm256_setzero_ps();
+      a[r][1] = acc ? _mm256_loadu_ps(out[r] + d + 8) : _mm256_setzero_ps();
+    }
     const float* vr = v + d;
     for (int64_t i = 0; i < n; i++, vr += hd) {
       const __m256 x0 = _mm256_loadu_ps(vr), x1 = _mm256_loadu_ps(vr + 8);
@@ -300,7 +314,7 @@ inline void weighted_rows(const float* p, int64_t stride, int64_t n, const float
   }
   for (; d < hd; d++)
     for (int r = 0; r < R; r++) {
-      float a = 0.0f;
+      float a = acc ? out[r][d] : 0.0f;
       for (int64_t i = 0; i < n; i++) a += p[r * stride + i] * v[i * hd + d];
       out[r][d] = a * scale[r];
     }
@@ -339,10 +353,12 @@ inline float exp_sum(float* x, int64_t n, float m) {
   return r;
 }
 
-inline void weighted_sum(const float* p, int64_t n, const float* v, int64_t hd, float scale, float* out) {
+inline void weighted_sum(const float* p, int64_t n, const float* v, int64_t hd, float scale, float* out,
+                         bool acc) {
   int64_t d = 0;
   for (; d + 32 <= hd; d += 32) {
-    float a[32] = {};
+    float a[32];
+    for (int j = 0; j < 32; j++) a[j] = acc ? out[d + j] : 0.0f;
     for (int64_t i = 0; i < n; i++) {
       const float pi = p[i];
       const float* vr = v + i * hd + d;
@@ -351,7 +367,7 @@ inline void weighted_sum(const float* p, int64_t n, const float* v, int64_t hd, 
     for (int j = 0; j < 32; j++) out[d + j] = a[j] * scale;
   }
   for (; d < hd; d++) {
-    float a = 0.0f;
+    float a = acc ? out[d] : 0.0f;
     for (int64_t i = 0; i < n; i++) a += p[i] * v[i * hd + d];
     out[d] = a * scale;
   }
@@ -361,11 +377,106 @@ constexpr int kRowsAtOnce = 1;
 
 template <int R>
 inline void weighted_rows(const float* p, int64_t stride, int64_t n, const float* v, int64_t hd,
-                          const float* scale, float* const* out) {
-  for (int r = 0; r < R; r++) weighted_sum(p + r * stride, n, v, hd, scale[r], out[r]);
+                          const float* scale, float* const* out, bool acc = false) {
+  for (int r = 0; r < R; r++) weighted_sum(p + r * stride, n, v, hd, scale[r], out[r], acc);
 }
 
 #endif
+
+// ---- 16-bit cache rows: widened to float32, and rounded to nearest even ----
+
+enum KvType { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  uint32_t bits;
+  if (e == 0) {  // zero or subnormal: m * 2^-24
+    const float f = (float)m * (1.0f / 16777216.0f);
+    memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else if (e == 31) {
+    bits = sign | 0x7f800000u | (m << 13);
+  } else {
+    bits = sign | ((e + 112) << 23) | (m << 13);
+  }
+  float r;
+  memcpy(&r, &bits, 4);
+  return r;
+}
+
+inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  // NaN
+  if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // >= 65520: infinity
+  if (ax < 0x38800000u) {  // below 2^-14: a subnormal, in units of 2^-24
+    float a;
+    memcpy(&a, &ax, 4);
+    return (uint16_t)(sign | (uint32_t)nearbyintf(a * 16777216.0f));
+  }
+  uint32_t h = (((ax >> 23) - 112) << 10) | ((ax >> 13) & 0x3ffu);
+  const uint32_t rest = ax & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+  return (uint16_t)(sign | h);
+}
+
+inline float bf16_to_f32(uint16_t b) {
+  const uint32_t bits = (uint32_t)b << 16;
+  float r;
+  memcpy(&r, &bits, 4);
+  return r;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);  // NaN stays NaN
+  return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// dst[i] = src[i] widened, i < n
+inline void widen(const uint16_t* src, float* dst, int64_t n, int kv_type) {
+  int64_t i = 0;
+  if (kv_type == kBF16) {
+#if CAKE_ATT_AVX512
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + i))), 16)));
+#elif CAKE_ATT_AVX2
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(src + i))), 16)));
+#endif
+    for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+    return;
+  }
+#if CAKE_ATT_AVX512
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
+#elif CAKE_ATT_AVX2 && defined(__F16C__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+#endif
+  for (; i < n; i++) dst[i] = f16_to_f32(src[i]);
+}
+
+// dst[i] = src[i] rounded to the cache's type (float32: copied)
+inline void store_row(const float* src, void* dst, int64_t n, int kv_type) {
+  if (kv_type == kF32) {
+    memcpy(dst, src, sizeof(float) * n);
+    return;
+  }
+  uint16_t* d = (uint16_t*)dst;
+  int64_t i = 0;
+  if (kv_type == kF16) {
+#if CAKE_ATT_AVX512
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256((__m256i*)(d + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; i++) d[i] = f32_to_f16(src[i]);
+    return;
+  }
+  for (; i < n; i++) d[i] = f32_to_bf16(src[i]);
+}
 
 // out[:half], out[half:] = x1 c - x2 s, x2 c + x1 s, each times mul
 inline void rope(const float* x, const float* c, const float* s, int64_t half, float mul, float* out) {
@@ -378,7 +489,8 @@ inline void rope(const float* x, const float* c, const float* s, int64_t half, f
 
 struct Job {
   const float *qkv, *cos, *sin;
-  float* cache;
+  void* cache;
+  int kv_type;  // KvType
   const int32_t *slots, *positions, *lengths;
   int64_t L, nh, nkv, hd, S, T, layer, window;
   float scale, softcap;  // softcap 0: none
@@ -394,7 +506,7 @@ struct Job {
 // The first cache position token t reads.
 inline int64_t first_key(const Job& j, int64_t t) { return j.window > 0 ? max64(0, t - j.window + 1) : 0; }
 
-void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
+void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<float>& wide) {
   const int64_t per_seq = j.nkv * j.n_tok * j.n_head;
   const int64_t b = u / per_seq;
   const int64_t g = u / (j.n_tok * j.n_head) % j.nkv;
@@ -406,9 +518,17 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
   const int64_t hd = j.hd, half = hd / 2, width = (j.nh + 2 * j.nkv) * hd;
   const int64_t pos = j.positions[b];
   const int64_t kv_stride = j.S * j.nkv * j.T * hd;  // cache[.., 0] -> cache[.., 1]
-  const float* keys = j.cache + ((j.layer * 2 * j.S + j.slots[b]) * j.nkv + g) * j.T * hd;
-  const float* vals = keys + kv_stride;
+  const int64_t row0 = ((j.layer * 2 * j.S + j.slots[b]) * j.nkv + g) * j.T * hd;  // element of (k, position 0)
   const int64_t lo = first_key(j, pos + l0), hi = pos + l1 - 1, span = hi - lo + 1;
+  // A float32 cache is read in place: keys[t * hd], vals[t * hd] are position
+  // t's rows. A 16-bit one is widened a block of rows at a time into `wide`
+  // (kKeyBlock keys, kValueBlock values: in L1 when the products read them).
+  const bool f32 = j.kv_type == kF32;
+  const float* keys = f32 ? (const float*)j.cache + row0 : nullptr;
+  const float* vals = f32 ? keys + kv_stride : nullptr;
+  const uint16_t* k16 = f32 ? nullptr : (const uint16_t*)j.cache + row0;
+  const uint16_t* v16 = f32 ? nullptr : k16 + kv_stride;
+  if (!f32 && wide.size() < (size_t)(kValueBlock * hd)) wide.resize((size_t)(kValueBlock * hd));
   const int64_t rows = (l1 - l0) * nr;
   const size_t need = (size_t)(rows * (hd + span + 1) + kKeyBlock * (hd + 1));
   if (scratch.size() < need) scratch.resize(need);
@@ -425,15 +545,24 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
   // Every row scores every key in [lo, hi]: a row of an earlier token (or,
   // with a window, a later one) scores up to tokens - 1 keys it then ignores.
   int64_t t = lo;
-  for (; t + kKeyBlock <= hi + 1; t += kKeyBlock)
-    for (int64_t row = 0; row < rows; row++) dot_block(q + row * hd, keys + t * hd, hd, scores + row * span + t - lo);
+  for (; t + kKeyBlock <= hi + 1; t += kKeyBlock) {
+    const float* kb = keys + t * hd;
+    if (!f32) {
+      widen(k16 + t * hd, wide.data(), kKeyBlock * hd, j.kv_type);
+      kb = wide.data();
+    }
+    for (int64_t row = 0; row < rows; row++) dot_block(q + row * hd, kb, hd, scores + row * span + t - lo);
+  }
   // The last keys go through dot_block too, from a zero-padded copy: a key's
   // score is then the same bits whichever chunk reads it (a prompt fed in other
   // chunks, or a decode step, gives the tokens of a prompt fed at once).
   if (t <= hi) {
     const int64_t left = hi - t + 1;
     memset(tail, 0, sizeof(float) * kKeyBlock * hd);
-    memcpy(tail, keys + t * hd, sizeof(float) * left * hd);
+    if (f32)
+      memcpy(tail, keys + t * hd, sizeof(float) * left * hd);
+    else
+      widen(k16 + t * hd, tail, left * hd, j.kv_type);
     float* got = tail + kKeyBlock * hd;
     for (int64_t row = 0; row < rows; row++) {
       dot_block(q + row * hd, tail, hd, got);
@@ -458,7 +587,7 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
     if (a > lo) memset(s, 0, sizeof(float) * (a - lo));
     if (e < hi) memset(sr + n, 0, sizeof(float) * (hi - e));
   }
-  const float* v = vals + lo * hd;
+  const float* v = f32 ? vals + lo * hd : nullptr;
   for (int64_t row = 0; row < rows; row += kRowsAtOnce) {
     const int r = (int)min64(kRowsAtOnce, rows - row);
     float* outs[kRowsAtOnce];
@@ -468,31 +597,45 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch) {
     }
     const float* p = scores + row * span;
     // Every row sums its values in the same order whatever the rows beside it
-    // (the chunk-invariance above): no separate single-row sum.
-    if (r == 1)
-      weighted_rows<1>(p, span, span, v, hd, scale + row, outs);
-    else if (r == 2)
-      weighted_rows<2>(p, span, span, v, hd, scale + row, outs);
-    else if (r == 3)
-      weighted_rows<3>(p, span, span, v, hd, scale + row, outs);
-    else
-      weighted_rows<kRowsAtOnce>(p, span, span, v, hd, scale + row, outs);
+    // (the chunk-invariance above): no separate single-row sum. A 16-bit
+    // cache's values come a block at a time, each block going on from the
+    // sums so far (the same additions in the same order), unscaled but the last.
+    float unit[kRowsAtOnce];
+    for (int i = 0; i < kRowsAtOnce; i++) unit[i] = 1.0f;
+    for (int64_t i0 = 0; i0 < span; i0 += f32 ? span : kValueBlock) {
+      const int64_t nb = f32 ? span : min64(kValueBlock, span - i0);
+      const float* vb = v;
+      if (!f32) {
+        widen(v16 + (lo + i0) * hd, wide.data(), nb * hd, j.kv_type);
+        vb = wide.data();
+      }
+      const float* sc = i0 + nb >= span ? scale + row : unit;
+      const bool acc = i0 > 0;
+      if (r == 1)
+        weighted_rows<1>(p + i0, span, nb, vb, hd, sc, outs, acc);
+      else if (r == 2)
+        weighted_rows<2>(p + i0, span, nb, vb, hd, sc, outs, acc);
+      else if (r == 3)
+        weighted_rows<3>(p + i0, span, nb, vb, hd, sc, outs, acc);
+      else
+        weighted_rows<kRowsAtOnce>(p + i0, span, nb, vb, hd, sc, outs, acc);
+    }
   }
 }
 
 void work(void* p, int, int) {
   Job& j = *(Job*)p;
-  thread_local std::vector<float> scratch;
+  thread_local std::vector<float> scratch, wide;
   for (;;) {
     const int64_t u = j.next.fetch_add(1);
     if (u >= j.units) return;
-    run_unit(j, u, scratch);
+    run_unit(j, u, scratch, wide);
   }
 }
 
 }  // namespace
 
-int cake_attention(const float* qkv, const float* cos, const float* sin, float* cache,
+int cake_attention(const float* qkv, const float* cos, const float* sin, void* cache, int kv_type,
                    const int32_t* slots, const int32_t* positions, const int32_t* lengths,
                    int64_t B, int64_t L, int64_t nh, int64_t nkv, int64_t hd, int64_t n_layers,
                    int64_t S, int64_t T, int64_t layer, int64_t window, float scale, float softcap,
@@ -503,6 +646,7 @@ int cake_attention(const float* qkv, const float* cos, const float* sin, float* 
   if (layer < 0 || layer >= n_layers) return -4;
   if (window < 0) return -5;
   if (!(scale > 0.0f) || !isfinite(scale) || !(softcap >= 0.0f) || !isfinite(softcap)) return -9;
+  if (kv_type != kF32 && kv_type != kF16 && kv_type != kBF16) return -10;
   if (B == 0 || L == 0) return 0;
   if (!qkv || !cos || !sin || !cache || !slots || !positions || !lengths || !out) return -1;
   int64_t macs = 0;  // scores and weighted sums, for the choice of threads
@@ -522,22 +666,25 @@ int cake_attention(const float* qkv, const float* cos, const float* sin, float* 
 
   const int64_t half = hd / 2, width = (nh + 2 * nkv) * hd, plane = S * nkv * T * hd;
   // 1. the cache writes, and zeros for the padding rows
+  const int64_t esize = kv_type == kF32 ? 4 : 2;
+  std::vector<float> rotated((size_t)hd);
   for (int64_t b = 0; b < B; b++) {
     const int64_t len = lengths[b];
     if (len < L) memset(out + (b * L + len) * nh * hd, 0, sizeof(float) * (L - len) * nh * hd);
     for (int64_t l = 0; l < len; l++) {
       const int64_t tok = b * L + l, t = positions[b] + l;
       for (int64_t h = 0; h < nkv; h++) {
-        float* kc = cache + ((layer * 2 * S + slots[b]) * nkv + h) * T * hd + t * hd;
-        rope(qkv + tok * width + (nh + h) * hd, cos + tok * half, sin + tok * half, half, 1.0f, kc);
-        memcpy(kc + plane, qkv + tok * width + (nh + nkv + h) * hd, sizeof(float) * hd);
+        const int64_t at = ((layer * 2 * S + slots[b]) * nkv + h) * T * hd + t * hd;  // element
+        rope(qkv + tok * width + (nh + h) * hd, cos + tok * half, sin + tok * half, half, 1.0f, rotated.data());
+        store_row(rotated.data(), (char*)cache + at * esize, hd, kv_type);
+        store_row(qkv + tok * width + (nh + nkv + h) * hd, (char*)cache + (at + plane) * esize, hd, kv_type);
       }
     }
   }
 
   // 2. attention, in units of (sequence, kv head, tokens, query heads)
   Job job;
-  job.qkv = qkv, job.cos = cos, job.sin = sin, job.cache = cache;
+  job.qkv = qkv, job.cos = cos, job.sin = sin, job.cache = cache, job.kv_type = kv_type;
   job.slots = slots, job.positions = positions, job.lengths = lengths;
   job.L = L, job.nh = nh, job.nkv = nkv, job.hd = hd, job.S = S, job.T = T;
   job.layer = layer, job.window = window, job.out = out;
@@ -570,12 +717,28 @@ namespace ffi = xla::ffi;
 namespace {
 
 using F32_3 = ffi::Buffer<ffi::F32, 3>;
-using F32_6 = ffi::Buffer<ffi::F32, 6>;
 using S32_1 = ffi::Buffer<ffi::S32, 1>;
 
-ffi::Error ffi_attention(F32_3 qkv, F32_3 cos, F32_3 sin, F32_6 cache, S32_1 slots, S32_1 positions,
-                         S32_1 lengths, ffi::Result<F32_3> out, ffi::Result<F32_6> cache_out, int64_t layer,
-                         int64_t window, float scale, float softcap) {
+ffi::Error ffi_attention(F32_3 qkv, F32_3 cos, F32_3 sin, ffi::AnyBuffer cache, S32_1 slots, S32_1 positions,
+                         S32_1 lengths, ffi::Result<F32_3> out, ffi::Result<ffi::AnyBuffer> cache_out,
+                         int64_t layer, int64_t window, float scale, float softcap) {
+  int kv_type;
+  switch (cache.element_type()) {
+    case ffi::DataType::F32:
+      kv_type = kF32;
+      break;
+    case ffi::DataType::F16:
+      kv_type = kF16;
+      break;
+    case ffi::DataType::BF16:
+      kv_type = kBF16;
+      break;
+    default:
+      return ffi::Error::InvalidArgument("cake attention: the cache must be float32, float16 or bfloat16");
+  }
+  if (cache.dimensions().size() != 6 || cache_out->dimensions().size() != 6 ||
+      cache_out->element_type() != cache.element_type())
+    return ffi::Error::InvalidArgument("cake attention: cache and cache_out must be 6-D, of one type");
   const auto qd = qkv.dimensions(), cd = cache.dimensions(), od = out->dimensions();
   const int64_t B = qd[0], L = qd[1], nkv = cd[3], T = cd[4], hd = cd[5];
   if (hd <= 0 || hd % 2 != 0 || qd[2] % hd != 0 || qd[2] / hd <= 2 * nkv)
@@ -593,10 +756,10 @@ ffi::Error ffi_attention(F32_3 qkv, F32_3 cos, F32_3 sin, F32_6 cache, S32_1 slo
   const auto rd = cache_out->dimensions();
   for (int i = 0; i < 6; i++)
     if (rd[i] != cd[i]) return ffi::Error::InvalidArgument("cake attention: cache_out must have the cache's shape");
-  float* kv = cache_out->typed_data();
+  void* kv = cache_out->untyped_data();
   // XLA aliases the result to the operand (input_output_aliases); should it not, start from a copy
   if ((const void*)kv != cache.untyped_data()) memcpy(kv, cache.untyped_data(), cache.size_bytes());
-  const int rc = cake_attention(qkv.typed_data(), cos.typed_data(), sin.typed_data(), kv, slots.typed_data(),
+  const int rc = cake_attention(qkv.typed_data(), cos.typed_data(), sin.typed_data(), kv, kv_type, slots.typed_data(),
                                 positions.typed_data(), lengths.typed_data(), B, L, nh, nkv, hd, cd[0], cd[2], T,
                                 layer, window, scale, softcap, out->typed_data());
   switch (rc) {
@@ -629,12 +792,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_attention, ffi_attention,
                                   .Arg<F32_3>()  // qkv (B, L, (nh + 2 nkv) hd)
                                   .Arg<F32_3>()  // cos (B, L, hd / 2)
                                   .Arg<F32_3>()  // sin (B, L, hd / 2)
-                                  .Arg<F32_6>()  // cache (n_layers, 2, S, nkv, T, hd)
+                                  .Arg<ffi::AnyBuffer>()  // cache (n_layers, 2, S, nkv, T, hd), f32/f16/bf16
                                   .Arg<S32_1>()  // slots (B,)
                                   .Arg<S32_1>()  // positions (B,)
                                   .Arg<S32_1>()  // lengths (B,)
                                   .Ret<F32_3>()  // out (B, L, nh hd)
-                                  .Ret<F32_6>()  // cache_out: aliases cache
+                                  .Ret<ffi::AnyBuffer>()  // cache_out: aliases cache
                                   .Attr<int64_t>("layer")
                                   .Attr<int64_t>("window")
                                   .Attr<float>("scale")
