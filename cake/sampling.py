@@ -1,4 +1,10 @@
-"""Host-side sampling from float32 logits (NumPy): greedy, temperature, top-k/p, min-p."""
+"""Host-side sampling from float32 logits: greedy, temperature, top-k/p, min-p.
+
+NumPy throughout, but for the most common draw (temperature, with or without
+min-p, no top-k/top-p), which the CPU kernels make in two vector passes over
+the row where they are built (cake.kernels.cpu.sample_np: ~5 us against
+45-65 us for a 49k vocabulary).
+"""
 
 from __future__ import annotations
 
@@ -69,6 +75,13 @@ class Sampler:
             )
         if p.temperature == 0:
             return int(np.argmax(logits))
+        r = self.rng.random()
+        if not p.top_k and p.top_p == 1.0:
+            # the same draw in two vector passes of the CPU kernels (~50 us
+            # in NumPy for 49k logits; 13 % of a serving step at 8 streams)
+            tok = _kernel_draw(logits, p.temperature, p.min_p, r)
+            if tok is not None:
+                return tok
         # float32, in place in one buffer: ~0.1 ms for 49k logits. Where every
         # step allocated its arrays (196 KB each, mmap'ed and unmapped by malloc)
         # their page faults alone took 0.2 ms a row
@@ -85,7 +98,16 @@ class Sampler:
             w[w < np.float32(p.min_p)] = 0
         if kept is not None:
             w[~kept] = 0
-        return _inverse_cdf(w, self.rng.random())
+        return _inverse_cdf(w, r)
+
+
+def _kernel_draw(logits: np.ndarray, temperature: float, min_p: float, r: float):
+    """cake.kernels.cpu.sample_np, or None where the kernels are absent."""
+    try:
+        from cake.kernels import cpu
+    except ImportError:  # pragma: no cover - the package ships with cake
+        return None
+    return cpu.sample_np(logits, temperature, min_p, r)
 
 
 def _inverse_cdf(w: np.ndarray, r: float) -> int:

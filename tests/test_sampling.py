@@ -87,3 +87,37 @@ def test_top_logprobs_are_the_log_softmax_of_the_logits():
 
 def test_the_earliest_stop_string_wins():
     assert StopMatcher(["b", "a"]).push("xaby") == ("x", True)
+
+
+def _numpy_draw(logits, temperature, min_p, r):
+    """The NumPy form of the draw (sampling.py's, without the kernels)."""
+    from cake.sampling import _inverse_cdf
+
+    z = logits.astype(np.float32) / np.float32(temperature)
+    w = np.exp(z - z.max())
+    w[w < np.float32(min_p)] = 0
+    return _inverse_cdf(w, r)
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.05])
+def test_the_kernel_draw_is_the_numpy_draw(min_p):
+    """The CPU kernels' draw (src/sample.cc) over a 49k vocabulary with masked
+    tokens: the token NumPy's inverse CDF gives for the same r, but where r
+    falls within rounding of a boundary (their exps differ by ~1 ulp), and
+    never a masked one nor one under min-p."""
+    from cake.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no CPU kernels here: the sampler draws with NumPy")
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal(49152) * 2).astype(np.float32)
+    logits[rng.integers(0, 49152, 5000)] = -np.inf
+    rs = rng.random(3000)
+    got = [cpu.sample_np(logits, 0.8, min_p, r) for r in rs]
+    want = [_numpy_draw(logits, 0.8, min_p, r) for r in rs]
+    assert np.mean(np.array(got) == np.array(want)) > 0.999
+    w = np.exp((logits - logits.max()) / 0.8)
+    assert all(np.isfinite(logits[t]) and w[t] >= min_p for t in got)
+    # no finite maximum: no draw here (the sampler falls back to NumPy)
+    assert cpu.sample_np(np.full(8, -np.inf, np.float32), 1.0, 0.0, 0.5) is None
+    assert cpu.sample_np(np.array([1.0, np.nan], np.float32), 1.0, 0.0, 0.5) is None

@@ -142,6 +142,10 @@ class _Library:
         lib.cake_repack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
         lib.cake_quantize_q8_32.argtypes = [ptr, ptr, i64]
         lib.cake_quantize_q8_256.argtypes = [ptr, ptr, i64]
+        if hasattr(lib, "cake_sample"):  # sample.cc
+            lib.cake_sample.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float]
+            lib.cake_sample.argtypes += [ctypes.c_double]
+            lib.cake_sample.restype = i64
         self.raw = lib
         self.path = path
         names = [
@@ -317,6 +321,22 @@ def matmul_np(
     prologue/norm/eps: see PROLOGUES; residual (..., N) is added to the result.
     """
     return _require().matmul(x, w, fmt, prologue, norm, eps, residual)
+
+
+def sample_np(
+    logits: np.ndarray, temperature: float, min_p: float, r: float
+) -> int | None:
+    """The token drawn from softmax(logits / temperature), weights under min_p
+    times the top one's at 0, where r (in [0, 1)) * their sum falls in their
+    running sum (src/sample.cc); None where the kernels are absent or the row
+    has no finite maximum (all -inf, or NaN): then sample another way."""
+    lib = _load()
+    fn = getattr(lib.raw, "cake_sample", None) if lib is not None else None
+    if fn is None:
+        return None
+    z = np.ascontiguousarray(logits, dtype=np.float32)
+    tok = fn(z.ctypes.data, z.size, 1.0 / temperature, min_p, r)
+    return None if tok < 0 else int(tok)
 
 
 def dequantize_np(w: np.ndarray, fmt: str, k: int) -> np.ndarray:
