@@ -148,34 +148,37 @@ def test_jax_ffi_in_jit_equals_ctypes(lib, fmt):
     np.testing.assert_array_equal(np.asarray(d), cpu.dequantize_np(w, fmt.name, k))
 
 
-@pytest.mark.parametrize("fmt", ["Q4_0", "Q8_0", "Q4_K", "BF16"])
-def test_expert_of_a_stack_and_its_row_count(lib, fmt):
-    """matmul_expert(x, stack, e, count=c) is x[:c] @ W_e^T (each row the same
-    numbers as matmul with W_e alone: the kernels' rows are independent), zeros
-    after; a SwiGLU prologue as in matmul; an expert out of range is an error."""
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q8_0", "Q4_K", "Q8_0R8", "BF16"])
+def test_grouped_products_of_a_stack(lib, fmt):
+    """matmul_grouped: rows grouped by expert (counts, some zero), each group
+    times its expert's matrix, bit for bit what matmul gives each group alone;
+    rows past the groups zero; a SwiGLU prologue as in matmul; bad counts fail."""
     jax = pytest.importorskip("jax")
-    compiled(lib, Format(fmt, ()))
-    f = next(x for x in FORMATS if x.name == fmt)
-    k = ks(fmt)[1]
-    rng = np.random.default_rng(5)
-    stack = np.stack([random_weights(f, 16, k, rng) for _ in range(3)])
-    x = rng.standard_normal((6, 2 * k)).astype(np.float32)
+    plain = fmt.removesuffix("R8")
+    compiled(lib, Format(plain, ()))
+    f = next(x for x in FORMATS if x.name == plain)
+    k = ks(plain)[1]
+    rng = np.random.default_rng(6)
+    mats = [random_weights(f, 16, k, rng) for _ in range(4)]
+    if fmt.endswith("R8"):
+        mats = [cpu.repack_np(m, plain)[1] for m in mats]
+    stack = np.stack(mats)
+    counts = np.array([2, 0, 3, 1], np.int32)
+    x = rng.standard_normal((8, 2 * k)).astype(np.float32)  # 6 rows in groups
     run = jax.jit(
-        lambda x, w, e, c, pro: cpu.matmul_expert(
-            x, w, e, fmt, k, prologue=pro, count=c
-        ),
+        lambda x, w, c, pro: cpu.matmul_grouped(x, w, c, fmt, k, prologue=pro),
         static_argnames="pro",
     )
-    for e, c in ((0, 6), (2, 4), (1, 0)):
-        y = np.asarray(run(x[:, :k], stack, e, c, pro=None))
-        want = cpu.matmul_np(x[:c, :k], stack[e], fmt)
-        np.testing.assert_array_equal(y[:c], want)
-        assert not y[c:].any()
-        y = np.asarray(run(x, stack, e, c, pro="swiglu"))
-        want = cpu.matmul_np(x[:c], stack[e], fmt, prologue="swiglu")
-        np.testing.assert_array_equal(y[:c], want)
-    with pytest.raises(Exception, match="expert index out of range"):
-        np.asarray(run(x[:, :k], stack, 3, 6, pro=None))
+    for pro, xin in ((None, x[:, :k]), ("swiglu", x)):
+        y = np.asarray(run(xin, stack, counts, pro=pro))
+        start = 0
+        for e, c in enumerate(counts):
+            want = cpu.matmul_np(xin[start : start + c], stack[e], fmt, prologue=pro)
+            np.testing.assert_array_equal(y[start : start + c], want)
+            start += c
+        assert not y[start:].any()
+    with pytest.raises(Exception, match="counts"):
+        np.asarray(run(x[:, :k], stack, np.array([5, 5, 0, 0], np.int32), pro=None))
 
 
 def _rms_input(x, norm, eps):

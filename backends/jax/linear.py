@@ -129,12 +129,11 @@ def mm(
 
 def _by_kernel(x: jax.Array, w: Weight) -> bool:
     """Whether `mm` multiplies x by w in one CPU kernel call (prologue included)."""
-    return isinstance(w, QMat) and w.kernel and is_kernel_product(x, w)
-
-
-def is_kernel_product(x: jax.Array, w: QMat) -> bool:
-    """Whether a kernel-held w multiplies x's rows in place (else widened)."""
-    return math.prod(x.shape[:-1]) <= kernel_rows(w.fmt)
+    return (
+        isinstance(w, QMat)
+        and w.kernel
+        and math.prod(x.shape[:-1]) <= kernel_rows(w.fmt)
+    )
 
 
 def kernel_rows(fmt: str) -> int:
@@ -181,26 +180,13 @@ def mm_cat(
 
 
 def mm_expert(
-    x: jax.Array,
-    w: Weight,
-    expert: jax.Array,
-    count: jax.Array,
-    *,
-    prologue: str | None = None,
+    x: jax.Array, w: Weight, expert: jax.Array, *, prologue: str | None = None
 ) -> jax.Array:
-    """`prologue(x) @ W[expert]` -> (M, N) float32, for a stack W of E matrices
-    (params.stacked: a QMat of (E, N, ...) blocks, or a float (E, K, N)), an
-    int32 scalar `expert` known at run time only, and x (M, K) of which the
-    first `count` rows matter (the others' results are zeros or garbage, for
-    the caller to mask). The CPU kernels read that expert's rows in place and
-    multiply only those rows; elsewhere the expert's matrix is sliced out and
-    multiplied with every row as `mm` multiplies one."""
-    if isinstance(w, QMat) and w.kernel and is_kernel_product(x, w):
-        from cake.kernels import cpu
-
-        return cpu.matmul_expert(
-            x, w.data, expert, w.fmt, w.cols, prologue=prologue, count=count
-        )
+    """`prologue(x) @ W[expert]` -> (..., N) float32, for a stack W of E matrices
+    (params.stacked: a QMat of (E, N, ...) blocks, or a float (E, K, N)) and an
+    int32 scalar `expert` known at run time only: the expert's matrix is sliced
+    out and multiplied as `mm` multiplies one (the CPU kernels' stacks go
+    through `mm_grouped` instead)."""
     if isinstance(w, QMat):
         pick = [
             None if a is None else lax.dynamic_index_in_dim(a, expert, keepdims=False)
@@ -210,6 +196,22 @@ def mm_expert(
     else:
         one = lax.dynamic_index_in_dim(w, expert, keepdims=False)
     return mm(x, one, prologue=prologue)
+
+
+def by_grouped_kernel(w: Weight) -> bool:
+    """Whether a stack of expert matrices goes through the CPU kernels' grouped
+    product (`mm_grouped`)."""
+    return isinstance(w, QMat) and w.kernel
+
+
+def mm_grouped(
+    x: jax.Array, w: QMat, counts: jax.Array, *, prologue: str | None = None
+) -> jax.Array:
+    """x (M, K)'s rows grouped by expert (counts (E,) of each, in order) times
+    their expert's matrix of the stack w, in one CPU kernel call -> (M, N)."""
+    from cake.kernels import cpu
+
+    return cpu.matmul_grouped(x, w.data, counts, w.fmt, w.cols, prologue=prologue)
 
 
 def _take_tiled_rows(table: QMat, flat: jax.Array) -> jax.Array:

@@ -2,23 +2,23 @@
 layers whose weights hold a router (cake.config.Moe).
 
 The router's softmax over all experts picks each token's top k (renormalised
-where the model says so). The T (token, expert) assignments are sorted by
-expert and cut into tiles, each within one expert; a scan runs the tiles,
-each the product of its rows with its expert's matrices, picked at run time
-out of the layer's stack of every expert (`linear.mm_expert`: the CPU
-kernels read that expert's rows in place). So a step reads only the experts
-it uses (a decode token of Mixtral 2 of 8), and one program serves every
-expert: compiling does not grow with their number (with one `lax.switch`
-branch per expert, 128 experts took 3 s per layer to compile).
+where the model says so); a step reads only the experts its tokens picked (a
+decode token of Mixtral 2 of 8), and one program serves every expert: its
+size does not grow with their number (with one `lax.switch` branch per
+expert, 128 experts took 3 s per layer to compile).
 
-Up to KERNEL_ROWS assignments a tile holds T rows, one tile per expert in
-use, and the kernels multiply only the rows routed to it. Past that (a long
-prefill, whose products are widened and compute-bound) tiles hold ceil(T /
-E) rows; there are at most ceil(T / rows) + min(E, T) - 1 of them, about
-twice the routed rows of work. Tiles past the last one in use are skipped
-(`lax.cond`). Each token's expert outputs are added in the order of the
-experts, as transformers adds them, then the shared expert (Qwen2-MoE),
-gated by sigmoid(x . shared_gate).
+Where the CPU kernels hold the experts (`_grouped`), each (token, expert)
+assignment's row is sorted by expert and each matrix is one grouped product
+over the layer's stack (`cake_matmul_grouped`: every expert in use times its
+rows, in one call). Elsewhere (XLA's float products, GPUs: `_routed`) the T
+sorted assignments are cut into tiles of ceil(T / E) rows, each within one
+expert, and a scan runs the tiles, each the product of its rows with its
+expert's matrices sliced out of the stack at run time (`linear.mm_expert`);
+there are at most ceil(T / rows) + min(E, T) - 1 tiles, about twice the routed
+rows of work, and those past the last one in use are skipped (`lax.cond`).
+Each token's expert outputs are added in the order of the experts, as
+transformers adds them, then the shared expert (Qwen2-MoE), gated by
+sigmoid(x . shared_gate).
 """
 
 from __future__ import annotations
@@ -29,16 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cake.backends.jax.linear import mm, mm_expert
+from cake.backends.jax.linear import by_grouped_kernel, mm, mm_expert, mm_grouped
 from cake.config import ModelConfig
-
-# Up to this many (token, expert) assignments a tile holds all of them and
-# the CPU kernels multiply only the rows routed to its expert (a run-time
-# count), so every expert in use is read once and multiplies just its rows.
-# Mixtral-shaped, 8 experts, Q8_0, a batch of 8: tiles of ceil(T / E) rows
-# read experts several times (8.2 ms a step), tiles of 16 full rows did the
-# multiplies of twice the dense model (10.3 ms; all 8 experts dense: 6.3).
-KERNEL_ROWS = 128
 
 # (cfg, weights with "wgu" and "wd", x (n, D)) -> the dense MLP's output
 Ffn = Callable[[ModelConfig, dict, jax.Array], jax.Array]
@@ -59,7 +51,11 @@ def mlp(cfg: ModelConfig, w: dict, x: jax.Array, ffn: Ffn) -> jax.Array:
     shape = x.shape
     xs = x.reshape(-1, shape[-1])
     experts, weights = route(cfg, mm(xs, w["router"]))
-    out = _routed(cfg, w["experts"], xs, experts, weights)
+    ew = w["experts"]
+    if all(by_grouped_kernel(m) for m in (*ew["wgu"], ew["wd"])):
+        out = _grouped(cfg, ew, xs, experts, weights)
+    else:
+        out = _routed(cfg, ew, xs, experts, weights)
     if "wd" in w:  # the shared expert
         shared = ffn(cfg, w, xs)
         if "shared_gate" in w:
@@ -68,26 +64,40 @@ def mlp(cfg: ModelConfig, w: dict, x: jax.Array, ffn: Ffn) -> jax.Array:
     return out.reshape(shape)
 
 
-def expert_ffn(
-    cfg: ModelConfig, w: dict, e: jax.Array, c: jax.Array, x: jax.Array
-) -> jax.Array:
-    """Expert e's gated MLP of x's first c rows (of T, D): w holds every
-    expert's stacked matrices."""
-    gate_up = jnp.concatenate([mm_expert(x, g, e, c) for g in w["wgu"]], axis=-1)
+def expert_ffn(cfg: ModelConfig, w: dict, e: jax.Array, x: jax.Array) -> jax.Array:
+    """Expert e's gated MLP of x (T, D): w holds every expert's stacked matrices."""
+    gate_up = jnp.concatenate([mm_expert(x, g, e) for g in w["wgu"]], axis=-1)
     if cfg.hidden_act == "silu":
-        return mm_expert(gate_up, w["wd"], e, c, prologue="swiglu")
+        return mm_expert(gate_up, w["wd"], e, prologue="swiglu")
     gate, up = jnp.split(gate_up, 2, axis=-1)
-    return mm_expert(jax.nn.gelu(gate, approximate=True) * up, w["wd"], e, c)
+    return mm_expert(jax.nn.gelu(gate, approximate=True) * up, w["wd"], e)
+
+
+def _grouped(cfg, w, xs, experts, weights) -> jax.Array:
+    """The CPU kernels' way: every assignment's row, sorted by expert, through
+    one grouped product per matrix (each expert's rows times its matrix, the
+    layer's experts in one call), then weighted and added to its token."""
+    k, n_exp = cfg.moe.top_k, cfg.moe.num_experts
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # assignments by expert
+    counts = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
+    tok = order // k
+    rows = xs[tok]
+    gate_up = jnp.concatenate([mm_grouped(rows, g, counts) for g in w["wgu"]], axis=-1)
+    if cfg.hidden_act == "silu":
+        y = mm_grouped(gate_up, w["wd"], counts, prologue="swiglu")
+    else:
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        y = mm_grouped(jax.nn.gelu(gate, approximate=True) * up, w["wd"], counts)
+    y = y * weights.reshape(-1)[order][:, None]
+    return jnp.zeros_like(xs).at[tok].add(y)
 
 
 def _routed(cfg, w, xs, experts, weights) -> jax.Array:
     n, d = xs.shape
     k, n_exp = cfg.moe.top_k, cfg.moe.num_experts
     total = n * k  # (token, expert) assignments
-    # up to the kernels' rows, one tile per expert in use, of which the
-    # kernels multiply only the rows routed to it; past them (a long prefill,
-    # products widened and compute-bound) tiles of ceil(total / E) rows
-    rows = total if total <= KERNEL_ROWS else -(-total // n_exp)
+    rows = -(-total // n_exp)
     n_tiles = -(-total // rows) + min(n_exp, total) - 1
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # assignments by expert
@@ -109,7 +119,7 @@ def _routed(cfg, w, xs, experts, weights) -> jax.Array:
         def run(out):
             assign = order[jnp.minimum(s + j, total - 1)]
             tok = assign // k
-            y = expert_ffn(cfg, w, ex, c, xs[tok])
+            y = expert_ffn(cfg, w, ex, xs[tok])
             y = jnp.where((j < c)[:, None], y * flat_w[assign][:, None], 0.0)
             return out.at[tok].add(y)
 

@@ -364,7 +364,7 @@ def _register_jax() -> None:
 
         from . import build as _build
 
-        for name in ("matmul", "matmul_fused", "matmul_expert", "dequantize"):
+        for name in ("matmul", "matmul_fused", "matmul_grouped", "dequantize"):
             symbol = getattr(lib.raw, f"cake_ffi_{name}", None)
             if symbol is None:
                 raise KernelsUnavailable(
@@ -429,41 +429,32 @@ def matmul(
     )
 
 
-def matmul_expert(
-    x: Any,
-    w: Any,
-    expert: Any,
-    fmt: str,
-    k: int,
-    *,
-    prologue: str | None = None,
-    count: Any = None,
+def matmul_grouped(
+    x: Any, w: Any, counts: Any, fmt: str, k: int, *, prologue: str | None = None
 ) -> Any:
-    """`x (M, K) @ W[expert]^T` -> float32 `(M, N)`: one matrix of a stack
-    `w` (E, ...) laid out as `weight_spec(fmt, N, k)` each, chosen by the int32
-    scalar `expert` at run time (a MoE tile's expert), as an XLA CPU custom call.
-    count: an int32 scalar, the rows of x in use (default all): only those are
-    multiplied, the other rows of the result are zeros."""
+    """A mixture of experts' products in one XLA CPU custom call: x (M, K)
+    holds counts[0] rows for expert 0, then counts[1] for expert 1, ... (int32
+    (E,), summing to at most M); w (E, ...) each expert's matrix as
+    `weight_spec(fmt, N, k)`. -> float32 (M, N): each row times its expert's
+    matrix, rows past the groups zero. prologue None or "swiglu"."""
     import jax
     import jax.numpy as jnp
 
     _register_jax()
-    if x.ndim < 1 or _prologue_k(x.shape, prologue, None) != k:
-        raise ValueError(
-            f"x must be (..., K={k}) for prologue {prologue!r}; got {tuple(x.shape)}"
-        )
+    if prologue not in (None, "swiglu"):
+        raise ValueError(f"a grouped product takes no {prologue!r} prologue")
+    if x.ndim != 2 or _prologue_k(x.shape, prologue, None) != k:
+        raise ValueError(f"x must be (M, K={k}) for {prologue!r}; got {tuple(x.shape)}")
     if w.ndim != 3:
         raise ValueError(f"stacked weights must be (E, N, row); got {tuple(w.shape)}")
     n = _check_weights(w.shape[1:], w.dtype, fmt, k)
     _require().code(fmt)
-    out = jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32)
-    rows = math.prod(x.shape[:-1])
-    call = jax.ffi.ffi_call("cake_cpu_matmul_expert", out, vmap_method="sequential")
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    call = jax.ffi.ffi_call("cake_cpu_matmul_grouped", out, vmap_method="sequential")
     return call(
         x.astype(jnp.float32),
         w,
-        jnp.asarray(expert, jnp.int32).reshape(()),
-        jnp.asarray(rows if count is None else count, jnp.int32).reshape(()),
+        jnp.asarray(counts, jnp.int32),
         fmt=fmt,
         prologue=np.int64(PROLOGUES[prologue]),
     )

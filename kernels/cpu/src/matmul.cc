@@ -26,6 +26,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -72,6 +73,8 @@ void cake_set_num_threads(int n);
 int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n, float* y);
 int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n,
                       float* y, int prologue, const float* norm, float eps, const float* residual);
+int cake_matmul_grouped(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t experts,
+                        int64_t n, const int32_t* counts, float* y, int prologue);
 int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out);
 int cake_repack(int code, const void* w, int64_t n, int64_t k, void* out);
 }
@@ -564,6 +567,92 @@ int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, i
   return cake_matmul_fused(code, x, m, k, w, n, y, kNone, nullptr, 0.0f, nullptr);
 }
 
+namespace {
+
+// Every expert's product of one grouped call, drained in turn by each thread:
+// one wake of the pool for the layer's experts, not one per expert.
+struct GroupJob {
+  std::vector<std::unique_ptr<MatmulJob>> jobs;
+  Pool::Fn work;
+};
+
+void group_work(void* p, int a, int b) {
+  GroupJob& g = *(GroupJob*)p;
+  for (auto& j : g.jobs) g.work(j.get(), a, b);
+}
+
+}  // namespace
+
+// A mixture of experts' products in one call: x (m, k) (or (m, 2k) with
+// kSwiGlu) holds the rows routed to expert 0, then those of expert 1, ...
+// (counts[e] of them, summing to at most m); w (experts, n, row bytes) in
+// `code`; y (m, n): each group of rows times its expert's matrix, rows past the
+// groups zero. Each row is multiplied as cake_matmul_fused would multiply it
+// alone (activations quantized once per row), so a token's numbers do not
+// depend on the others routed with it. 0 on success, the codes of
+// cake_matmul_fused, -5 a negative count or counts summing past m.
+int cake_matmul_grouped(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t experts,
+                        int64_t n, const int32_t* counts, float* y, int prologue) {
+  if (code < 0 || code >= cake_format_count()) return -1;
+  const Format* f = formats()[code];
+  if (k <= 0 || k % (f->act == kQ8_256 ? 256 : f->block_elems) != 0) return -2;
+  if (f->r8 != nullptr && n % kR8 != 0) return -3;
+  if (prologue != kNone && prologue != kSwiGlu) return -4;
+  int64_t used = 0;
+  for (int64_t e = 0; e < experts; e++) {
+    if (counts[e] < 0) return -5;
+    used += counts[e];
+  }
+  if (used > m) return -5;
+  if (m > used) std::memset(y + used * n, 0, sizeof(float) * (size_t)((m - used) * n));
+  if (used == 0 || n <= 0) return 0;
+  std::lock_guard<std::mutex> lk(g_mu);
+  Pool& threads = pool();
+  const size_t wbytes = (size_t)(k / f->block_elems * f->block_bytes);  // one weight row
+  size_t xs = (size_t)k * sizeof(float);
+  const char* xa = (const char*)x;
+  if (f->act != kF32 || prologue != kNone) {
+    if (f->act == kQ8_32)
+      xs = (size_t)(k / 32) * sizeof(cake_q8_32);
+    else if (f->act == kQ8_256)
+      xs = (size_t)(k / 256) * sizeof(cake_q8_256);
+    if (g_scratch.size() < (size_t)used * xs) g_scratch.resize((size_t)used * xs);
+    QuantizeJob q{f, x, k, g_scratch.data(), xs, {}, (Prologue)prologue, nullptr, 0.0f};
+    q.rows.count = used;
+    q.rows.step = block_step(used, threads.size(), 1);
+    if (small(used * k * 8) || used < 4)
+      quantize_work(&q, 0, 1);
+    else
+      threads.run(quantize_work, &q);
+    xa = g_scratch.data();
+  }
+  GroupJob g;
+  g.work = f->r8 != nullptr ? gemm_work : matmul_work;
+  int64_t off = 0, work = 0;
+  for (int64_t e = 0; e < experts; e++) {
+    const int64_t c = counts[e];
+    if (c == 0) continue;
+    auto j = std::make_unique<MatmulJob>();
+    j->f = f, j->xa = xa + off * xs, j->xs = xs, j->m = c, j->k = k, j->n = n;
+    j->w = (const char*)w + e * n * wbytes, j->wrow = wbytes, j->y = y + off * n;
+    j->rows.count = n;
+    j->rows.step = block_step(n, threads.size(), 16);
+    if (f->r8 != nullptr) {
+      j->wrow *= kR8;
+      j->rows.count = n / kR8;
+      j->rows.step = block_step(n / kR8, threads.size(), 2);
+    }
+    g.jobs.push_back(std::move(j));
+    off += c;
+    work += c * n * k;
+  }
+  if (small(work))
+    group_work(&g, 0, 1);
+  else
+    threads.run(group_work, &g);
+  return 0;
+}
+
 // out (n, k) float32. Same return codes as cake_matmul.
 int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out) {
   if (code < 0 || code >= cake_format_count()) return -1;
@@ -633,31 +722,9 @@ ffi::Error check_weights(const Format* f, const ffi::AnyBuffer& w, int64_t k, in
   return check_row(f, dims[1] * (int64_t)ffi::ByteWidth(w.element_type()), k);
 }
 
-// One expert of a stack w (E, N, row): its rows' address and N, for the
-// expert index held in the int32 scalar `expert` (a MoE tile's, chosen at run
-// time inside the jitted step; so one program serves every expert).
-ffi::Error expert_weights(const Format* f, const ffi::AnyBuffer& w, const ffi::AnyBuffer& expert, int64_t k,
-                          const void** wp, int64_t* n) {
-  const auto dims = w.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("cake: stacked weights must be 3-D (E, N, row)");
-  if (expert.element_type() != ffi::DataType::S32 || expert.element_count() != 1)
-    return ffi::Error::InvalidArgument("cake: the expert index must be one int32");
-  const int64_t row_bytes = dims[2] * (int64_t)ffi::ByteWidth(w.element_type());
-  if (ffi::Error e = check_row(f, row_bytes, k); e.failure()) return e;
-  const int64_t e = *(const int32_t*)expert.untyped_data();
-  if (e < 0 || e >= dims[0]) return ffi::Error::InvalidArgument("cake: expert index out of range");
-  *n = dims[1];
-  *wp = (const char*)w.untyped_data() + e * dims[1] * row_bytes;
-  return ffi::Error::Success();
-}
-
-// expert: null for a 2-D w, else the index into a 3-D stack (expert_weights);
-// count: null, or an int32 scalar: only x's first `count` rows are multiplied
-// (a MoE tile's rows in use), y's other rows are zeros.
 ffi::Error matmul_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
                        std::string_view fmt, int prologue, const ffi::AnyBuffer* norm, float eps,
-                       const ffi::AnyBuffer* residual, const ffi::AnyBuffer* expert = nullptr,
-                       const ffi::AnyBuffer* count = nullptr) {
+                       const ffi::AnyBuffer* residual) {
   const int code = code_of(fmt);
   if (code < 0) return ffi::Error::InvalidArgument("cake: format not compiled in: " + std::string(fmt));
   if (x.element_type() != ffi::DataType::F32 || y->element_type() != ffi::DataType::F32)
@@ -669,12 +736,7 @@ ffi::Error matmul_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
     return ffi::Error::InvalidArgument("cake: a SwiGLU prologue needs x (..., 2K)");
   const int64_t m = (int64_t)x.element_count() / xd.back();
   int64_t n;
-  const void* wp = w.untyped_data();
-  if (expert != nullptr) {
-    if (ffi::Error e = expert_weights(formats()[code], w, *expert, k, &wp, &n); e.failure()) return e;
-  } else if (ffi::Error e = check_weights(formats()[code], w, k, &n); e.failure()) {
-    return e;
-  }
+  if (ffi::Error e = check_weights(formats()[code], w, k, &n); e.failure()) return e;
   if ((int64_t)y->element_count() != m * n) return ffi::Error::InvalidArgument("cake: y must be (..., N)");
   const float* norm_p = nullptr;
   if (norm != nullptr && norm->element_count() > 0) {
@@ -688,15 +750,7 @@ ffi::Error matmul_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
       return ffi::Error::InvalidArgument("cake: the residual must be float32 (..., N) like y");
     res_p = (const float*)residual->untyped_data();
   }
-  int64_t rows = m;
-  if (count != nullptr) {
-    if (count->element_type() != ffi::DataType::S32 || count->element_count() != 1)
-      return ffi::Error::InvalidArgument("cake: the row count must be one int32");
-    rows = std::min<int64_t>(m, std::max<int64_t>(0, *(const int32_t*)count->untyped_data()));
-    if (rows < m) std::memset((float*)y->untyped_data() + rows * n, 0, (size_t)((m - rows) * n) * sizeof(float));
-    if (rows == 0) return ffi::Error::Success();
-  }
-  const int rc = cake_matmul_fused(code, (const float*)x.untyped_data(), rows, k, wp, n,
+  const int rc = cake_matmul_fused(code, (const float*)x.untyped_data(), m, k, w.untyped_data(), n,
                                    (float*)y->untyped_data(), prologue, norm_p, eps, res_p);
   if (rc == -3) return ffi::Error::InvalidArgument("cake: a repacked format needs N to be a multiple of 8");
   if (rc == -4) return ffi::Error::InvalidArgument("cake: unknown prologue, or an RMS norm without its weight");
@@ -714,11 +768,25 @@ ffi::Error ffi_matmul_fused(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer n
   return matmul_call(x, w, y, fmt, (int)prologue, &norm, eps, &residual);
 }
 
-// w (E, N, row), expert () int32: the product of x's first `count` rows with
-// that expert's matrix.
-ffi::Error ffi_matmul_expert(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer expert, ffi::AnyBuffer count,
-                             ffi::Result<ffi::AnyBuffer> y, std::string_view fmt, int64_t prologue) {
-  return matmul_call(x, w, y, fmt, (int)prologue, nullptr, 0.0f, nullptr, &expert, &count);
+ffi::Error ffi_matmul_grouped(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer counts,
+                              ffi::Result<ffi::AnyBuffer> y, std::string_view fmt, int64_t prologue) {
+  const int code = code_of(fmt);
+  if (code < 0) return ffi::Error::InvalidArgument("cake: format not compiled in: " + std::string(fmt));
+  if (x.element_type() != ffi::DataType::F32 || y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("cake: x and y must be float32");
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3) return ffi::Error::InvalidArgument("cake: x must be (M, K), w (E, N, row)");
+  if (counts.element_type() != ffi::DataType::S32 || (int64_t)counts.element_count() != wd[0])
+    return ffi::Error::InvalidArgument("cake: counts must be int32 (E,)");
+  const int64_t k = prologue == kSwiGlu ? xd[1] / 2 : xd[1];
+  if (ffi::Error e = check_row(formats()[code], wd[2] * (int64_t)ffi::ByteWidth(w.element_type()), k); e.failure())
+    return e;
+  if ((int64_t)y->element_count() != xd[0] * wd[1]) return ffi::Error::InvalidArgument("cake: y must be (M, N)");
+  const int rc = cake_matmul_grouped(code, (const float*)x.untyped_data(), xd[0], k, w.untyped_data(), wd[0], wd[1],
+                                     (const int32_t*)counts.untyped_data(), (float*)y->untyped_data(), (int)prologue);
+  if (rc == -5) return ffi::Error::InvalidArgument("cake: expert row counts negative or past M");
+  if (rc != 0) return ffi::Error::InvalidArgument("cake: grouped product failed (code " + std::to_string(rc) + ")");
+  return ffi::Error::Success();
 }
 
 ffi::Error ffi_dequantize(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out, std::string_view fmt) {
@@ -756,13 +824,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_matmul_fused, ffi_matmul_fused,
                                   .Attr<int64_t>("prologue")
                                   .Attr<float>("eps"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_matmul_expert, ffi_matmul_expert,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_matmul_grouped, ffi_matmul_grouped,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // x (..., K) or (..., 2K) float32
+                                  .Arg<ffi::AnyBuffer>()  // x (M, K) or (M, 2K) float32, rows by expert
                                   .Arg<ffi::AnyBuffer>()  // w (E, N, row)
-                                  .Arg<ffi::AnyBuffer>()  // expert () int32
-                                  .Arg<ffi::AnyBuffer>()  // count () int32: rows of x in use
-                                  .Ret<ffi::AnyBuffer>()  // y (..., N) float32
+                                  .Arg<ffi::AnyBuffer>()  // counts (E,) int32: rows of each expert
+                                  .Ret<ffi::AnyBuffer>()  // y (M, N) float32
                                   .Attr<std::string_view>("fmt")
                                   .Attr<int64_t>("prologue"));
 
