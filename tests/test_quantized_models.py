@@ -49,34 +49,29 @@ def q4_k_m(name: str) -> str:
     return "Q8_0" if "embed" in name else "Q4_K"
 
 
+# in-dims multiples of 256, as K-quants need
+SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_hidden_layers=2,
+)
+
+
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    return make_checkpoint(
-        "llama",
-        tmp_path_factory.mktemp("hf"),
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=2,
-    )
+    return make_checkpoint("llama", tmp_path_factory.mktemp("hf"), **SHAPE)
 
 
 @pytest.fixture(scope="module")
 def moe_folder(tmp_path_factory):
     """A Mixtral of the same shape (4 experts, 2 per token): its experts go
-    through the kernels' stacked products (cake_cpu_matmul_expert)."""
+    through the kernels' grouped products (cake_cpu_matmul_grouped)."""
+    # a llama GGUF carries no sliding window
     return make_checkpoint(
-        "mixtral",
-        tmp_path_factory.mktemp("moe"),
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=2,
-        sliding_window=None,  # a llama GGUF carries none
+        "mixtral", tmp_path_factory.mktemp("moe"), **SHAPE, sliding_window=None
     )
 
 
