@@ -11,6 +11,7 @@ the same oracle. Each stage must also hold about the file's bytes, not more.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -93,14 +94,18 @@ def model(request, hf_folder, moe_folder, tmp_path_factory):
     return fmt, path, hf_reference(twin, PROMPT, steps=6)
 
 
+_FLOATS = {np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+
+
 def kernel_formats(backend: str) -> frozenset[str]:
-    """Formats whose products quantize the activations per block (the JAX CPU
-    kernels for the integer formats, as llama.cpp does); empty elsewhere."""
+    """Formats whose products round the activations (the JAX CPU kernels: per
+    block to 8 bits for the integer formats, to bfloat16 for BF16, as
+    llama.cpp does); empty elsewhere."""
     if backend != "jax":
         return frozenset()
     from cake.backends.jax.linear import cpu_kernel_formats
 
-    return cpu_kernel_formats() - {"F16", "BF16"}
+    return cpu_kernel_formats() - {"F16"}
 
 
 def load(path, backend: str):
@@ -151,9 +156,10 @@ def test_quantized_gguf_matches_hf_on_decoded_weights(model, backend, monkeypatc
     exact_linear = np_llama.linear
 
     def rounded_linear(x, w):
-        if isinstance(w, Packed) and w.format in quantized:
+        fmt = w.format if isinstance(w, Packed) else _FLOATS.get(w.dtype)
+        if fmt in quantized:
             shape = x.shape
-            x = quantize_activations(x.reshape(-1, shape[-1]), w.format)
+            x = quantize_activations(x.reshape(-1, shape[-1]), fmt)
             x = x.astype(np.float32).reshape(shape)
         return exact_linear(x, w)
 

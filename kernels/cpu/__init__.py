@@ -20,7 +20,9 @@ x's two halves, and a residual added to the result. A decode step then makes a
 few library calls per layer instead of tens of small XLA ops.
 
 For the block formats x is first quantized to 8 bits per block of 32 (256 for
-the K-quants) as llama.cpp does; `reference.py` says exactly how. `matmul_np`
+the K-quants) as llama.cpp does, for BF16 rounded to bfloat16 (also as
+llama.cpp: the products are then bf16 pairs, `vdpbf16ps` with AVX-512 BF16);
+F16 multiplies float32 x. `reference.py` says exactly how. `matmul_np`
 and `dequantize_np` call the library through ctypes; `matmul` and `dequantize`
 are the same kernels as XLA custom calls, usable inside `jax.jit` on the CPU.
 The library is compiled on first use (`build.py`) and cached per machine.

@@ -12,6 +12,7 @@ F16 and BF16 use x as it is.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
@@ -44,6 +45,8 @@ def quantize_activations(x: np.ndarray, fmt: str) -> np.ndarray:
     """x (..., K) as the kernels see it for `fmt`, in float64 (d * q exactly)."""
     block = activation_block(fmt)
     x = np.asarray(x, dtype=np.float32)
+    if fmt == "BF16":  # rounded to bfloat16, to nearest even (as llama.cpp)
+        return x.astype(ml_dtypes.bfloat16).astype(np.float64)
     if block == 0:
         return x.astype(np.float64)
     d, q = quantize_q8(x, block)

@@ -428,13 +428,6 @@ inline float bf16_to_f32(uint16_t b) {
   return r;
 }
 
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);  // NaN stays NaN
-  return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
-}
-
 // dst[i] = src[i] widened, i < n
 inline void widen(const uint16_t* src, float* dst, int64_t n, int kv_type) {
   int64_t i = 0;
@@ -475,7 +468,7 @@ inline void store_row(const float* src, void* dst, int64_t n, int kv_type) {
     for (; i < n; i++) d[i] = f32_to_f16(src[i]);
     return;
   }
-  for (; i < n; i++) d[i] = f32_to_bf16(src[i]);
+  cake_round_bf16(src, d, n);  // common.cc, as BF16's activations
 }
 
 // out[:half], out[half:] = x1 c - x2 s, x2 c + x1 s, each times mul

@@ -15,6 +15,24 @@
 #include <immintrin.h>
 #endif
 
+void cake_round_bf16(const float* x, uint16_t* y, int64_t k) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  for (; i + 16 <= k; i += 16) {
+    const __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));  // nearest even
+    _mm256_storeu_si256((__m256i*)(y + i), (__m256i)b);
+  }
+#endif
+  for (; i < k; i++) {
+    uint32_t u;
+    memcpy(&u, x + i, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+      y[i] = (uint16_t)((u >> 16) | 0x40u);
+    else
+      y[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
 float cake_f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
   return _cvtsh_ss(h);

@@ -91,7 +91,11 @@ constexpr int kTileRows = 8;
 // 14.1-14.4 ms in one pass of all 512.
 constexpr int64_t kChunkRows = 64;
 
-enum Act { kF32, kQ8_32, kQ8_256 };
+// What the activations become before a product: float32 rows (F16), blocks of
+// 8-bit integers (the integer formats, as llama.cpp), or bfloat16 rows rounded
+// to nearest even (BF16, as llama.cpp: its products then run as bf16 x bf16
+// pairs, vdpbf16ps where the CPU has it, two multiply-adds per lane).
+enum Act { kF32, kQ8_32, kQ8_256, kBF16 };
 
 struct Format {
   const char* name;
@@ -101,6 +105,7 @@ struct Format {
   cake_dequant_fn dequant;
   const cake_r8_kernels* r8 = nullptr;  // a repacked format: no dot, no dequant
   const char* plain = nullptr;          // ... of this one
+  cake_dot2_fn dot2 = nullptr;          // two weight rows at once, where there is one
 };
 
 const Format kAll[] = {
@@ -115,7 +120,7 @@ const Format kAll[] = {
     {"Q5_K", 256, 176, kQ8_256, KQUANT(cake_dot_q5_k), KQUANT(cake_dequant_q5_k)},
     {"Q6_K", 256, 210, kQ8_256, KQUANT(cake_dot_q6_k), KQUANT(cake_dequant_q6_k)},
     {"F16", 1, 2, kF32, cake_dot_f16, cake_dequant_f16},
-    {"BF16", 1, 2, kF32, cake_dot_bf16, cake_dequant_bf16},
+    {"BF16", 1, 2, kBF16, cake_dot_bf16, cake_dequant_bf16, nullptr, nullptr, cake_dot2_bf16},
     {"Q4_0R8", 32, 18, kQ8_32, nullptr, nullptr, &cake_r8_q4_0, "Q4_0"},
     {"Q4_1R8", 32, 20, kQ8_32, nullptr, nullptr, &cake_r8_q4_1, "Q4_1"},
     {"Q5_0R8", 32, 22, kQ8_32, nullptr, nullptr, &cake_r8_q5_0, "Q5_0"},
@@ -390,8 +395,10 @@ void quantize_work(void* p, int, int) {
   while (j.rows.take(&b, &e))
     for (int64_t r = b; r < e; r++) {
       const float* x = input_row(j, r, tmp.data());
-      if (j.f->act == kF32) {  // F16/BF16 multiply float rows: keep the transformed row
+      if (j.f->act == kF32) {  // F16 multiplies float rows: keep the transformed row
         std::memcpy(j.xa + r * j.xs, x, (size_t)j.k * sizeof(float));
+      } else if (j.f->act == kBF16) {
+        cake_round_bf16(x, (uint16_t*)(j.xa + r * j.xs), j.k);
       } else if (j.f->act == kQ8_32) {
         cake_q8_32* y = (cake_q8_32*)(j.xa + r * j.xs);
         cake_quantize_q8_32(x, y, j.k);
@@ -417,21 +424,28 @@ struct MatmulJob {
 
 void matmul_work(void* p, int, int) {
   MatmulJob& j = *(MatmulJob*)p;
-  float out[kTileRows];
+  float out[2 * kTileRows];
   int64_t b, e;
   while (j.rows.take(&b, &e))
     for (int64_t m0 = 0; m0 < j.m; m0 += kChunkRows) {
       const int64_t m1 = m0 + kChunkRows < j.m ? m0 + kChunkRows : j.m;
-      for (int64_t row = b; row < e; row++) {
+      for (int64_t row = b; row < e;) {
         const char* wr = j.w + row * j.wrow;
+        // weight rows this pass: two where that saves loads (several activation rows)
+        const int two = j.f->dot2 != nullptr && row + 1 < e && m1 - m0 > 1 ? 2 : 1;
         for (int64_t t = m0; t < m1; t += kTileRows) {
           const int r = (int)(m1 - t < kTileRows ? m1 - t : kTileRows);
-          j.f->dot(j.k, wr, j.xa + t * j.xs, j.xs, r, out);
-          if (j.residual != nullptr)
-            for (int i = 0; i < r; i++) j.y[(t + i) * j.n + row] = j.residual[(t + i) * j.n + row] + out[i];
+          if (two == 2)
+            j.f->dot2(j.k, wr, j.wrow, j.xa + t * j.xs, j.xs, r, out);
           else
-            for (int i = 0; i < r; i++) j.y[(t + i) * j.n + row] = out[i];
+            j.f->dot(j.k, wr, j.xa + t * j.xs, j.xs, r, out);
+          for (int w = 0; w < two; w++)
+            for (int i = 0; i < r; i++) {
+              const int64_t at = (t + i) * j.n + row + w;
+              j.y[at] = (j.residual != nullptr ? j.residual[at] : 0.0f) + out[w * r + i];
+            }
         }
+        row += two;
       }
     }
 }
@@ -537,6 +551,8 @@ int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void
       job.xs = (size_t)(k / 32) * sizeof(cake_q8_32);
     else if (f->act == kQ8_256)
       job.xs = (size_t)(k / 256) * sizeof(cake_q8_256);
+    else if (f->act == kBF16)
+      job.xs = (size_t)k * sizeof(uint16_t);
     if (g_scratch.size() < (size_t)m * job.xs) g_scratch.resize((size_t)m * job.xs);
     QuantizeJob q{f, x, k, g_scratch.data(), job.xs, {}, (Prologue)prologue, norm, eps};
     q.rows.count = m;
@@ -616,6 +632,8 @@ int cake_matmul_grouped(int code, const float* x, int64_t m, int64_t k, const vo
       xs = (size_t)(k / 32) * sizeof(cake_q8_32);
     else if (f->act == kQ8_256)
       xs = (size_t)(k / 256) * sizeof(cake_q8_256);
+    else if (f->act == kBF16)
+      xs = (size_t)k * sizeof(uint16_t);
     if (g_scratch.size() < (size_t)used * xs) g_scratch.resize((size_t)used * xs);
     QuantizeJob q{f, x, k, g_scratch.data(), xs, {}, (Prologue)prologue, nullptr, 0.0f};
     q.rows.count = used;

@@ -41,7 +41,7 @@ void cake_quantize_q8_256(const float* x, cake_q8_256* y, int64_t k);  // k % 25
 // A kernel decodes each weight block once and reuses it for every row: that is
 // what keeps a step for 8 sequences close to the cost of one.
 // x is cake_q8_32 rows for the 32-element formats, cake_q8_256 rows for the
-// K-quants, float32 rows for F16 and BF16.
+// K-quants, float32 rows for F16, bfloat16 rows (cake_round_bf16) for BF16.
 typedef void (*cake_dot_fn)(int64_t k, const void* w, const void* x,
                             size_t x_stride, int nrows, float* out);
 
@@ -57,6 +57,13 @@ void cake_dot_q5_k(int64_t k, const void* w, const void* x, size_t x_stride, int
 void cake_dot_q6_k(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
 void cake_dot_f16(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
 void cake_dot_bf16(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+// Two consecutive weight rows (w, w + w_stride bytes) against the same rows:
+// out[r] for the first, out[nrows + r] for the second; each activation row is
+// loaded once for both (BF16's 8-row products were bound by their loads).
+typedef void (*cake_dot2_fn)(int64_t k, const void* w, size_t w_stride, const void* x, size_t x_stride,
+                             int nrows, float* out);
+void cake_dot2_bf16(int64_t k, const void* w, size_t w_stride, const void* x, size_t x_stride, int nrows,
+                    float* out);
 
 // One weight row dequantized to float32 (k elements): the prefill path may
 // widen one matrix at a time into a scratch buffer and multiply in float.
@@ -105,6 +112,8 @@ void cake_parallel(void (*fn)(void* ctx, int i, int n), void* ctx, int max_threa
 
 // float16 <-> float32 helpers every file may use (F16C where compiled in).
 float cake_f16_to_f32(uint16_t h);
+// BF16's activations: y[i] = x[i] rounded to bfloat16, to nearest even (NaN stays NaN).
+void cake_round_bf16(const float* x, uint16_t* y, int64_t k);
 
 #ifdef __cplusplus
 }
