@@ -94,6 +94,8 @@ def _grouped(cfg, w, xs, experts, weights) -> jax.Array:
 
 
 def _routed(cfg, w, xs, experts, weights) -> jax.Array:
+    """XLA's way (float stacks, GPUs): the sorted assignments in tiles of one
+    expert each, a scan over the tiles (see the module docstring)."""
     n, d = xs.shape
     k, n_exp = cfg.moe.top_k, cfg.moe.num_experts
     total = n * k  # (token, expert) assignments
