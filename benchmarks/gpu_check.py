@@ -11,7 +11,8 @@ there (on the CPU with CAKE_CPU_KERNELS=0, so that packed weights take the
 jnp decode path that GPUs take): a check of this script, not a measurement.
 
 check: tiny random checkpoints of every architecture (tests/models.py, float32
-and bfloat16) and random SmolLM2-135M shapes in float32; the JAX stage on its
+and bfloat16; the MoE families' experts through backends/jax/moe.py's tiled
+scan, the path GPUs take) and random SmolLM2-135M shapes in float32; the JAX stage on its
 default device against the NumPy stage on the CPU: prefill logits and greedy
 decode steps, largest difference, tokens equal.
 
