@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from cake.backends.base import Step
 from cake.config import ModelConfig, Moe
 from cake.errors import ModelError
-from cake.pipeline import load_local_stage
 from cake.plan import checkpoint_sizes
-from cake.shard import Shard
 from cake.split import SHARD_FILE, hf_config_dict, split_model
 from cake.topology import parse_topology
 from cake.weights import TensorSource
@@ -27,6 +24,7 @@ from cake.weights.names import layer_shapes, layer_tensor_names
 from cake.weights.packed import Packed
 from tests.blocks import random_blocks
 from tests.gguf_models import write_gguf
+from tests.split_parts import assert_parts_compute_the_whole
 
 Q = gguf.GGMLQuantizationType
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -541,7 +539,6 @@ def test_moe_gguf_splits_into_parts_that_load(tmp_path, model_type):
     path, _ = _moe_gguf(tmp_path, model_type, "Q8_0")
     config, whole = open_checkpoint(path)
     folders = split_model(path, parse_topology(MOE_TOPOLOGY), tmp_path / "out")
-    n = config.num_hidden_layers
     sizes = checkpoint_sizes(config, whole, "float32")
     for name, layer in (("master", 0), ("w1", 1), ("w2", 2)):
         cfg, part = open_checkpoint(folders[name])
@@ -561,22 +558,4 @@ def test_moe_gguf_splits_into_parts_that_load(tmp_path, model_type):
         mine = checkpoint_sizes(cfg, part, "float32")
         assert mine.range_bytes(layer, layer + 1) == sizes.range_bytes(layer, layer + 1)
 
-    def stage(source, shard):
-        return load_local_stage(config, shard, source, "numpy", "float32",
-                                max_context=16, max_sequences=1)  # fmt: skip
-
-    ids = np.random.default_rng(0).integers(0, V, (1, 5)).astype(np.int32)
-    step = Step((0,), (0,), (5,))
-    x_whole = x_split = ids
-    stages = [
-        (Shard(0, 1, n, embed=True), "master"),
-        (Shard(1, 2, n), "w1"),
-        (Shard(2, 3, n), "w2"),
-        (Shard(n, n, n, head=True), "master"),
-    ]
-    for shard, name in stages:
-        _, part = open_checkpoint(folders[name])
-        x_whole = stage(whole, shard).forward(x_whole, step)
-        x_split = stage(part, shard).forward(x_split, step)
-        assert np.array_equal(x_whole, x_split)
-    assert x_split.shape == (1, V) and np.isfinite(x_split).all()
+    assert_parts_compute_the_whole(config, whole, folders)

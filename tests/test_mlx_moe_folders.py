@@ -19,7 +19,6 @@ from safetensors.numpy import save_file
 
 from cake.backends import Step, available_backends, get_backend
 from cake.errors import ModelError
-from cake.pipeline import load_local_stage
 from cake.shard import Shard
 from cake.split import SAFETENSORS_PART, split_model
 from cake.topology import parse_topology
@@ -28,6 +27,7 @@ from cake.weights.names import layer_tensor_names
 from cake.weights.packed import Packed
 from cake.weights.safetensors import SafetensorsSource
 from tests.models import hf_reference, make_checkpoint
+from tests.split_parts import assert_parts_compute_the_whole
 from tests.test_oracle import PROMPT, greedy_matches_hf
 
 try:
@@ -331,23 +331,4 @@ def test_split_parts_hold_experts_by_name_and_compute_the_whole(
             assert isinstance(a, Packed) or np.array_equal(a, b), k
         assert (folders[name] / SAFETENSORS_PART).is_file()
 
-    def stage(source, shard):
-        return load_local_stage(config, shard, source, "numpy", "float32",
-                                max_context=16, max_sequences=1)  # fmt: skip
-
-    n = config.num_hidden_layers
-    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, 5))
-    step = Step((0,), (0,), (5,))
-    x_whole = x_split = ids.astype(np.int32)
-    stages = [
-        (Shard(0, 1, n, embed=True), "master"),
-        (Shard(1, 2, n), "w1"),
-        (Shard(2, 3, n), "w2"),
-        (Shard(n, n, n, head=True), "master"),
-    ]
-    for shard, name in stages:
-        _, part = open_checkpoint(folders[name])
-        x_whole = stage(whole, shard).forward(x_whole, step)
-        x_split = stage(part, shard).forward(x_split, step)
-        assert np.array_equal(x_whole, x_split)
-    assert x_split.shape == (1, config.vocab_size) and np.isfinite(x_split).all()
+    assert_parts_compute_the_whole(config, whole, folders)
