@@ -32,8 +32,8 @@ from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import DTYPES, dtype_of
 from cake.pipeline import load_local_stage
-from cake.plan import byte_counter, model_sizes, stored_and_active
 from cake.shard import Shard
+from cake.sizes import byte_counter, model_sizes, stored_and_active
 from cake.weights.names import layer_shapes, layer_tensor_names
 from cake.weights.source import TensorSource
 

@@ -273,14 +273,8 @@ def plan_command(
 ) -> None:
     """Place the model's layers on the profiled devices for the fastest decode."""
     from cake.bench import load_profiles
-    from cake.plan import (
-        checkpoint_sizes,
-        even_split,
-        experts_line,
-        memory_share_split,
-        plan,
-        to_topology,
-    )
+    from cake.plan import even_split, memory_share_split, plan, to_topology
+    from cake.sizes import checkpoint_sizes, experts_line
     from cake.topology import dump_topology
     from cake.weights.checkpoint import context_for, open_checkpoint, resolve_dtype
 

@@ -33,6 +33,10 @@ class PositionError(CakeError):
         self.seq_id, self.held, self.position = seq_id, held, position
 
 
+class PlanError(CakeError):
+    """No placement fits, or a plan cannot become a topology."""
+
+
 class TopologyError(CakeError):
     """A topology file that does not match the model or is malformed."""
 

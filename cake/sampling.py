@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cake.errors import CakeError
+from cake.kernels import cpu
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Sampler:
         if not p.top_k and p.top_p == 1.0:
             # the same draw in two vector passes of the CPU kernels (~50 us
             # in NumPy for 49k logits; 13 % of a serving step at 8 streams)
-            tok = _kernel_draw(logits, p.temperature, p.min_p, r)
+            tok = cpu.sample_np(logits, p.temperature, p.min_p, r)
             if tok is not None:
                 return tok
         # float32, in place in one buffer: ~0.1 ms for 49k logits. Where every
@@ -99,15 +100,6 @@ class Sampler:
         if kept is not None:
             w[~kept] = 0
         return _inverse_cdf(w, r)
-
-
-def _kernel_draw(logits: np.ndarray, temperature: float, min_p: float, r: float):
-    """cake.kernels.cpu.sample_np, or None where the kernels are absent."""
-    try:
-        from cake.kernels import cpu
-    except ImportError:  # pragma: no cover - the package ships with cake
-        return None
-    return cpu.sample_np(logits, temperature, min_p, r)
 
 
 def _inverse_cdf(w: np.ndarray, r: float) -> int:

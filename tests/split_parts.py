@@ -12,6 +12,16 @@ from cake.pipeline import load_local_stage
 from cake.shard import Shard
 from cake.weights.checkpoint import open_checkpoint
 
+# the parts split_model makes of a 3-layer model for the walk below
+TOPOLOGY = """
+w1:
+  host: 127.0.0.1:10001
+  layers: ['model.layers.1']
+w2:
+  host: 127.0.0.1:10002
+  layers: ['model.layers.2']
+"""  # the master keeps layer 0, the embedding and the head
+
 
 def assert_parts_compute_the_whole(
     config: ModelConfig, whole, folders: dict[str, Path]

@@ -193,7 +193,7 @@ def test_cli_plan_writes_a_topology(tiny, tmp_path):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 def test_probe_of_a_moe_records_what_a_token_read(arch, tmp_path):
-    from cake.plan import checkpoint_sizes, model_sizes
+    from cake.sizes import checkpoint_sizes, model_sizes
 
     config, tensors = open_checkpoint(make_checkpoint(arch, tmp_path / arch))
     s = checkpoint_sizes(config, tensors, "float32")

@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 
 from cake.config import ModelConfig, Moe
 from cake.errors import ModelError
-from cake.plan import checkpoint_sizes
+from cake.sizes import checkpoint_sizes
 from cake.split import SHARD_FILE, hf_config_dict, split_model
 from cake.topology import parse_topology
 from cake.weights import TensorSource
@@ -24,7 +24,7 @@ from cake.weights.names import layer_shapes, layer_tensor_names
 from cake.weights.packed import Packed
 from tests.blocks import random_blocks
 from tests.gguf_models import write_gguf
-from tests.split_parts import assert_parts_compute_the_whole
+from tests.split_parts import TOPOLOGY, assert_parts_compute_the_whole
 
 Q = gguf.GGMLQuantizationType
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -522,23 +522,13 @@ def test_moe_experts_are_views_of_their_stack(tmp_path, model_type):
         np.testing.assert_array_equal(again.get(name), src.get(name), err_msg=name)
 
 
-MOE_TOPOLOGY = """
-w1:
-  host: 127.0.0.1:10001
-  layers: ['model.layers.1']
-w2:
-  host: 127.0.0.1:10002
-  layers: ['model.layers.2']
-"""  # the master keeps layer 0, the embedding and the head
-
-
 @pytest.mark.parametrize("model_type", sorted(MOE_CONFIGS))
 def test_moe_gguf_splits_into_parts_that_load(tmp_path, model_type):
     """`cake split` of a MoE GGUF: each part holds its layers' stacks whole,
     opens to the whole's config and tensors, and computes what the whole does."""
     path, _ = _moe_gguf(tmp_path, model_type, "Q8_0")
     config, whole = open_checkpoint(path)
-    folders = split_model(path, parse_topology(MOE_TOPOLOGY), tmp_path / "out")
+    folders = split_model(path, parse_topology(TOPOLOGY), tmp_path / "out")
     sizes = checkpoint_sizes(config, whole, "float32")
     for name, layer in (("master", 0), ("w1", 1), ("w2", 2)):
         cfg, part = open_checkpoint(folders[name])

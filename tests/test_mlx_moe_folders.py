@@ -27,7 +27,7 @@ from cake.weights.names import layer_tensor_names
 from cake.weights.packed import Packed
 from cake.weights.safetensors import SafetensorsSource
 from tests.models import hf_reference, make_checkpoint
-from tests.split_parts import assert_parts_compute_the_whole
+from tests.split_parts import TOPOLOGY, assert_parts_compute_the_whole
 from tests.test_oracle import PROMPT, greedy_matches_hf
 
 try:
@@ -286,14 +286,6 @@ def test_expert_count_must_match_the_stacks(tmp_path):
         SafetensorsSource(folder)
 
 
-TOPOLOGY = """
-w1:
-  host: 127.0.0.1:10001
-  layers: ['model.layers.1']
-w2:
-  host: 127.0.0.1:10002
-  layers: ['model.layers.2']
-"""  # the master keeps layer 0, the embedding and the head
 SPLITS = [
     ("mixtral", False),
     pytest.param("mixtral", True, marks=needs_mlx),

@@ -17,16 +17,14 @@ from cake.config import ModelConfig
 from cake.pipeline import expected_shape
 from cake.plan import (
     PlanError,
-    checkpoint_sizes,
     even_split,
-    experts_line,
     held_factor,
     layer_seconds,
     memory_share_split,
-    model_sizes,
     plan,
     to_topology,
 )
+from cake.sizes import checkpoint_sizes, experts_line, model_sizes
 from cake.topology import dump_topology, parse_topology, placements
 from cake.weights.checkpoint import open_checkpoint
 from cake.weights.names import layer_names, layer_tensor_names

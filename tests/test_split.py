@@ -18,8 +18,8 @@ from cake.backends.base import Step
 from cake.config import ModelConfig, Moe, RopeScaling
 from cake.errors import CakeError, TopologyError
 from cake.pipeline import load_local_stage
-from cake.plan import checkpoint_sizes
 from cake.shard import Shard
+from cake.sizes import checkpoint_sizes
 from cake.split import (
     GGUF_PART,
     SHARD_FILE,
@@ -37,17 +37,9 @@ from cake.weights.safetensors import SafetensorsSource
 from tests.blocks import F16_FIELDS, random_blocks
 from tests.models import make_checkpoint
 from tests.smollm import smollm_gguf
+from tests.split_parts import TOPOLOGY
 
 Q = gguf.GGMLQuantizationType
-
-TOPOLOGY = """
-w1:
-  host: 127.0.0.1:10001
-  layers: ['model.layers.1']
-w2:
-  host: 127.0.0.1:10002
-  layers: ['model.layers.2']
-"""  # the master keeps layer 0, the embedding and the head
 
 
 @pytest.fixture(scope="module")

@@ -31,16 +31,9 @@ from cake.net.bench import open_clients, probe_client, worker_specs
 from cake.net.protocol import fingerprint, format_ranges
 from cake.net.worker_ops import layers_that_fit
 from cake.pipeline import load_local_stage
-from cake.plan import (
-    ModelSizes,
-    Plan,
-    checkpoint_sizes,
-    experts_line,
-    hop_seconds,
-    layer_seconds,
-    plan,
-)
+from cake.plan import Plan, hop_seconds, layer_seconds, plan
 from cake.shard import Shard
+from cake.sizes import ModelSizes, checkpoint_sizes, experts_line
 from cake.split import hf_config_dict
 from cake.topology import Topology, WorkerSpec
 from cake.weights.source import TensorSource

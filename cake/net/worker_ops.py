@@ -214,8 +214,8 @@ def held_bytes(server: WorkerServer) -> int:
     """Bytes of weights the worker's loaded stages hold: each stage's own
     `weight_bytes` where its backend reports one, else its tensors' bytes as
     stored in the checkpoint. 0 for a worker that waits for layers."""
-    from cake.plan import stored_bytes
     from cake.shard import Shard
+    from cake.sizes import stored_bytes
     from cake.weights.names import shard_tensor_names
 
     total = 0
@@ -236,7 +236,7 @@ def layers_that_fit(
     positions) would take over half the device's available memory; at least 1."""
     from cake.backends.base import get_backend
     from cake.bench import available_memory
-    from cake.plan import model_sizes
+    from cake.sizes import model_sizes
 
     s = model_sizes(config, "float32" if dtype == "auto" else dtype)
     per_layer = s.layer_bytes + s.kv_bytes_per_token * context * batch
