@@ -129,10 +129,13 @@ def test_bfloat16_checkpoint_close_to_float32(tmp_path):
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["attention-kernel", "xla"])
-def test_decode_compiles_once_per_bucket(folders, monkeypatch, kernel):
-    """The XLA attention reads a static bucket of cache positions: crossing into
-    the next bucket compiles once more. The CPU attention kernel takes each
-    sequence's length at run time: decode compiles once, whatever the cache holds."""
+def test_decode_never_waits_for_the_next_cache_bucket(folders, monkeypatch, kernel):
+    """The XLA attention reads a static bucket of cache positions: a batch's
+    first decode step also compiles decode over the whole cache, and each
+    bucket's first use the next bucket in the background, so crossing into it
+    waits for nothing. The CPU attention kernel takes each sequence's length
+    at run time: decode compiles once, whatever the cache holds."""
+    from cake.backends.jax.programs import Shape
     from cake.kernels.cpu import attention
 
     if kernel and not (cpu_kernel_formats() and attention.available()):
@@ -142,16 +145,57 @@ def test_decode_compiles_once_per_bucket(folders, monkeypatch, kernel):
     stage = load(folders["llama"], max_context=2 * first)
     prompt = ids(4)
     lg = stage.forward(np.array([prompt], np.int32), Step((0,), (0,), (4,)))
-    before = stage.trace_count
-    for pos in range(4, first - 20):  # all in the first cache bucket
+    tok = int(lg[0].argmax())
+    lg = stage.forward(np.array([[tok]], np.int32), Step((0,), (4,), (1,)))
+    stage.programs.drain()
+    # the prompt's and the decode step; on the XLA path also decode in the
+    # next bucket (which here is the whole cache), compiled ahead
+    assert (stage.trace_count == 2) if kernel else (stage.trace_count >= 3)
+    nxt = Shape(1, 1, 2 * first, False, None, False)
+    assert stage.programs.known(nxt) != kernel
+    traced, waited = stage.trace_count, stage.compile_s
+    for pos in range(5, first + 20):  # through the first bucket into the next
         tok = int(lg[0].argmax())
         lg = stage.forward(np.array([[tok]], np.int32), Step((0,), (pos,), (1,)))
-    assert stage.trace_count - before <= 1
-    # crossing into the next cache bucket (twice as many positions)
-    before = stage.trace_count
-    for pos in range(first - 20, first + 20):
-        lg = stage.forward(np.array([[3]], np.int32), Step((0,), (pos,), (1,)))
-    assert stage.trace_count - before == (0 if kernel else 1)
+    assert stage.compile_s == waited  # no step waited for a compile
+    if kernel:
+        assert stage.trace_count == traced
+
+
+def test_programs_compile_ahead_once_and_hand_over():
+    """A queued shape is compiled once, by the thread or by the step that
+    needs it first; a failed compile raises in the step that needs it."""
+    from cake.backends.jax.programs import Programs, Shape
+
+    lowered = []
+
+    class Lowered:
+        def __init__(self, shape):
+            self.shape = shape
+
+        def compile(self):
+            if self.shape.batch == 0:
+                raise ValueError("no such shape")
+            return ("program", self.shape)
+
+    def lower(shape):
+        lowered.append(shape)
+        return Lowered(shape)
+
+    progs = Programs(lower)
+    a, b, bad = (Shape(n, 1, 256, False, None, False) for n in (1, 2, 0))
+    for s in (a, a, b, bad):
+        progs.ahead(s)
+    assert progs.get(b) == ("program", b)
+    with pytest.raises(ValueError, match="no such shape"):
+        progs.get(bad)
+    progs.drain()
+    assert progs.get(a) == ("program", a) and progs.known(a)
+    assert lowered.count(a) == lowered.count(b) == 1  # each once
+    progs.close()
+    n = len(lowered)
+    progs.ahead(Shape(3, 1, 256, False, None, False))  # closed: ignored
+    assert len(lowered) == n and not progs.known(Shape(3, 1, 256, False, None, False))
 
 
 def test_buckets():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 
 import jax
@@ -16,6 +15,7 @@ from cake.backends.jax import cache as kvcache
 from cake.backends.jax.linear import KERNEL_ROWS, QMat, cpu_kernel_formats, kernel_rows
 from cake.backends.jax.llama import stage_step
 from cake.backends.jax.params import load_params, weight_bytes
+from cake.backends.jax.programs import Programs, Shape
 from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import check_step, dtype_of
@@ -100,6 +100,13 @@ class JaxLlamaStage:
             static_argnames=("t_len", "all_logits", "causal_chunk", "attention_kernel"),
             donate_argnames=("cache",),
         )
+        # what a step's params and cache look like, for compiling one on
+        # another thread while this one steps (and donates the cache)
+        self._avals = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+            (self._params, self._cache),
+        )
+        self.programs = Programs(self._lower)
 
     def _traced_step(self, params, cache, x, slots, positions, lengths, **static):
         self.trace_count += 1  # runs only while JAX traces, i.e. compiles
@@ -119,11 +126,41 @@ class JaxLlamaStage:
         )
 
     compiles = True  # each new (batch, width, cache bucket) is a compilation
-    compile_s = 0.0  # seconds of the steps that compiled (tracing included)
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds steps waited for a compilation (tracing included), in this
+        thread or for the background one (see programs.py)."""
+        return self.programs.waited_s
+
+    def _lower(self, shape: Shape):
+        """`shape`'s step, traced and lowered (Programs compiles it)."""
+        cfg = self.config
+        b, w = shape.batch, shape.width
+        if self.shard.embed:
+            x = jax.ShapeDtypeStruct((b, w), jnp.int32)
+        else:
+            x = jax.ShapeDtypeStruct((b, w, cfg.hidden_size), dtype_of(self.dtype))
+        ints = [jax.ShapeDtypeStruct((b,), jnp.int32)] * 3
+        params, cache = self._avals
+        return self._step.lower(
+            params,
+            cache,
+            x,
+            *ints,
+            t_len=shape.t_len,
+            all_logits=shape.all_logits,
+            causal_chunk=shape.causal_chunk,
+            attention_kernel=shape.attention_kernel,
+        )
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Forget these sequences and free their cache slots (unknown ids are ignored)."""
         self.seqs.release(seq_ids)
+
+    def close(self) -> None:
+        """Stop compiling ahead (cake.Model.close calls this)."""
+        self.programs.close()
 
     def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
         """See `cake.backends.base.StageModel`: NumPy in, NumPy out."""
@@ -148,30 +185,67 @@ class JaxLlamaStage:
             xp = np.zeros((step.batch, width, cfg.hidden_size), dtype_of(self.dtype))
             xp[:, :n] = x
         ints = [np.asarray(a, np.int32) for a in (slots, step.positions, step.lengths)]
-        # NumPy inputs go in as they are and the jitted call moves them to the
-        # weights' device: a device_put per array first cost ~70 us each (CPU)
-        traced, t0 = self.trace_count, time.perf_counter()
-        out, self._cache = self._step(
-            self._params,
-            self._cache,
-            xp,
-            *ints,
-            t_len=t_len,
-            all_logits=step.all_logits,
+        shape = Shape(
+            step.batch,
+            width,
+            t_len,
+            step.all_logits,
             # a prefill from position 0 skips the masked half of its attention
-            causal_chunk=CAUSAL_CHUNK
-            if width > CAUSAL_CHUNK and not any(step.positions)
-            else None,
-            attention_kernel=kernel,
+            CAUSAL_CHUNK if width > CAUSAL_CHUNK and not any(step.positions) else None,
+            kernel,
         )
-        if self.trace_count != traced:
-            heap.trim()  # what XLA freed after compiling this shape
-            self.compile_s += time.perf_counter() - t0
+        if kernel:
+            program = self.programs.get(shape)
+        else:
+            # XLA's attention reads t_len positions and masks those past each
+            # sequence's length, so a larger bucket's step gives the same
+            # result: while this bucket compiles, a larger one answers
+            larger, t = [], t_len
+            while t < self.max_context:
+                t = kvcache.bucket(t + 1, cap=self.max_context)
+                larger.append(shape._replace(t_len=t))
+            if shape.width == 1 and not self.programs.known(shape):
+                # a batch size's first decode step (a warm-up's, as a rule):
+                # decode over the whole cache too, now, so that this batch
+                # never waits for a bucket's compile (see _next_shapes)
+                self.programs.get(shape._replace(t_len=self.max_context))
+            program = self.programs.get(shape, larger)
+            for later, first in self._next_shapes(shape):
+                self.programs.ahead(later, first=first)
+        # NumPy inputs go in as they are and the program moves them to the
+        # weights' device: a device_put per array first cost ~70 us each (CPU)
+        out, self._cache = program(self._params, self._cache, xp, *ints)
         self.seqs.advance(step)
         out = np.asarray(out).copy()  # a private, writable copy: no JAX array leaks
         if self.shard.head and not step.all_logits:
             return out
         return out[:, :n]
+
+    def _next_shapes(self, shape: Shape) -> list[tuple[Shape, bool]]:
+        """What steps after one of `shape` (XLA's attention) will need, for the
+        background thread (programs.py), (shape, whether before what is
+        queued): first, decode over the whole cache, which can stand in for
+        any bucket (see forward) once it is compiled, so that no decode step
+        waits for a compile (for this batch; after a prefill chunk, for its
+        one sequence); then the same step in the next cache bucket; after a
+        decode step, decode with one sequence more or less."""
+        whole = self.max_context
+        decode = Shape(shape.batch, 1, whole, False, None, False)
+        out = []
+        if shape.width == 1:
+            out.append((decode, True))
+        elif not self._attention_kernel:  # else decode reads through the kernel
+            out.append((decode._replace(batch=1), True))
+        if shape.t_len < whole:  # past position 0: no causal chunk
+            nxt = kvcache.bucket(shape.t_len + 1, cap=whole)
+            out.append((shape._replace(t_len=nxt, causal_chunk=None), False))
+        if shape.width == 1:
+            out += [
+                (shape._replace(batch=b), False)
+                for b in (shape.batch + 1, shape.batch - 1)
+                if 1 <= b <= self.max_sequences
+            ]
+        return out
 
 
 def _prefill_chunk(params) -> int:
