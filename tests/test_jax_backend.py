@@ -163,17 +163,23 @@ def test_decode_never_waits_for_the_next_cache_bucket(folders, monkeypatch, kern
 
 
 def test_programs_compile_ahead_once_and_hand_over():
-    """A queued shape is compiled once, by the thread or by the step that
-    needs it first; a failed compile raises in the step that needs it."""
+    """A queued shape is compiled once: by the thread, or by the step that needs
+    it before the thread got to it; a failed compile raises in the step that
+    needs it; drain() returns once every queued shape is settled."""
+    import threading
+    import time
+
     from cake.backends.jax.programs import Programs, Shape
 
-    lowered = []
+    lowered, gate = [], threading.Event()
 
     class Lowered:
         def __init__(self, shape):
             self.shape = shape
 
         def compile(self):
+            if self.shape.batch == 1:
+                gate.wait(10)  # holds the thread on the first shape
             if self.shape.batch == 0:
                 raise ValueError("no such shape")
             return ("program", self.shape)
@@ -186,16 +192,20 @@ def test_programs_compile_ahead_once_and_hand_over():
     a, b, bad = (Shape(n, 1, 256, False, None, False) for n in (1, 2, 0))
     for s in (a, a, b, bad):
         progs.ahead(s)
-    assert progs.get(b) == ("program", b)
+    deadline = time.monotonic() + 10
+    while lowered[:1] != [a] and time.monotonic() < deadline:
+        time.sleep(0.01)  # the thread is at a; b and bad wait in the queue
+    assert progs.get(b) == ("program", b)  # compiled here, not waited for
     with pytest.raises(ValueError, match="no such shape"):
         progs.get(bad)
+    gate.set()
     progs.drain()
-    assert progs.get(a) == ("program", a) and progs.known(a)
-    assert lowered.count(a) == lowered.count(b) == 1  # each once
+    assert progs.get(a) == ("program", a) and progs.compiled_ahead == 1
+    assert lowered == [a, b, bad]  # each once
     progs.close()
-    n = len(lowered)
     progs.ahead(Shape(3, 1, 256, False, None, False))  # closed: ignored
-    assert len(lowered) == n and not progs.known(Shape(3, 1, 256, False, None, False))
+    assert lowered == [a, b, bad]
+    assert not progs.known(Shape(3, 1, 256, False, None, False))
 
 
 def test_buckets():

@@ -74,15 +74,21 @@ class Programs:
         t0 = time.perf_counter()
         with self._lock:
             fut = self._pending.get(shape)
-            if fut is not None and shape in self._queue:  # not started: do it here
+            mine = fut is None or shape in self._queue  # not started: do it here
+            if fut is not None and mine:
                 self._queue.remove(shape)
-                del self._pending[shape]
-                fut = None
-        if fut is not None:
-            prog = fut.result()
-        else:
-            prog = self._compile(shape)
-            heap.trim()  # what XLA freed after compiling
+        try:
+            if mine:
+                prog = self._compile(shape)
+                heap.trim()  # what XLA freed after compiling
+            else:
+                prog = fut.result()
+        except BaseException as e:
+            if mine and fut is not None:
+                self._settle(shape, fut, error=e)
+            raise
+        if mine and fut is not None:
+            self._settle(shape, fut, prog)  # for drain()
         self.waited_s += time.perf_counter() - t0
         return prog
 
@@ -154,13 +160,23 @@ class Programs:
                 prog = self._compile(shape)
                 heap.trim()
             except BaseException as e:  # the step that needs it raises it
-                with self._lock:
-                    del self._pending[shape]
-                fut.set_exception(e)
+                self._settle(shape, fut, error=e)
                 continue
-            with self._lock:
-                del self._pending[shape]
-                self.compiled_ahead += 1
+            self.compiled_ahead += 1
+            self._settle(shape, fut, prog)
+
+    def _settle(
+        self,
+        shape: Shape,
+        fut: Future,
+        prog: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        with self._lock:
+            self._pending.pop(shape, None)
+        if error is not None:
+            fut.set_exception(error)
+        else:
             fut.set_result(prog)
 
 
