@@ -165,17 +165,14 @@ def device_step_ms(stage, pos: int, n: int = 50) -> float:
         ],
         stage._jax_device,
     )
+    from cake.backends.jax.programs import Shape
+
     t_len = kv.bucket(pos + 1, cap=stage.max_context, floor=kv.MIN_CACHE_BUCKET)
+    # the program the stage's own decode steps run (compiled by decode_run)
+    program = stage.programs.get(Shape(1, 1, t_len, False, None, False))
 
     def one():
-        out, stage._cache = stage._step(
-            stage._params,
-            stage._cache,
-            *args,
-            t_len=t_len,
-            all_logits=False,
-            causal_chunk=None,
-        )
+        out, stage._cache = program(stage._params, stage._cache, *args)
         return out
 
     one().block_until_ready()
