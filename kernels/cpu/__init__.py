@@ -144,6 +144,7 @@ class _Library:
         lib.cake_repack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
         lib.cake_quantize_q8_32.argtypes = [ptr, ptr, i64]
         lib.cake_quantize_q8_256.argtypes = [ptr, ptr, i64]
+        lib.cake_set_panel_rows.argtypes = [i64]
         if hasattr(lib, "cake_sample"):  # sample.cc
             lib.cake_sample.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float]
             lib.cake_sample.argtypes += [ctypes.c_double]
