@@ -35,10 +35,11 @@ _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: float32 means float32
 # 16-bit formats: every product goes to the kernels, whose panel GEMM
 # (kernels/cpu/src/gemm16.cc) takes over from the dot kernels at 32 (BF16) /
 # 24 (F16) rows. 30 SmolLM2 layers' products, 2 threads, ms (bench_kernels.py,
-# one run): BF16 M = 512 panel 224 / widened for XLA 391 / dot kernels 423
-# (XLA on float32 weights kept in memory: 326); F16 357 / 369 / 1111. A
-# 512-token BF16 prefill in one call: 1357-1519 tok/s against 660-1191 widened
-# (interleaved runs; the F32 file 820-963 in the same runs). The kernels give
+# one run): BF16 M = 512 panel 182-202 / widened for XLA 346 / dot kernels 378
+# (XLA on float32 weights kept in memory: 291); F16 280-319 / 322 / 1016;
+# BF16 M = 64 24-31 / 140 / 40. A 512-token BF16 prefill in one call:
+# 2137-2363 tok/s against 1052-1202 widened, the F32 file 1591-1650
+# (interleaved runs, 2026-12-03; llama.cpp: 1260). The kernels give
 # each row the same result whatever the other rows (tests/test_kernels_cpu.py,
 # test_kernels_gemm.py) as long as they are on the same side of the panel's
 # threshold, so a token's numbers do not depend on the chunk it is fed in

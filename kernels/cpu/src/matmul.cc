@@ -112,9 +112,10 @@ struct Format {
 };
 
 // From how many x rows the panel GEMM (gemm16.cc) beats the dot kernels: 30
-// SmolLM2 layers (benchmarks/bench_kernels.py, 2 threads, best of 7, ms; dot
-// -> panel): BF16 M = 16 10-21 -> 14, M = 32 21-37 -> 17-21, M = 64 60 -> 26;
-// F16 (float32 FMAs) M = 16 19 -> 23, M = 32 64 -> 30, M = 64 138 -> 46.
+// SmolLM2 layers (benchmarks/bench_kernels.py, 2 threads, best of 5-7, ms,
+// the range of three runs on the noisy machine; dot -> panel): BF16 M = 16
+// 9-21 -> 12-14, M = 32 21-37 -> 17-21, M = 64 40-60 -> 24-26; F16 (float32
+// FMAs) M = 16 19-40 -> 22-23, M = 32 64-86 -> 29-30, M = 64 138-144 -> 46.
 // Decode (M <= 8) stays on the dot kernels.
 constexpr int64_t kPanelRowsBF16 = 32, kPanelRowsF16 = 24;
 
