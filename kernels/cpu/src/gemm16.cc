@@ -62,16 +62,22 @@ struct XBF16 {
   static float one(const char* x, int64_t i) { return bf16_f32(((const uint16_t*)x)[i]); }
 };
 
-// One 64-byte aligned buffer per thread (the pool's threads persist).
+// One 64-byte aligned buffer per thread (the pool's threads persist), freed
+// when its thread ends.
+struct PanelBuffer {
+  void* p = nullptr;
+  size_t cap = 0;
+  ~PanelBuffer() { free(p); }
+};
+
 void* panel_buffer(size_t bytes) {
-  thread_local void* p = nullptr;
-  thread_local size_t cap = 0;
-  if (cap < bytes) {
-    free(p);
-    cap = (bytes + 63) / 64 * 64;
-    p = aligned_alloc(64, cap);
+  thread_local PanelBuffer b;
+  if (b.cap < bytes) {
+    free(b.p);
+    b.cap = (bytes + 63) / 64 * 64;
+    b.p = aligned_alloc(64, b.cap);
   }
-  return p;
+  return b.p;
 }
 
 #if CAKE_AVX512
