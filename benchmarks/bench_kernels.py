@@ -7,7 +7,11 @@ One pass is the weight products of all 30 layers (q/k/v fused 576->960, o
 576->576, gate/up fused 576->3072, down 1536->576: 106 M weights), each layer
 with its own random weights, as one jitted function of 120 products: the
 kernels as XLA FFI custom calls, the anchor as `jnp.dot` on float32 weights.
-The repacked formats (Q8_0R8 ...) follow the format they are repacked from.
+The repacked formats (Q8_0R8 ...) follow the format they are repacked from;
+the 16-bit ones (BF16, F16) are also timed through their dot kernels alone
+("BF16 dot": the panel GEMM of gemm16.cc turned off), through the panel GEMM
+alone ("BF16 panel", at any M), and widened to float32 for XLA's dot as
+backends/jax/linear.py did for long prefills ("BF16 wide").
 Every system and M is timed in interleaved rounds (order rotated each round);
 a figure is the best of --repeats. Printed: ms per pass, weight GB/s read at
 M = 1, the M=8 / M=1 ratio, M=512 against the anchor, and the machine's read
@@ -34,6 +38,12 @@ SHAPES = [
     ("down", 576, 1536),
 ]
 ANCHOR = "XLA f32"
+# the 16-bit formats' other paths, as suffixes of their names (see the docstring)
+DOT, PANEL, WIDE = " dot", " panel", " wide"
+
+
+def base_format(system: str) -> str:
+    return system.removesuffix(DOT).removesuffix(PANEL).removesuffix(WIDE)
 
 
 def read_bandwidth(threads: int) -> tuple[float, float]:
@@ -83,7 +93,10 @@ def pass_fn(fmt: str):
     def one(x, w, k):
         if fmt == ANCHOR:
             return jnp.dot(x, w.T)
-        return cpu.matmul(x, w, fmt, k)
+        if fmt.endswith(WIDE):
+            full = cpu.dequantize(w, base_format(fmt), k)
+            return jnp.dot(x, full.T, precision=jax.lax.Precision.HIGHEST)
+        return cpu.matmul(x, w, base_format(fmt), k)
 
     def f(xs, ws):
         return [
@@ -141,7 +154,15 @@ def main() -> None:
     threads = cpu.num_threads()
     rng = np.random.default_rng(0)
     systems = [ANCHOR, *formats]
-    weights = {s: [jax.device_put(w) for w in random_weights(s, rng)] for s in systems}
+    systems += [
+        f + v for f in formats if f in ("BF16", "F16") for v in (DOT, PANEL, WIDE)
+    ]
+    weights = {
+        s: [jax.device_put(w) for w in random_weights(s, rng)]
+        for s in systems
+        if s == base_format(s)
+    }
+    weights |= {s: weights[base_format(s)] for s in systems}
     nbytes = {s: sum(w.nbytes for w in ws) for s, ws in weights.items()}
     fns = {s: pass_fn(s) for s in systems}
     xs = {
@@ -153,6 +174,9 @@ def main() -> None:
     }
 
     def run(s: str, m: int) -> float:
+        # from how many rows the 16-bit formats take the panel GEMM (0: default)
+        rows = {DOT: 1 << 40, PANEL: 1}.get(s[len(base_format(s)) :], 0)
+        cpu._require().raw.cake_set_panel_rows(rows)
         t = time.perf_counter()
         jax.block_until_ready(fns[s](xs[m], weights[s]))
         return time.perf_counter() - t
@@ -172,13 +196,13 @@ def main() -> None:
         f"SmolLM2-135M weight products, {LAYERS} layers per pass, {threads} kernel "
         f"threads, best of {args.repeats}; jax {jax.__version__}"
     )
-    head = f"{'format':8} {'MB':>6} " + " ".join(
+    head = f"{'format':11} {'MB':>6} " + " ".join(
         f"{'M=' + str(m) + ' ms':>10}" for m in ms
     )
     head += f" {'GB/s M=1':>9} {'M8/M1':>6} {'vs f32 M=' + str(ms[-1]):>12}"
     print(head)
     for s in systems:
-        row = f"{s:8} {nbytes[s] / 1e6:6.1f} "
+        row = f"{s:11} {nbytes[s] / 1e6:6.1f} "
         row += " ".join(f"{best[s, m] * 1e3:10.2f}" for m in ms)
         gbps = nbytes[s] / best[s, ms[0]] / 1e9 if ms[0] == 1 else float("nan")
         ratio = best[s, 8] / best[s, 1] if 1 in ms and 8 in ms else float("nan")

@@ -181,3 +181,57 @@ def test_quantized_gguf_matches_hf_on_decoded_weights(model, backend, monkeypatc
     for g, ref in zip(got, [prefill, *step_logits], strict=True):
         # the rounding's own effect: <= 0.17 of the spread here, measured
         assert np.abs(g - ref).max() < 0.3 * ref.std()
+
+
+@pytest.mark.parametrize("fmt", ["BF16", "F16"])
+def test_long_16bit_prefill_through_the_panel_gemm(hf_folder, tmp_path, fmt):
+    """A 100-token prefill of a 16-bit GGUF in one call: on the CPU kernels its
+    products go through the panel GEMM (kernels/cpu/src/gemm16.cc, from 32 /
+    24 rows on), no longer widened for XLA; its logits must equal the NumPy
+    stage's with the same activation rounding (BF16: to bfloat16) to float32
+    rounding in another summation order (and BF16's flips, below)."""
+    if "jax" not in BACKENDS:
+        pytest.skip("no jax")
+    from cake.backends.jax.linear import cpu_kernel_formats, kernel_rows
+    from cake.backends.numpy import llama as np_llama
+    from cake.kernels.cpu.reference import quantize_activations
+    from cake.weights.packed import Packed
+
+    if fmt not in cpu_kernel_formats():
+        pytest.skip(f"no CPU kernels for {fmt} here")
+    n = 100
+    assert kernel_rows(fmt) >= n  # one kernel call per product, not widened
+    path = write_gguf(hf_folder, tmp_path / "m.gguf", fmt, fan_in_scale=True)
+    config, tensors = open_checkpoint(path)
+    prompt = np.array([(np.arange(n) * 7 + 3) % config.vocab_size], np.int32)
+    step = Step((0,), (0,), (n,), True)
+
+    def stage(backend):
+        return get_backend(backend).load(
+            config,
+            Shard.whole(config.num_hidden_layers),
+            tensors,
+            "float32",
+            max_context=128,
+            max_sequences=1,
+        )
+
+    got = stage("jax").forward(prompt, step)[0]
+    exact_linear = np_llama.linear
+
+    def rounded_linear(x, w):
+        wf = w.format if isinstance(w, Packed) else _FLOATS.get(w.dtype)
+        if wf == "BF16":
+            shape = x.shape
+            x = quantize_activations(x.reshape(-1, shape[-1]), wf)
+            x = x.astype(np.float32).reshape(shape)
+        return exact_linear(x, w)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(np_llama, "linear", rounded_linear)
+        want = stage("numpy").forward(prompt, step)[0]
+    err = np.abs(got - want).max() / want.std()
+    # F16: 5.6e-6 of the spread. BF16: 1.1e-2, where float32 rounding moved an
+    # activation across a bfloat16 rounding boundary (the dot kernels, forced
+    # for all M, give 1.3e-2 here), as the 8-bit flips in the test above.
+    assert err < (5e-2 if fmt == "BF16" else 1e-4), err

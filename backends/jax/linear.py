@@ -32,12 +32,20 @@ _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: float32 means float32
 # took 0.8x XLA's time for the products alone (benchmarks/bench_kernels.py), and
 # a 512-token SmolLM2 prefill in chunks of 128 ran at 1335-1443 tok/s against
 # 868-936 in one widened chunk of 512 (Q4_1, Q8_0, Q4_K_M; 2026-12-02).
-# 16-bit formats: the kernel took 2.3x XLA's time at 128 rows, about the same
-# at 64. The kernels give each row the same result whatever the other rows
-# (tests/test_kernels_cpu.py), so up to KERNEL_ROWS a token's numbers do not
-# depend on the chunk it is fed in (a reused prefix, a busy server's chunks).
+# 16-bit formats: every product goes to the kernels, whose panel GEMM
+# (kernels/cpu/src/gemm16.cc) takes over from the dot kernels at 32 (BF16) /
+# 24 (F16) rows. 30 SmolLM2 layers' products, 2 threads, ms (bench_kernels.py,
+# one run): BF16 M = 512 panel 182-202 / widened for XLA 346 / dot kernels 378
+# (XLA on float32 weights kept in memory: 291); F16 280-319 / 322 / 1016;
+# BF16 M = 64 24-31 / 140 / 40. A 512-token BF16 prefill in one call:
+# 2137-2363 tok/s against 1052-1202 widened, the F32 file 1591-1650
+# (interleaved runs, 2026-12-03; llama.cpp: 1260). The kernels give
+# each row the same result whatever the other rows (tests/test_kernels_cpu.py,
+# test_kernels_gemm.py) as long as they are on the same side of the panel's
+# threshold, so a token's numbers do not depend on the chunk it is fed in
+# (a reused prefix, a busy server's chunks) beyond that.
 KERNEL_ROWS = 128
-KERNEL_ROWS_16BIT = 63
+KERNEL_ROWS_16BIT = 1 << 30  # all of them
 
 
 @jax.tree_util.register_dataclass

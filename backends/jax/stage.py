@@ -252,7 +252,10 @@ def _prefill_chunk(params) -> int:
     """Prompt ids per forward call that this stage runs fastest (Pipeline takes
     the smallest over its stages): KERNEL_ROWS where the CPU kernels multiply
     block formats, whose chunks of 128 beat one widened chunk of 512 (see
-    linear.KERNEL_ROWS); else 512."""
+    linear.KERNEL_ROWS); else 512. 16-bit formats on the kernels (their panel
+    GEMM, any rows): a 512-token SmolLM2 BF16 prefill ran at 2044-2280 tok/s
+    in one chunk of 512, 2079-2266 in chunks of 128, 1797-1890 in chunks of
+    64 (interleaved, one run): 512, the fewer calls."""
     leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QMat))
     blocks = any(
         isinstance(w, QMat) and w.kernel and kernel_rows(w.fmt) == KERNEL_ROWS

@@ -22,7 +22,10 @@ few library calls per layer instead of tens of small XLA ops.
 For the block formats x is first quantized to 8 bits per block of 32 (256 for
 the K-quants) as llama.cpp does, for BF16 rounded to bfloat16 (also as
 llama.cpp: the products are then bf16 pairs, `vdpbf16ps` with AVX-512 BF16);
-F16 multiplies float32 x. `reference.py` says exactly how. `matmul_np`
+F16 multiplies float32 x. `reference.py` says exactly how. BF16 and F16
+products of many x rows (a long prefill) go through a panel GEMM instead of
+the dot kernels (src/gemm16.cc: panels of weight rows repacked on the fly,
+nothing stored twice), with the same rounding of x. `matmul_np`
 and `dequantize_np` call the library through ctypes; `matmul` and `dequantize`
 are the same kernels as XLA custom calls, usable inside `jax.jit` on the CPU.
 The library is compiled on first use (`build.py`) and cached per machine.
@@ -144,6 +147,7 @@ class _Library:
         lib.cake_repack.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
         lib.cake_quantize_q8_32.argtypes = [ptr, ptr, i64]
         lib.cake_quantize_q8_256.argtypes = [ptr, ptr, i64]
+        lib.cake_set_panel_rows.argtypes = [i64]
         if hasattr(lib, "cake_sample"):  # sample.cc
             lib.cake_sample.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float]
             lib.cake_sample.argtypes += [ctypes.c_double]

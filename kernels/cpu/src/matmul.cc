@@ -70,6 +70,7 @@ const char* cake_format_name(int code);
 int cake_format_code(const char* name);
 int cake_num_threads(void);
 void cake_set_num_threads(int n);
+void cake_set_panel_rows(int64_t rows);
 int cake_matmul(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n, float* y);
 int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void* w, int64_t n,
                       float* y, int prologue, const float* norm, float eps, const float* residual);
@@ -106,7 +107,17 @@ struct Format {
   const cake_r8_kernels* r8 = nullptr;  // a repacked format: no dot, no dequant
   const char* plain = nullptr;          // ... of this one
   cake_dot2_fn dot2 = nullptr;          // two weight rows at once, where there is one
+  cake_panel_fn panel = nullptr;        // the GEMM for many x rows (gemm16.cc), where there is one
+  int64_t panel_rows = 0;               // ... from this many x rows on (kPanelRowsBF16 ...)
 };
+
+// From how many x rows the panel GEMM (gemm16.cc) beats the dot kernels: 30
+// SmolLM2 layers (benchmarks/bench_kernels.py, 2 threads, best of 5-7, ms,
+// the range of three runs on the noisy machine; dot -> panel): BF16 M = 16
+// 9-21 -> 12-14, M = 32 21-37 -> 17-21, M = 64 40-60 -> 24-26; F16 (float32
+// FMAs) M = 16 19-40 -> 22-23, M = 32 64-86 -> 29-30, M = 64 138-144 -> 46.
+// Decode (M <= 8) stays on the dot kernels.
+constexpr int64_t kPanelRowsBF16 = 32, kPanelRowsF16 = 24;
 
 const Format kAll[] = {
     {"Q4_0", 32, 18, kQ8_32, cake_dot_q4_0, cake_dequant_q4_0},
@@ -119,8 +130,8 @@ const Format kAll[] = {
     {"Q4_K", 256, 144, kQ8_256, KQUANT(cake_dot_q4_k), KQUANT(cake_dequant_q4_k)},
     {"Q5_K", 256, 176, kQ8_256, KQUANT(cake_dot_q5_k), KQUANT(cake_dequant_q5_k)},
     {"Q6_K", 256, 210, kQ8_256, KQUANT(cake_dot_q6_k), KQUANT(cake_dequant_q6_k)},
-    {"F16", 1, 2, kF32, cake_dot_f16, cake_dequant_f16},
-    {"BF16", 1, 2, kBF16, cake_dot_bf16, cake_dequant_bf16, nullptr, nullptr, cake_dot2_bf16},
+    {"F16", 1, 2, kF32, cake_dot_f16, cake_dequant_f16, nullptr, nullptr, nullptr, cake_panel_f16, kPanelRowsF16},
+    {"BF16", 1, 2, kBF16, cake_dot_bf16, cake_dequant_bf16, nullptr, nullptr, cake_dot2_bf16, cake_panel_bf16, kPanelRowsBF16},
     {"Q4_0R8", 32, 18, kQ8_32, nullptr, nullptr, &cake_r8_q4_0, "Q4_0"},
     {"Q4_1R8", 32, 20, kQ8_32, nullptr, nullptr, &cake_r8_q4_1, "Q4_1"},
     {"Q5_0R8", 32, 22, kQ8_32, nullptr, nullptr, &cake_r8_q5_0, "Q5_0"},
@@ -398,7 +409,9 @@ void quantize_work(void* p, int, int) {
       if (j.f->act == kF32) {  // F16 multiplies float rows: keep the transformed row
         std::memcpy(j.xa + r * j.xs, x, (size_t)j.k * sizeof(float));
       } else if (j.f->act == kBF16) {
-        cake_round_bf16(x, (uint16_t*)(j.xa + r * j.xs), j.k);
+        uint16_t* row = (uint16_t*)(j.xa + r * j.xs);
+        cake_round_bf16(x, row, j.k);
+        if (j.xs > (size_t)j.k * sizeof(uint16_t)) row[j.k] = 0;  // the panel GEMM's pad (odd K)
       } else if (j.f->act == kQ8_32) {
         cake_q8_32* y = (cake_q8_32*)(j.xa + r * j.xs);
         cake_quantize_q8_32(x, y, j.k);
@@ -450,6 +463,16 @@ void matmul_work(void* p, int, int) {
     }
 }
 
+// The panel GEMM (16-bit formats, many x rows): a block of weight rows
+// (output columns) against all of x.
+void panel_work(void* p, int, int) {
+  MatmulJob& j = *(MatmulJob*)p;
+  int64_t b, e;
+  while (j.rows.take(&b, &e))
+    j.f->panel(j.k, j.w + b * j.wrow, j.wrow, e - b, j.xa, j.xs, j.m, j.y + b, (size_t)j.n,
+               j.residual != nullptr ? j.residual + b : nullptr);
+}
+
 // The repacked formats: rows counts tiles of kR8 weight rows, wrow is a tile's
 // bytes. A block of tiles goes to the kernel whole, so that it may take them in
 // pairs (repack.cc); blocks start at even tiles (block_step's align of 2).
@@ -488,6 +511,15 @@ void dequant_work(void* p, int, int) {
     }
 }
 
+// Format::panel_rows, unless cake_set_panel_rows set another count for all
+// (to measure either path, benchmarks/bench_kernels.py).
+std::atomic<int64_t> g_panel_rows{0};
+
+int64_t panel_rows(const Format* f) {
+  const int64_t rows = g_panel_rows.load(std::memory_order_relaxed);
+  return rows > 0 ? rows : f->panel_rows;
+}
+
 // Too little work to be worth waking the other threads.
 bool small(int64_t elems) { return elems < (1 << 15); }
 
@@ -516,6 +548,10 @@ void cake_set_num_threads(int n) {
   if (g_pool != nullptr && g_pool_pid == getpid()) delete g_pool;
   g_pool = nullptr;
 }
+
+// From `rows` x rows on (<= 0: each format's default, kPanelRowsBF16 ...) the
+// 16-bit formats take the panel GEMM.
+void cake_set_panel_rows(int64_t rows) { g_panel_rows.store(rows > 0 ? rows : 0); }
 
 void cake_parallel(void (*fn)(void*, int, int), void* ctx, int max_threads) {
   std::lock_guard<std::mutex> lk(g_mu);
@@ -546,13 +582,14 @@ int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void
 
   MatmulJob job{f, (const char*)x, (size_t)k * sizeof(float), m, k, n, (const char*)w,
                 (size_t)(k / f->block_elems * f->block_bytes), y, {}, residual};
+  const bool by_panel = f->panel != nullptr && m >= panel_rows(f);
   if (f->act != kF32 || prologue != kNone) {
     if (f->act == kQ8_32)
       job.xs = (size_t)(k / 32) * sizeof(cake_q8_32);
     else if (f->act == kQ8_256)
       job.xs = (size_t)(k / 256) * sizeof(cake_q8_256);
-    else if (f->act == kBF16)
-      job.xs = (size_t)k * sizeof(uint16_t);
+    else if (f->act == kBF16)  // the panel GEMM reads pairs: an even stride
+      job.xs = (size_t)(by_panel ? (k + 1) / 2 * 2 : k) * sizeof(uint16_t);
     if (g_scratch.size() < (size_t)m * job.xs) g_scratch.resize((size_t)m * job.xs);
     QuantizeJob q{f, x, k, g_scratch.data(), job.xs, {}, (Prologue)prologue, norm, eps};
     q.rows.count = m;
@@ -571,6 +608,9 @@ int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void
     job.wrow *= kR8;
     job.rows.count = n / kR8;
     job.rows.step = block_step(n / kR8, threads.size(), 2);
+  } else if (by_panel) {
+    work = panel_work;
+    job.rows.step = block_step(n, threads.size(), cake_panel_cols());
   }
   if (one)
     work(&job, 0, 1);

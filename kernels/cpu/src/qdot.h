@@ -65,6 +65,23 @@ typedef void (*cake_dot2_fn)(int64_t k, const void* w, size_t w_stride, const vo
 void cake_dot2_bf16(int64_t k, const void* w, size_t w_stride, const void* x, size_t x_stride, int nrows,
                     float* out);
 
+// 16-bit weights times many activation rows (gemm16.cc): a register-blocked
+// GEMM over panels of cake_panel_cols() weight rows repacked on the fly
+// (per thread, in L2), for a long prefill where the dot kernels' structure
+// (one weight row, <= 8 x rows, horizontal sums) is bound by its loads:
+//   y[i * y_stride + c] = (residual ? residual[i * y_stride + c] : 0) + dot(W row c, x row i)
+// for c < ncols (W row c at w + c * w_stride bytes), i < m; x rows x_stride
+// bytes apart. BF16: bfloat16 x rows (cake_round_bf16) with x_stride a
+// multiple of 4 and, for odd k, a zero bfloat16 at index k (read as a pair's
+// second half). F16: float32 x rows.
+typedef void (*cake_panel_fn)(int64_t k, const void* w, size_t w_stride, int64_t ncols, const void* x,
+                              size_t x_stride, int64_t m, float* y, size_t y_stride, const float* residual);
+void cake_panel_bf16(int64_t k, const void* w, size_t w_stride, int64_t ncols, const void* x, size_t x_stride,
+                     int64_t m, float* y, size_t y_stride, const float* residual);
+void cake_panel_f16(int64_t k, const void* w, size_t w_stride, int64_t ncols, const void* x, size_t x_stride,
+                    int64_t m, float* y, size_t y_stride, const float* residual);
+int64_t cake_panel_cols(void);  // weight rows per panel: a block's best alignment
+
 // One weight row dequantized to float32 (k elements): the prefill path may
 // widen one matrix at a time into a scratch buffer and multiply in float.
 typedef void (*cake_dequant_fn)(int64_t k, const void* w, float* out);
