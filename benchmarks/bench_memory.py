@@ -8,9 +8,10 @@ steps": every weight page it reads is resident, and the steps are compiled).
 The KV cache the stage allocates is subtracted (its size is known exactly).
 The anchor is the layers' tensor bytes in the file, summed from the reader.
 A NumPy stage reads its memory-mapped weights only when it computes, so its
-figure at load is small; a JAX stage's compiled steps add a per-process amount
-(XLA's executable and runtime, ~95 MB for SmolLM2, ~35 MB for the 1B shape)
-that does not grow with the layers.
+figure at load is small. Each step a JAX stage compiles adds what XLA keeps
+of it (HLO, buffer assignment, thunks) and JAX's handles to it: 5.5-7 MB for
+all 30 SmolLM2 layers, 1.1 MB for 2 of them (2026-12-03), so the figure after
+2 steps holds two of those besides the layers.
 
     .venv/bin/python benchmarks/bench_memory.py FILE.gguf [FILE ...] [--backends jax,numpy]
     .venv/bin/python benchmarks/bench_memory.py --synthetic-1b DIR   # writes a 1B-shaped Q4_0 GGUF
