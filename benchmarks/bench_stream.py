@@ -12,13 +12,20 @@ file in the workers' folder (what storing them costs on this disk). The
 systems alternate, round by round; each figure is the median of --rounds.
 
 cake's figure is measured twice per round: "cold", the master has never
-read the file (it computes the chunks' CRCs while it sends) and the worker's
-cache is empty; "warm digests", the master kept its digests from an earlier
-run (what a second worker of the same model costs). Also printed: the worker's
-resident memory after the stream (bounded by a chunk, not the layers), and the
-bytes sent by a second run on the same cache (0).
+read the file (it computes the chunks' XXH3 checksums before it sends) and
+the worker's cache is empty; "warm digests", the master kept its digests from
+an earlier run (what a second worker of the same model costs). Also printed:
+the worker's resident memory after the stream (bounded by a window of chunks,
+not the layers), and the bytes sent by a second run on the same cache (0).
 
-    .venv/bin/python benchmarks/bench_stream.py [--layers 8] [--rounds 3] [--json-out F]
+Each system is measured from each state of --pages (see FRESH_S: in this VM
+new page cache costs more when its pages were free for seconds). With
+--curve every socket, cake's and the bare copies', uses CurveZMQ (the
+worker with --secret-key and --allow-keys); without it none does, as a
+worker without keys on loopback.
+
+    .venv/bin/python benchmarks/bench_stream.py [--layers 8] [--rounds 3]
+        [--pages asis,fresh] [--curve] [--worker-dir DIR] [--json-out F]
 
 Target (issue 10): cake >= 0.8x bare ZeroMQ.
 """
@@ -56,6 +63,9 @@ BARE = """
 import os, sys, zmq
 s = zmq.Context().socket(zmq.ROUTER)
 s.maxmsgsize = -1
+if len(sys.argv) > 3:  # CurveZMQ, as a worker with --secret-key
+    s.curve_publickey, s.curve_secretkey = sys.argv[3].encode(), sys.argv[4].encode()
+    s.curve_server = True
 s.bind(sys.argv[1])
 print("ready", flush=True)
 while True:
@@ -102,20 +112,49 @@ def start(args: list[str], ready: str, env: dict | None = None) -> subprocess.Po
     raise RuntimeError(f"{args[:4]} did not start")
 
 
-def bare(chunks: list[memoryview], mode: str, folder: Path, window: int) -> float:
+# Fresh memory costs more than reused memory in this VM: its balloon has free
+# page reporting (virtio feature bit 5), so pages free for ~2 s go back to the
+# host and the next touch of each faults there. Writing 520 MB to a new file
+# (4 MiB pwrites, ext4, one process): 3.3-5.5 GB/s right after deleting an as
+# large one, 0.13-1.2 GB/s after 2-4 s of sleep; touching and freeing memory
+# first did not make it fast reliably (0.13-3.8 GB/s: other CPUs' free lists,
+# other tenants). A stream writes its whole size into new page cache, so a
+# system measured right after another one deleted its files ("asis", the
+# bench's order: the bare copies follow cake's deletions) gets cheaper pages
+# than one measured after a worker's start-up. "fresh": FRESH_S of sleep
+# before each system's clock starts, so that every one pays the host's faults.
+FRESH_S = 4.0  # > the 2 s reporting delay, with the reporting work done
+
+
+def settle(pages: str) -> None:
+    """Bring this VM's free memory to the `pages` state (see FRESH_S)."""
+    if pages == "fresh":
+        time.sleep(FRESH_S)
+
+
+def bare(
+    chunks: list[memoryview], mode: str, folder: Path, window: int,
+    pages: str = "", curve: bool = False,
+) -> float:  # fmt: skip
     """Seconds to copy `chunks` to a fresh bare ROUTER process (replies per
-    chunk: `window` chunks in flight, as cake's stream)."""
+    chunk: `window` chunks in flight, as cake's stream); curve: CurveZMQ, as
+    cake's worker with keys."""
     import zmq
 
     port = free_port()
-    p = start([sys.executable, "-c", BARE, f"tcp://127.0.0.1:{port}", str(folder)],
-              "ready")  # fmt: skip
+    keys = [] if not curve else [k.decode() for k in zmq.curve_keypair()]
+    p = start([sys.executable, "-c", BARE, f"tcp://127.0.0.1:{port}", str(folder),
+               *keys], "ready")  # fmt: skip
     try:
         s = zmq.Context.instance().socket(zmq.DEALER)
+        if curve:
+            s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+            s.curve_serverkey = keys[0].encode()
         s.connect(f"tcp://127.0.0.1:{port}")
         total = sum(len(c) for c in chunks)
         s.send_multipart([f"{mode} {total}".encode()])
         s.recv()
+        settle(pages)
         t = time.perf_counter()
         waiting = 0
         for c in chunks:
@@ -135,10 +174,12 @@ def bare(chunks: list[memoryview], mode: str, folder: Path, window: int) -> floa
 
 
 def cake_stream(
-    model: Path, ranges, cache: Path, window: int = 16
-) -> tuple[float, int, int, int]:
+    model: Path, ranges, cache: Path, window: int = 16, pages: str = "",
+    curve: Path | None = None,
+) -> tuple[float, int, int, int]:  # fmt: skip
     """(seconds, bytes sent, worker RSS after, bytes a second stream sends) for
-    a worker on an empty `cache`."""
+    a worker on an empty `cache`; curve: a folder with keys (CurveZMQ)."""
+    from cake.net import keys as curve_keys
     from cake.net import stream
     from cake.net.handshake import Expect
     from cake.net.protocol import fingerprint
@@ -146,16 +187,23 @@ def cake_stream(
     from cake.weights.checkpoint import open_checkpoint
 
     port = free_port()
+    secure = [] if curve is None else [
+        "--secret-key", str(curve / "w.key_secret"), "--allow-keys", str(curve / "allow")]  # fmt: skip
     w = start([sys.executable, "-m", "cake", "worker", "--cache-dir", str(cache),
-               "--bind", f"tcp://127.0.0.1:{port}", "--backend", "numpy"], "ready on",
-              env={"CAKE_NUM_THREADS": "1"})  # fmt: skip
+               "--bind", f"tcp://127.0.0.1:{port}", "--backend", "numpy", *secure],
+              "ready on", env={"CAKE_NUM_THREADS": "1"})  # fmt: skip
     try:
         config, tensors = open_checkpoint(model)
         e = Expect(fingerprint(config, ranges, tensors), tuple(ranges), "float32",
                    config.model_type, config.num_hidden_layers, config.hidden_size)  # fmt: skip
-        c = WorkerClient("w", f"tcp://127.0.0.1:{port}", e, retry_timeout=60)
+        kw = {}
+        if curve is not None:
+            kw = dict(server_key=curve_keys.load_public_key(curve / "w.key"),
+                      client_keys=curve_keys.load_secret_key(curve / "m.key_secret"))  # fmt: skip
+        c = WorkerClient("w", f"tcp://127.0.0.1:{port}", e, retry_timeout=60, **kw)
         c._open()
         c.info = c._hello(time.monotonic() + 60)
+        settle(pages)
         t = time.perf_counter()
         sent = stream.stream_weights(c, config, tensors, ranges, window=window)
         dt = time.perf_counter() - t
@@ -176,9 +224,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=16, help="chunks in flight")
     ap.add_argument("--worker-dir", type=Path, help="where the workers' caches go "
                     "(default: a temporary folder; /dev/shm: memory, no disk)")  # fmt: skip
+    ap.add_argument("--pages", default="asis,fresh", help="the memory states each "
+                    "system is measured from (asis, fresh: see FRESH_S)")  # fmt: skip
+    ap.add_argument("--curve", action="store_true", help="CurveZMQ on every "
+                    "socket, cake's and the bare copies' (default: neither encrypts, "
+                    "as a worker without keys on loopback)")  # fmt: skip
     a = ap.parse_args()
     from random_weights import write_random_gguf
 
+    from cake.net.keys import create_keys
     from cake.shard import Shard
     from cake.weights.cache import CHUNK, flat_bytes, raw_entries
     from cake.weights.checkpoint import open_checkpoint
@@ -187,6 +241,14 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="cake-bench-stream-"))
     os.environ["CAKE_CACHE_DIR"] = str(tmp / "master-cache")  # the master's digests
+    states = a.pages.split(",")
+    keys = None
+    if a.curve:
+        keys = tmp / "keys"
+        create_keys("w", keys)
+        create_keys("m", keys)
+        (keys / "allow").mkdir()
+        shutil.copy(keys / "m.key", keys / "allow" / "m.key")
     try:
         model = write_random_gguf(tmp / "m.gguf", SHAPE_1B, lambda _n: "Q4_0")
         ranges = [(0, a.layers)]
@@ -205,45 +267,47 @@ def main() -> None:
 
         chunks = file_chunks()
         total = sum(len(c) for c in chunks)
-        res = {
-            "cold": [],
-            "warm": [],
-            "bare_once": [],
-            "bare_ack": [],
-            "bare_write": [],
-        }
+        kinds = ("bare_once", "bare_ack", "bare_write", "cold", "warm")
+        res = {f"{k}/{p}": [] for p in states for k in kinds}
         rss, again = [], []
         for r in range(a.rounds):
-            shutil.rmtree(tmp / "master-cache", ignore_errors=True)  # cold digests
-            for kind in ("cold", "warm"):
-                cache = (a.worker_dir or tmp) / f"cake-bench-worker-{r}-{kind}"
-                dt, sent, rs, ag = cake_stream(model, ranges, cache, a.window)
-                assert sent == total, (sent, total)
-                res[kind].append(total / dt)
-                rss.append(rs)
-                again.append(ag)
-                shutil.rmtree(cache)
-            for mode in ("once", "ack", "write"):
-                folder = a.worker_dir or tmp
-                dt = bare(file_chunks(), mode, folder, a.window)
-                res[f"bare_{mode}"].append(total / dt)
+            for pages in states:
+                shutil.rmtree(tmp / "master-cache", ignore_errors=True)  # cold digests
+                for kind in ("cold", "warm"):
+                    cache = (a.worker_dir or tmp) / f"cake-bench-worker-{r}-{kind}"
+                    dt, sent, rs, ag = cake_stream(model, ranges, cache, a.window,
+                                                   pages, keys)  # fmt: skip
+                    assert sent == total, (sent, total)
+                    res[f"{kind}/{pages}"].append(total / dt)
+                    rss.append(rs)
+                    again.append(ag)
+                    shutil.rmtree(cache)
+                for mode in ("once", "ack", "write"):
+                    folder = a.worker_dir or tmp
+                    dt = bare(file_chunks(), mode, folder, a.window, pages, a.curve)
+                    res[f"bare_{mode}/{pages}"].append(total / dt)
         med = {k: statistics.median(v) for k, v in res.items()}
-        anchor = med["bare_once"]
         print(f"{a.layers} layers of a 1B-shaped Q4_0 GGUF: {total / 1e6:.1f} MB in "
-              f"{len(chunks)} chunks of {CHUNK >> 20} MiB; median of {a.rounds} rounds")  # fmt: skip
-        print("| system | MB/s | vs bare ZeroMQ (pipelined) |")
-        print("|---|---:|---:|")
+              f"{len(chunks)} chunks of {CHUNK >> 20} MiB; median of {a.rounds} rounds; "
+              f"{'CurveZMQ' if a.curve else 'no encryption'} on every socket")  # fmt: skip
+        print("| system | " + " | ".join(f"pages {p} (MB/s) | vs anchor" for p in states)
+              + " |")  # fmt: skip
+        print("|---|" + "---:|---:|" * len(states))
         for k, label in (("bare_once", "bare ZeroMQ, pipelined (anchor)"),
                          ("bare_ack", "bare ZeroMQ, a reply per chunk (same window)"),
                          ("bare_write", "bare ZeroMQ + write to a file, same folder"),
-                         ("cold", "cake stream, cold (CRCs computed while sending)"),
+                         ("cold", "cake stream, cold (checksums computed first)"),
                          ("warm", "cake stream, digests kept")):  # fmt: skip
-            print(f"| {label} | {med[k] / 1e6:.0f} | {med[k] / anchor:.2f}x |")
+            cells = []
+            for p in states:
+                v, anchor = med[f"{k}/{p}"], med[f"bare_once/{p}"]
+                cells.append(f"{v / 1e6:.0f} | {v / anchor:.2f}x")
+            print(f"| {label} | " + " | ".join(cells) + " |")
         print(f"worker RSS after the stream: {max(rss) / 1e6:.0f} MB (layers "
               f"{total / 1e6:.0f} MB); a second run sent {max(again)} bytes")  # fmt: skip
         if a.json_out:
             a.json_out.write_text(json.dumps({"bytes": total, "chunks": len(chunks),
-                "samples": res, "median": med, "worker_rss": rss,
+                "samples": res, "median": med, "worker_rss": rss, "curve": a.curve,
                 "second_run_bytes": again, "layers": a.layers}, indent=1))  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
