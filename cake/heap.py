@@ -16,7 +16,8 @@ import os
 
 
 @functools.cache
-def _libc():
+def libc():
+    """The C library (glibc's malloc_trim and friends), or None."""
     name = ctypes.util.find_library("c")
     try:
         lib = ctypes.CDLL(name) if name else None
@@ -27,7 +28,7 @@ def _libc():
 
 def trim() -> None:
     """Return the free parts of the heap to the OS, where the C library can."""
-    lib = _libc()
+    lib = libc()
     if lib is not None:
         lib.malloc_trim(0)
 
@@ -47,6 +48,6 @@ def limit_arenas(n: int = 2) -> None:
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return
-    lib = _libc()
+    lib = libc()
     if lib is not None and hasattr(lib, "mallopt"):
         lib.mallopt(M_ARENA_MAX, n)

@@ -26,9 +26,11 @@ verified checksums end. Nothing is ever deleted by cake: remove DIR to reclaim i
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -39,6 +41,7 @@ import ml_dtypes
 import numpy as np
 import xxhash
 
+from cake import heap
 from cake.errors import CakeError, ModelError
 from cake.weights.packed import Packed, Stored
 
@@ -191,15 +194,45 @@ def entry_from_json(e: dict) -> Entry:
     return Entry(_str(e["role"]), dtype, shape, nbytes, digest)
 
 
+# fallocate(2)'s flag that reserves the blocks without changing the file's
+# size: a .part's size stays what was written.
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Reserve `nbytes` of disk for the .part open as `fd`, its size unchanged
+    (Linux; elsewhere, or where the file system refuses, nothing: it is only a
+    speed-up). Writing the 16 layers of bench_stream (548 MB in 144 entries,
+    4 MiB pwrites, ext4, each run after 4 s of sleep): 227-228 MB/s into 144
+    new files, 441-502 MB/s with their blocks reserved first, 566-1131 MB/s
+    into one file; WeightCache.write was 207-243 MB/s without this."""
+    lib = heap.libc()
+    if not sys.platform.startswith("linux") or nbytes == 0 or lib is None:
+        return
+    try:
+        fallocate = lib.fallocate
+    except AttributeError:
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, nbytes)  # -1 (not reserved) is fine
+
+
 class _Part:
     """An entry being received: its .part open for writing, its sums file
     open for appending, and what is verified so far."""
 
     def __init__(
-        self, part: Path, sums_path: Path, held: int, sums: list[int], chunk: int
+        self,
+        part: Path,
+        sums_path: Path,
+        held: int,
+        sums: list[int],
+        chunk: int,
+        nbytes: int,
     ):
         self.fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self.fd, held)
+        _reserve(self.fd, nbytes)
         self.sums = sums
         self.held = held
         self.log = open(sums_path, "w")  # rewritten once, then appended to
@@ -267,7 +300,8 @@ class WeightCache:
             held, sums = self._held(e, chunk)
             if held == e.nbytes:
                 raise ChunkError(f"offset {offset}: this entry is held whole")
-            p = self._parts[e.digest] = _Part(part_path, sums_path, held, sums, chunk)
+            p = _Part(part_path, sums_path, held, sums, chunk, e.nbytes)
+            self._parts[e.digest] = p
         if offset != p.held:
             raise ChunkError(f"offset {offset}: {p.held} bytes of this entry are held")
         want = min(chunk, e.nbytes - offset)
