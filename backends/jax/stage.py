@@ -145,8 +145,11 @@ class JaxLlamaStage:
         # 1.3-2.2 MB less resident per compiled SmolLM2 step, of 7-8 MB. What
         # stays, ~3.5 MB of it XLA's (the HLO module, buffer assignment and
         # their protos, the thunks), grows with the stage's layers (2026-12-03).
-        def _traced_step(*args, **static):
-            return self._traced_step(*args, **static)
+        def _traced_step(params, cache, x, slots, positions, lengths, **static):
+            # the names matter: donate_argnames below reads "cache" from them
+            return self._traced_step(
+                params, cache, x, slots, positions, lengths, **static
+            )
 
         step = jax.jit(
             _traced_step,
