@@ -235,3 +235,54 @@ def test_long_16bit_prefill_through_the_panel_gemm(hf_folder, tmp_path, fmt):
     # activation across a bfloat16 rounding boundary (the dot kernels, forced
     # for all M, give 1.3e-2 here), as the 8-bit flips in the test above.
     assert err < (5e-2 if fmt == "BF16" else 1e-4), err
+
+
+@pytest.mark.parametrize("fmt", ["mixed", "Q8_0", "BF16", "Q4_K"])
+def test_a_layer_in_one_kernel_call_gives_the_same_bits(hf_folder, tmp_path, fmt):
+    """On the CPU kernel path a llama layer is one custom call
+    (cake.kernels.cpu.layer) making the calls the layer made one custom call
+    each: logits and cache must be the same bits as with CAKE_CPU_LAYER=0, for
+    a batch of two sequences of different lengths (padding rows), the chunk
+    after it and a decode step; the Q4_K_M-like file has q|k|v in two parts."""
+    if "jax" not in BACKENDS:
+        pytest.skip("no jax")
+    from cake.backends.jax import llama as jax_llama
+    from cake.backends.jax.linear import cpu_kernel_formats
+    from cake.backends.jax.programs import Shape
+    from cake.kernels.cpu import layer as cpu_layer
+
+    if not (
+        cpu_layer.available()
+        and {"Q4_K", "Q6_K", fmt} <= cpu_kernel_formats() | {"mixed"}
+    ):
+        pytest.skip("no CPU kernels here")
+    path = write_gguf(hf_folder, tmp_path / "m.gguf", q4_k_m if fmt == "mixed" else fmt)
+    steps = [
+        (
+            np.array([PROMPT, PROMPT[:4] + [0] * 7], np.int32),
+            Step((0, 1), (0, 0), (11, 4), True),
+        ),
+        (
+            np.array([[9, 10, 11], [12, 0, 0]], np.int32),
+            Step((0, 1), (11, 4), (3, 1), True),
+        ),
+        (np.array([[13], [14]], np.int32), Step((0, 1), (14, 5), (1, 1))),
+    ]
+    got = {}
+    for on in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CAKE_CPU_LAYER", "1" if on else "0")
+            jax_llama._layer_kernel_available.cache_clear()
+            stage = load(path, "jax")[0]
+            got[on] = [stage.forward(x, s) for x, s in steps] + [
+                np.asarray(stage._cache)
+            ]
+            text = stage.programs.get(Shape(2, 1, 64, False, None, True)).as_text()
+        layers = open_checkpoint(path)[0].num_hidden_layers
+        assert text.count('custom_call_target="cake_cpu_layer"') == (
+            layers if on else 0
+        )
+        assert ('custom_call_target="cake_cpu_attention"' in text) != on
+    jax_llama._layer_kernel_available.cache_clear()
+    for a, b in zip(got[True], got[False], strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -116,9 +116,10 @@ def mm(
 
     prologue/norm/eps: see `prologue_of`; residual (..., N) or None. The CPU
     kernels fold both into the product's one call (a decode step's layer is then
-    five library calls, not tens of XLA ops); elsewhere XLA fuses them.
+    five library calls, not tens of XLA ops, and a llama layer's five go into
+    one custom call: cake.kernels.cpu.layer); elsewhere XLA fuses them.
     """
-    if _by_kernel(x, w):
+    if by_kernel(x, w):
         from cake.kernels import cpu
 
         return cpu.matmul(
@@ -135,7 +136,7 @@ def mm(
     return y if residual is None else residual + y
 
 
-def _by_kernel(x: jax.Array, w: Weight) -> bool:
+def by_kernel(x: jax.Array, w: Weight) -> bool:
     """Whether `mm` multiplies x by w in one CPU kernel call (prologue included)."""
     return (
         isinstance(w, QMat)
@@ -179,7 +180,7 @@ def mm_cat(
     per part (parts of different formats), each kernel call applying the prologue
     itself (an RMS norm costs far less than the XLA ops sharing it would), or
     after one shared prologue elsewhere."""
-    if len(ws) == 1 or all(_by_kernel(x, w) for w in ws):
+    if len(ws) == 1 or all(by_kernel(x, w) for w in ws):
         pro = dict(prologue=prologue, norm=norm, eps=eps)
         outs = [mm(x, w, **pro) for w in ws]
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)

@@ -14,7 +14,10 @@ are (see linear.py), accumulating in float32.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
+import sys
 from types import ModuleType
 from typing import NamedTuple
 
@@ -24,7 +27,7 @@ import numpy as np
 from jax import lax
 
 from cake.backends.jax import moe
-from cake.backends.jax.linear import QMat, mm, mm_cat, rms, take_rows
+from cake.backends.jax.linear import QMat, by_kernel, mm, mm_cat, rms, take_rows
 from cake.backends.jax.params import Params
 from cake.config import ModelConfig
 from cake.embedding import embed_scale
@@ -212,6 +215,32 @@ def attn_out(cfg: ModelConfig, w: Params, x: jax.Array, attn: jax.Array) -> jax.
         return down(cfg, w, gate_up, residual=x)
 
 
+@functools.cache
+def _layer_kernel_available() -> bool:
+    if os.environ.get("CAKE_CPU_LAYER", "1") == "0":  # to measure the difference
+        return False
+    from cake.kernels.cpu import layer as cpu_layer
+
+    return cpu_layer.available()
+
+
+def _one_call(cfg: ModelConfig, block: ModuleType, w: Params, x: jax.Array) -> bool:
+    """Whether layer w is one CPU kernel call (cake.kernels.cpu.layer): this
+    module's block, no bias, q/k norm or experts, SwiGLU, and every product by
+    the kernels."""
+    from cake.kernels.cpu.layer import MAX_GU_PARTS, MAX_QKV_PARTS
+
+    return (
+        block is sys.modules[__name__]
+        and cfg.hidden_act == "silu"
+        and not any(k in w for k in ("bqkv", "q_norm", "router"))
+        and len(w["wqkv"]) <= MAX_QKV_PARTS
+        and len(w["wgu"]) <= MAX_GU_PARTS
+        and all(by_kernel(x, m) for m in (*w["wqkv"], w["wo"], *w["wgu"], w["wd"]))
+        and _layer_kernel_available()
+    )
+
+
 def layer(
     cfg: ModelConfig,
     block: ModuleType,
@@ -223,6 +252,30 @@ def layer(
 ) -> tuple[jax.Array, jax.Array]:
     """Decoder block i of the stage. x (B, L, D) float32; returns it and the cache."""
     g = st.first + i  # the layer's index in the model: its window and RoPE
+    if st.kernel and _one_call(cfg, block, w, x):
+        from cake.kernels.cpu import layer as cpu_layer
+
+        # the same kernel calls as below, in one custom call (see its module)
+        return cpu_layer.layer(
+            x,
+            *st.rope[cfg.local_rope(g)],
+            cache,
+            st.slots,
+            st.positions,
+            st.lengths,
+            ln1=w["ln1"],
+            ln2=w["ln2"],
+            wqkv=tuple((m.data, m.fmt) for m in w["wqkv"]),
+            wo=(w["wo"].data, w["wo"].fmt),
+            wgu=tuple((m.data, m.fmt) for m in w["wgu"]),
+            wd=(w["wd"].data, w["wd"].fmt),
+            n_heads=cfg.num_attention_heads,
+            layer=i,
+            eps=cfg.rms_norm_eps,
+            window=cfg.window(g) or 0,
+            scale=cfg.attn_scale,
+            softcap=cfg.attn_logit_softcapping or 0.0,
+        )
     with jax.named_scope("attention"):
         qkv = block.attn_in(cfg, w, x)
         if st.kernel:

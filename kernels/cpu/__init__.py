@@ -17,7 +17,8 @@ times one).
 `matmul` and `matmul_np` can also fold in what surrounds a product in a
 decoder layer (see `PROLOGUES`): an RMS norm of x times a weight, or SwiGLU of
 x's two halves, and a residual added to the result. A decode step then makes a
-few library calls per layer instead of tens of small XLA ops.
+few library calls per layer instead of tens of small XLA ops; `layer.py` makes
+a llama layer's calls (and its attention's, `attention.py`) in one custom call.
 
 For the block formats x is first quantized to 8 bits per block of 32 (256 for
 the K-quants) as llama.cpp does, for BF16 rounded to bfloat16 (also as
