@@ -15,16 +15,21 @@ all 30 SmolLM2 layers, 1.1 MB for 2 of them (2026-12-03), so the figure after
 
     .venv/bin/python benchmarks/bench_memory.py FILE.gguf [FILE ...] [--backends jax,numpy]
     .venv/bin/python benchmarks/bench_memory.py --synthetic-1b DIR   # writes a 1B-shaped Q4_0 GGUF
+    ... --compile-cache empty   # each process with an empty JAX compile cache
 
 Target (issue 12): added RSS <= 1.15x the layers' file bytes.
+Each figure: the median of --repeats processes (RSS moves by 2-3 MB between
+them), its range in brackets.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -146,11 +151,48 @@ def write_synthetic_1b(folder: Path) -> Path:
     return path
 
 
+def _child(path: str, backend: str, compile_cache: str) -> dict | None:
+    """One measurement in a fresh process (None, with a line, if it failed)."""
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as empty:
+        if compile_cache == "empty":
+            env["JAX_COMPILATION_CACHE_DIR"] = empty
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", path, backend],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+    if out.returncode:
+        print(f"{path} {backend}: failed: {out.stderr.strip().splitlines()[-1:]}")
+        return None
+    return {
+        **json.loads(out.stdout.strip().splitlines()[-1]),
+        "compile_cache": compile_cache,
+    }
+
+
+def _median(runs: list[dict]) -> dict:
+    """The run whose ratio after 2 steps is the median (the lower one of two)."""
+    return sorted(runs, key=lambda r: r["ratio"])[(len(runs) - 1) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*")
     ap.add_argument("--backends", default="jax,numpy")
     ap.add_argument("--synthetic-1b", type=Path, help="folder for the 1B Q4_0 GGUF")
+    ap.add_argument(
+        "--compile-cache",
+        choices=("as-is", "empty"),
+        default="as-is",
+        help="as-is: JAX's persistent cache as it is (a worker's every start "
+        "after its first); empty: a new empty one per process (a first start: "
+        "every step compiled, which leaves more of XLA's heap behind)",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="processes per file; the median"
+    )
     ap.add_argument("--json-out", type=Path)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -163,28 +205,24 @@ def main() -> None:
     rows = []
     for f in files:
         for be in a.backends.split(","):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", f, be],
-                capture_output=True,
-                text=True,
-            )
-            if out.returncode:
-                print(f"{f} {be}: failed: {out.stderr.strip().splitlines()[-1:]}")
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs = [_child(f, be, a.compile_cache) for _ in range(a.repeats)]
+            runs = [r for r in runs if r is not None]
+            if runs:
+                rows.append({**_median(runs), "runs": runs})
     print(
         "| file | backend | formats | layers' bytes in file (MB) | stage holds (MB) "
-        "| RSS added at load (MB) | ratio | after 2 steps (MB) | ratio |"
+        "| RSS added at load (MB) | ratio | after 2 steps (MB) | ratio [min-max] |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         held = r["stage_weight_bytes"]
+        lo, hi = min(x["ratio"] for x in r["runs"]), max(x["ratio"] for x in r["runs"])
         print(
             f"| {r['file']} | {r['backend']} | {' '.join(r['formats'])} "
             f"| {r['layer_file_bytes'] / 1e6:.1f} "
             f"| {'' if held is None else f'{held / 1e6:.1f}'} "
             f"| {r['rss_added_at_load_bytes'] / 1e6:.1f} | {r['ratio_at_load']:.2f}x "
-            f"| {r['rss_added_bytes'] / 1e6:.1f} | {r['ratio']:.2f}x |"
+            f"| {r['rss_added_bytes'] / 1e6:.1f} | {r['ratio']:.2f}x [{lo:.2f}-{hi:.2f}] |"
         )
     if a.json_out:
         a.json_out.write_text(json.dumps(rows, indent=1))
