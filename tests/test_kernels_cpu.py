@@ -334,3 +334,26 @@ def test_no_compiler_is_one_line_and_false(tmp_path):
     )
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1
     assert "fallback" in r.stdout and not r.stderr
+
+
+def test_calls_are_whole_while_other_processes_take_the_cores(lib):
+    """The pool's workers join a call only while the caller is still at its
+    own share (matmul.cc, Pool), so that a call does not wait for a worker the
+    scheduler has not run. With busy processes on every core, some calls run
+    with a worker and some without: each must finish and give the same bits
+    (every row is one thread's, whichever)."""
+    if cpu.num_threads() < 2:
+        pytest.skip("one thread: no pool")
+    rng = np.random.default_rng(7)
+    w = random_weights(Format("Q8_0", (0,)), 1024, 1536, rng)
+    x = rng.standard_normal((3, 1536)).astype(np.float32)
+    want = cpu.matmul_np(x, w, "Q8_0")
+    spin = [sys.executable, "-c", "while True: pass"]
+    busy = [subprocess.Popen(spin) for _ in range(os.cpu_count() or 2)]
+    try:
+        for _ in range(300):
+            np.testing.assert_array_equal(cpu.matmul_np(x, w, "Q8_0"), want)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()

@@ -172,6 +172,15 @@ inline void cpu_relax() {
 // per step at M = 1 / M = 8 over 3 rounds: no spin 7.1-9.0 / 24-29; 50 us
 // 5.8-6.6 / 14-16 (one 19 / 17); 200 us 4.9-10 / 14-15; 1 ms 8-22 / 57-350;
 // OpenMP (libgomp's default wait policy) instead of this pool 6.6-10.5 / 23-30.
+//
+// Every fn takes its work from a shared counter (matmul_work, attention's
+// work, ...), so the caller alone can finish a call. A worker joins a call
+// only while the caller is still at its own share; once that is done the call
+// is closed, and the caller waits for the workers that joined, not for one
+// the scheduler has not run yet. Waiting for every worker had made each call
+// as slow as the slowest thread's wake-up: with another process (or XLA's
+// compile) on the cores, SmolLM2 decode steps of 8-10 ms took up to 400-600
+// ms (150 calls a step); with 1 thread the worst was 50-120 ms.
 class Pool {
  public:
   using Fn = void (*)(void*, int, int);
@@ -197,22 +206,28 @@ class Pool {
     if (n_ == 1) return fn(ctx, 0, 1);
     fn_ = fn;
     ctx_ = ctx;
-    remaining_.store(n_ - 1);
-    epoch_.fetch_add(1);
+    finished_.store(0);
+    const uint64_t e = epoch_.load() + 1;
+    gate_.store(e << kJoinBits);  // open: workers may join this call
+    epoch_.store(e);
     if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lk(mu_);
       wake_.notify_all();
     }
     fn(ctx, 0, n_);
-    if (!spin_until([this] { return remaining_.load() == 0; })) {
+    const int joined = (int)(gate_.exchange(0) & kJoinMask);  // closed
+    if (!spin_until([&] { return finished_.load() == joined; })) {
       std::unique_lock<std::mutex> lk(mu_);
       caller_waiting_.store(true);
-      done_.wait(lk, [this] { return remaining_.load() == 0; });
+      done_.wait(lk, [&] { return finished_.load() == joined; });
       caller_waiting_.store(false);
     }
   }
 
  private:
+  static constexpr int kJoinBits = 16;
+  static constexpr uint64_t kJoinMask = (1u << kJoinBits) - 1;
+
   // Past the first ~microsecond the spin yields: on a busy machine the thread
   // waited for may be queued behind us on the same core.
   template <class P>
@@ -229,6 +244,15 @@ class Pool {
     }
   }
 
+  // Whether this worker got into call e (still open): gate_ holds the open
+  // call's epoch above kJoinBits and how many joined it below.
+  bool join(uint64_t e) {
+    uint64_t g = gate_.load();
+    while ((g >> kJoinBits) == e)
+      if (gate_.compare_exchange_weak(g, g + 1)) return true;
+    return false;
+  }
+
   void loop(int i) {
     uint64_t seen = 0;
     for (;;) {
@@ -240,8 +264,10 @@ class Pool {
       }
       seen = epoch_.load();
       if (stop_) return;
+      if (!join(seen)) continue;  // that call is over: wait for the next
       fn_(ctx_, i, n_);
-      if (remaining_.fetch_sub(1) == 1 && caller_waiting_.load()) {
+      finished_.fetch_add(1);
+      if (caller_waiting_.load()) {
         std::lock_guard<std::mutex> lk(mu_);
         done_.notify_one();
       }
@@ -250,10 +276,12 @@ class Pool {
 
   const int n_;
   std::vector<std::thread> threads_;
-  // seq_cst throughout: sleepers_/epoch_ and caller_waiting_/remaining_ are
-  // each a Dekker pair (a wake-up must not be lost between check and sleep).
+  // seq_cst throughout: sleepers_/epoch_ and caller_waiting_/finished_ are
+  // each a Dekker pair (a wake-up must not be lost between check and sleep);
+  // fn_ and ctx_ are written before gate_ opens and read after a join.
   std::atomic<uint64_t> epoch_{0};
-  std::atomic<int> remaining_{0};
+  std::atomic<uint64_t> gate_{0};
+  std::atomic<int> finished_{0};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> caller_waiting_{false};
   std::mutex mu_;
