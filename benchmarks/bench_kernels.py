@@ -8,10 +8,12 @@ One pass is the weight products of all 30 layers (q/k/v fused 576->960, o
 with its own random weights, as one jitted function of 120 products: the
 kernels as XLA FFI custom calls, the anchor as `jnp.dot` on float32 weights.
 The repacked formats (Q8_0R8 ...) follow the format they are repacked from;
-the 16-bit ones (BF16, F16) are also timed through their dot kernels alone
-("BF16 dot": the panel GEMM of gemm16.cc turned off), through the panel GEMM
-alone ("BF16 panel", at any M), and widened to float32 for XLA's dot as
-backends/jax/linear.py did for long prefills ("BF16 wide").
+the float ones (BF16, F16, F32) are also timed through their dot kernels alone
+("BF16 dot": the panel GEMM of gemm16.cc turned off) and through the panel GEMM
+alone ("BF16 panel", at any M), the 16-bit ones widened to float32 for XLA's
+dot as backends/jax/linear.py did for long prefills ("BF16 wide"). The anchor
+multiplies (N, K) float32 weights as stored (F32's layout); "XLA f32 KN" the
+(K, N) copy that the stage makes for XLA where the kernels are not built.
 Every system and M is timed in interleaved rounds (order rotated each round);
 a figure is the best of --repeats. Printed: ms per pass, weight GB/s read at
 M = 1, the M=8 / M=1 ratio, M=512 against the anchor, and the machine's read
@@ -38,6 +40,7 @@ SHAPES = [
     ("down", 576, 1536),
 ]
 ANCHOR = "XLA f32"
+ANCHOR_KN = "XLA f32 KN"
 # the 16-bit formats' other paths, as suffixes of their names (see the docstring)
 DOT, PANEL, WIDE = " dot", " panel", " wide"
 
@@ -75,8 +78,11 @@ def random_weights(fmt: str, rng: np.random.Generator) -> list[np.ndarray]:
             if fmt == ANCHOR:
                 out.append(rng.standard_normal((n, k), dtype=np.float32))
                 continue
+            if fmt == ANCHOR_KN:
+                out.append(rng.standard_normal((k, n), dtype=np.float32))
+                continue
             shape, dtype = weight_spec(fmt, n, k)
-            if fmt in ("F16", "BF16"):
+            if fmt in ("F16", "BF16", "F32"):
                 out.append(rng.standard_normal(shape, dtype=np.float32).astype(dtype))
             else:
                 out.append(rng.integers(0, 0x3C, shape, dtype=np.uint8))
@@ -93,6 +99,8 @@ def pass_fn(fmt: str):
     def one(x, w, k):
         if fmt == ANCHOR:
             return jnp.dot(x, w.T)
+        if fmt == ANCHOR_KN:
+            return jnp.dot(x, w)
         if fmt.endswith(WIDE):
             full = cpu.dequantize(w, base_format(fmt), k)
             return jnp.dot(x, full.T, precision=jax.lax.Precision.HIGHEST)
@@ -153,9 +161,12 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     threads = cpu.num_threads()
     rng = np.random.default_rng(0)
-    systems = [ANCHOR, *formats]
+    systems = [ANCHOR, ANCHOR_KN, *formats]
     systems += [
-        f + v for f in formats if f in ("BF16", "F16") for v in (DOT, PANEL, WIDE)
+        f + v
+        for f in formats
+        if f in ("BF16", "F16", "F32")
+        for v in ((DOT, PANEL) if f == "F32" else (DOT, PANEL, WIDE))
     ]
     weights = {
         s: [jax.device_put(w) for w in random_weights(s, rng)]

@@ -43,6 +43,7 @@ FORMATS = [
     Format("Q6_K", (208,)),
     Format("F16", ()),
     Format("BF16", ()),
+    Format("F32", ()),
 ]
 assert [f.name for f in FORMATS] == list(cpu.ALL_FORMATS)
 
@@ -61,7 +62,7 @@ def ks(fmt: str) -> tuple[int, int, int]:
 
 def random_weights(fmt: Format, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     shape, dtype = cpu.weight_spec(fmt.name, n, k)
-    if fmt.name in ("F16", "BF16"):
+    if fmt.name in ("F16", "BF16", "F32"):
         return rng.standard_normal(shape).astype(dtype)
     w = rng.integers(0, 256, shape, dtype=np.uint8)
     block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[fmt.name]][1]
@@ -103,7 +104,7 @@ def assert_matmul_close(
     scale = np.abs(ref.quantize_activations(x, fmt)) @ wd.T
     assert y.shape == want.shape and y.dtype == np.float32
     slack = 0.0
-    if one_step and fmt not in ("F16", "BF16"):  # those take float activations
+    if one_step and fmt not in ("F16", "BF16", "F32"):  # those take float activations
         slack = np.abs(x).max(axis=1, keepdims=True) / 127 * wd.max(axis=1)
     err = (np.abs(y - want) - slack) / np.maximum(scale, 1e-30)
     assert err.max() < 1e-5, f"{fmt}: max error {err.max():.2e} of sum |x||w|"
@@ -148,7 +149,7 @@ def test_jax_ffi_in_jit_equals_ctypes(lib, fmt):
     np.testing.assert_array_equal(np.asarray(d), cpu.dequantize_np(w, fmt.name, k))
 
 
-@pytest.mark.parametrize("fmt", ["Q4_0", "Q8_0", "Q4_K", "Q8_0R8", "BF16"])
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q8_0", "Q4_K", "Q8_0R8", "BF16", "F32"])
 def test_grouped_products_of_a_stack(lib, fmt):
     """matmul_grouped: rows grouped by expert (counts, some zero), each group
     times its expert's matrix, bit for bit what matmul gives each group alone;

@@ -1,6 +1,6 @@
-"""The panel GEMM of the 16-bit formats (kernels/cpu/src/gemm16.cc) against
-the NumPy reference: what BF16 and F16 products of many x rows (a long
-prefill) go through. Several M (tiles of 8 rows and their rest), N not a
+"""The panel GEMM of the 16-bit formats and F32 (kernels/cpu/src/gemm16.cc)
+against the NumPy reference: what BF16, F16 and F32 products of many x rows (a
+long prefill) go through. Several M (tiles of 8 rows and their rest), N not a
 multiple of the panel's columns, K with tails (odd, past the 1536 of a panel
 chunk), the prologues and the residual; each path the build may take (AVX-512
 BF16 pairs here, AVX-512F / AVX2 / plain C++ float32 panels elsewhere)."""
@@ -22,7 +22,7 @@ from tests.test_kernels_cpu import (
     random_weights,
 )
 
-FLOATS = [Format("BF16", ()), Format("F16", ())]
+FLOATS = [Format("BF16", ()), Format("F16", ()), Format("F32", ())]
 # (M, K, N): M from the panel's threshold on (tiles of 8 and a rest of 1 ... 7),
 # K odd / past a chunk of 1536 (3100 = 2 x 1536 + 28), N past whole panels
 CASES = [
@@ -167,3 +167,37 @@ def test_panel_gemm_portable_paths(request, march, fmt):
         res = rng.standard_normal((m, n)).astype(np.float32)
         got = plib.matmul(x, w, fmt.name, residual=res)
         np.testing.assert_array_equal(got, res + plib.matmul(x, w, fmt.name))
+
+
+@pytest.mark.parametrize("fmt", FLOATS, ids=lambda f: f.name)
+def test_every_m_across_the_thresholds(lib, fmt):  # noqa: F811
+    """M = 1 ... 70 at the default thresholds (dot kernels, then the panel GEMM
+    from 24 / 32 rows): each against the reference, and F32 against NumPy's own
+    float32 product too (K odd, N not a multiple of the panel or of 2)."""
+    k, n = 577, 53
+    w, x, _ = _data(fmt, 70, k, n)
+    for m in range(1, 71):
+        y = cpu.matmul_np(x[:m], w, fmt.name)
+        assert_matmul_close(y, x[:m], w, fmt.name)
+        if fmt.name == "F32":
+            want = x[:m] @ w.T  # float32, BLAS's order of summation
+            scale = np.abs(x[:m]) @ np.abs(w).T
+            assert (np.abs(y - want) / scale).max() < 1e-5, m
+
+
+@pytest.mark.parametrize("fmt", FLOATS, ids=lambda f: f.name)
+def test_dot_kernels_give_a_row_its_bits_at_any_m(lib, panel_from, fmt):  # noqa: F811
+    """Below the threshold (decode, small batches) a row's numbers do not
+    depend on the rows beside it either: alone, in a tile of 8, in the rest of
+    one, or paired with its neighbour weight row (F32's and BF16's dot2)."""
+    panel_from(1 << 40)
+    w, x, _ = _data(fmt, 19, 577, 53)
+    whole = cpu.matmul_np(x, w, fmt.name)
+    for i in range(19):
+        np.testing.assert_array_equal(
+            cpu.matmul_np(x[i : i + 1], w, fmt.name)[0], whole[i]
+        )
+    for lo, hi in [(0, 8), (3, 11), (5, 19)]:
+        np.testing.assert_array_equal(
+            cpu.matmul_np(x[lo:hi], w, fmt.name), whole[lo:hi]
+        )

@@ -187,7 +187,8 @@ def lookup_rows(table: Stored, ids: np.ndarray) -> np.ndarray:
 def release_pages(a: np.ndarray) -> None:
     """Drop the file pages under `a` from this process's resident memory.
 
-    For a view of a read-only memory-mapped file (np.memmap or mmap.mmap) that
+    For a view of a read-only memory-mapped file (np.memmap, or mmap.mmap
+    directly or through np.frombuffer's memoryview) that
     a backend has copied (e.g. fused with its neighbours): the copy is what it
     keeps, and the pages read to make it would otherwise stay resident beside it.
     Whole pages inside the array only; anything else is left alone.
@@ -195,6 +196,8 @@ def release_pages(a: np.ndarray) -> None:
     base = a
     while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
         base = base.base
+    if isinstance(base, memoryview):  # np.frombuffer(mmap): safetensors' views
+        base = base.obj
     if isinstance(base, np.memmap):
         mm, start = getattr(base, "_mmap", None), base.ctypes.data
     elif isinstance(base, mmap.mmap):

@@ -5,7 +5,8 @@ arrays hold N rows of K values:
 
 - block formats (Q4_0 ... Q6_K): uint8 `(N, K // block_elems * block_bytes)`,
   exactly the file's bytes (block sizes: `gguf.constants.GGML_QUANT_SIZES`);
-- F16: float16 `(N, K)`; BF16: bfloat16 (`ml_dtypes` / `jnp.bfloat16`) `(N, K)`.
+- F16: float16 `(N, K)`; BF16: bfloat16 (`ml_dtypes` / `jnp.bfloat16`) `(N, K)`;
+  F32: float32 `(N, K)`.
 
 `repack_np` turns block-format matrices (Q4_0 ... Q8_0, Q2_K ... Q6_K) whose
 N is a multiple of 8 into `Q4_0R8` ... `Q8_0R8`, `Q2_KR8` ... `Q6_KR8`: the
@@ -23,10 +24,10 @@ a llama layer's calls (and its attention's, `attention.py`) in one custom call.
 For the block formats x is first quantized to 8 bits per block of 32 (256 for
 the K-quants) as llama.cpp does, for BF16 rounded to bfloat16 (also as
 llama.cpp: the products are then bf16 pairs, `vdpbf16ps` with AVX-512 BF16);
-F16 multiplies float32 x. `reference.py` says exactly how. BF16 and F16
-products of many x rows (a long prefill) go through a panel GEMM instead of
-the dot kernels (src/gemm16.cc: panels of weight rows repacked on the fly,
-nothing stored twice), with the same rounding of x. `matmul_np`
+F16 and F32 multiply float32 x. `reference.py` says exactly how. BF16, F16
+and F32 products of many x rows (a long prefill) go through a panel GEMM
+instead of the dot kernels (src/gemm16.cc: panels of weight rows repacked on
+the fly, nothing stored twice), with the same rounding of x. `matmul_np`
 and `dequantize_np` call the library through ctypes; `matmul` and `dequantize`
 are the same kernels as XLA custom calls, usable inside `jax.jit` on the CPU.
 The library is compiled on first use (`build.py`) and cached per machine.
@@ -69,7 +70,7 @@ __all__ = [
 ALL_FORMATS = (
     *("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
     *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
-    *("F16", "BF16"),
+    *("F16", "BF16", "F32"),
 )
 # file format -> its repacked form (tiles of REPACK_ROWS rows, see repack_np)
 REPACKED = {
@@ -107,6 +108,8 @@ def weight_spec(fmt: str, n: int, k: int) -> tuple[tuple[int, int], np.dtype]:
         import ml_dtypes
 
         return (n, k), np.dtype(ml_dtypes.bfloat16)
+    if fmt == "F32":
+        return (n, k), np.dtype(np.float32)
     if fmt in _PLAIN and n % REPACK_ROWS:
         raise ValueError(f"{fmt} needs N to be a multiple of {REPACK_ROWS}; got N={n}")
     elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[_PLAIN.get(fmt, fmt)]]

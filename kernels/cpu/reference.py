@@ -7,7 +7,7 @@ The block formats first quantize x in blocks of 32 (Q4_0 ... Q8_0) or 256
     d = max|x_blk| / 127 in float32 (d = 0 -> all q = 0)
     q = rint(x_blk / d), a float32 division rounded half to even, |q| <= 127
 
-F16 and BF16 use x as it is.
+F16 and F32 use x as it is; BF16 rounds it to bfloat16.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cake.kernels.cpu import check_format
 def activation_block(fmt: str) -> int:
     """Values per activation block: 32, 256 (K-quants), or 0 (x stays float)."""
     check_format(fmt)
-    if fmt in ("F16", "BF16"):
+    if fmt in ("F16", "BF16", "F32"):
         return 0
     return 256 if fmt.removesuffix("R8").endswith("_K") else 32
 
@@ -57,7 +57,7 @@ def quantize_activations(x: np.ndarray, fmt: str) -> np.ndarray:
 
 def dequantize_ref(w: np.ndarray, fmt: str, k: int) -> np.ndarray:
     """The N x K weights in `fmt` as float32 (N, K): gguf's own dequantizer."""
-    # gguf reads every format from the file's bytes, float16 / bfloat16 included
+    # gguf reads every format from the file's bytes, float32 / 16 / bfloat16 included
     out = dequantize(np.ascontiguousarray(w).view(np.uint8), GGMLQuantizationType[fmt])
     return np.asarray(out, dtype=np.float32).reshape(-1, k)
 

@@ -1,6 +1,7 @@
-// Panel GEMMs for 16-bit weights (BF16, F16) when x has many rows (a long
-// prefill): y (M, N) = x (M, K) @ W^T without the horizontal sums of the dot
-// kernels (legacy.cc), whose structure is one weight row against <= 8 x rows.
+// Panel GEMMs for 16-bit weights (BF16, F16), and float32 ones (F32), when x
+// has many rows (a long prefill): y (M, N) = x (M, K) @ W^T without the
+// horizontal sums of the dot kernels (legacy.cc), whose structure is one weight
+// row against <= 8 x rows.
 //
 // The weights stay as stored, row-major (N, K). Each call takes a block of
 // weight rows (output columns); kNB of them at a time are repacked into a
@@ -14,9 +15,10 @@
 //     (2p, 2p + 1) of one column; x (bf16 rows, cake_round_bf16, an even
 //     stride with a zero past an odd K) broadcast as 32-bit pairs into
 //     vdpbf16ps: two products per lane and instruction, as the dot kernels.
-//   elsewhere (and F16 everywhere): [K][kNB] float32, the weights widened
-//     while packing, x's values broadcast (widened from bf16 for BF16) into
-//     float32 FMAs. BF16 x BF16 products are exact in float32 either way.
+//   elsewhere (and F16, F32 everywhere): [K][kNB] float32, the weights
+//     widened (F32: copied) while packing, x's values broadcast (widened from
+//     bf16 for BF16) into float32 FMAs. BF16 x BF16 products are exact in
+//     float32 either way.
 // K is taken in chunks of kKC so that a panel stays in L2 for any K; the
 // chunks' sums are added into y in turn. Each row's result does not depend on
 // M or on the other rows (each row's accumulators see the same sequence of
@@ -36,21 +38,30 @@ inline float bf16_f32(uint16_t h) {
   return f;
 }
 
-// Weight values as float32.
+// Weight values as float32 (kBytes each in the stored rows; value i of a row).
 struct WBF16 {
-  static float one(uint16_t h) { return bf16_f32(h); }
+  static constexpr int kBytes = 2;
+  static float one(const char* row, int64_t i) { return bf16_f32(((const uint16_t*)row)[i]); }
 #if CAKE_AVX512
-  static __m512i widen16(const uint16_t* w, __mmask16 m) {
+  static __m512i widen16(const char* w, __mmask16 m) {
     return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w)), 16);
   }
 #endif
 };
 struct WF16 {
-  static float one(uint16_t h) { return cake_f16_to_f32(h); }
+  static constexpr int kBytes = 2;
+  static float one(const char* row, int64_t i) { return cake_f16_to_f32(((const uint16_t*)row)[i]); }
 #if CAKE_AVX512
-  static __m512i widen16(const uint16_t* w, __mmask16 m) {
+  static __m512i widen16(const char* w, __mmask16 m) {
     return _mm512_castps_si512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, w)));
   }
+#endif
+};
+struct WF32 {
+  static constexpr int kBytes = 4;
+  static float one(const char* row, int64_t i) { return ((const float*)row)[i]; }
+#if CAKE_AVX512
+  static __m512i widen16(const char* w, __mmask16 m) { return _mm512_castps_si512(_mm512_maskz_loadu_ps(m, w)); }
 #endif
 };
 
@@ -170,8 +181,9 @@ void pack_pairs(const uint16_t* w, size_t ws, int64_t cols, int64_t k0, int64_t 
 }
 
 // Float32: columns [0, cols) of w, K values [k0, k0 + kc) -> panel [kc][kNB].
+// The next panel is prefetched a cache line (64 bytes of a row) at a time.
 template <class W>
-void pack_float(const uint16_t* w, size_t ws, int64_t cols, int64_t k0, int64_t kc, float* panel,
+void pack_float(const char* w, size_t ws, int64_t cols, int64_t k0, int64_t kc, float* panel,
                 const char* next) {
 #if CAKE_AVX512
   for (int g = 0; g < kNV; g++) {
@@ -180,9 +192,9 @@ void pack_float(const uint16_t* w, size_t ws, int64_t cols, int64_t k0, int64_t 
       __m512i r[16];
       for (int i = 0; i < 16; i++) {
         const int64_t c = g * 16 + i;
-        const size_t at = c * ws + 2 * (k0 + p);
-        if (next != nullptr && (p & 31) == 0) _mm_prefetch(next + at, _MM_HINT_T0);
-        r[i] = c < cols ? W::widen16((const uint16_t*)((const char*)w + at), m) : _mm512_setzero_si512();
+        const size_t at = c * ws + W::kBytes * (k0 + p);
+        if (next != nullptr && ((p * W::kBytes) & 63) == 0) _mm_prefetch(next + at, _MM_HINT_T0);
+        r[i] = c < cols ? W::widen16(w + at, m) : _mm512_setzero_si512();
       }
       transpose16(r);
       const int64_t n = kc - p < 16 ? kc - p : 16;
@@ -192,8 +204,8 @@ void pack_float(const uint16_t* w, size_t ws, int64_t cols, int64_t k0, int64_t 
 #else
   (void)next;
   for (int64_t c = 0; c < kNB; c++) {
-    const uint16_t* row = (const uint16_t*)((const char*)w + c * ws) + k0;
-    for (int64_t p = 0; p < kc; p++) panel[p * kNB + c] = c < cols ? W::one(row[p]) : 0.0f;
+    const char* row = w + c * ws + W::kBytes * k0;
+    for (int64_t p = 0; p < kc; p++) panel[p * kNB + c] = c < cols ? W::one(row, p) : 0.0f;
   }
 #endif
 }
@@ -308,7 +320,7 @@ void panel_gemm(int64_t k, const void* w, size_t ws, int64_t ncols, const void* 
   void* buf = panel_buffer((size_t)(kc_max + 1) * kNB * sizeof(float));
   for (int64_t c0 = 0; c0 < ncols; c0 += kNB) {
     const int64_t cols = ncols - c0 < kNB ? ncols - c0 : kNB;
-    const uint16_t* wc = (const uint16_t*)((const char*)w + c0 * ws);
+    const char* wc = (const char*)w + c0 * ws;
     for (int64_t k0 = 0; k0 < k; k0 += kKC) {
       const int64_t kc = k - k0 < kKC ? k - k0 : kKC;
       const bool first = k0 == 0, last = k0 + kc == k;
@@ -317,9 +329,9 @@ void panel_gemm(int64_t k, const void* w, size_t ws, int64_t ncols, const void* 
       // hardware prefetcher. BF16, 30 SmolLM2 layers, 2 threads, M = 16:
       // 31 ms without, 13 with (two runs minutes apart on the noisy machine;
       // the dot kernels took 20 and 9 ms in the same two).
-      const char* next = c0 + kNB < ncols ? (const char*)wc + kNB * ws : nullptr;
+      const char* next = c0 + kNB < ncols ? wc + kNB * ws : nullptr;
       if (pairs)
-        pack_pairs(wc, ws, cols, k0, kc, (uint32_t*)buf, next);
+        pack_pairs((const uint16_t*)wc, ws, cols, k0, kc, (uint32_t*)buf, next);
       else
         pack_float<W>(wc, ws, cols, k0, kc, (float*)buf, next);
       for (int64_t i = 0; i < m; i += kMR) {
@@ -350,4 +362,9 @@ void cake_panel_bf16(int64_t k, const void* w, size_t ws, int64_t ncols, const v
 void cake_panel_f16(int64_t k, const void* w, size_t ws, int64_t ncols, const void* x, size_t xs, int64_t m,
                     float* y, size_t ys, const float* res) {
   panel_gemm<WF16, XF32>(k, w, ws, ncols, x, xs, m, y, ys, res);
+}
+
+void cake_panel_f32(int64_t k, const void* w, size_t ws, int64_t ncols, const void* x, size_t xs, int64_t m,
+                    float* y, size_t ys, const float* res) {
+  panel_gemm<WF32, XF32>(k, w, ws, ncols, x, xs, m, y, ys, res);
 }

@@ -1,6 +1,7 @@
 // Dot and dequantize kernels for the 32-element formats (Q4_0, Q4_1, Q5_0,
-// Q5_1, Q8_0) against cake_q8_32 activations, and for F16 / BF16 against
-// float32 activations. Block layouts: gguf.quants (ggml-common.h).
+// Q5_1, Q8_0) against cake_q8_32 activations, for F16 / F32 against float32
+// activations and BF16 against bfloat16 ones. Block layouts: gguf.quants
+// (ggml-common.h).
 //
 // Every weight block (value_j = d * q_j + m) is decoded once and reused for
 // all activation rows:
@@ -11,7 +12,8 @@
 // weights are multiplied as |q| x sign(qx, q).
 //
 // Paths, picked at compile time: AVX2 + FMA + F16C (with AVX-512 VL/VNNI
-// instructions on 256-bit registers where present; 512-bit for F16 / BF16),
+// instructions on 256-bit registers where present; 512-bit for F16 / BF16 /
+// F32),
 // and plain C++ for any other machine (ARM included).
 #include <math.h>
 #include <string.h>
@@ -340,9 +342,10 @@ void dequant_quant(int64_t k, const void* w, float* out) {
   }
 }
 
-// ---- F16 / BF16: widen the weight, FMA in float32 ---------------------------
+// ---- F16 / BF16 / F32: widen the weight (F32: load it), FMA in float32 -----
 
 struct F16 {
+  using T = uint16_t;
   static float one(const uint16_t* w, int64_t i) { return cake_f16_to_f32(w[i]); }
 #if CAKE_AVX512
   static __m512 widen16(const uint16_t* w) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)w)); }
@@ -355,6 +358,7 @@ struct F16 {
 };
 
 struct BF16 {
+  using T = uint16_t;
   static float one(const uint16_t* w, int64_t i) {
     const uint32_t bits = (uint32_t)w[i] << 16;
     float f;
@@ -378,6 +382,52 @@ struct BF16 {
 #endif
 };
 
+// F32: F16's kernel without the widening (a float32 GGUF or safetensors matrix
+// as stored, (N, K) rows); its rows are twice the bytes, so a decode step is
+// bound by reading them even more than F16's.
+struct F32 {
+  using T = float;
+  static float one(const float* w, int64_t i) { return w[i]; }
+#if CAKE_AVX512
+  static __m512 widen16(const float* w) { return _mm512_loadu_ps(w); }
+  static __m512 widen16_masked(const float* w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
+#elif CAKE_AVX2
+  static __m256 widen8(const float* w) { return _mm256_loadu_ps(w); }
+#endif
+};
+
+#if CAKE_AVX512
+// The sum of v's 16 lanes in a fixed tree, GCC's _mm512_reduce_add_ps's: lane
+// j + lane j + 8, then j + j + 4, j + j + 2, j + j + 1. hsum16_many gives each
+// of up to 16 vectors that same sum in four transposing steps for all of them
+// (~45 instructions, not ~8 per vector), so a row's bits do not depend on the
+// vectors reduced with it.
+inline float hsum16(__m512 v) {
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));       // lanes 0 + 2, 1 + 3
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));  // 0 + 1
+}
+
+// out[i] = hsum16(v[i]) for i < n (v[n ...] zero).
+inline void hsum16_many(const __m512 v[16], int n, float* out) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; i++)  // j + j + 8: v[2i] in 128-bit lanes 0-1, v[2i + 1] in 2-3
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; i++)  // j + j + 4: 128-bit lane c holds v[4i + c]
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; i++)  // j + j + 2: lane c: v[8i + c] (2 values), v[8i + 4 + c]
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44), _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xee));
+  // j + j + 1: value 4c + j is v[4j + c]'s sum
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xdd));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1u), _mm512_permutexvar_ps(order, s));
+}
+#endif
+
 // The weight rows are read in order, one after another (a thread's block of
 // rows), so a prefetch this far ahead of the read brings in the rows to come.
 // The 8-row products are bound by their FMAs (51 GMAC/s on one Zen 4 core in
@@ -386,7 +436,7 @@ struct BF16 {
 constexpr size_t kFloatPrefetch = 8192;
 
 template <class F, int NR>
-void dot_float_rows(int64_t k, const uint16_t* w, const void* x, size_t stride, float* out) {
+void dot_float_rows(int64_t k, const typename F::T* w, const void* x, size_t stride, float* out) {
   const float* xr[NR];
   for (int r = 0; r < NR; r++) xr[r] = (const float*)((const char*)x + (size_t)r * stride);
   int64_t i = 0;
@@ -406,7 +456,7 @@ void dot_float_rows(int64_t k, const uint16_t* w, const void* x, size_t stride, 
     for (int r = 0; r < NR; r++) acc[r] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, xr[r] + i), acc[r]);
     i = k;
   }
-  for (int r = 0; r < NR; r++) tail[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < NR; r++) tail[r] = hsum16(acc[r]);
 #elif CAKE_AVX2
   __m256 acc[NR];
   for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
@@ -422,6 +472,53 @@ void dot_float_rows(int64_t k, const uint16_t* w, const void* x, size_t stride, 
     for (int r = 0; r < NR; r++) tail[r] = fmaf(wi, xr[r][i], tail[r]);
   }
   for (int r = 0; r < NR; r++) out[r] = tail[r];
+}
+
+// Weight rows w0 and w1 against the same NR rows, each x vector loaded once for
+// both: 2 NR accumulators (AVX-512; elsewhere one row after the other). Each
+// row's sums are dot_float_rows's, operation for operation, so a weight row's
+// result does not depend on whether it was paired.
+template <class F, int NR>
+void dot2_float_rows(int64_t k, const typename F::T* w0, const typename F::T* w1, const void* x, size_t stride,
+                     float* out) {
+#if CAKE_AVX512
+  const float* xr[NR];
+  for (int r = 0; r < NR; r++) xr[r] = (const float*)((const char*)x + (size_t)r * stride);
+  __m512 a0[NR], a1[NR];
+  for (int r = 0; r < NR; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    _mm_prefetch((const char*)(w0 + i) + kFloatPrefetch, _MM_HINT_T0);
+    _mm_prefetch((const char*)(w1 + i) + kFloatPrefetch, _MM_HINT_T0);
+    __m512 v0 = F::widen16(w0 + i), v1 = F::widen16(w1 + i);
+    // each vector in a register for all its FMAs: GCC folds the loads into
+    // them otherwise (the x rows' twice, or the weights' NR times; in L2, 1
+    // thread, M = 8: 42 -> 78-80 GMAC/s)
+    __asm__("" : "+v"(v0), "+v"(v1));
+    for (int r = 0; r < NR; r++) {
+      __m512 xv = _mm512_loadu_ps(xr[r] + i);
+      __asm__("" : "+v"(xv));
+      a0[r] = _mm512_fmadd_ps(v0, xv, a0[r]);
+      a1[r] = _mm512_fmadd_ps(v1, xv, a1[r]);
+    }
+  }
+  if (i < k) {
+    const __mmask16 m = (__mmask16)((1u << (k - i)) - 1);
+    const __m512 v0 = F::widen16_masked(w0 + i, m), v1 = F::widen16_masked(w1 + i, m);
+    for (int r = 0; r < NR; r++) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xr[r] + i);
+      a0[r] = _mm512_fmadd_ps(v0, xv, a0[r]);
+      a1[r] = _mm512_fmadd_ps(v1, xv, a1[r]);
+    }
+  }
+  __m512 v[16];
+  for (int r = 0; r < NR; r++) v[r] = a0[r], v[NR + r] = a1[r];
+  for (int r = 2 * NR; r < 16; r++) v[r] = _mm512_setzero_ps();
+  hsum16_many(v, 2 * NR, out);
+#else
+  dot_float_rows<F, NR>(k, w0, x, stride, out);
+  dot_float_rows<F, NR>(k, w1, x, stride, out + NR);
+#endif
 }
 
 // BF16: bfloat16 weights against bfloat16 activations (cake_round_bf16), each
@@ -532,7 +629,7 @@ template <class F>
 struct FloatKernel {
   template <int NR>
   struct K {
-    static void run(int64_t k, const uint16_t* w, const void* x, size_t stride, float* out) {
+    static void run(int64_t k, const typename F::T* w, const void* x, size_t stride, float* out) {
       dot_float_rows<F, NR>(k, w, x, stride, out);
     }
   };
@@ -540,7 +637,7 @@ struct FloatKernel {
 
 template <class F>
 void dot_float(int64_t k, const void* w, const void* x, size_t stride, int nrows, float* out) {
-  by_rows<FloatKernel<F>::template K>(nrows, x, stride, out, k, (const uint16_t*)w);
+  by_rows<FloatKernel<F>::template K>(nrows, x, stride, out, k, (const typename F::T*)w);
 }
 
 }  // namespace
@@ -551,6 +648,7 @@ void cake_dot_q5_0(int64_t k, const void* w, const void* x, size_t s, int n, flo
 void cake_dot_q5_1(int64_t k, const void* w, const void* x, size_t s, int n, float* out) { dot_quant<Q5_1>(k, w, x, s, n, out); }
 void cake_dot_q8_0(int64_t k, const void* w, const void* x, size_t s, int n, float* out) { dot_quant<Q8_0>(k, w, x, s, n, out); }
 void cake_dot_f16(int64_t k, const void* w, const void* x, size_t s, int n, float* out) { dot_float<F16>(k, w, x, s, n, out); }
+void cake_dot_f32(int64_t k, const void* w, const void* x, size_t s, int n, float* out) { dot_float<F32>(k, w, x, s, n, out); }
 void cake_dot_bf16(int64_t k, const void* w, const void* x, size_t s, int n, float* out) {
   by_rows<BF16Kernel>(n, x, s, out, k, (const uint16_t*)w);
 }
@@ -574,6 +672,25 @@ void cake_dot2_bf16(int64_t k, const void* w, size_t ws, const void* x, size_t s
   }
 }
 
+void cake_dot2_f32(int64_t k, const void* w, size_t ws, const void* x, size_t s, int n, float* out) {
+  const float* w0 = (const float*)w;
+  const float* w1 = (const float*)((const char*)w + ws);
+  switch (n) {  // n <= kMaxRows: the driver's tiles
+    case 1: return dot2_float_rows<F32, 1>(k, w0, w1, x, s, out);
+    case 2: return dot2_float_rows<F32, 2>(k, w0, w1, x, s, out);
+    case 3: return dot2_float_rows<F32, 3>(k, w0, w1, x, s, out);
+    case 4: return dot2_float_rows<F32, 4>(k, w0, w1, x, s, out);
+    case 5: return dot2_float_rows<F32, 5>(k, w0, w1, x, s, out);
+    case 6: return dot2_float_rows<F32, 6>(k, w0, w1, x, s, out);
+    case 7: return dot2_float_rows<F32, 7>(k, w0, w1, x, s, out);
+    case 8: return dot2_float_rows<F32, 8>(k, w0, w1, x, s, out);
+    default: {  // more rows than a tile: one row after the other
+      cake_dot_f32(k, w0, x, s, n, out);
+      cake_dot_f32(k, w1, x, s, n, out + n);
+    }
+  }
+}
+
 void cake_dequant_q4_0(int64_t k, const void* w, float* out) { dequant_quant<Q4_0>(k, w, out); }
 void cake_dequant_q4_1(int64_t k, const void* w, float* out) { dequant_quant<Q4_1>(k, w, out); }
 void cake_dequant_q5_0(int64_t k, const void* w, float* out) { dequant_quant<Q5_0>(k, w, out); }
@@ -588,6 +705,8 @@ void cake_dequant_f16(int64_t k, const void* w, float* out) {
 #endif
   for (; i < k; i++) out[i] = cake_f16_to_f32(h[i]);
 }
+
+void cake_dequant_f32(int64_t k, const void* w, float* out) { memcpy(out, w, (size_t)k * sizeof(float)); }
 
 void cake_dequant_bf16(int64_t k, const void* w, float* out) {
   const uint16_t* h = (const uint16_t*)w;

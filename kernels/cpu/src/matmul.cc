@@ -92,7 +92,7 @@ constexpr int kTileRows = 8;
 // 14.1-14.4 ms in one pass of all 512.
 constexpr int64_t kChunkRows = 64;
 
-// What the activations become before a product: float32 rows (F16), blocks of
+// What the activations become before a product: float32 rows (F16, F32), blocks of
 // 8-bit integers (the integer formats, as llama.cpp), or bfloat16 rows rounded
 // to nearest even (BF16, as llama.cpp: its products then run as bf16 x bf16
 // pairs, vdpbf16ps where the CPU has it, two multiply-adds per lane).
@@ -116,8 +116,11 @@ struct Format {
 // the range of three runs on the noisy machine; dot -> panel): BF16 M = 16
 // 9-21 -> 12-14, M = 32 21-37 -> 17-21, M = 64 40-60 -> 24-26; F16 (float32
 // FMAs) M = 16 19-40 -> 22-23, M = 32 64-86 -> 29-30, M = 64 138-144 -> 46.
-// Decode (M <= 8) stays on the dot kernels.
-constexpr int64_t kPanelRowsBF16 = 32, kPanelRowsF16 = 24;
+// F32 (float32 FMAs on weights as stored, dot2; 3-5 runs, 2026-12-03, the
+// machine busy with another tenant's tests, ms) M = 16 30-40 -> 38-51, M = 20
+// 39-55 -> 41-56, M = 24 43-74 -> 48-61, M = 32 60-94 -> 60-70, M = 48 96-117
+// -> 52-80. Decode (M <= 8) stays on the dot kernels.
+constexpr int64_t kPanelRowsBF16 = 32, kPanelRowsF16 = 24, kPanelRowsF32 = 24;
 
 const Format kAll[] = {
     {"Q4_0", 32, 18, kQ8_32, cake_dot_q4_0, cake_dequant_q4_0},
@@ -132,6 +135,7 @@ const Format kAll[] = {
     {"Q6_K", 256, 210, kQ8_256, KQUANT(cake_dot_q6_k), KQUANT(cake_dequant_q6_k)},
     {"F16", 1, 2, kF32, cake_dot_f16, cake_dequant_f16, nullptr, nullptr, nullptr, cake_panel_f16, kPanelRowsF16},
     {"BF16", 1, 2, kBF16, cake_dot_bf16, cake_dequant_bf16, nullptr, nullptr, cake_dot2_bf16, cake_panel_bf16, kPanelRowsBF16},
+    {"F32", 1, 4, kF32, cake_dot_f32, cake_dequant_f32, nullptr, nullptr, cake_dot2_f32, cake_panel_f32, kPanelRowsF32},
     {"Q4_0R8", 32, 18, kQ8_32, nullptr, nullptr, &cake_r8_q4_0, "Q4_0"},
     {"Q4_1R8", 32, 20, kQ8_32, nullptr, nullptr, &cake_r8_q4_1, "Q4_1"},
     {"Q5_0R8", 32, 22, kQ8_32, nullptr, nullptr, &cake_r8_q5_0, "Q5_0"},
@@ -434,7 +438,7 @@ void quantize_work(void* p, int, int) {
   while (j.rows.take(&b, &e))
     for (int64_t r = b; r < e; r++) {
       const float* x = input_row(j, r, tmp.data());
-      if (j.f->act == kF32) {  // F16 multiplies float rows: keep the transformed row
+      if (j.f->act == kF32) {  // F16, F32 multiply float rows: keep the transformed row
         std::memcpy(j.xa + r * j.xs, x, (size_t)j.k * sizeof(float));
       } else if (j.f->act == kBF16) {
         uint16_t* row = (uint16_t*)(j.xa + r * j.xs);

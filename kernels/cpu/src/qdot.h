@@ -41,7 +41,7 @@ void cake_quantize_q8_256(const float* x, cake_q8_256* y, int64_t k);  // k % 25
 // A kernel decodes each weight block once and reuses it for every row: that is
 // what keeps a step for 8 sequences close to the cost of one.
 // x is cake_q8_32 rows for the 32-element formats, cake_q8_256 rows for the
-// K-quants, float32 rows for F16, bfloat16 rows (cake_round_bf16) for BF16.
+// K-quants, float32 rows for F16 and F32, bfloat16 rows (cake_round_bf16) for BF16.
 typedef void (*cake_dot_fn)(int64_t k, const void* w, const void* x,
                             size_t x_stride, int nrows, float* out);
 
@@ -57,15 +57,18 @@ void cake_dot_q5_k(int64_t k, const void* w, const void* x, size_t x_stride, int
 void cake_dot_q6_k(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
 void cake_dot_f16(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
 void cake_dot_bf16(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
+void cake_dot_f32(int64_t k, const void* w, const void* x, size_t x_stride, int nrows, float* out);
 // Two consecutive weight rows (w, w + w_stride bytes) against the same rows:
 // out[r] for the first, out[nrows + r] for the second; each activation row is
-// loaded once for both (BF16's 8-row products were bound by their loads).
+// loaded once for both (BF16's and F32's 8-row products were bound by their loads).
 typedef void (*cake_dot2_fn)(int64_t k, const void* w, size_t w_stride, const void* x, size_t x_stride,
                              int nrows, float* out);
 void cake_dot2_bf16(int64_t k, const void* w, size_t w_stride, const void* x, size_t x_stride, int nrows,
                     float* out);
+void cake_dot2_f32(int64_t k, const void* w, size_t w_stride, const void* x, size_t x_stride, int nrows,
+                   float* out);
 
-// 16-bit weights times many activation rows (gemm16.cc): a register-blocked
+// 16-bit (and float32) weights times many activation rows (gemm16.cc): a register-blocked
 // GEMM over panels of cake_panel_cols() weight rows repacked on the fly
 // (per thread, in L2), for a long prefill where the dot kernels' structure
 // (one weight row, <= 8 x rows, horizontal sums) is bound by its loads:
@@ -73,12 +76,14 @@ void cake_dot2_bf16(int64_t k, const void* w, size_t w_stride, const void* x, si
 // for c < ncols (W row c at w + c * w_stride bytes), i < m; x rows x_stride
 // bytes apart. BF16: bfloat16 x rows (cake_round_bf16) with x_stride a
 // multiple of 4 and, for odd k, a zero bfloat16 at index k (read as a pair's
-// second half). F16: float32 x rows.
+// second half). F16, F32: float32 x rows.
 typedef void (*cake_panel_fn)(int64_t k, const void* w, size_t w_stride, int64_t ncols, const void* x,
                               size_t x_stride, int64_t m, float* y, size_t y_stride, const float* residual);
 void cake_panel_bf16(int64_t k, const void* w, size_t w_stride, int64_t ncols, const void* x, size_t x_stride,
                      int64_t m, float* y, size_t y_stride, const float* residual);
 void cake_panel_f16(int64_t k, const void* w, size_t w_stride, int64_t ncols, const void* x, size_t x_stride,
+                    int64_t m, float* y, size_t y_stride, const float* residual);
+void cake_panel_f32(int64_t k, const void* w, size_t w_stride, int64_t ncols, const void* x, size_t x_stride,
                     int64_t m, float* y, size_t y_stride, const float* residual);
 int64_t cake_panel_cols(void);  // weight rows per panel: a block's best alignment
 
@@ -98,6 +103,7 @@ void cake_dequant_q5_k(int64_t k, const void* w, float* out);
 void cake_dequant_q6_k(int64_t k, const void* w, float* out);
 void cake_dequant_f16(int64_t k, const void* w, float* out);
 void cake_dequant_bf16(int64_t k, const void* w, float* out);
+void cake_dequant_f32(int64_t k, const void* w, float* out);  // a copy
 
 // Repacked formats (repack.cc, repack_k.cc): tiles of 8 weight rows interleaved
 // so that one product instruction serves all 8 (layouts at the top of those
