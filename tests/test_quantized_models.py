@@ -27,6 +27,7 @@ PROMPT = [1, 5, 17, 99, 3, 42, 7, 64, 12, 33, 8]
 # float32 rounding in a different summation order is ~1e-4 of that
 ATOL = 1e-3
 FORMATS = [
+    "F32",
     "F16",
     "BF16",
     "Q8_0",
@@ -105,7 +106,7 @@ def kernel_formats(backend: str) -> frozenset[str]:
         return frozenset()
     from cake.backends.jax.linear import cpu_kernel_formats
 
-    return cpu_kernel_formats() - {"F16"}
+    return cpu_kernel_formats() - {"F16", "F32"}
 
 
 def load(path, backend: str):
@@ -183,11 +184,11 @@ def test_quantized_gguf_matches_hf_on_decoded_weights(model, backend, monkeypatc
         assert np.abs(g - ref).max() < 0.3 * ref.std()
 
 
-@pytest.mark.parametrize("fmt", ["BF16", "F16"])
+@pytest.mark.parametrize("fmt", ["BF16", "F16", "F32"])
 def test_long_16bit_prefill_through_the_panel_gemm(hf_folder, tmp_path, fmt):
-    """A 100-token prefill of a 16-bit GGUF in one call: on the CPU kernels its
-    products go through the panel GEMM (kernels/cpu/src/gemm16.cc, from 32 /
-    24 rows on), no longer widened for XLA; its logits must equal the NumPy
+    """A 100-token prefill of a 16-bit (or float32) GGUF in one call: on the CPU
+    kernels its products go through the panel GEMM (kernels/cpu/src/gemm16.cc,
+    from 32 / 24 rows on), no longer widened for XLA; its logits must equal the NumPy
     stage's with the same activation rounding (BF16: to bfloat16) to float32
     rounding in another summation order (and BF16's flips, below)."""
     if "jax" not in BACKENDS:
@@ -237,7 +238,7 @@ def test_long_16bit_prefill_through_the_panel_gemm(hf_folder, tmp_path, fmt):
     assert err < (5e-2 if fmt == "BF16" else 1e-4), err
 
 
-@pytest.mark.parametrize("fmt", ["mixed", "Q8_0", "BF16", "Q4_K"])
+@pytest.mark.parametrize("fmt", ["mixed", "Q8_0", "BF16", "F32", "Q4_K"])
 def test_a_layer_in_one_kernel_call_gives_the_same_bits(hf_folder, tmp_path, fmt):
     """On the CPU kernel path a llama layer is one custom call
     (cake.kernels.cpu.layer) making the calls the layer made one custom call

@@ -88,6 +88,40 @@ def test_raw_greedy_matches_hf(backend, expected, tmp_path: Path):
 
 
 @pytest.mark.skipif("jax" not in BACKENDS, reason="jax is not installed")
+def test_float32_folder_on_the_cpu_kernels_matches_hf(expected, tmp_path: Path):
+    """HF's own float32 weights saved as a safetensors folder: the JAX CPU
+    stage multiplies them through the kernels' F32 path (float32 activations,
+    no rounding), and its greedy text is HF's."""
+    from cake.backends.jax.linear import cpu_kernel_formats
+
+    if "F32" not in cpu_kernel_formats():
+        pytest.skip("the CPU kernels are not built on this machine")
+    import json
+
+    from safetensors.torch import save_file
+
+    model, tok = hf_smollm()
+    folder = tmp_path / "f32"
+    folder.mkdir()
+    # as shared/anchor-bench exports it (the GGUF model refuses save_pretrained)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    weights.pop("lm_head.weight")  # tied: stored once
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = ["LlamaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    tok.save_pretrained(folder)
+    for p in PROMPTS:
+        r = cake_run(
+            *("--raw", "--temperature", "0", "--max-tokens", str(N)),
+            *("--backend", "jax", "--model", str(folder), p),
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == expected[p] + "\n", (p, r.stdout, expected[p])
+
+
+@pytest.mark.skipif("jax" not in BACKENDS, reason="jax is not installed")
 def test_jax_kernels_stay_near_hf():
     """With activations rounded per block (as llama.cpp does), the next-token logits
     move by less than llama.cpp's own Q4_1 run does on this file (max |dlogit|

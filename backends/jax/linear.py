@@ -3,7 +3,8 @@
 A weight is either a float matrix laid out for `x @ W` (K, N), which XLA
 multiplies natively (float32 on the CPU; any float on GPUs/TPUs), or a
 `QMat` (N, ...) in the checkpoint's own format (GGUF blocks, MLX
-affine, or 16-bit floats on the CPU) that is never widened in memory:
+affine, or 16-bit floats on the CPU; float32 too where the CPU kernels are
+built) that is never widened in memory:
 
 * on the CPU, `cake.kernels.cpu` multiplies the packed rows directly (XLA FFI
   custom calls from the jitted step; activations quantized per block for the
@@ -46,6 +47,14 @@ _HIGHEST = lax.Precision.HIGHEST  # no TF32 on GPUs: float32 means float32
 # (a reused prefix, a busy server's chunks) beyond that.
 KERNEL_ROWS = 128
 KERNEL_ROWS_16BIT = 1 << 30  # all of them
+# Float32 weights (F32: a float32 GGUF or safetensors matrix kept (N, K) as
+# stored, never copied for XLA): the kernels (dot kernels, the panel GEMM from
+# 24 rows) up to 128 rows, XLA's dot on the stored matrix past them. 30 SmolLM2
+# layers' products, ms (bench_kernels.py, 2026-12-03, quietest run): M = 8
+# dot 16.4 / XLA on (K, N) 16.4 / on (N, K) 25.1; M = 32 panel 33 / 28 / 38;
+# M = 128 panel 78 / 74 / 76; M = 512 panel 325-363 / 281-293 / 283-299
+# (busy runs: all three within noise of each other at 64-512).
+KERNEL_ROWS_F32 = 128
 
 
 @jax.tree_util.register_dataclass
@@ -147,12 +156,16 @@ def by_kernel(x: jax.Array, w: Weight) -> bool:
 
 def kernel_rows(fmt: str) -> int:
     """The most rows of x the CPU kernels multiply by weights in `fmt` (KERNEL_ROWS)."""
+    if fmt == "F32":
+        return KERNEL_ROWS_F32
     return KERNEL_ROWS_16BIT if fmt in ("F16", "BF16") else KERNEL_ROWS
 
 
 def _product(x: jax.Array, w: Weight) -> jax.Array:
     """x (..., K) float32 @ W -> (..., N) float32, W in its stored form."""
     if isinstance(w, QMat):
+        if w.fmt == "F32":  # (N, K) as stored: XLA's dot reads it as it is
+            return jnp.dot(x, w.data.T, precision=_HIGHEST)
         if w.kernel:  # a long prefill: one matrix widened at a time, freed after
             from cake.kernels import cpu
 
@@ -252,7 +265,7 @@ def take_rows(table: Weight, ids: jax.Array, *, transposed: bool) -> jax.Array:
             None if a is None else jnp.take(a, flat, axis=0, mode="clip")
             for a in (table.data, table.scales, table.biases)
         ]
-        if table.fmt in ("F16", "BF16"):
+        if table.fmt in ("F16", "BF16", "F32"):
             rows = pick[0].astype(jnp.float32)
         else:
             from cake.kernels import jax as jk

@@ -12,7 +12,9 @@ k_norm ((hd,) per head, or the projection's width: see Family.qk_norm). A weight
 (`x @ W`) or a linear.QMat in the checkpoint's format (see linear.py).
 
 Nothing is widened: quantized matrices keep their blocks, 16-bit floats stay
-16-bit (on the CPU the kernels read them as they are), and a read-only
+16-bit (on the CPU the kernels read them as they are), float32 matrices stay
+(N, K) as stored where the CPU kernels multiply them (format "F32"; without
+the kernels, or off the CPU, XLA's (K, N) copy), and a read-only
 memory-mapped tensor goes onto the CPU device without a copy. The one change:
 layer matrices the CPU kernels multiply in Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 are
 repacked at load into their 8-row tiled forms (cake.kernels.cpu.repack_np, same
@@ -124,6 +126,15 @@ class _Loader:
                 groups.append([p])
         return groups
 
+    def _float_format(self, dtype: np.dtype, rows: bool) -> str | None:
+        """The QMat format of a float (N, K) matrix on the CPU: F16 / BF16
+        always; F32 where the CPU kernels multiply it (a table only looked up
+        by rows stays a plain array)."""
+        fmt = _FLOAT_FORMATS.get(np.dtype(dtype))
+        if fmt is None and np.dtype(dtype) == np.float32 and not rows:
+            return "F32" if "F32" in self.kernels else None
+        return fmt
+
     def _weight(self, group: list, rows: bool, repack: bool) -> Weight:
         first = group[0]
         if isinstance(first, Packed):
@@ -163,11 +174,13 @@ class _Loader:
         if w is not first:
             for p in group:
                 release_pages(p)
-        fmt = _FLOAT_FORMATS.get(w.dtype)
+        fmt = self._float_format(w.dtype, rows)
         if self.on_cpu and fmt is not None:
             # XLA on the CPU widens a 16-bit matrix on every product (~250 ms
             # for SmolLM2's products vs 25 in float32): the kernels read it as
             # it is. Without them it stays 16-bit all the same (slow, compact).
+            # Float32 goes to the kernels as stored (no transposed copy) only
+            # where they are built.
             return QMat(
                 self.put(np.ascontiguousarray(w)),
                 fmt=fmt,
@@ -203,7 +216,7 @@ class _Loader:
             w = np.stack(mats)  # (E, N, K), already in the model's dtype (_groups)
             for m in mats:
                 release_pages(m)
-            fmt = _FLOAT_FORMATS.get(w.dtype)
+            fmt = self._float_format(w.dtype, rows=False)
             if self.on_cpu and fmt is not None:
                 return QMat(
                     self.put(w), fmt=fmt, cols=w.shape[2], kernel=fmt in self.kernels

@@ -268,10 +268,15 @@ def _prefill_chunk(params) -> int:
     linear.KERNEL_ROWS); else 512. 16-bit formats on the kernels (their panel
     GEMM, any rows): a 512-token SmolLM2 BF16 prefill ran at 2044-2280 tok/s
     in one chunk of 512, 2079-2266 in chunks of 128, 1797-1890 in chunks of
-    64 (interleaved, one run): 512, the fewer calls."""
+    64 (interleaved, one run): 512, the fewer calls. F32 (kernels up to
+    linear.KERNEL_ROWS_F32 rows, XLA's dot past them): 512, as before it went
+    to the kernels."""
     leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QMat))
     blocks = any(
-        isinstance(w, QMat) and w.kernel and kernel_rows(w.fmt) == KERNEL_ROWS
+        isinstance(w, QMat)
+        and w.kernel
+        and w.fmt != "F32"
+        and kernel_rows(w.fmt) == KERNEL_ROWS
         for w in leaves
     )
     return KERNEL_ROWS if blocks else 512
