@@ -241,7 +241,6 @@ _lock = threading.Lock()
 _lib: _Library | None = None
 _why = ""  # why there is no library
 _tried = False
-_registered = False
 
 
 def _load() -> _Library | None:
@@ -364,28 +363,39 @@ def repack_np(w: np.ndarray, fmt: str) -> tuple[str, np.ndarray]:
     return _require().repack(w, fmt)
 
 
-def _register_jax() -> None:
-    global _registered
-    lib = _require()
+_registered_ffi: set[str] = set()
+
+
+def register_ffi(names: tuple[str, ...], built_without: str) -> None:
+    """Register the library's XLA FFI handlers `cake_ffi_<name>` with jax as
+    `cake_cpu_<name>` (once each); a missing one is a KernelsUnavailable
+    saying what the library was `built_without`."""
+    lib = _require()  # before _lock: _load takes it
     with _lock:
-        if _registered:
+        if all(n in _registered_ffi for n in names):
             return
         import jax
 
         from . import build as _build
 
-        for name in ("matmul", "matmul_fused", "matmul_grouped", "dequantize"):
+        for name in names:
             symbol = getattr(lib.raw, f"cake_ffi_{name}", None)
             if symbol is None:
                 raise KernelsUnavailable(
-                    "the CPU kernels were built without the XLA FFI handlers "
-                    "(jax was not importable at build time); delete the kernel "
-                    f"cache under {_build.cache_dir()} and rebuild"
+                    f"the CPU kernels were built without {built_without}; delete "
+                    f"the kernel cache under {_build.cache_dir()} and rebuild"
                 )
             jax.ffi.register_ffi_target(
                 f"cake_cpu_{name}", jax.ffi.pycapsule(symbol), platform="cpu"
             )
-        _registered = True
+            _registered_ffi.add(name)
+
+
+def _register_jax() -> None:
+    register_ffi(
+        ("matmul", "matmul_fused", "matmul_grouped", "dequantize"),
+        "the XLA FFI handlers (jax was not importable at build time)",
+    )
 
 
 def matmul(

@@ -33,11 +33,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from . import KernelsUnavailable, _load, _lock, _require
+from . import KernelsUnavailable, _load, _require, register_ffi
 
 __all__ = ["attention", "attention_np", "available"]
 
-_registered = False
 _ERRORS = {
     -1: "a size is not positive",
     -2: "nh is not a multiple of nkv",
@@ -280,26 +279,11 @@ def attention_np(
 
 
 def _register_jax() -> None:
-    global _registered
-    lib = _require()  # before _lock: _load takes it
-    with _lock:
-        if _registered:
-            return
-        import jax
-
-        from . import build as _build
-
-        symbol = getattr(lib.raw, "cake_ffi_attention", None)
-        if symbol is None:
-            raise KernelsUnavailable(
-                "the CPU kernels were built without the XLA FFI attention handler "
-                "(jax not importable at build time, or no attention.cc); delete the "
-                f"kernel cache under {_build.cache_dir()} and rebuild"
-            )
-        jax.ffi.register_ffi_target(
-            "cake_cpu_attention", jax.ffi.pycapsule(symbol), platform="cpu"
-        )
-        _registered = True
+    register_ffi(
+        ("attention",),
+        "the XLA FFI attention handler (jax not importable at build time, "
+        "or no attention.cc)",
+    )
 
 
 def attention(

@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from . import KernelsUnavailable, _check_weights, _load, _lock, _require
+from . import _check_weights, _load, _require, register_ffi
 from . import attention as _attention
 
 __all__ = ["MAX_QKV_PARTS", "MAX_GU_PARTS", "available", "layer"]
 
 MAX_QKV_PARTS, MAX_GU_PARTS = 3, 2
-_registered = False
 
 
 def available() -> bool:
@@ -38,25 +37,7 @@ def available() -> bool:
 
 
 def _register_jax() -> None:
-    global _registered
-    lib = _require()
-    with _lock:
-        if _registered:
-            return
-        import jax
-
-        from . import build as _build
-
-        symbol = getattr(lib.raw, "cake_ffi_layer", None)
-        if symbol is None:
-            raise KernelsUnavailable(
-                "the CPU kernels were built without the XLA FFI layer handler; "
-                f"delete the kernel cache under {_build.cache_dir()} and rebuild"
-            )
-        jax.ffi.register_ffi_target(
-            "cake_cpu_layer", jax.ffi.pycapsule(symbol), platform="cpu"
-        )
-        _registered = True
+    register_ffi(("layer",), "the XLA FFI layer handler")
 
 
 def _widths(parts: tuple[tuple[Any, str], ...], k: int, what: str, most: int) -> int:
