@@ -11,7 +11,10 @@ without copying it.
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -491,3 +494,62 @@ def test_a_prompt_gives_the_same_bits_in_any_chunks(lib, portable_libs, march, s
         got.append(att._call(raw, *part, cache2, ints[0], pos, length, **kwargs(c)))
         at += n
     np.testing.assert_array_equal(np.concatenate(got, axis=1), whole)
+
+
+# One sequence, one kv head, one long chunk: a single write unit of 256 rows
+# (hd 256, slow to write), and 32 units of tokens that read them in order of
+# their tokens, each faster than the writer. Without the wait between the two
+# phases a thread that did not take the write would read rows still unwritten.
+ONE_WRITER = Case(
+    "one-writer",
+    4,
+    1,
+    256,
+    slots=(0,),
+    positions=(0,),
+    lengths=(256,),
+    L=256,
+    T=256,
+    S=1,
+)
+
+
+@pytest.mark.parametrize("busy_cores", [False, True], ids=["idle", "busy"])
+def test_the_cache_writes_come_before_any_read(lib, busy_cores):
+    """The cache writes are the first phase of the threads' job: a thread
+    waits until every taken write is done before it reads the cache. Two
+    inputs alternate on one cache, back to back (the pool's workers spinning,
+    so they join at once): a read of an unwritten row would see the other
+    input's, and change the output. With busy processes on every core, some
+    calls run with a worker and some without, some with a worker preempted
+    mid-write: each must finish and give the same bits."""
+    if cpu.num_threads() < 2:
+        pytest.skip("one thread: no pool")
+    c = ONE_WRITER
+    inputs = [make_inputs(c, seed) for seed in (0, 1)]
+    want = []
+    for qkv, cos, sin, cache, *ints in inputs:
+        before = cache.copy()
+        out = att.attention_np(qkv, cos, sin, cache, *ints, **kwargs(c))
+        check(
+            c,
+            out,
+            cache,
+            before,
+            attention_ref(qkv, cos, sin, before, *ints, **kwargs(c)),
+        )
+        want.append(out)
+    shared = inputs[0][3].copy()
+    busy = []
+    if busy_cores:
+        spin = [sys.executable, "-c", "while True: pass"]
+        busy = [subprocess.Popen(spin) for _ in range(os.cpu_count() or 2)]
+    try:
+        for i in range(400):
+            qkv, cos, sin, _, *ints = inputs[i % 2]
+            got = att.attention_np(qkv, cos, sin, shared, *ints, **kwargs(c))
+            np.testing.assert_array_equal(got, want[i % 2], err_msg=f"call {i}")
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()

@@ -39,6 +39,7 @@
 
 #include <atomic>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "qdot.h"
@@ -81,11 +82,13 @@ int cake_num_threads(void);  // matmul.cc
 namespace {
 
 // Below this many multiply-adds (scores plus weighted sums) the caller works
-// alone: waking the pool costs more than the work. Measured on 2 cores, nh 9,
-// nkv 3, hd 64, one decode token, us alone / on both: t = 20 3.4 / 4.9; t = 100
-// 6.3 / 7.1; t = 200 (231k) 10.1 / 8.1, but 10 / 20 while another process kept
-// the second core busy (the caller then waits for the preempted worker).
-constexpr int64_t kParallelMin = 1 << 18;
+// alone. Since a pool worker joins a call only while the caller is still at
+// its share (matmul.cc), a busy second core no longer makes the caller wait,
+// and the pool is worth it from small calls on. Measured on 2 cores (nh 9, nkv
+// 3, hd 64, one decode token, cache cold as in a decode step, us alone / on
+// both): B = 1, t = 20 (23k) 4.5 / 4.2; B = 8, t = 20 (184k) 20.7 / 12.1,
+// i.e. ~0.26 ms of a SmolLM2 step for 8 sequences (30 layers), B = 1 unchanged.
+constexpr int64_t kParallelMin = 1 << 14;
 // At most this many tokens of one sequence per unit (they share key loads).
 constexpr int64_t kMaxTokens = 8;
 // Value rows of a 16-bit cache widened at a time (16 KB of float32 at hd 64).
@@ -494,6 +497,11 @@ struct Job {
   int64_t n_tok, n_head;  // blocks of tokens per sequence, of heads per kv head
   int64_t units;
   std::atomic<int64_t> next{0};
+  // the cache writes come first, one unit per (sequence, kv head): a thread
+  // takes writes until none are left, waits until every write is done (a
+  // taken one is being run), then takes attention units
+  int64_t writes;
+  std::atomic<int64_t> next_write{0}, written{0};
 };
 
 // The first cache position token t reads.
@@ -616,9 +624,45 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<
   }
 }
 
+// Waits for the other threads' cache writes: a pause per check, and past a
+// few thousand checks (a writer was preempted) the core goes to others.
+inline void wait_for_writes(const Job& j) {
+  for (int spins = 0; j.written.load(std::memory_order_acquire) < j.writes; spins++) {
+    if (spins < 4096) {
+#if defined(__x86_64__) || defined(_M_X64)
+      _mm_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+// The new tokens' keys (rotated) and values of sequence b, kv head h, into the cache.
+void write_unit(const Job& j, int64_t u, std::vector<float>& rotated) {
+  const int64_t b = u / j.nkv, h = u % j.nkv;
+  const int64_t hd = j.hd, half = hd / 2, width = (j.nh + 2 * j.nkv) * hd;
+  const int64_t plane = j.S * j.nkv * j.T * hd, esize = j.kv_type == kF32 ? 4 : 2;
+  if (rotated.size() < (size_t)hd) rotated.resize((size_t)hd);
+  for (int64_t l = 0; l < j.lengths[b]; l++) {
+    const int64_t tok = b * j.L + l, t = j.positions[b] + l;
+    const int64_t at = ((j.layer * 2 * j.S + j.slots[b]) * j.nkv + h) * j.T * hd + t * hd;  // element
+    rope(j.qkv + tok * width + (j.nh + h) * hd, j.cos + tok * half, j.sin + tok * half, half, 1.0f, rotated.data());
+    store_row(rotated.data(), (char*)j.cache + at * esize, hd, j.kv_type);
+    store_row(j.qkv + tok * width + (j.nh + j.nkv + h) * hd, (char*)j.cache + (at + plane) * esize, hd, j.kv_type);
+  }
+}
+
 void work(void* p, int, int) {
   Job& j = *(Job*)p;
   thread_local std::vector<float> scratch, wide;
+  for (;;) {
+    const int64_t u = j.next_write.fetch_add(1);
+    if (u >= j.writes) break;
+    write_unit(j, u, scratch);
+    j.written.fetch_add(1, std::memory_order_release);
+  }
+  wait_for_writes(j);
   for (;;) {
     const int64_t u = j.next.fetch_add(1);
     if (u >= j.units) return;
@@ -657,26 +701,14 @@ int cake_attention(const float* qkv, const float* cos, const float* sin, void* c
     macs += keys * nh * hd * 2;
   }
 
-  const int64_t half = hd / 2, width = (nh + 2 * nkv) * hd, plane = S * nkv * T * hd;
-  // 1. the cache writes, and zeros for the padding rows
-  const int64_t esize = kv_type == kF32 ? 4 : 2;
-  std::vector<float> rotated((size_t)hd);
-  for (int64_t b = 0; b < B; b++) {
-    const int64_t len = lengths[b];
-    if (len < L) memset(out + (b * L + len) * nh * hd, 0, sizeof(float) * (L - len) * nh * hd);
-    for (int64_t l = 0; l < len; l++) {
-      const int64_t tok = b * L + l, t = positions[b] + l;
-      for (int64_t h = 0; h < nkv; h++) {
-        const int64_t at = ((layer * 2 * S + slots[b]) * nkv + h) * T * hd + t * hd;  // element
-        rope(qkv + tok * width + (nh + h) * hd, cos + tok * half, sin + tok * half, half, 1.0f, rotated.data());
-        store_row(rotated.data(), (char*)cache + at * esize, hd, kv_type);
-        store_row(qkv + tok * width + (nh + nkv + h) * hd, (char*)cache + (at + plane) * esize, hd, kv_type);
-      }
-    }
-  }
+  // zeros for the padding rows
+  for (int64_t b = 0; b < B; b++)
+    if (lengths[b] < L) memset(out + (b * L + lengths[b]) * nh * hd, 0, sizeof(float) * (L - lengths[b]) * nh * hd);
 
-  // 2. attention, in units of (sequence, kv head, tokens, query heads)
+  // the cache writes (work), then attention in units of (sequence, kv head,
+  // tokens, query heads)
   Job job;
+  job.writes = B * nkv;
   job.qkv = qkv, job.cos = cos, job.sin = sin, job.cache = cache, job.kv_type = kv_type;
   job.slots = slots, job.positions = positions, job.lengths = lengths;
   job.L = L, job.nh = nh, job.nkv = nkv, job.hd = hd, job.S = S, job.T = T;
