@@ -238,13 +238,23 @@ def test_long_16bit_prefill_through_the_panel_gemm(hf_folder, tmp_path, fmt):
     assert err < (5e-2 if fmt == "BF16" else 1e-4), err
 
 
+def _entry_parameters(hlo: str) -> int:
+    """How many parameters the entry computation of an HLO module's text takes."""
+    entry = hlo[hlo.index("\nENTRY ") :]
+    entry = entry[: entry.index("\n}")]
+    return entry.count(" parameter(")
+
+
 @pytest.mark.parametrize("fmt", ["mixed", "Q8_0", "BF16", "F32", "Q4_K"])
 def test_a_layer_in_one_kernel_call_gives_the_same_bits(hf_folder, tmp_path, fmt):
     """On the CPU kernel path a llama layer is one custom call
     (cake.kernels.cpu.layer) making the calls the layer made one custom call
     each: logits and cache must be the same bits as with CAKE_CPU_LAYER=0, for
     a batch of two sequences of different lengths (padding rows), the chunk
-    after it and a decode step; the Q4_K_M-like file has q|k|v in two parts."""
+    after it and a decode step; the Q4_K_M-like file has q|k|v in two parts.
+    The stage holds the layers' weights in the kernels (layer_held): its decode
+    step takes none of them as parameters, and gives the bits of the call that
+    takes them (CAKE_CPU_LAYER_HELD=0)."""
     if "jax" not in BACKENDS:
         pytest.skip("no jax")
     from cake.backends.jax import llama as jax_llama
@@ -269,21 +279,87 @@ def test_a_layer_in_one_kernel_call_gives_the_same_bits(hf_folder, tmp_path, fmt
         ),
         (np.array([[13], [14]], np.int32), Step((0, 1), (14, 5), (1, 1))),
     ]
-    got = {}
-    for on in (True, False):
+    layers = open_checkpoint(path)[0].num_hidden_layers
+    got, params = {}, {}
+    for mode, env in (
+        ("held", {}),
+        ("operands", {"CAKE_CPU_LAYER_HELD": "0"}),
+        ("off", {"CAKE_CPU_LAYER": "0"}),
+    ):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("CAKE_CPU_LAYER", "1" if on else "0")
+            for k, v in env.items():
+                mp.setenv(k, v)
             jax_llama._layer_kernel_available.cache_clear()
             stage = load(path, "jax")[0]
-            got[on] = [stage.forward(x, s) for x, s in steps] + [
+            got[mode] = [stage.forward(x, s) for x, s in steps] + [
                 np.asarray(stage._cache)
             ]
             text = stage.programs.get(Shape(2, 1, 64, False, None, True)).as_text()
-        layers = open_checkpoint(path)[0].num_hidden_layers
-        assert text.count('custom_call_target="cake_cpu_layer"') == (
-            layers if on else 0
-        )
-        assert ('custom_call_target="cake_cpu_attention"' in text) != on
+            params[mode] = _entry_parameters(text)
+            per_layer = [
+                2 + len(w["wqkv"]) + len(w["wgu"]) + 2  # ln1, ln2 and the matrices
+                for w in stage._params["layers"]
+            ]
+        calls = {
+            t: text.count(f'custom_call_target="cake_cpu_{t}"')
+            for t in ("layer", "layer_held")
+        }
+        assert (
+            calls
+            == {
+                "held": {"layer": 0, "layer_held": layers},
+                "operands": {"layer": layers, "layer_held": 0},
+                "off": {"layer": 0, "layer_held": 0},
+            }[mode]
+        ), mode
+        assert ('custom_call_target="cake_cpu_attention"' in text) == (mode == "off")
     jax_llama._layer_kernel_available.cache_clear()
-    for a, b in zip(got[True], got[False], strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert params["held"] == params["operands"] - sum(per_layer), params
+    for mode in ("operands", "off"):
+        for a, b in zip(got["held"], got[mode], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=mode)
+
+
+def test_held_weights_go_with_the_stage(hf_folder, tmp_path):
+    """The kernels hold a stage's layers by key until the stage goes (its
+    finalizer releases them); a step naming a released key fails with one
+    line, and a layer the kernels cannot take is refused at hold time."""
+    if "jax" not in BACKENDS:
+        pytest.skip("no jax")
+    import gc
+
+    import jax
+
+    from cake.kernels.cpu import layer as cpu_layer
+
+    if not cpu_layer.available():
+        pytest.skip("no CPU kernels here")
+    path = write_gguf(hf_folder, tmp_path / "m.gguf", "Q8_0")
+    stage = load(path, "jax")[0]
+    keys = [h.key for h in stage._held]
+    assert keys and all(k in cpu_layer._arrays for k in keys)
+    step = Step((0,), (0,), (4,))
+    want = stage.forward(np.array([PROMPT[:4]], np.int32), step)
+    stage.release([0])
+    cpu_layer.release(keys[-1])
+    with pytest.raises(jax.errors.JaxRuntimeError, match="no weights held under key"):
+        stage.forward(np.array([PROMPT[:4]], np.int32), step)
+    del stage
+    gc.collect()
+    assert not any(k in cpu_layer._arrays for k in keys)
+    again = load(path, "jax")[0]
+    assert min(h.key for h in again._held) > max(keys)  # never reused
+    np.testing.assert_array_equal(
+        again.forward(np.array([PROMPT[:4]], np.int32), step), want
+    )
+    w = again._params["layers"][0]
+    with pytest.raises(ValueError, match="weights for K=256 must be"):
+        cpu_layer.hold(
+            ln1=w["ln1"],
+            ln2=w["ln2"],
+            wqkv=tuple((m.data, m.fmt) for m in w["wqkv"]),
+            wo=(w["wd"].data, w["wd"].fmt),  # the wrong matrix
+            wgu=tuple((m.data, m.fmt) for m in w["wgu"]),
+            wd=(w["wd"].data, w["wd"].fmt),
+            attn_cols=w["ln1"].shape[0],
+        )

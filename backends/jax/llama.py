@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import sys
 from types import ModuleType
@@ -27,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from cake.backends.jax import moe
-from cake.backends.jax.linear import QMat, by_kernel, mm, mm_cat, rms, take_rows
+from cake.backends.jax.linear import QMat, kernel_rows, mm, mm_cat, rms, take_rows
 from cake.backends.jax.params import Params
 from cake.config import ModelConfig
 from cake.embedding import embed_scale
@@ -114,6 +115,8 @@ class Shared(NamedTuple):
     (cake.kernels.cpu.attention), which writes and reads the cache in place and
     needs none of write_t/allowed/causal_chunk. first: the model's index of the
     stage's first layer, by which the config gives each layer's window and RoPE.
+    held: per layer, the weights the stage registered with the CPU kernels
+    (cake.kernels.cpu.layer.Held; None: passed as parameters), or None for all.
     """
 
     rope: dict[bool, tuple[jax.Array, jax.Array]]
@@ -125,6 +128,7 @@ class Shared(NamedTuple):
     causal_chunk: int | None
     kernel: bool
     first: int
+    held: tuple | None = None
 
 
 def _heads(cfg: ModelConfig, qkv: jax.Array) -> tuple[jax.Array, ...]:
@@ -224,21 +228,30 @@ def _layer_kernel_available() -> bool:
     return cpu_layer.available()
 
 
-def _one_call(cfg: ModelConfig, block: ModuleType, w: Params, x: jax.Array) -> bool:
-    """Whether layer w is one CPU kernel call (cake.kernels.cpu.layer): this
-    module's block, no bias, q/k norm or experts, SwiGLU, and every product by
-    the kernels."""
+def one_call_rows(cfg: ModelConfig, block: ModuleType, w: Params) -> int:
+    """Up to how many rows of x (B * L) layer w is one CPU kernel call
+    (cake.kernels.cpu.layer), 0 if never: this module's block, no bias, q/k
+    norm or experts, SwiGLU, and every product by the kernels (`by_kernel`)."""
     from cake.kernels.cpu.layer import MAX_GU_PARTS, MAX_QKV_PARTS
 
-    return (
+    if not (
         block is sys.modules[__name__]
         and cfg.hidden_act == "silu"
         and not any(k in w for k in ("bqkv", "q_norm", "router"))
         and len(w["wqkv"]) <= MAX_QKV_PARTS
         and len(w["wgu"]) <= MAX_GU_PARTS
-        and all(by_kernel(x, m) for m in (*w["wqkv"], w["wo"], *w["wgu"], w["wd"]))
         and _layer_kernel_available()
-    )
+    ):
+        return 0
+    mats = (*w["wqkv"], w["wo"], *w["wgu"], w["wd"])
+    if not all(isinstance(m, QMat) and m.kernel for m in mats):
+        return 0
+    return min(kernel_rows(m.fmt) for m in mats)
+
+
+def _one_call(cfg: ModelConfig, block: ModuleType, w: Params, x: jax.Array) -> bool:
+    """Whether layer w on x is one CPU kernel call (see one_call_rows)."""
+    return math.prod(x.shape[:-1]) <= one_call_rows(cfg, block, w)
 
 
 def layer(
@@ -252,6 +265,25 @@ def layer(
 ) -> tuple[jax.Array, jax.Array]:
     """Decoder block i of the stage. x (B, L, D) float32; returns it and the cache."""
     g = st.first + i  # the layer's index in the model: its window and RoPE
+    if st.kernel and st.held is not None and st.held[i] is not None:
+        from cake.kernels.cpu import layer as cpu_layer
+
+        # the weights the stage registered with the kernels (JaxLlamaStage)
+        return cpu_layer.layer_held(
+            x,
+            *st.rope[cfg.local_rope(g)],
+            cache,
+            st.slots,
+            st.positions,
+            st.lengths,
+            weights=st.held[i],
+            n_heads=cfg.num_attention_heads,
+            layer=i,
+            eps=cfg.rms_norm_eps,
+            window=cfg.window(g) or 0,
+            scale=cfg.attn_scale,
+            softcap=cfg.attn_logit_softcapping or 0.0,
+        )
     if st.kernel and _one_call(cfg, block, w, x):
         from cake.kernels.cpu import layer as cpu_layer
 
@@ -318,6 +350,7 @@ def stage_step(
     causal_chunk: int | None = None,
     attention_kernel: bool = False,
     first: int = 0,
+    held: tuple | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Run the stage on a padded batch; returns (output, updated cache).
 
@@ -325,6 +358,7 @@ def stage_step(
     lengths: (B,) int32. t_len: the cache positions attention reads (static).
     attention_kernel: attention through the CPU kernel (see `Shared.kernel`).
     first: the model's index of the stage's first layer.
+    held: see `Shared.held` (a held layer's params may be empty).
     Output: (B, L, D) hidden as `out_dtype`, or float32 logits (B, V) /
     (B, L, V) when `head`. Padding rows of hidden output are zero.
     """
@@ -372,6 +406,7 @@ def stage_step(
         causal_chunk,
         attention_kernel,
         first,
+        held,
     )
     block = importlib.import_module(f"cake.backends.jax.{cfg.family.block}")
     for i, w in enumerate(params["layers"]):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import weakref
 from collections.abc import Sequence
 
 import jax
@@ -13,7 +15,7 @@ from cake import heap
 from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
 from cake.backends.jax.linear import KERNEL_ROWS, QMat, cpu_kernel_formats, kernel_rows
-from cake.backends.jax.llama import stage_step
+from cake.backends.jax.llama import one_call_rows, stage_step
 from cake.backends.jax.params import load_params, weight_bytes
 from cake.backends.jax.programs import Programs, Shape
 from cake.config import ModelConfig
@@ -95,13 +97,68 @@ class JaxLlamaStage:
         )
         self.seqs = StageSequences(max_sequences, max_context)  # slots and lengths
         self.trace_count = 0
+        # Layers that are one kernel call (decode, short chunks) are held by
+        # the kernels: their steps take none of these layers' weights as
+        # parameters (cake.kernels.cpu.layer.hold), ~55 KB a layer less
+        # resident per compiled step. Longer chunks take them all.
+        self._held, self._held_rows = self._hold_layers() if on_cpu else ((), 0)
+        self._params_held = (
+            dict(
+                self._params,
+                layers=[
+                    {} if h is not None else w
+                    for w, h in zip(self._params["layers"], self._held, strict=True)
+                ],
+            )
+            if self._held_rows
+            else self._params
+        )
         # what a step's params and cache look like, for compiling one on
         # another thread while this one steps (and donates the cache)
-        self._avals = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-            (self._params, self._cache),
+        self._avals, self._avals_held = (
+            jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                (params, self._cache),
+            )
+            for params in (self._params, self._params_held)
         )
         self.programs = Programs(self._lower)
+
+    def _hold_layers(self) -> tuple[tuple, int]:
+        """(per layer its Held or None, the most rows every held layer takes
+        in one call; 0: none held). Released when the stage goes."""
+        if not self._attention_kernel or os.environ.get("CAKE_CPU_LAYER_HELD") == "0":
+            return (), 0  # (=0: weights as parameters, to measure the difference)
+        from cake.kernels.cpu import layer as cpu_layer
+
+        cfg = self.config
+        block = importlib.import_module(f"cake.backends.jax.{cfg.family.block}")
+        layers = self._params["layers"]
+        rows = [one_call_rows(cfg, block, w) for w in layers]
+        if not layers or min(rows) == 0:  # all or none: one step, one form
+            return (), 0
+        held = tuple(
+            cpu_layer.hold(
+                ln1=w["ln1"],
+                ln2=w["ln2"],
+                wqkv=tuple((m.data, m.fmt) for m in w["wqkv"]),
+                wo=(w["wo"].data, w["wo"].fmt),
+                wgu=tuple((m.data, m.fmt) for m in w["wgu"]),
+                wd=(w["wd"].data, w["wd"].fmt),
+                attn_cols=cfg.num_attention_heads * cfg.head_dim,
+            )
+            for w in layers
+        )
+        weakref.finalize(self, _release, tuple(h.key for h in held))
+        return held, min(rows)
+
+    def _holds(self, shape: Shape) -> bool:
+        """Whether `shape`'s step runs on the held weights (see __init__)."""
+        return (
+            self._held_rows > 0
+            and shape.attention_kernel
+            and shape.batch * shape.width <= self._held_rows
+        )
 
     def _traced_step(self, params, cache, x, slots, positions, lengths, **static):
         self.trace_count += 1  # runs only while JAX traces, i.e. compiles
@@ -137,7 +194,8 @@ class JaxLlamaStage:
         else:
             x = jax.ShapeDtypeStruct((b, w, cfg.hidden_size), dtype_of(self.dtype))
         ints = [jax.ShapeDtypeStruct((b,), jnp.int32)] * 3
-        params, cache = self._avals
+        holds = self._holds(shape)
+        params, cache = self._avals_held if holds else self._avals
 
         # A function and a jit of its own for each shape, dropped once lowered:
         # JAX keys its trace cache weakly on the function, so the traced step
@@ -153,7 +211,13 @@ class JaxLlamaStage:
 
         step = jax.jit(
             _traced_step,
-            static_argnames=("t_len", "all_logits", "causal_chunk", "attention_kernel"),
+            static_argnames=(
+                "t_len",
+                "all_logits",
+                "causal_chunk",
+                "attention_kernel",
+                "held",
+            ),
             donate_argnames=("cache",),
         )
         return step.lower(
@@ -165,6 +229,7 @@ class JaxLlamaStage:
             all_logits=shape.all_logits,
             causal_chunk=shape.causal_chunk,
             attention_kernel=shape.attention_kernel,
+            held=self._held if holds else None,
         )
 
     def release(self, seq_ids: Sequence[int]) -> None:
@@ -227,7 +292,8 @@ class JaxLlamaStage:
                 self.programs.ahead(later, first=first)
         # NumPy inputs go in as they are and the program moves them to the
         # weights' device: a device_put per array first cost ~70 us each (CPU)
-        out, self._cache = program(self._params, self._cache, xp, *ints)
+        params = self._params_held if self._holds(shape) else self._params
+        out, self._cache = program(params, self._cache, xp, *ints)
         self.seqs.advance(step)
         out = np.asarray(out).copy()  # a private, writable copy: no JAX array leaks
         if self.shard.head and not step.all_logits:
@@ -259,6 +325,13 @@ class JaxLlamaStage:
                 if 1 <= b <= self.max_sequences
             ]
         return out
+
+
+def _release(keys: tuple[int, ...]) -> None:
+    from cake.kernels.cpu import layer as cpu_layer
+
+    for key in keys:
+        cpu_layer.release(key)
 
 
 def _prefill_chunk(params) -> int:
