@@ -228,6 +228,38 @@ def test_programs_compile_ahead_once_and_hand_over():
     assert not progs.known(Shape(3, 1, 256, False, None, False))
 
 
+def test_a_background_lowering_runs_with_a_short_switch_interval():
+    """While the compile thread lowers a step (Python, holding the GIL), the
+    interpreter's switch interval is programs.LOWERING_SWITCH_S, so that a
+    step on the main thread gets the GIL back quickly; before and after, and
+    for a lowering in the foreground, it is what it was."""
+    import sys
+
+    from cake.backends.jax import programs
+
+    seen = {}
+
+    class Lowered:
+        def compile(self):
+            return "program"
+
+    def lower(shape):
+        seen[shape.batch] = sys.getswitchinterval()
+        return Lowered()
+
+    before = sys.getswitchinterval()
+    assert before > programs.LOWERING_SWITCH_S
+    progs = programs.Programs(lower)
+    fg, bg = (programs.Shape(n, 1, 256, False, None, False) for n in (1, 2))
+    progs.get(fg)
+    progs.ahead(bg)
+    progs.drain()
+    progs.close()
+    assert seen[1] == before
+    assert seen[2] == pytest.approx(programs.LOWERING_SWITCH_S)  # microseconds inside
+    assert sys.getswitchinterval() == before
+
+
 def test_buckets():
     assert [bucket(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
     assert bucket(3, floor=64) == 64 and bucket(300, cap=256) == 256
