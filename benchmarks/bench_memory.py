@@ -10,8 +10,11 @@ The anchor is the layers' tensor bytes in the file, summed from the reader.
 A NumPy stage reads its memory-mapped weights only when it computes, so its
 figure at load is small. Each step a JAX stage compiles adds what XLA keeps
 of it (HLO, buffer assignment, thunks) and JAX's handles to it: 5.5-7 MB for
-all 30 SmolLM2 layers, 1.1 MB for 2 of them (2026-12-03), so the figure after
-2 steps holds two of those besides the layers.
+all 30 SmolLM2 layers with a custom call per product, 2.6 MB with one per
+layer, less again since the kernels hold the layers' weights and a step takes
+none as parameters (2026-12-03), so the figure after 2 steps holds two of
+those besides the layers. CAKE_CPU_LAYER_HELD=0 passes the weights as
+parameters again, to measure the difference.
 
     .venv/bin/python benchmarks/bench_memory.py FILE.gguf [FILE ...] [--backends jax,numpy]
     .venv/bin/python benchmarks/bench_memory.py --synthetic-1b DIR   # writes a 1B-shaped Q4_0 GGUF
