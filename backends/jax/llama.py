@@ -249,6 +249,18 @@ def one_call_rows(cfg: ModelConfig, block: ModuleType, w: Params) -> int:
     return min(kernel_rows(m.fmt) for m in mats)
 
 
+def kernel_weights(w: Params) -> dict:
+    """Layer w's weights as cake.kernels.cpu.layer's `layer` and `hold` take them."""
+    return {
+        "ln1": w["ln1"],
+        "ln2": w["ln2"],
+        "wqkv": tuple((m.data, m.fmt) for m in w["wqkv"]),
+        "wo": (w["wo"].data, w["wo"].fmt),
+        "wgu": tuple((m.data, m.fmt) for m in w["wgu"]),
+        "wd": (w["wd"].data, w["wd"].fmt),
+    }
+
+
 def _one_call(cfg: ModelConfig, block: ModuleType, w: Params, x: jax.Array) -> bool:
     """Whether layer w on x is one CPU kernel call (see one_call_rows)."""
     return math.prod(x.shape[:-1]) <= one_call_rows(cfg, block, w)
@@ -265,42 +277,25 @@ def layer(
 ) -> tuple[jax.Array, jax.Array]:
     """Decoder block i of the stage. x (B, L, D) float32; returns it and the cache."""
     g = st.first + i  # the layer's index in the model: its window and RoPE
-    if st.kernel and st.held is not None and st.held[i] is not None:
+    held = st.held[i] if st.kernel and st.held is not None else None
+    if held is not None or (st.kernel and _one_call(cfg, block, w, x)):
         from cake.kernels.cpu import layer as cpu_layer
 
-        # the weights the stage registered with the kernels (JaxLlamaStage)
-        return cpu_layer.layer_held(
-            x,
-            *st.rope[cfg.local_rope(g)],
-            cache,
-            st.slots,
-            st.positions,
-            st.lengths,
-            weights=st.held[i],
-            n_heads=cfg.num_attention_heads,
-            layer=i,
-            eps=cfg.rms_norm_eps,
-            window=cfg.window(g) or 0,
-            scale=cfg.attn_scale,
-            softcap=cfg.attn_logit_softcapping or 0.0,
+        # the same kernel calls as below, in one custom call (see its module),
+        # on the weights the stage registered with the kernels or passed here
+        call, weights = (
+            (cpu_layer.layer_held, {"weights": held})
+            if held is not None
+            else (cpu_layer.layer, kernel_weights(w))
         )
-    if st.kernel and _one_call(cfg, block, w, x):
-        from cake.kernels.cpu import layer as cpu_layer
-
-        # the same kernel calls as below, in one custom call (see its module)
-        return cpu_layer.layer(
+        return call(
             x,
             *st.rope[cfg.local_rope(g)],
             cache,
             st.slots,
             st.positions,
             st.lengths,
-            ln1=w["ln1"],
-            ln2=w["ln2"],
-            wqkv=tuple((m.data, m.fmt) for m in w["wqkv"]),
-            wo=(w["wo"].data, w["wo"].fmt),
-            wgu=tuple((m.data, m.fmt) for m in w["wgu"]),
-            wd=(w["wd"].data, w["wd"].fmt),
+            **weights,
             n_heads=cfg.num_attention_heads,
             layer=i,
             eps=cfg.rms_norm_eps,

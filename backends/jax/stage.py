@@ -15,7 +15,7 @@ from cake import heap
 from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
 from cake.backends.jax.linear import KERNEL_ROWS, QMat, cpu_kernel_formats, kernel_rows
-from cake.backends.jax.llama import one_call_rows, stage_step
+from cake.backends.jax.llama import kernel_weights, one_call_rows, stage_step
 from cake.backends.jax.params import load_params, weight_bytes
 from cake.backends.jax.programs import Programs, Shape
 from cake.config import ModelConfig
@@ -139,13 +139,7 @@ class JaxLlamaStage:
             return (), 0
         held = tuple(
             cpu_layer.hold(
-                ln1=w["ln1"],
-                ln2=w["ln2"],
-                wqkv=tuple((m.data, m.fmt) for m in w["wqkv"]),
-                wo=(w["wo"].data, w["wo"].fmt),
-                wgu=tuple((m.data, m.fmt) for m in w["wgu"]),
-                wd=(w["wd"].data, w["wd"].fmt),
-                attn_cols=cfg.num_attention_heads * cfg.head_dim,
+                **kernel_weights(w), attn_cols=cfg.num_attention_heads * cfg.head_dim
             )
             for w in layers
         )
