@@ -106,14 +106,9 @@ def hold(
     Shapes and formats are checked here (ValueError)."""
     lib = _require()
     d = int(ln1.shape[0])
-    qkv = _widths(wqkv, d, "wqkv", MAX_QKV_PARTS)
-    gu = _widths(wgu, d, "wgu", MAX_GU_PARTS)
-    if _check_weights(wo[0].shape, wo[0].dtype, wo[1], attn_cols) != d:
-        raise ValueError(f"wo must have D={d} rows")
-    if gu % 2 or _check_weights(wd[0].shape, wd[0].dtype, wd[1], gu // 2) != d:
-        raise ValueError(f"wd must be (D={d}, I) for gate|up of 2 I={gu}")
+    qkv, gu = _check_layer(d, attn_cols, ln1, ln2, wqkv, wo, wgu, wd)
     for name, v in (("ln1", ln1), ("ln2", ln2)):
-        if tuple(v.shape) != (d,) or np.dtype(v.dtype) != np.float32:
+        if np.dtype(v.dtype) != np.float32:
             raise ValueError(f"{name} must be float32 (D,) = {(d,)}")
     parts = [*wqkv, *[None] * (MAX_QKV_PARTS - len(wqkv)), wo]
     parts += [*wgu, *[None] * (MAX_GU_PARTS - len(wgu)), wd]
@@ -158,6 +153,21 @@ def _widths(parts: tuple[tuple[Any, str], ...], k: int, what: str, most: int) ->
     return sum(_check_weights(d.shape, d.dtype, f, k) for d, f in parts)
 
 
+def _check_layer(d, attn_cols, ln1, ln2, wqkv, wo, wgu, wd) -> tuple[int, int]:
+    """(q|k|v columns, gate|up columns) of a layer of width d whose attention
+    output is attn_cols wide, or a one-line ValueError."""
+    qkv = _widths(wqkv, d, "wqkv", MAX_QKV_PARTS)
+    if _check_weights(wo[0].shape, wo[0].dtype, wo[1], attn_cols) != d:
+        raise ValueError(f"wo must have D={d} rows")
+    gu = _widths(wgu, d, "wgu", MAX_GU_PARTS)
+    if gu % 2 or _check_weights(wd[0].shape, wd[0].dtype, wd[1], gu // 2) != d:
+        raise ValueError(f"wd must be (D={d}, I) for gate|up of 2 I={gu}")
+    for name, v in (("ln1", ln1), ("ln2", ln2)):
+        if tuple(v.shape) != (d,):
+            raise ValueError(f"{name} must be (D,) = {(d,)}; got {tuple(v.shape)}")
+    return qkv, gu
+
+
 def layer(
     x: Any,
     cos: Any,
@@ -189,20 +199,13 @@ def layer(
     b, n, d = x.shape
     hd = cache.shape[-1]
     ints = [jnp.asarray(a, jnp.int32) for a in (slots, positions, lengths)]
-    qkv_shape = (b, n, _widths(wqkv, d, "wqkv", MAX_QKV_PARTS))
+    qkv_cols = _widths(wqkv, d, "wqkv", MAX_QKV_PARTS)
     scale = _attention._scale(hd, scale)
-    qkv = jax.ShapeDtypeStruct(qkv_shape, jnp.float32)
+    qkv = jax.ShapeDtypeStruct((b, n, qkv_cols), jnp.float32)
     _attention._check_static(
         qkv, cos, sin, cache, ints, n_heads, layer, window, scale, softcap
     )
-    if _check_weights(wo[0].shape, wo[0].dtype, wo[1], n_heads * hd) != d:
-        raise ValueError(f"wo must have D={d} rows")
-    gu = _widths(wgu, d, "wgu", MAX_GU_PARTS)
-    if gu % 2 or _check_weights(wd[0].shape, wd[0].dtype, wd[1], gu // 2) != d:
-        raise ValueError(f"wd must be (D={d}, I) for gate|up of 2 I={gu}")
-    for name, v in (("ln1", ln1), ("ln2", ln2)):
-        if tuple(v.shape) != (d,):
-            raise ValueError(f"{name} must be (D,) = {(d,)}; got {tuple(v.shape)}")
+    _check_layer(d, n_heads * hd, ln1, ln2, wqkv, wo, wgu, wd)
     none = jnp.zeros((0,), jnp.uint8)
     qkv_ws = [w for w, _ in wqkv] + [none] * (MAX_QKV_PARTS - len(wqkv))
     gu_ws = [w for w, _ in wgu] + [none] * (MAX_GU_PARTS - len(wgu))
