@@ -3,6 +3,7 @@ weights from the master, as stored, and keeps them (real processes on loopback).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -74,8 +75,10 @@ def test_worker_without_model_gets_weights_then_streams_nothing(tiny, tmp_path, 
         assert "streaming" in err and "MB of weights sent" in err
         config, tensors = open_checkpoint(tiny)
         want, _ = stream.build_manifest(config, tensors, [(1, 3)])
-        blobs = sorted(p.name for p in (cache / "blobs").iterdir())
-        assert blobs == sorted({e.digest for e in want.entries()})  # no .part left
+        packs = sorted(p.suffix for p in (cache / "packs").iterdir())
+        assert packs == [".index", ".pack"]  # one stream, one pack
+        held = WeightCache(cache)
+        assert all(held.held(e, want.chunk) == e.nbytes for e in want.entries())
         assert "receiving" in w.stderr
     finally:
         assert w.terminate() == 0, w.stderr
@@ -119,7 +122,7 @@ def test_quantized_layers_stay_quantized_and_a_damaged_chunk_is_sent_again(
         c.connect()  # the worker needs weights: connect streams them (CHUNK)
         c.close()
         config, tensors = open_checkpoint(model)
-        for p in (cache / "blobs").iterdir():
+        for p in (cache / "packs").iterdir():
             p.unlink()
         # again, by hand, with two damaged chunks, into an emptied cache
         c = _client(model, port, [(28, 30)])
@@ -142,6 +145,14 @@ def test_quantized_layers_stay_quantized_and_a_damaged_chunk_is_sent_again(
         assert w.terminate() == 0, w.stderr
 
 
+def _half_held(cache: Path, m: Manifest) -> bool:
+    c = WeightCache(cache)  # as a restarted worker reads it
+    try:
+        return any(0 < c.held(e, m.chunk) < e.nbytes for e in m.entries())
+    finally:
+        c.close()
+
+
 def test_a_stream_cut_by_a_worker_restart_resumes(tmp_path, capfd, monkeypatch):
     monkeypatch.setattr(stream, "CHUNK", SMALL_CHUNK)
     model = smollm_gguf()
@@ -150,16 +161,16 @@ def test_a_stream_cut_by_a_worker_restart_resumes(tmp_path, capfd, monkeypatch):
     config, tensors = open_checkpoint(model)
     m, _ = stream.build_manifest(config, tensors, [(29, 30)], SMALL_CHUNK)
     # the first chunk past 20 that is not an entry's first: chunk cut - 1, already
-    # sent when chunk cut is made, is in the same entry, so a .part must appear
+    # sent when chunk cut is made, is in the same entry, so it must be half held
     starts = np.cumsum([0] + [-(-e.nbytes // SMALL_CHUNK) for e in m.entries()])
     firsts = set(starts.tolist())
     cut = next(k for k in range(20, int(starts[-1])) if k not in firsts)
 
     def restart(k: int, data: bytes) -> bytes:
-        if k == cut:  # mid-entry: the new worker finds a .part to go on from
+        if k == cut:  # mid-entry: the new worker finds a part to go on from
             deadline = time.monotonic() + 30
-            while not list((cache / "blobs").glob("*.part")):
-                assert time.monotonic() < deadline, "no .part was written"
+            while not _half_held(cache, m):
+                assert time.monotonic() < deadline, "no entry was half written"
                 time.sleep(0.01)
             workers[0].kill()
             workers.append(_stream_worker(cache, port))
@@ -208,6 +219,58 @@ def test_cache_checks_chunks_and_resumes_parts(tmp_path):
     with pytest.raises(ChecksumError, match="digest"):
         c.write(bad, SMALL_CHUNK, 0, b"x" * 10, checksum(b"x" * 10))
     assert c.held(bad, SMALL_CHUNK) == 0
+
+
+def test_cache_keeps_a_stream_in_one_pack_and_reads_its_index_back(tmp_path):
+    from cake.weights.cache import Entry
+
+    rng = np.random.default_rng(1)
+
+    def entry(n: int) -> tuple[Entry, np.ndarray, list[int]]:
+        data = rng.integers(0, 256, n, np.uint8)
+        sums = chunk_sums(data, SMALL_CHUNK)
+        return (
+            Entry("data", "uint8", (n,), n, entry_digest(n, SMALL_CHUNK, sums)),
+            data,
+            sums,
+        )
+
+    (a, da, sa), (b, db, sb), (old, dold, _) = (
+        entry(3 * SMALL_CHUNK - 5),
+        entry(100),
+        entry(77),
+    )
+    c = WeightCache(tmp_path)
+    c.write(a, SMALL_CHUNK, 0, da[:SMALL_CHUNK].tobytes(), sa[0])
+    assert c.write(b, SMALL_CHUNK, 0, db.tobytes(), sb[0]) == 100
+    (pack,) = (tmp_path / "packs").glob("*.pack")
+    (index,) = (tmp_path / "packs").glob("*.index")
+    assert pack.stat().st_size == 3 * SMALL_CHUNK + 100  # b after a's whole room
+    with open(index, "a") as f:
+        f.write(f"c {a.digest} 0123")  # a torn last line: a crash mid-append
+    # the layout before packs: a complete entry in blobs/ is still held
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / old.digest).write_bytes(dold.tobytes())
+    r = WeightCache(tmp_path)  # a restarted worker
+    assert [r.held(e, SMALL_CHUNK) for e in (a, b, old)] == [SMALL_CHUNK, 100, 77]
+    np.testing.assert_array_equal(r.array(b), db)
+    np.testing.assert_array_equal(r.array(old), dold)
+    with pytest.raises(CakeError, match="does not hold"):
+        r.array(a)
+    for k in (1, 2):  # a goes on in place, in the first pack
+        piece = da[k * SMALL_CHUNK : (k + 1) * SMALL_CHUNK].tobytes()
+        r.write(a, SMALL_CHUNK, k * SMALL_CHUNK, piece, sa[k])
+    np.testing.assert_array_equal(r.array(a), da)
+    assert len(list((tmp_path / "packs").iterdir())) == 2
+    # the index claims bytes the pack lacks (the pack lost its tail): not held
+    os.truncate(pack, 2 * SMALL_CHUNK)
+    r = WeightCache(tmp_path)
+    assert [r.held(e, SMALL_CHUNK) for e in (a, b)] == [2 * SMALL_CHUNK, 0]
+    for f in (tmp_path / "packs").iterdir():  # removing the files empties it
+        f.unlink()
+    assert r.held(a, SMALL_CHUNK) == 0
+    r.write(b, SMALL_CHUNK, 0, db.tobytes(), sb[0])  # into a new pack
+    np.testing.assert_array_equal(WeightCache(tmp_path).array(b), db)
 
 
 def test_bad_manifest_and_flags_fail_in_one_line(tmp_path):

@@ -4,7 +4,7 @@
 the worker already holds, and sends the rest chunk by chunk (`chunk`), a few
 in flight: after a chunk whose checksum fails there, or a dropped connection
 (reopened), it asks again what the worker holds and goes on from there (a
-worker restarted on the same --cache-dir keeps its .part files). The entries'
+worker restarted on the same --cache-dir keeps what it verified). The entries'
 digests and chunk checksums are kept per checkpoint file (path, size, mtime)
 in `<cache>/digests/`, so a later run reads no weights just to learn that the
 worker has them all, nor to send them. See docs/protocol.md.

@@ -224,7 +224,7 @@ class WorkerServer:
             self._auth.stop()
             self._auth = None
         if self.cache is not None:
-            self.cache.close()  # entries half received stay as .part files
+            self.cache.close()  # entries half received stay in their pack
         if self.receiving is not None:
             self.receiving.close()
 
