@@ -196,7 +196,14 @@ class Programs:
                 fut = self._pending[shape]
             try:
                 prog = self._compile(shape, background=True)
-                heap.trim()
+                # malloc_trim holds each arena's lock while it walks it
+                # (19-59 ms after a compile here), and a step that allocates
+                # meanwhile waits: once when the queue is empty, not after
+                # every program of it.
+                with self._lock:
+                    drained = not self._queue
+                if drained:
+                    heap.trim()
             except BaseException as e:  # the step that needs it raises it
                 self._settle(shape, fut, error=e)
                 continue
