@@ -247,6 +247,7 @@ def test_cache_keeps_a_stream_in_one_pack_and_reads_its_index_back(tmp_path):
     (index,) = (tmp_path / "packs").glob("*.index")
     assert pack.stat().st_size == 3 * SMALL_CHUNK + 100  # b after a's whole room
     with open(index, "a") as f:
+        f.write(f"e {'0' * 64} 0 -5 0\n")  # damaged: skipped, not a crash
         f.write(f"c {a.digest} 0123")  # a torn last line: a crash mid-append
     # the layout before packs: a complete entry in blobs/ is still held
     (tmp_path / "blobs").mkdir()

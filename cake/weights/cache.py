@@ -316,6 +316,8 @@ class WeightCache:
             try:
                 if f[0] == "e" and len(f) == 5:
                     off, n, chunk = int(f[2]), int(f[3]), int(f[4])
+                    if off < 0 or n < 0 or chunk <= 0:
+                        continue  # not a line this cache wrote
                     slots[f[1]] = _Slot(pack, off, n, chunk, [])
                     pack.end = max(pack.end, off + n)
                 elif f[0] == "c" and len(f) == 3 and len(f[2]) == 16:
@@ -348,6 +350,8 @@ class WeightCache:
         """e's slot, if its pack is still there (a removed pack's entries are
         forgotten: removing the folder's files empties the cache)."""
         slot = self._slots.get(e.digest)
+        if slot is not None and slot.nbytes != e.nbytes:
+            return None  # a damaged index: never map past what it placed
         if slot is not None and not slot.pack.path.exists():
             self._forget(slot.pack)
             return None
