@@ -211,35 +211,20 @@ def layer(
     gu_ws = [w for w, _ in wgu] + [none] * (MAX_GU_PARTS - len(wgu))
     fmts = [f for _, f in wqkv] + [""] * (MAX_QKV_PARTS - len(wqkv)) + [wo[1]]
     fmts += [f for _, f in wgu] + [""] * (MAX_GU_PARTS - len(wgu)) + [wd[1]]
-    call = jax.ffi.ffi_call(
-        "cake_cpu_layer",
-        (
-            jax.ShapeDtypeStruct((b, n, d), jnp.float32),
-            jax.ShapeDtypeStruct(cache.shape, cache.dtype),
-        ),
-        input_output_aliases={3: 1},
-        vmap_method="sequential",
-    )
     f32 = jnp.float32
-    return call(
-        jnp.asarray(x, f32),
-        jnp.asarray(cos, f32),
-        jnp.asarray(sin, f32),
-        cache,
-        *ints,
+    weights = (
         jnp.asarray(ln1, f32),
         jnp.asarray(ln2, f32),
         *qkv_ws,
         wo[0],
         *gu_ws,
         wd[0],
-        fmts=",".join(fmts),
-        layer=np.int64(layer),
-        window=np.int64(window),
-        scale=np.float32(scale),
-        softcap=np.float32(softcap),
-        eps=np.float32(eps),
     )
+    return _call(
+        "cake_cpu_layer", x, cos, sin, cache, ints, weights,
+        fmts=",".join(fmts), layer=layer, window=window, scale=scale,
+        softcap=softcap, eps=eps,
+    )  # fmt: skip
 
 
 def layer_held(
@@ -276,23 +261,40 @@ def layer_held(
     _attention._check_static(
         qkv, cos, sin, cache, ints, n_heads, layer, window, scale, softcap
     )
+    return _call(
+        "cake_cpu_layer_held", x, cos, sin, cache, ints, (),
+        weights=np.int64(weights.key), layer=layer, window=window, scale=scale,
+        softcap=softcap, eps=eps,
+    )  # fmt: skip
+
+
+def _call(
+    target: str, x, cos, sin, cache, ints, operands: tuple, *, layer: int,
+    window: int, scale: float, softcap: float, eps: float, **attrs,
+) -> tuple[Any, Any]:  # fmt: skip
+    """The custom call `target` of both forms: (out (B, L, D), the cache), the
+    cache result aliasing `cache`; `operands` (the weights) after the ints."""
+    import jax
+    import jax.numpy as jnp
+
+    f32 = jnp.float32
     call = jax.ffi.ffi_call(
-        "cake_cpu_layer_held",
+        target,
         (
-            jax.ShapeDtypeStruct((b, n, d), jnp.float32),
+            jax.ShapeDtypeStruct(x.shape, f32),
             jax.ShapeDtypeStruct(cache.shape, cache.dtype),
         ),
         input_output_aliases={3: 1},
         vmap_method="sequential",
     )
-    f32 = jnp.float32
     return call(
         jnp.asarray(x, f32),
         jnp.asarray(cos, f32),
         jnp.asarray(sin, f32),
         cache,
         *ints,
-        weights=np.int64(weights.key),
+        *operands,
+        **attrs,
         layer=np.int64(layer),
         window=np.int64(window),
         scale=np.float32(scale),
