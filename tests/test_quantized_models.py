@@ -165,6 +165,17 @@ def test_quantized_gguf_matches_hf_on_decoded_weights(model, backend, monkeypatc
         return exact_linear(x, w)
 
     monkeypatch.setattr(np_llama, "linear", rounded_linear)
+    cache_dtype = np.dtype(getattr(stage, "cache_dtype", np.float32))
+    if cache_dtype != np.float32:
+        # the stage keeps K and V rounded to 16 bits (JaxLlamaStage's
+        # _cache_dtype): so does the reference
+        exact_write = np_llama._SeqCache.write
+
+        def rounded_write(self, layer, pos, k, v):
+            r = lambda a: a.astype(cache_dtype).astype(np.float32)  # noqa: E731
+            exact_write(self, layer, pos, r(k), r(v))
+
+        monkeypatch.setattr(np_llama._SeqCache, "write", rounded_write)
     want = run(load(path, "numpy")[0], tokens)
     # Equal to float32 rounding (measured ~2e-6 of the spread), except where
     # that rounding moved an activation across a boundary of the 8-bit grid: it

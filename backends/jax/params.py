@@ -354,6 +354,22 @@ def load_params(
     return params
 
 
+FLOAT_FORMATS = frozenset({"F32", "F16", "BF16"})
+
+
+def rounded_activations(params: Params) -> bool:
+    """Whether some layer matrix is a GGUF integer format (its blocks or their
+    repacked tiles) that the CPU kernels multiply: their products round the
+    activations to 8 bits per block, as llama.cpp's do (MLX groups and float
+    matrices are multiplied in float32 on the activations as they are)."""
+    leaves = jax.tree_util.tree_leaves(
+        params["layers"], is_leaf=lambda a: isinstance(a, QMat)
+    )
+    return any(
+        isinstance(a, QMat) and a.kernel and a.fmt not in FLOAT_FORMATS for a in leaves
+    )
+
+
 def weight_bytes(params: Params) -> int:
     """Bytes of the weights the params hold (the RoPE tables excluded)."""
     leaves = jax.tree_util.tree_leaves(

@@ -16,7 +16,7 @@ from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
 from cake.backends.jax.linear import KERNEL_ROWS, QMat, cpu_kernel_formats, kernel_rows
 from cake.backends.jax.llama import kernel_weights, one_call_rows, stage_step
-from cake.backends.jax.params import load_params, weight_bytes
+from cake.backends.jax.params import load_params, rounded_activations, weight_bytes
 from cake.backends.jax.programs import Programs, Shape
 from cake.config import ModelConfig
 from cake.errors import CakeError
@@ -34,6 +34,33 @@ def _attention_kernel_available() -> bool:
     from cake.kernels.cpu import attention
 
     return attention.available()
+
+
+def _cache_dtype(
+    model: np.dtype, rounded: bool, on_cpu: bool, attention_kernel: bool
+) -> np.dtype:
+    """The KV cache's element type.
+
+    The model's dtype, as the checkpoint's activations: a 16-bit cache halves
+    its memory and the bytes attention reads. On the CPU without the attention
+    kernel it is float32: XLA there computes in float32 and converting the
+    cache at every read costs more than its bytes save (the kernel reads 16-bit
+    rows as they are). Where the kernels' products round the activations to 8
+    bits (a GGUF of Q8_0, Q4_K_M, ... computed in float32: the numbers are
+    llama.cpp's, not HF's exact ones) the cache is float16, as llama.cpp keeps
+    it by default: its rounding (2^-11 relative) is far below that of the
+    activations, it halves the cache's memory, and at 8 sequences it is the
+    bytes that bound attention: SmolLM2 Q4_1, a step for 8 sequences at 16-24
+    positions, min of 10 interleaved rounds in one process, float32 / float16
+    cache: 4.15 / 3.82 ms (a step for one: 2.48 / 2.55 ms). Float math (float
+    checkpoints, MLX groups) keeps the model's dtype, to give HF's numbers;
+    on other devices (GPU: not measured yet) the cache stays in it too.
+    """
+    if on_cpu and not attention_kernel:
+        return np.dtype(np.float32)
+    if rounded and on_cpu and model == np.float32:
+        return np.dtype(np.float16)
+    return model
 
 
 class JaxLlamaStage:
@@ -66,14 +93,6 @@ class JaxLlamaStage:
         # Decode steps and short chunks attend through the CPU kernel, which
         # reads the cache in place at each sequence's own length (see forward).
         self._attention_kernel = bool(kernels) and _attention_kernel_available()
-        # The KV cache is in the model's dtype, as the checkpoint's activations:
-        # a 16-bit cache halves its memory and the bytes attention reads. On the
-        # CPU without the attention kernel it is float32: XLA there computes in
-        # float32 and converting the cache at every read costs more than its
-        # bytes save (the kernel reads 16-bit rows as they are).
-        store = model_dtype
-        if on_cpu and not self._attention_kernel:
-            store = np.dtype(np.float32)
         self._params = load_params(
             config,
             shard,
@@ -84,6 +103,12 @@ class JaxLlamaStage:
             kernels=kernels,
         )
         self.weight_bytes = weight_bytes(self._params)
+        self.cache_dtype = _cache_dtype(
+            model_dtype,
+            rounded_activations(self._params),
+            on_cpu,
+            self._attention_kernel,
+        )
         self.prefill_chunk = _prefill_chunk(self._params)
         heap.trim()  # the copies made while loading
         self._cache = kvcache.allocate(
@@ -92,7 +117,7 @@ class JaxLlamaStage:
             config.num_key_value_heads,
             max_context,
             config.head_dim,
-            jnp.dtype(store),
+            jnp.dtype(self.cache_dtype),
             jax_device,
         )
         self.seqs = StageSequences(max_sequences, max_context)  # slots and lengths
