@@ -663,6 +663,21 @@ void write_unit(const Job& j, int64_t u, std::vector<float>& rotated) {
 void work(void* p, int, int) {
   Job& j = *(Job*)p;
   thread_local std::vector<float> scratch, wide;
+  if (j.n_tok == 1 && j.n_head == 1) {
+    // Each unit is a whole (sequence, kv head), the only one that writes its
+    // rows or reads them (unit u = write unit u), so it writes them and then
+    // attends, with no wait for the other threads' writes. A decode step of 8
+    // sequences on 2 threads, 20 positions (nh 9, nkv 3, hd 64), float16
+    // cache cold, min / median of 1000 calls, 3 alternating processes each:
+    // 9.4-9.8 / 9.9-10.0 -> 7.7-8.6 / 8.4-8.8 us a call (at 60 and 200
+    // positions the same within noise).
+    for (;;) {
+      const int64_t u = j.next.fetch_add(1);
+      if (u >= j.units) return;
+      write_unit(j, u, scratch);
+      run_unit(j, u, scratch, wide);
+    }
+  }
   for (;;) {
     const int64_t u = j.next_write.fetch_add(1);
     if (u >= j.writes) break;
