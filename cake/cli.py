@@ -374,6 +374,14 @@ def worker(
             "assigns, kept in DIR for later runs.",
         ),
     ] = None,
+    warm_up: Annotated[
+        bool,
+        typer.Option(
+            "--warm-up",
+            help="Run every step shape a master may send once, as soon as the "
+            "layers are loaded (JAX compiles each; kept in its compile cache).",
+        ),
+    ] = False,
 ) -> None:
     """Serve a range of layers to masters over ZeroMQ until Ctrl-C or SIGTERM.
 
@@ -398,6 +406,7 @@ def worker(
             insecure=insecure,
             announce=announce,
             cache_dir=cache_dir,
+            warm_up=warm_up,
         )
     )
 

@@ -32,6 +32,7 @@ class WorkerOptions:
     insecure: bool
     announce: bool = True  # with keys: a DNS-SD service on the local network
     cache_dir: Path | None = None  # no model: the master streams the weights here
+    warm_up: bool = False  # every step shape once, on loading layers (cake.warmup)
 
 
 def worker_command(o: WorkerOptions) -> None:
@@ -106,6 +107,9 @@ def worker_command(o: WorkerOptions) -> None:
         max_sequences=o.max_sequences,
         cache_dir=o.cache_dir,
     )
+    server.warm = o.warm_up
+    if o.warm_up:
+        server.warm_up()  # layers given here; assigned ones warm up as they load
     stopping = []
 
     def stop(signum: int, _frame: object) -> None:

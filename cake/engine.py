@@ -45,6 +45,7 @@ from cake.sampling import Sampler, SamplingParams, top_logprobs
 from cake.sequence import Sequence, SequencePool
 from cake.stats import GenerationStats
 from cake.stops import StopMatcher
+from cake.warmup import prefill_widths, step_shapes
 
 MAX_REPLAYS = 5  # replays in a row after stages lost their caches
 
@@ -244,10 +245,8 @@ class Engine:
             if batches is None:
                 batches = range(1, self.pool.size + 1)
             if widths is None:
-                widths = [2]
-                while widths[-1] < self.prefill_chunk:
-                    widths.append(min(2 * widths[-1], self.prefill_chunk))
-            shapes = [(b, 1) for b in batches] + [(1, w) for w in widths]
+                widths = prefill_widths(self.prefill_chunk)
+            shapes = step_shapes(batches, widths)
             for b, n in shapes:  # the pool's own ids: all free now
                 seqs = tuple(range(b))
                 self.pipeline.forward(

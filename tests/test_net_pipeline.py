@@ -146,3 +146,47 @@ def test_a_mixture_of_experts_across_two_workers(arch, started, tmp_path):
     p2 = _worker(started, model, "2")
     topo = write_topology(tmp_path / "t.yaml", {"a": (p1, "0-1"), "b": (p2, "2")})
     _check(model, topo, want, tmp_path)
+
+
+@pytest.mark.skipif("jax" not in OTHERS, reason="jax is not installed")
+def test_a_warmed_up_worker_compiles_nothing_for_the_master(
+    tiny, whole, started, tmp_path
+):
+    """`cake worker --warm-up` runs every step shape before it says it is ready:
+    a master's run then waits on no compilation there (its replies say so);
+    a worker without it compiles on the master's first steps, and the master's
+    statistics count that as compile time."""
+    warm, cold = free_port(), free_port()
+    started.append(start_worker(tiny, "1-2", warm, "--warm-up", backend="jax"))
+    assert "warmed up" in started[-1].stderr, started[-1].stderr
+    started.append(start_worker(tiny, "1-2", cold, backend="jax"))
+    assert "warmed up" not in started[-1].stderr
+    text, _ = whole
+    for port, compiles in ((warm, False), (cold, True)):
+        topo = write_topology(tmp_path / f"t{port}.yaml", {"w": (port, "1-2")})
+        m = cake.load(tiny, backend="numpy", topology=topo, retry_timeout=10)
+        try:
+            remote = [s for s in m.pipeline.stages if isinstance(s, RemoteStage)]
+            assert "".join(m.generate(PROMPT, max_tokens=12, temperature=0)) == text
+            assert (remote[0].compile_s > 0) == compiles, remote[0].compile_s
+            assert m.pipeline.compile_s == remote[0].compile_s  # the run's stats
+        finally:
+            m.close()
+
+
+@pytest.mark.skipif("jax" not in OTHERS, reason="jax is not installed")
+def test_an_assigned_worker_warms_up_as_it_loads(tiny, whole, started, tmp_path):
+    """A worker a master assigns its layers to (no --layers) runs the warm-up
+    when it loads them, before it answers the load."""
+    port = free_port()
+    w = start_worker(tiny, None, port, "--warm-up", backend="jax")
+    started.append(w)
+    assert "warmed up" not in w.stderr  # no layers yet
+    topo = write_topology(tmp_path / "t.yaml", {"w": (port, "1-2")})
+    m = cake.load(tiny, backend="numpy", topology=topo, retry_timeout=10)
+    try:
+        w.wait_for("warmed up", 10)  # printed before its reply to the load
+        assert "".join(m.generate(PROMPT, max_tokens=12, temperature=0)) == whole[0]
+        assert m.pipeline.compile_s == 0
+    finally:
+        m.close()

@@ -400,6 +400,9 @@ class RemoteStage:
         self._dt = DTYPES[self.dtype]
         self._layers = (shard.start, shard.end)
         self.compiles = self.backend == "jax"  # each new step shape, on the worker
+        # seconds the worker's stage spent compiling new step shapes, as its
+        # replies say (Pipeline.compile_s: the run's statistics)
+        self.compile_s = 0.0
 
     def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
         """x (B, L, D) hidden -> (B, L, D) hidden, one round trip."""
@@ -413,9 +416,13 @@ class RemoteStage:
                 raise ProtocolError("no activation frame")
             if reply.get("dtype") != self.dtype:
                 raise ProtocolError(f"dtype {reply.get('dtype')!r}, not {self.dtype}")
-            return array_from_frame(frame, reply["dtype"], reply.get("shape"), want)
+            out = array_from_frame(frame, reply["dtype"], reply.get("shape"), want)
         except ProtocolError as e:
             raise NetworkError(f"{self.client.who} sent a bad reply: {e}") from None
+        compiled = reply.get("compile_us", 0)  # an older worker does not say
+        if isinstance(compiled, int) and compiled > 0:
+            self.compile_s += compiled / 1e6
+        return out
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Free the sequences' caches on the worker (nothing to do if it is gone)."""

@@ -65,6 +65,7 @@ from cake.net.protocol import (
     step_from_header,
 )
 from cake.net.worker_ops import (
+    _say,
     handle_bench,
     handle_chunk,
     handle_load,
@@ -72,6 +73,7 @@ from cake.net.worker_ops import (
     held_bytes,
     load_worker,
 )
+from cake.warmup import prefill_widths, step_shapes, warm_stage
 from cake.weights.cache import CHUNK, Manifest, WeightCache
 from cake.weights.source import TensorSource
 
@@ -131,6 +133,7 @@ class WorkerServer:
     cache: WeightCache | None = None  # --cache-dir: weights streamed by a master
     manifest: Manifest | None = None  # what the last master streams
     receiving: ByteBar | None = None  # the weights still to come, if any
+    warm: bool = False  # --warm-up: run every step shape once on loading layers
     sock: zmq.Socket | None = None
     # (connection routing id, master seq id) -> our seq id, the one the stages
     # see; what each stage holds of it is that stage's `seqs` (cake.sequence)
@@ -140,6 +143,24 @@ class WorkerServer:
     _auth: Any = None
     _mon: zmq.Socket | None = None
     _fd: dict[bytes, int] = field(default_factory=dict)  # connection -> its socket fd
+
+    def warm_up(self) -> None:
+        """Run every step shape a master may send once on each stage that
+        compiles them (cake.warmup): decode steps of 1..max_sequences
+        sequences, prefill chunks of one sequence at each padded width."""
+        from cake.pipeline import DEFAULT_PREFILL_CHUNK
+
+        t0, n = time.perf_counter(), 0
+        for stage in self.stages.values():
+            if not getattr(stage, "compiles", False):
+                continue
+            widths = prefill_widths(
+                getattr(stage, "prefill_chunk", DEFAULT_PREFILL_CHUNK), self.context
+            )
+            shapes = step_shapes(range(1, self.max_sequences + 1), widths)
+            n += warm_stage(stage, shapes, self.config.hidden_size)
+        if n:
+            _say(f"warmed up {n} step shapes in {time.perf_counter() - t0:.1f} s")
 
     @property
     def ranges(self) -> list[tuple[int, int]]:
@@ -352,9 +373,11 @@ class WorkerServer:
             self._next_seq += 1
         ours = tuple(self._seqs[s] for s in seqs)
         t0 = time.perf_counter()
+        stage = self.stages[key]
+        compiled = getattr(stage, "compile_s", 0.0)
         try:
             # the stage checks the step against what it holds before it runs
-            out = self.stages[key].forward(x, Step(ours, step.positions, step.lengths))
+            out = stage.forward(x, Step(ours, step.positions, step.lengths))
         except Exception as e:
             self._release(peer, [s[1] for s in new])
             if isinstance(e, CacheFullError):
@@ -386,6 +409,9 @@ class WorkerServer:
             "dtype": self.dtype,
             "shape": list(out.shape),
             "compute_us": int((time.perf_counter() - t0) * 1e6),  # for hop costs
+            # of which the stage compiled a new step shape (JAX): the master's
+            # statistics count it as compile time, not decode
+            "compile_us": int((getattr(stage, "compile_s", 0.0) - compiled) * 1e6),
         }
         return [encode_header(reply), payload(out)]
 

@@ -347,6 +347,8 @@ def handle_load(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> di
         f"({dev.kind}:{dev.name}, {dtype}), context {context}, max sequences "
         f"{max_sequences}; loaded in {time.perf_counter() - t0:.1f} s"
     )
+    if server.warm:  # before the reply: the master's first steps then compile nothing
+        server.warm_up()
     return server.hello(rid, LOAD)
 
 
