@@ -385,13 +385,19 @@ struct Simd512<Nibbles<kMin, kHigh>> {
 // ops), all on the two 512-bit ports; the rows' product chains run RG side by
 // side so that their latencies overlap (one row after another left the 8-row
 // kernel waiting on them: 116 -> 74 us for Q4_1R8 3072 x 576 at M = 8, 1 thread).
+// Each row's 8 products are two chains of 4 (even and odd chunks), summed
+// before the tail: on Zen 4 vpdpbusd issues 2 a cycle with a latency of 4, and
+// a block's one chain of 8 (32 cycles) and its tail made the critical path
+// longer than the ports' 44 cycles for a Q4_1 block at 8 rows. 1024 x 576 at
+// M = 8, one thread, in L2, MACs a cycle, one chain / two: Q4_1 75-77 /
+// 81-83, Q5_0 73-75 / 76-78, Q8_0 73-76 / 74-77 (8 chains of 8, RG = 8: no
+// better; 2 rows of 4 chains of 2: the same as two). Integer sums: the same bits.
 template <class F, int NR>
 __attribute__((noinline)) void gemm_pair(int64_t nb, const uint8_t* w0, size_t tile_bytes, const void* x, size_t xs,
                                          float* y, size_t ys) {
   const uint8_t* w1 = w0 + tile_bytes;
   constexpr int RG = NR < 4 ? NR : 4;
-  // below 4 rows, two chains of products per row
-  constexpr int U = NR < 4 ? 2 : 1;
+  constexpr int U = 2;  // chains of products per row
   __m512 acc[NR];
   const cake_q8_32* xr[NR];
   for (int i = 0; i < NR; i++) {
@@ -425,7 +431,7 @@ __attribute__((noinline)) void gemm_pair(int64_t nb, const uint8_t* w0, size_t t
         if (i >= NR) break;
         const cake_q8_32* xb = xr[i] + b;
         __m512i t = s[k][0];
-        if (U == 2) t = _mm512_add_epi32(t, s[k][U - 1]);
+        for (int u = 1; u < U; u++) t = _mm512_add_epi32(t, s[k][u]);
         if constexpr (F::kMin) {
           const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(xb->d));
           acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb->s), _mm512_fmadd_ps(p, dw, acc[i]));
