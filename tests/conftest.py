@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
 import platform
+import sys
+from pathlib import Path
 
 import pytest
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _prefer_installed(name: str) -> None:
+    """Import the installed package `name` ahead of this repository's folder of
+    that name. The repository's root is on sys.path for `tests.*`, and its
+    `kernels/` (installed as cake.kernels) would stand in for HF's `kernels`,
+    which transformers >= 5.25 requires and imports: "cannot import name
+    'CUDAProperties' from 'kernels'" in every test that loads transformers.
+    Without such a package nothing is imported, as before."""
+    here = [p for p in sys.path if Path(p or ".").resolve() == _ROOT]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if p not in here]
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_prefer_installed("kernels")
 
 
 @pytest.fixture(scope="session")
