@@ -40,6 +40,7 @@ def worker_command(o: WorkerOptions) -> None:
     from cake.net import keys as curve
     from cake.net.protocol import format_ranges
     from cake.net.worker import DEFAULT_BIND, check_bind, load_worker
+    from cake.net.worker_ops import warm_up
     from cake.shard import parse_layer_range
     from cake.weights.checkpoint import open_checkpoint
 
@@ -109,7 +110,7 @@ def worker_command(o: WorkerOptions) -> None:
     )
     server.warm = o.warm_up
     if o.warm_up:
-        server.warm_up()  # layers given here; assigned ones warm up as they load
+        warm_up(server)  # layers given here; assigned ones warm up as they load
     stopping = []
 
     def stop(signum: int, _frame: object) -> None:

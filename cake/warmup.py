@@ -38,19 +38,15 @@ def step_shapes(batches: Iterable[int], widths: Iterable[int]) -> list[tuple[int
     return [(b, 1) for b in batches] + [(1, w) for w in widths]
 
 
-def warm_stage(stage, shapes: Iterable[tuple[int, int]], hidden_size: int) -> int:
+def warm_stage(stage, shapes: Iterable[tuple[int, int]], hidden_size: int) -> None:
     """Run `stage` once on each shape (zeros at position 0, sequences 0..b-1,
-    released after: the stage must hold none of them); the steps run."""
+    released after: the stage must hold none of them)."""
     dt = dtype_of(stage.dtype)
-    n = 0
     for b, width in shapes:
         seqs = tuple(range(b))
-        step = Step(seqs, (0,) * b, (width,) * b)
         if stage.shard.embed:
             x = np.zeros((b, width), np.int32)
         else:
             x = np.zeros((b, width, hidden_size), dt)
-        stage.forward(x, step)
+        stage.forward(x, Step(seqs, (0,) * b, (width,) * b))
         stage.release(seqs)
-        n += 1
-    return n

@@ -65,7 +65,6 @@ from cake.net.protocol import (
     step_from_header,
 )
 from cake.net.worker_ops import (
-    _say,
     handle_bench,
     handle_chunk,
     handle_load,
@@ -73,7 +72,6 @@ from cake.net.worker_ops import (
     held_bytes,
     load_worker,
 )
-from cake.warmup import prefill_widths, step_shapes, warm_stage
 from cake.weights.cache import CHUNK, Manifest, WeightCache
 from cake.weights.source import TensorSource
 
@@ -143,24 +141,6 @@ class WorkerServer:
     _auth: Any = None
     _mon: zmq.Socket | None = None
     _fd: dict[bytes, int] = field(default_factory=dict)  # connection -> its socket fd
-
-    def warm_up(self) -> None:
-        """Run every step shape a master may send once on each stage that
-        compiles them (cake.warmup): decode steps of 1..max_sequences
-        sequences, prefill chunks of one sequence at each padded width."""
-        from cake.pipeline import DEFAULT_PREFILL_CHUNK
-
-        t0, n = time.perf_counter(), 0
-        for stage in self.stages.values():
-            if not getattr(stage, "compiles", False):
-                continue
-            widths = prefill_widths(
-                getattr(stage, "prefill_chunk", DEFAULT_PREFILL_CHUNK), self.context
-            )
-            shapes = step_shapes(range(1, self.max_sequences + 1), widths)
-            n += warm_stage(stage, shapes, self.config.hidden_size)
-        if n:
-            _say(f"warmed up {n} step shapes in {time.perf_counter() - t0:.1f} s")
 
     @property
     def ranges(self) -> list[tuple[int, int]]:

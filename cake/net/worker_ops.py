@@ -348,8 +348,28 @@ def handle_load(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> di
         f"{max_sequences}; loaded in {time.perf_counter() - t0:.1f} s"
     )
     if server.warm:  # before the reply: the master's first steps then compile nothing
-        server.warm_up()
+        warm_up(server)
     return server.hello(rid, LOAD)
+
+
+def warm_up(server: WorkerServer) -> None:
+    """Run every step shape a master may send once on each of the server's
+    stages that compiles them (cake.warmup): decode steps of 1..max_sequences
+    sequences, prefill chunks of one sequence at each padded width."""
+    from cake.pipeline import DEFAULT_PREFILL_CHUNK
+    from cake.warmup import prefill_widths, step_shapes, warm_stage
+
+    t0, n = time.perf_counter(), 0
+    for stage in server.stages.values():
+        if not getattr(stage, "compiles", False):
+            continue
+        chunk = getattr(stage, "prefill_chunk", DEFAULT_PREFILL_CHUNK)
+        widths = prefill_widths(chunk, server.context)
+        shapes = step_shapes(range(1, server.max_sequences + 1), widths)
+        warm_stage(stage, shapes, server.config.hidden_size)
+        n += len(shapes)
+    if n:
+        _say(f"warmed up {n} step shapes in {time.perf_counter() - t0:.1f} s")
 
 
 def load_stages(
