@@ -32,6 +32,25 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True)
+class Draw:
+    """A token for each sequence of a step, drawn by the head stage itself: it
+    returns int32 ids (B,) instead of logits, so that only the ids leave its
+    device (-1 for a row where none can be drawn: logits with a NaN, or none
+    finite). Per row, the host sampler's draw (cake.sampling) with top-k and
+    top-p off and no penalties: temperature (0: greedy), min_p (0: off) and r,
+    the uniform number in [0, 1) the draw spends (from the sequence's own
+    seeded generator, so that the same seed gives the same tokens)."""
+
+    temperature: tuple[float, ...]
+    min_p: tuple[float, ...]
+    r: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not len(self.temperature) == len(self.min_p) == len(self.r):
+            raise ValueError("Draw needs a temperature, min_p and r per sequence")
+
+
+@dataclass(frozen=True)
 class Step:
     """One forward call over a batch of B sequences, each at its own position.
 
@@ -45,6 +64,7 @@ class Step:
     positions: tuple[int, ...]
     lengths: tuple[int, ...]
     all_logits: bool = False  # head stage: logits for every new token, not the last
+    draw: Draw | None = None  # head stage: token ids, not logits (see Draw)
 
     def __post_init__(self) -> None:
         n = len(self.seq_ids)
@@ -54,6 +74,8 @@ class Step:
             raise ValueError("Step has a sequence twice")
         if min(self.lengths) < 1 or min(self.positions) < 0:
             raise ValueError("Step lengths must be >= 1 and positions >= 0")
+        if self.draw is not None and (self.all_logits or len(self.draw.r) != n):
+            raise ValueError("a Step's draw needs one row per sequence, no all_logits")
 
     @property
     def batch(self) -> int:
@@ -71,7 +93,9 @@ class StageModel(Protocol):
     forward(x, step):
       x: (B, L) int32 token ids if shard.embed, else (B, L, D) hidden in the model dtype.
       returns (B, L, D) hidden in the model dtype if not shard.head; else float32
-      logits, (B, L, V) if step.all_logits else (B, V) for each last new token.
+      logits, (B, L, V) if step.all_logits else (B, V) for each last new token;
+      int32 token ids (B,) if step.draw, for a stage whose `draws` is True (the
+      Pipeline draws from the logits of any other).
     """
 
     shard: Shard

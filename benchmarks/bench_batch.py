@@ -13,7 +13,12 @@ on this shared VM the same step moves by up to 30 % from one process to the
 next (SmolLM2 Q4_K_M, 40 rounds each, three processes in a row: 1.36x, 1.44x,
 1.45x; another hour 1.80x), more than within one process's rounds.
 
-    .venv/bin/python benchmarks/bench_batch.py FILE.gguf [FILE ...] [--backend jax] [--batch 8] [--processes 5]
+With `--draw` each step draws its tokens greedily in the stage and returns
+their ids, as the engine's decode steps do where no request needs the logits
+(cake.backends.base.Draw); without it each returns the logits (B, V), copied
+to the host.
+
+    .venv/bin/python benchmarks/bench_batch.py FILE.gguf [FILE ...] [--backend jax] [--batch 8] [--processes 5] [--draw]
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from pathlib import Path
 import numpy as np
 
 
-def bench_file(path: str, backend: str, batch: int, rounds: int, steps: int) -> dict:
-    from cake.backends.base import Step
+def bench_file(
+    path: str, backend: str, batch: int, rounds: int, steps: int, draw: bool = False
+) -> dict:
+    from cake.backends.base import Draw, Step
     from cake.pipeline import load_local_stage
     from cake.shard import Shard
     from cake.weights.checkpoint import open_checkpoint
@@ -55,7 +62,9 @@ def bench_file(path: str, backend: str, batch: int, rounds: int, steps: int) -> 
 
     def step(group: list[int]) -> float:
         x = rng.integers(0, config.vocab_size, (len(group), 1), dtype=np.int32)
-        st = Step(tuple(group), tuple(pos[s] for s in group), (1,) * len(group))
+        n = len(group)
+        greedy = Draw((0.0,) * n, (0.0,) * n, (0.0,) * n) if draw else None
+        st = Step(tuple(group), tuple(pos[s] for s in group), (1,) * n, draw=greedy)
         t = time.perf_counter()
         stage.forward(x, st)
         dt = time.perf_counter() - t
@@ -77,6 +86,7 @@ def bench_file(path: str, backend: str, batch: int, rounds: int, steps: int) -> 
         "file": Path(path).name,
         "backend": backend,
         "batch": batch,
+        "draw": draw,
         "load_s": load_s,
         "step_1_ms": a * 1e3,
         f"step_{batch}_ms": b * 1e3,
@@ -94,6 +104,7 @@ def in_processes(files, a) -> list[dict]:
             cmd = [sys.executable, __file__, f, "--json-out", "-"]
             cmd += ["--backend", a.backend, "--batch", str(a.batch)]
             cmd += ["--rounds", str(a.rounds), "--steps", str(a.steps)]
+            cmd += ["--draw"] if a.draw else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[f].append(json.loads(out.stdout)[0])
     rows = []
@@ -120,12 +131,18 @@ def main() -> None:
     ap.add_argument(
         "--processes", type=int, default=1, help="fresh processes per file, in turns"
     )
+    ap.add_argument(
+        "--draw", action="store_true", help="steps draw greedy ids in the stage"
+    )
     ap.add_argument("--json-out", help="FILE, or - for JSON alone on stdout")
     a = ap.parse_args()
     if a.processes > 1:
         rows = in_processes(a.files, a)
     else:
-        rows = [bench_file(f, a.backend, a.batch, a.rounds, a.steps) for f in a.files]
+        rows = [
+            bench_file(f, a.backend, a.batch, a.rounds, a.steps, a.draw)
+            for f in a.files
+        ]
     if a.json_out == "-":
         print(json.dumps(rows))
         return

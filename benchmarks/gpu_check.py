@@ -155,6 +155,7 @@ def device_step_ms(stage, pos: int, n: int = 50) -> float:
     import jax
 
     from cake.backends.jax import cache as kv
+    from cake.backends.jax import draw
 
     args = jax.device_put(
         [
@@ -162,6 +163,8 @@ def device_step_ms(stage, pos: int, n: int = 50) -> float:
             np.zeros(1, np.int32),  # slot 0: decode_run's sequence holds it
             np.array([pos], np.int32),
             np.ones(1, np.int32),
+            # a greedy draw in the step, as decode_run's (and the engine's)
+            draw.host_inputs(draw.Draw((0.0,), (0.0,), (0.0,)), 1),
         ],
         stage._jax_device,
     )
@@ -172,8 +175,8 @@ def device_step_ms(stage, pos: int, n: int = 50) -> float:
     program = stage.programs.get(Shape(1, 1, t_len, False, None, False))
 
     def one():
-        out, stage._cache = program(stage._params, stage._cache, *args)
-        return out
+        (_, ids), stage._cache = program(stage._params, stage._cache, *args)
+        return ids
 
     one().block_until_ready()
     t = time.perf_counter()
@@ -236,8 +239,11 @@ def decode_fusion(fmt: str, n: int, k: int, hlo_out: str | None = None) -> str:
 
 
 def compare(jax_stage, np_stage, prompt: list[int], steps: int) -> tuple[float, bool]:
-    """Largest |JAX - NumPy| logit (relative to NumPy's largest) and tokens equal."""
+    """Largest |JAX - NumPy| logit (relative to NumPy's largest) and tokens equal
+    (each decode step's also drawn greedily in the JAX step first, as the
+    engine has it: then the step again, rewinding its cache, for its logits)."""
     from cake.backends import Step
+    from cake.backends.base import Draw
 
     n = len(prompt)
     x = np.array([prompt], np.int32)
@@ -249,7 +255,12 @@ def compare(jax_stage, np_stage, prompt: list[int], steps: int) -> tuple[float, 
     for pos in range(n, n + steps):
         same &= tok_a == tok_b
         step = Step((0,), (pos,), (1,))
+        drawn = jax_stage.forward(
+            np.array([[tok_b]], np.int32),
+            Step((0,), (pos,), (1,), draw=Draw((0.0,), (0.0,), (0.0,))),
+        )
         a = jax_stage.forward(np.array([[tok_b]], np.int32), step)
+        same &= drawn.tolist() == [int(a[0].argmax())]
         b = np_stage.forward(np.array([[tok_b]], np.int32), step)
         worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
         tok_a, tok_b = int(a[0].argmax()), int(b[0].argmax())

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cake.backends import Step
+from cake.backends.base import Draw
 from cake.backends.jax import JaxBackend
 from cake.config import ModelConfig
 from cake.pipeline import expected_shape
@@ -102,16 +103,21 @@ def read_bandwidth(mb: int = 512) -> float:
     return a.nbytes / best
 
 
+GREEDY = Draw((0.0,), (0.0,), (0.0,))
+
+
 def decode_run(stage, prompt: np.ndarray, steps: int) -> np.ndarray:
-    """Prefill `prompt`, then `steps` greedy tokens; returns each step's seconds."""
+    """Prefill `prompt`, then `steps` greedy tokens, drawn in the stage as the
+    engine has it draw them (only the id leaves the device; a stage that does
+    not draw returns logits); returns each step's seconds."""
     n = prompt.shape[1]
     stage.release([0])
-    lg = stage.forward(prompt, Step((0,), (0,), (n,)))
+    out = stage.forward(prompt, Step((0,), (0,), (n,), draw=GREEDY))
     times = []
     for pos in range(n, n + steps):
         t = time.perf_counter()
-        tok = np.array([[lg[0].argmax()]], np.int32)
-        lg = stage.forward(tok, Step((0,), (pos,), (1,)))
+        tok = (out if out.ndim == 1 else out.argmax(-1)).reshape(1, 1)
+        out = stage.forward(tok.astype(np.int32), Step((0,), (pos,), (1,), draw=GREEDY))
         times.append(time.perf_counter() - t)
     return np.array(times)
 

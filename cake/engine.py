@@ -28,6 +28,7 @@ a background thread of its own (`start`, as `cake serve` does); `submit` and
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cake.backends.base import Step
+from cake.backends.base import Draw, Step
 from cake.errors import CakeError, ContextLengthError, NetworkError
 from cake.grammar import Constraint, GrammarError, Grammars
 from cake.pipeline import Pipeline, StageReset
@@ -140,6 +141,9 @@ class Engine:
         observer: Observer | None = None,
     ) -> None:
         self.pipeline, self.tokenizer = pipeline, tokenizer
+        # the head stage draws where it can (see _step_draw); CAKE_STAGE_DRAW=0
+        # draws every token here, from the logits (to measure the difference)
+        self.stage_draws = os.environ.get("CAKE_STAGE_DRAW", "1") != "0"
         self.pool = SequencePool(max_sequences)
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk or pipeline.prefill_chunk
@@ -363,14 +367,16 @@ class Engine:
 
     def _forward(self, seqs: list[Sequence], n: int, kind: str) -> None:
         ids = np.array([s.feed(n) for s in seqs], np.int32)
+        draw = self._step_draw(seqs, ids.shape[1])
         step = Step(
             tuple(s.seq_id for s in seqs),
             tuple(s.cached for s in seqs),
             tuple(ids.shape[1] for _ in seqs),
+            draw=draw,
         )
         t, compiled = time.perf_counter(), self.pipeline.compile_s
         try:
-            logits = self.pipeline.forward(ids, step)
+            out = self.pipeline.forward(ids, step)
         except StageReset:
             self._replay()
             return
@@ -393,7 +399,32 @@ class Engine:
                     st.prompt_compile_s += compiled
                     st.prompt_compile_tokens += ids.shape[1]
             if s.pending == 0:
-                self._draw(s, logits[i])
+                if draw is None:
+                    self._draw(s, out[i])
+                else:
+                    self._drawn(s, int(out[i]))
+
+    def _step_draw(self, seqs: list[Sequence], n: int) -> Draw | None:
+        """The step's Draw where the head stage can draw every token it ends
+        with (Pipeline.forward): then only the ids leave the stage's device,
+        not B rows of logits (on the CPU: no copy of them, and no pass of
+        this thread over them). Only where every sequence of the step draws
+        after it and none needs the logits (log-probabilities, a grammar's
+        mask) or a draw the stage does not make (top-k, top-p, penalties)."""
+        if not self.stage_draws:
+            return None
+        runs: list[_Run] = [s.owner for s in seqs]
+        if not all(
+            s.pending == n
+            and r.constraint is None
+            and r.request.logprobs is None
+            and r.sampler.device_drawable
+            for s, r in zip(seqs, runs, strict=True)
+        ):
+            return None
+        rows = [r.sampler.for_device() for r in runs]
+        t, mp, r = (tuple(col) for col in zip(*rows, strict=True))
+        return Draw(t, mp, r)
 
     def _replay(self) -> None:
         self._resets += 1
@@ -420,6 +451,29 @@ class Engine:
                 self._fail(s, e)
                 return
         tok = run.sampler(logits, s.tokens)
+        lp: tuple[TokenLogprob, ...] = ()
+        if req.logprobs is not None:
+            value, top = top_logprobs(logits, tok, req.logprobs)
+            lp = (TokenLogprob(tok, value, tuple(top)),)
+        self._take(s, tok, lp)
+
+    def _drawn(self, s: Sequence, tok: int) -> None:
+        """`tok`, drawn by the head stage (see _step_draw); -1: none could be."""
+        if tok < 0:
+            self._fail(
+                s,
+                CakeError(
+                    "no token could be drawn: the model's logits hold a NaN or "
+                    "no finite value (a broken checkpoint, or float16 overflow)"
+                ),
+            )
+            return
+        s.owner.sampler.record(tok)
+        self._take(s, tok, ())
+
+    def _take(self, s: Sequence, tok: int, lp: tuple[TokenLogprob, ...]) -> None:
+        run: _Run = s.owner
+        req = run.request
         now = time.perf_counter()
         run.generated += 1
         if run.generated == 1:
@@ -427,10 +481,6 @@ class Engine:
             req.stats.prompt_s = now - run.started
             req.stats.first_token_s = now - req.submitted
             self.observer.first_token(req)
-        lp: tuple[TokenLogprob, ...] = ()
-        if req.logprobs is not None:
-            value, top = top_logprobs(logits, tok, req.logprobs)
-            lp = (TokenLogprob(tok, value, tuple(top)),)
         if tok in self._eos:
             self._finish(s, "eos", "", (tok,), lp)
             return

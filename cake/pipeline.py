@@ -8,6 +8,7 @@ worker. The pipeline does not care which.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -16,6 +17,7 @@ from cake.backends.base import Step, get_backend
 from cake.config import ModelConfig
 from cake.embedding import EmbeddingStage
 from cake.errors import CakeError
+from cake.sampling import draw_rows
 from cake.shard import Shard
 from cake.weights.names import layer_shapes, shard_tensor_names
 from cake.weights.packed import Stored, stored_tensor
@@ -69,11 +71,17 @@ class Pipeline:
         )
 
     def forward(self, ids: np.ndarray, step: Step) -> np.ndarray:
-        """ids (B, L) int32 -> float32 logits, (B, V) or (B, L, V) if step.all_logits."""
+        """ids (B, L) int32 -> float32 logits, (B, V) or (B, L, V) if
+        step.all_logits; int32 token ids (B,) if step.draw: drawn by the head
+        stage where it `draws` (only the ids leave its device), else here from
+        its logits, the same draw (cake.sampling.draw_rows)."""
+        head = self.stages[-1]
+        here = step.draw is not None and not getattr(head, "draws", False)
+        inner = replace(step, draw=None) if here else step
         x = ids
         for stage in self.stages:
-            x = stage.forward(x, step)
-        return x
+            x = stage.forward(x, inner)
+        return draw_rows(x, step.draw) if here else x
 
     def release(self, seq_ids: Sequence[int]) -> None:
         for stage in self.stages:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cake.backends.base import Draw
 from cake.errors import CakeError
 from cake.kernels import cpu
 
@@ -51,7 +52,9 @@ class SamplingParams:
 class Sampler:
     """Draws tokens for one sequence; the same seed gives the same tokens.
 
-    It remembers what it drew, for the presence and frequency penalties.
+    It remembers what it drew, for the presence and frequency penalties. A
+    head stage can draw for it instead (`for_device`, then `record`): the same
+    draw from the same random number.
     """
 
     def __init__(self, params: SamplingParams) -> None:
@@ -59,11 +62,45 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self.drawn: dict[int, int] = {}  # token id -> times drawn
         self._buf: np.ndarray | None = None
+        self._r: float | None = None  # spent by a step that has not drawn yet
 
     def __call__(self, logits: np.ndarray, previous: Iterable[int] = ()) -> int:
         tok = self._draw(logits, previous)
-        self.drawn[tok] = self.drawn.get(tok, 0) + 1
+        self.record(tok)
         return tok
+
+    def record(self, tok: int) -> None:
+        """Count `tok` as drawn (a head stage drew it; see `for_device`)."""
+        self.drawn[tok] = self.drawn.get(tok, 0) + 1
+        self._r = None
+
+    @property
+    def device_drawable(self) -> bool:
+        """Can a head stage draw the next token (a `Draw` row: no top-k, top-p
+        or penalties in effect)?"""
+        p = self.params
+        return (
+            not p.top_k
+            and p.top_p == 1.0
+            and p.repetition_penalty == 1.0
+            and not ((p.presence_penalty or p.frequency_penalty) and self.drawn)
+        )
+
+    def for_device(self) -> tuple[float, float, float]:
+        """(temperature, min_p, r) of the next draw, for a `Draw` row. r is the
+        number the host draw would spend; a step that fails before it draws
+        gets the same one again (an exact replay after a worker's failure)."""
+        p = self.params
+        if p.temperature == 0:
+            return 0.0, 0.0, 0.0
+        if self._r is None:
+            self._r = self.rng.random()
+        return p.temperature, p.min_p, self._r
+
+    def _next_r(self) -> float:
+        r = self.rng.random() if self._r is None else self._r
+        self._r = None
+        return r
 
     def _draw(self, logits: np.ndarray, previous: Iterable[int]) -> int:
         p = self.params
@@ -76,30 +113,66 @@ class Sampler:
             )
         if p.temperature == 0:
             return int(np.argmax(logits))
-        r = self.rng.random()
-        if not p.top_k and p.top_p == 1.0:
-            # the same draw in two vector passes of the CPU kernels (~50 us
-            # in NumPy for 49k logits; 13 % of a serving step at 8 streams)
-            tok = cpu.sample_np(logits, p.temperature, p.min_p, r)
-            if tok is not None:
-                return tok
-        # float32, in place in one buffer: ~0.1 ms for 49k logits. Where every
-        # step allocated its arrays (196 KB each, mmap'ed and unmapped by malloc)
-        # their page faults alone took 0.2 ms a row
         if self._buf is None or self._buf.shape != logits.shape:
             self._buf = np.empty_like(logits)
-        z = np.divide(logits, np.float32(p.temperature), out=self._buf)
-        if p.top_k and p.top_k < z.size:
-            kth = np.partition(z, -p.top_k)[-p.top_k]
-            z[z < kth] = -np.inf
-        z -= z.max()
-        w = np.exp(z, out=z)  # probabilities times a constant; the top one is 1
-        kept = _top_p_mask(w, p.top_p) if p.top_p < 1.0 else None
-        if p.min_p > 0:  # probability >= min_p * the top one's
-            w[w < np.float32(p.min_p)] = 0
-        if kept is not None:
-            w[~kept] = 0
-        return _inverse_cdf(w, r)
+        return draw(
+            logits, p.temperature, p.min_p, self._next_r(), p.top_k, p.top_p, self._buf
+        )
+
+
+def draw(
+    logits: np.ndarray,
+    temperature: float,
+    min_p: float,
+    r: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    buf: np.ndarray | None = None,
+) -> int:
+    """The token drawn from float32 `logits` (V,) at `temperature` > 0 where r
+    (uniform in [0, 1)) falls in the running sum of the weights kept by top-k,
+    top-p and min-p; `buf`, a float32 array like logits, spares an allocation."""
+    if not top_k and top_p == 1.0:
+        # the same draw in two vector passes of the CPU kernels (~50 us
+        # in NumPy for 49k logits; 13 % of a serving step at 8 streams)
+        tok = cpu.sample_np(logits, temperature, min_p, r)
+        if tok is not None:
+            return tok
+    # float32, in place in one buffer: ~0.1 ms for 49k logits. Where every
+    # step allocated its arrays (196 KB each, mmap'ed and unmapped by malloc)
+    # their page faults alone took 0.2 ms a row
+    if buf is None or buf.shape != logits.shape:
+        buf = np.empty_like(logits)
+    z = np.divide(logits, np.float32(temperature), out=buf)
+    if top_k and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z[z < kth] = -np.inf
+    z -= z.max()
+    w = np.exp(z, out=z)  # probabilities times a constant; the top one is 1
+    kept = _top_p_mask(w, top_p) if top_p < 1.0 else None
+    if min_p > 0:  # probability >= min_p * the top one's
+        w[w < np.float32(min_p)] = 0
+    if kept is not None:
+        w[~kept] = 0
+    return _inverse_cdf(w, r)
+
+
+def draw_rows(logits: np.ndarray, d: Draw) -> np.ndarray:
+    """`d`'s tokens from float32 logits (B, V) on the host: int32 (B,), -1 for
+    a row with a NaN, or none finite to sample by (what a head stage that
+    draws gives; see Draw)."""
+    out = np.empty(len(d.r), np.int32)
+    for i, (t, mp, r) in enumerate(zip(d.temperature, d.min_p, d.r, strict=True)):
+        row = np.asarray(logits[i], dtype=np.float32)
+        if np.isnan(row).any():
+            out[i] = -1
+        elif t == 0:
+            out[i] = int(np.argmax(row))
+        elif not np.isfinite(row.max()):
+            out[i] = -1  # no finite maximum: no weights to draw by
+        else:
+            out[i] = draw(row, t, mp, r)
+    return out
 
 
 def _inverse_cdf(w: np.ndarray, r: float) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from cake.backends.jax import moe
+from cake.backends.jax.draw import draw_tokens
 from cake.backends.jax.linear import QMat, kernel_rows, mm, mm_cat, rms, take_rows
 from cake.backends.jax.params import Params
 from cake.config import ModelConfig
@@ -346,7 +347,9 @@ def stage_step(
     attention_kernel: bool = False,
     first: int = 0,
     held: tuple | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    draw: tuple | None = None,
+    draw_kernel: bool = False,
+) -> tuple[jax.Array | tuple[jax.Array, jax.Array], jax.Array]:
     """Run the stage on a padded batch; returns (output, updated cache).
 
     x: (B, L) int32 ids if `embed`, else (B, L, D) hidden. slots/positions/
@@ -354,6 +357,8 @@ def stage_step(
     attention_kernel: attention through the CPU kernel (see `Shared.kernel`).
     first: the model's index of the stage's first layer.
     held: see `Shared.held` (a held layer's params may be empty).
+    draw: (inv_t, min_p, r) for a head's last tokens (see draw.py; through
+    the CPU kernel if `draw_kernel`): the output is then (logits, ids (B,)).
     Output: (B, L, D) hidden as `out_dtype`, or float32 logits (B, V) /
     (B, L, V) when `head`. Padding rows of hidden output are zero.
     """
@@ -420,4 +425,8 @@ def stage_step(
         cap = cfg.final_logit_softcapping
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
-    return logits.astype(jnp.float32), cache
+        logits = logits.astype(jnp.float32)
+    if draw is not None:
+        with jax.named_scope("draw"):
+            return (logits, draw_tokens(logits, *draw, kernel=draw_kernel)), cache
+    return logits, cache

@@ -14,6 +14,7 @@ import numpy as np
 from cake import heap
 from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
+from cake.backends.jax import draw as jdraw
 from cake.backends.jax.linear import KERNEL_ROWS, QMat, cpu_kernel_formats, kernel_rows
 from cake.backends.jax.llama import kernel_weights, one_call_rows, stage_step
 from cake.backends.jax.params import load_params, rounded_activations, weight_bytes
@@ -34,6 +35,12 @@ def _attention_kernel_available() -> bool:
     from cake.kernels.cpu import attention
 
     return attention.available()
+
+
+def _sample_kernel_available() -> bool:
+    from cake.kernels import cpu
+
+    return cpu.sample_available()
 
 
 def _cache_dtype(
@@ -147,6 +154,9 @@ class JaxLlamaStage:
             )
             for params in (self._params, self._params_held)
         )
+        # head steps draw tokens in the step (see draw.py): through the
+        # kernels' sampler on the CPU where they hold it, else through XLA
+        self._draw_kernel = bool(kernels) and _sample_kernel_available()
         self.programs = Programs(self._lower)
 
     def _hold_layers(self) -> tuple[tuple, int]:
@@ -171,6 +181,12 @@ class JaxLlamaStage:
         weakref.finalize(self, _release, tuple(h.key for h in held))
         return held, min(rows)
 
+    def _draws(self, shape: Shape) -> bool:
+        """Whether `shape`'s step takes a draw's inputs and returns ids too:
+        every head step of the last tokens' logits, whether its Step draws or
+        not (see draw.py)."""
+        return self.shard.head and not shape.all_logits
+
     def _holds(self, shape: Shape) -> bool:
         """Whether `shape`'s step runs on the held weights (see __init__)."""
         return (
@@ -179,7 +195,7 @@ class JaxLlamaStage:
             and shape.batch * shape.width <= self._held_rows
         )
 
-    def _traced_step(self, params, cache, x, slots, positions, lengths, **static):
+    def _traced_step(self, params, cache, x, slots, positions, lengths, draw, **static):
         self.trace_count += 1  # runs only while JAX traces, i.e. compiles
         return stage_step(
             params,
@@ -188,6 +204,8 @@ class JaxLlamaStage:
             slots,
             positions,
             lengths,
+            draw=draw,
+            draw_kernel=self._draw_kernel,
             cfg=self.config,
             embed=self.shard.embed,
             head=self.shard.head,
@@ -197,6 +215,11 @@ class JaxLlamaStage:
         )
 
     compiles = True  # each new (batch, width, cache bucket) is a compilation
+
+    @property
+    def draws(self) -> bool:
+        """A head stage draws a Step's tokens itself (see draw.py)."""
+        return self.shard.head
 
     @property
     def compile_s(self) -> float:
@@ -222,10 +245,10 @@ class JaxLlamaStage:
         # 1.3-2.2 MB less resident per compiled SmolLM2 step, of 7-8 MB. What
         # stays, ~3.5 MB of it XLA's (the HLO module, buffer assignment and
         # their protos, the thunks), grows with the stage's layers (2026-12-03).
-        def _traced_step(params, cache, x, slots, positions, lengths, **static):
+        def _traced_step(params, cache, x, slots, positions, lengths, draw, **static):
             # the names matter: donate_argnames below reads "cache" from them
             return self._traced_step(
-                params, cache, x, slots, positions, lengths, **static
+                params, cache, x, slots, positions, lengths, draw, **static
             )
 
         step = jax.jit(
@@ -244,6 +267,7 @@ class JaxLlamaStage:
             cache,
             x,
             *ints,
+            jdraw.avals(b) if self._draws(shape) else None,
             t_len=shape.t_len,
             all_logits=shape.all_logits,
             causal_chunk=shape.causal_chunk,
@@ -312,9 +336,17 @@ class JaxLlamaStage:
         # NumPy inputs go in as they are and the program moves them to the
         # weights' device: a device_put per array first cost ~70 us each (CPU)
         params = self._params_held if self._holds(shape) else self._params
-        out, self._cache = program(params, self._cache, xp, *ints)
+        draw = jdraw.host_inputs(step.draw, step.batch) if self._draws(shape) else None
+        out, self._cache = program(params, self._cache, xp, *ints, draw)
         self.seqs.advance(step)
-        out = np.asarray(out).copy()  # a private, writable copy: no JAX array leaks
+        if draw is not None:
+            logits, ids = out
+            if step.draw is not None:  # only the ids leave the device
+                return np.array(ids)
+            out = logits
+        # a private, writable copy: no JAX array leaks (for 8 rows of SmolLM2
+        # logits, 1.5 MB, it took 40-130 us a step: a Step that draws spares it)
+        out = np.asarray(out).copy()
         if self.shard.head and not step.all_logits:
             return out
         return out[:, :n]

@@ -348,6 +348,27 @@ def sample_np(
     return None if tok < 0 else int(tok)
 
 
+def sample_available() -> bool:
+    """Whether the library holds the in-step draw (src/sample.cc's XLA FFI
+    handler), for backends/jax/draw.py."""
+    lib = _load()
+    return lib is not None and hasattr(lib.raw, "cake_ffi_sample")
+
+
+def sample_ffi(logits: Any, inv_t: Any, min_p: Any, r: Any) -> Any:
+    """int32 ids (B,) drawn from float32 logits (B, V) as an XLA CPU custom call
+    (jit-able): per row, inv_t < 0 draws nothing (-1), 0 is greedy, > 0 is
+    `sample_np`'s draw with min_p and r, given as the int32 (B, 2) halves of
+    k = r * 2^53 (see backends/jax/draw.py)."""
+    import jax
+    import jax.numpy as jnp
+
+    register_ffi(("sample",), "the XLA FFI draw (jax not importable at build time)")
+    out = jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32)
+    call = jax.ffi.ffi_call("cake_cpu_sample", out, vmap_method="sequential")
+    return call(logits.astype(jnp.float32), inv_t, min_p, r)
+
+
 def dequantize_np(w: np.ndarray, fmt: str, k: int) -> np.ndarray:
     """The N x K weights `w` in `fmt`, widened to float32 `(N, K)`."""
     return _require().dequantize(w, fmt, k)

@@ -148,3 +148,67 @@ int64_t cake_sample(const float* z, int64_t n, float inv_t, float min_w, double 
   }
   return last >= 0 ? start + last : -1;
 }
+
+// The first index of the row's largest value (np.argmax's), or -1 where the
+// row holds a NaN.
+static int64_t row_argmax(const float* z, int64_t n) {
+  if (n < 1 || has_nan(z, n)) return -1;
+  const float m = row_max(z, n);
+  for (int64_t i = 0; i < n; i++)
+    if (z[i] == m) return i;
+  return 0;  // not reached: m is one of the values
+}
+
+#if defined(CAKE_WITH_XLA_FFI)
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using F32_1 = ffi::Buffer<ffi::F32, 1>;
+using F32_2 = ffi::Buffer<ffi::F32, 2>;
+using S32_1 = ffi::Buffer<ffi::S32, 1>;
+using S32_2 = ffi::Buffer<ffi::S32, 2>;
+
+// A token for each row of a head's logits, inside the jitted step (the JAX
+// stage's draw, backends/jax/draw.py): only the ids leave it. Per row: inv_t
+// < 0 draws nothing (-1), 0 is greedy (row_argmax), > 0 is cake_sample with
+// min_p and r, r given as the integer k of r = k / 2^53 (numpy's random() is
+// such a k: the same double as the host sampler's, which JAX's float32
+// arrays could not carry), split into its high and low 32 bits. -1 also where
+// the row has no finite maximum or holds a NaN: no token can be drawn.
+ffi::Error ffi_sample(F32_2 logits, F32_1 inv_t, F32_1 min_p, S32_2 r, ffi::Result<S32_1> out) {
+  const int64_t B = logits.dimensions()[0], V = logits.dimensions()[1];
+  if (inv_t.dimensions()[0] != B || min_p.dimensions()[0] != B || r.dimensions()[0] != B ||
+      r.dimensions()[1] != 2 || out->dimensions()[0] != B)
+    return ffi::Error::InvalidArgument("cake sample: inv_t, min_p (B,), r (B, 2), out (B,) for logits (B, V)");
+  const float* z = logits.typed_data();
+  const uint32_t* k = reinterpret_cast<const uint32_t*>(r.typed_data());
+  int32_t* ids = out->typed_data();
+  for (int64_t b = 0; b < B; b++) {
+    const float t = inv_t.typed_data()[b];
+    int64_t tok = -1;
+    if (t == 0.0f) {
+      tok = row_argmax(z + b * V, V);
+    } else if (t > 0.0f) {
+      const double rb = ((double)k[2 * b] * 4294967296.0 + (double)k[2 * b + 1]) * 0x1p-53;
+      tok = cake_sample(z + b * V, V, t, min_p.typed_data()[b], rb);
+    }
+    ids[b] = (int32_t)tok;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#pragma GCC visibility push(default)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_sample, ffi_sample,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32_2>()  // logits (B, V)
+                                  .Arg<F32_1>()  // inv_t (B,)
+                                  .Arg<F32_1>()  // min_p (B,)
+                                  .Arg<S32_2>()  // r as k's 32-bit halves (B, 2)
+                                  .Ret<S32_1>());  // ids (B,)
+#pragma GCC visibility pop
+#endif
