@@ -39,7 +39,9 @@ class Draw:
     finite). Per row, the host sampler's draw (cake.sampling) with top-k and
     top-p off and no penalties: temperature (0: greedy), min_p (0: off) and r,
     the uniform number in [0, 1) the draw spends (from the sequence's own
-    seeded generator, so that the same seed gives the same tokens)."""
+    seeded generator, so that the same seed gives the same tokens; a multiple
+    of 2^-53, as numpy's random() gives, which the JAX stage carries exactly
+    and refuses otherwise)."""
 
     temperature: tuple[float, ...]
     min_p: tuple[float, ...]
