@@ -253,3 +253,22 @@ class ForgetfulStage:
 
     def release(self, seq_ids):
         self.inner.release(seq_ids)
+
+
+def run_together(engine, reqs: list) -> list[list[int]]:
+    """Each request's tokens, all submitted to `engine` and stepped to the end."""
+    got = [[] for _ in reqs]
+    for i, r in enumerate(reqs):
+        r.on_event = lambda ev, i=i: got[i].extend(ev.tokens)
+        engine.submit(r)
+    while not all(r.done for r in reqs):
+        engine.step()
+    return got
+
+
+def fresh(engine) -> None:
+    """Forget the parked sequences, so a test starts from empty caches."""
+    ids = [s.seq_id for s in engine.pool.parked]
+    engine.pool.forget_parked()
+    if ids:
+        engine.pipeline.release(ids)

@@ -12,7 +12,7 @@ from cake.engine import Engine, QueueFullError, Request
 from cake.errors import ContextLengthError
 from cake.pipeline import Pipeline
 from cake.sampling import SamplingParams
-from tests.netutil import ForgetfulStage, tiny_model
+from tests.netutil import ForgetfulStage, fresh, run_together, tiny_model
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [[5, 17, 99, 3, 42], [1, 2, 3], list(range(10, 60)), [7]]
@@ -42,27 +42,9 @@ def alone(model, prompt, n=12, params=GREEDY) -> list[int]:
         m.close()
 
 
-def run_together(engine: Engine, reqs: list[Request]) -> list[list[int]]:
-    got = [[] for _ in reqs]
-    for i, r in enumerate(reqs):
-        r.on_event = lambda ev, i=i: got[i].extend(ev.tokens)
-        engine.submit(r)
-    while not all(r.done for r in reqs):
-        engine.step()
-    return got
-
-
 @pytest.fixture(scope="module")
 def expected(tiny):
     return [alone(tiny, p) for p in PROMPTS]
-
-
-def fresh(engine: Engine) -> None:
-    """Forget the parked sequences, so a test starts from empty caches."""
-    ids = [s.seq_id for s in engine.pool.parked]
-    engine.pool.forget_parked()
-    if ids:
-        engine.pipeline.release(ids)
 
 
 def test_a_batch_gives_each_sequence_its_own_greedy_tokens(model, expected):

@@ -21,7 +21,12 @@ from cake.sampling import Sampler, SamplingParams, draw_rows  # noqa: E402
 from cake.shard import Shard  # noqa: E402
 from cake.weights.checkpoint import open_checkpoint  # noqa: E402
 from tests.models import make_checkpoint  # noqa: E402
-from tests.netutil import ForgetfulStage, tiny_model  # noqa: E402
+from tests.netutil import (  # noqa: E402
+    ForgetfulStage,
+    fresh,
+    run_together,
+    tiny_model,
+)
 
 HOT = SamplingParams(temperature=1.0, min_p=0.0, seed=11)
 WARM = SamplingParams(temperature=0.7, min_p=0.1, seed=5)
@@ -134,19 +139,11 @@ def _engine_tokens(model, reqs, stage_draws: bool):
 
     e.pipeline.forward = spy
     try:
-        got = [[] for _ in reqs]
-        for i, r in enumerate(reqs):
-            r.on_event = lambda ev, i=i: got[i].extend(ev.tokens)
-            e.submit(r)
-        while not all(r.done for r in reqs):
-            e.step()
+        return run_together(e, reqs), steps
     finally:
         del e.pipeline.forward
         e.stage_draws = True
-        ids = [s.seq_id for s in e.pool.parked]
-        e.pool.forget_parked()
-        e.pipeline.release(ids)
-    return got, steps
+        fresh(e)
 
 
 @pytest.mark.parametrize("backend", ["jax", "numpy"])
@@ -191,14 +188,7 @@ def test_a_replay_after_a_reset_draws_the_same_sampled_tokens(tiny):
             m.tokenizer,
             max_sequences=3,
         )
-        got = [[] for _ in PROMPTS]
-        rs = reqs()
-        for i, r in enumerate(rs):
-            r.on_event = lambda ev, i=i: got[i].extend(ev.tokens)
-            e.submit(r)
-        while not all(r.done for r in rs):
-            e.step()
-        assert got == want
+        assert run_together(e, reqs()) == want
     finally:
         m.close()
 

@@ -31,19 +31,24 @@ def host_inputs(d: Draw | None, batch: int) -> tuple[np.ndarray, ...]:
     inputs; rows of inv_t -1 (no draw) where `d` is None. r travels as the
     integer k of r = k / 2^53 in two 32-bit halves (high, low): a float32
     array would round it."""
-    inv_t = np.full(batch, -1.0, np.float32)
-    min_p = np.zeros(batch, np.float32)
-    r = np.zeros((batch, 2), np.uint32)
-    if d is not None:
-        for i, (t, mp, ri) in enumerate(zip(d.temperature, d.min_p, d.r, strict=True)):
-            # 1 / t rounded to float32, as the host sampler passes it
-            inv_t[i] = 0.0 if t == 0 else np.float32(1.0 / t)
-            min_p[i] = mp
-            k = int(ri * _R_ONE)
-            if not 0 <= k < 2**53 or k != ri * _R_ONE:
-                raise ValueError(f"r={ri!r} is not a multiple of 2^-53 in [0, 1)")
-            r[i] = (k >> 32, k & 0xFFFFFFFF)
-    return inv_t, min_p, r.view(np.int32)
+    if d is None:
+        return (
+            np.full(batch, -1.0, np.float32),
+            np.zeros(batch, np.float32),
+            np.zeros((batch, 2), np.int32),
+        )
+    t = np.asarray(d.temperature, np.float64)
+    # 1 / t rounded to float32, as the host sampler passes it; 0: greedy
+    inv_t = np.divide(1.0, t, out=np.zeros_like(t), where=t != 0).astype(np.float32)
+    k = np.asarray(d.r, np.float64) * _R_ONE
+    bad = (k < 0) | (k >= _R_ONE) | (k != np.floor(k))
+    if bad.any():
+        raise ValueError(
+            f"r={d.r[int(bad.argmax())]!r} is not a multiple of 2^-53 in [0, 1)"
+        )
+    k = k.astype(np.uint64)
+    r = np.stack([k >> np.uint64(32), k & np.uint64(0xFFFFFFFF)], 1).astype(np.uint32)
+    return inv_t, np.asarray(d.min_p, np.float32), r.view(np.int32)
 
 
 def avals(batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:

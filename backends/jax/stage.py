@@ -37,12 +37,6 @@ def _attention_kernel_available() -> bool:
     return attention.available()
 
 
-def _sample_kernel_available() -> bool:
-    from cake.kernels import cpu
-
-    return cpu.sample_available()
-
-
 def _cache_dtype(
     model: np.dtype, rounded: bool, on_cpu: bool, attention_kernel: bool
 ) -> np.dtype:
@@ -156,7 +150,9 @@ class JaxLlamaStage:
         )
         # head steps draw tokens in the step (see draw.py): through the
         # kernels' sampler on the CPU where they hold it, else through XLA
-        self._draw_kernel = bool(kernels) and _sample_kernel_available()
+        from cake.kernels import cpu
+
+        self._draw_kernel = bool(kernels) and cpu.sample_available()
         self.programs = Programs(self._lower)
 
     def _hold_layers(self) -> tuple[tuple, int]:
