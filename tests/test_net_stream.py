@@ -274,6 +274,37 @@ def test_cache_keeps_a_stream_in_one_pack_and_reads_its_index_back(tmp_path):
     np.testing.assert_array_equal(WeightCache(tmp_path).array(b), db)
 
 
+def test_a_failed_cache_write_is_raised_and_not_claimed(tmp_path, monkeypatch):
+    import errno
+
+    import cake.weights.cache as cache_mod
+    from cake.weights.cache import Entry
+
+    data = np.random.default_rng(3).integers(0, 256, 3 * SMALL_CHUNK, np.uint8)
+    sums = chunk_sums(data, SMALL_CHUNK)
+    e = Entry("data", "uint8", data.shape, data.nbytes,
+              entry_digest(data.nbytes, SMALL_CHUNK, sums))  # fmt: skip
+    pwrite, calls = os.pwrite, []
+
+    def full(fd, buf, at):  # the disk fills up at the second chunk
+        calls.append(at)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, buf, at)
+
+    monkeypatch.setattr(cache_mod.os, "pwrite", full)
+    c = WeightCache(tmp_path)
+    piece = [data[k * SMALL_CHUNK : (k + 1) * SMALL_CHUNK].tobytes() for k in range(3)]
+    assert c.write(e, SMALL_CHUNK, 0, piece[0], sums[0]) == SMALL_CHUNK
+    with pytest.raises(OSError, match="No space"):
+        c.write(e, SMALL_CHUNK, SMALL_CHUNK, piece[1], sums[1])
+    assert c.held(e, SMALL_CHUNK) == SMALL_CHUNK  # the failed chunk is not claimed
+    assert WeightCache(tmp_path).held(e, SMALL_CHUNK) == SMALL_CHUNK  # nor logged
+    for k in (1, 2):  # the master sends from there again: in place
+        c.write(e, SMALL_CHUNK, k * SMALL_CHUNK, piece[k], sums[k])
+    np.testing.assert_array_equal(c.array(e), data)
+
+
 def test_bad_manifest_and_flags_fail_in_one_line(tmp_path):
     with pytest.raises(CakeError, match="bad weights manifest"):
         Manifest.from_bytes(b'{"config": {}, "tensors": [{"name": 1}]}')
