@@ -116,3 +116,31 @@ def test_registered_backend_generates_like_hf(tmp_path):
     assert text == m.tokenizer.decode(hf_tokens[:6])
     stage = m.pipeline.stages[0]
     assert stage.calls == 6  # prefill + 5 decode steps
+
+
+def test_check_step_refuses_ids_outside_the_vocabulary():
+    import pytest
+
+    from cake.config import ModelConfig
+    from cake.errors import CakeError
+    from cake.shard import Shard
+
+    cfg = ModelConfig.from_dict(
+        dict(model_type="llama", vocab_size=100, hidden_size=8, intermediate_size=16,
+             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    )  # fmt: skip
+    shard = Shard(0, 2, 2, embed=True)
+    step = Step((0, 1), (0, 0), (3, 3))
+    check_step(step, np.array([[1, 2, 3], [4, 5, 99]], np.int32), shard, cfg)
+    for bad, got in (
+        ([[1, 2, 3], [4, 5, 100]], "1..100"),
+        ([[-1, 2, 3], [4, 5, 6]], "-1..6"),
+    ):
+        with pytest.raises(CakeError, match=f"must be in \\[0, 100\\): got {got};"):
+            check_step(step, np.array(bad, np.int32), shard, cfg)
+    big = np.zeros((1, 2000), np.int32)  # past the list path: NumPy's min/max
+    big[0, 7] = 100
+    with pytest.raises(CakeError, match="got 0..100;"):
+        check_step(Step((0,), (0,), (2000,)), big, shard, cfg)
+    with pytest.raises(CakeError, match="does not match the step"):
+        check_step(step, np.zeros((2, 4), np.int32), shard, cfg)

@@ -110,6 +110,31 @@ def test_r_travels_exactly():
         jdraw.host_inputs(Draw((1.0,), (0.0,), (1e-20,)), 1)
 
 
+def test_draw_inputs_match_their_array_form_and_repeat():
+    from cake.backends.jax import draw as jdraw
+
+    rng = np.random.default_rng(5)
+    for b in (1, 3, 8):
+        t = tuple(float(x) for x in rng.choice([0.0, 0.3, 0.7, 1.0, 1.3], b))
+        mp = tuple(float(x) for x in rng.choice([0.0, 0.05], b))
+        rs = tuple(float(x) for x in rng.random(b))
+        inv_t, min_p, r = jdraw.host_inputs(Draw(t, mp, rs), b)
+        tt = np.array(t)  # the same inputs as array ops
+        want = np.divide(1.0, tt, out=np.zeros_like(tt), where=tt != 0)
+        np.testing.assert_array_equal(inv_t, want.astype(np.float32))
+        np.testing.assert_array_equal(min_p, np.array(mp, np.float32))
+        k = (np.array(rs) * 2.0**53).astype(np.uint64)
+        halves = np.stack([k >> np.uint64(32), k & np.uint64(0xFFFFFFFF)], 1)
+        np.testing.assert_array_equal(r.view(np.uint32), halves.astype(np.uint32))
+        again = jdraw.host_inputs(Draw(t, mp, rs), b)  # a repeated step's
+        assert all(x is y for x, y in zip(again, (inv_t, min_p, r), strict=True))
+        assert not any(x.flags.writeable for x in again)
+    none = jdraw.host_inputs(None, 2)
+    assert none[0].tolist() == [-1.0, -1.0] and none[2].shape == (2, 2)
+    with pytest.raises(ValueError, match="2\\^-53"):
+        jdraw.host_inputs(Draw((1.0,), (0.0,), (float("nan"),)), 1)
+
+
 def test_a_sampler_spends_one_number_per_token_even_when_a_step_fails():
     s, t = Sampler(HOT), Sampler(HOT)
     first = s.for_device()

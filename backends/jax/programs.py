@@ -153,6 +153,10 @@ class Programs:
         for f in futs:
             f.result()
 
+    def ready(self, shape: Shape) -> Any:
+        """The compiled step for `shape`, or None if it is not compiled yet."""
+        return self._ready.get(shape)
+
     def known(self, shape: Shape) -> bool:
         """Compiled, or being compiled."""
         return shape in self._ready or shape in self._pending
