@@ -48,6 +48,8 @@ class Draw:
     r: tuple[float, ...]
 
     def __post_init__(self) -> None:
+        for f in ("temperature", "min_p", "r"):  # tuples: a Draw is hashable
+            object.__setattr__(self, f, tuple(getattr(self, f)))
         if not len(self.temperature) == len(self.min_p) == len(self.r):
             raise ValueError("Draw needs a temperature, min_p and r per sequence")
 

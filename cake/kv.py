@@ -41,8 +41,11 @@ def check_step(step: Step, x: np.ndarray, shard: Shard, config: ModelConfig) -> 
     if shard.embed and x.size:
         # a decode step's few ids: min/max of a list, not two NumPy reductions
         # (~15 us each on this project's 2-core VM, on every step's path)
-        flat = x.ravel().tolist() if x.size <= 1024 else None
-        lo, hi = (min(flat), max(flat)) if flat else (int(x.min()), int(x.max()))
+        if x.size <= 1024:
+            flat = x.ravel().tolist()
+            lo, hi = min(flat), max(flat)
+        else:
+            lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= config.vocab_size:
             raise CakeError(
                 f"token ids must be in [0, {config.vocab_size}): got "
