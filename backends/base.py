@@ -36,22 +36,43 @@ class Draw:
     """A token for each sequence of a step, drawn by the head stage itself: it
     returns int32 ids (B,) instead of logits, so that only the ids leave its
     device (-1 for a row where none can be drawn: logits with a NaN, or none
-    finite). Per row, the host sampler's draw (cake.sampling) with top-k and
-    top-p off and no penalties: temperature (0: greedy), min_p (0: off) and r,
-    the uniform number in [0, 1) the draw spends (from the sequence's own
-    seeded generator, so that the same seed gives the same tokens; a multiple
-    of 2^-53, as numpy's random() gives, which the JAX stage carries exactly
-    and refuses otherwise)."""
+    finite). Per row, the host sampler's draw (cake.sampling) without
+    penalties: temperature (0: greedy), min_p (0: off), r, the uniform number
+    in [0, 1) the draw spends (from the sequence's own seeded generator, so
+    that the same seed gives the same tokens; a multiple of 2^-53, as numpy's
+    random() gives, which the JAX stage carries exactly and refuses
+    otherwise), top_k (0: off) and top_p (1.0: off); the last two may be left
+    out (every row off)."""
 
     temperature: tuple[float, ...]
     min_p: tuple[float, ...]
     r: tuple[float, ...]
+    top_k: tuple[int, ...] = ()
+    top_p: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        for f in ("temperature", "min_p", "r"):  # tuples: a Draw is hashable
+        for f in ("temperature", "min_p", "r", "top_k", "top_p"):  # hashable
             object.__setattr__(self, f, tuple(getattr(self, f)))
-        if not len(self.temperature) == len(self.min_p) == len(self.r):
-            raise ValueError("Draw needs a temperature, min_p and r per sequence")
+        n = len(self.r)
+        if not self.top_k:
+            object.__setattr__(self, "top_k", (0,) * n)
+        if not self.top_p:
+            object.__setattr__(self, "top_p", (1.0,) * n)
+        if not all(
+            len(getattr(self, f)) == n
+            for f in ("temperature", "min_p", "top_k", "top_p")
+        ):
+            raise ValueError(
+                "Draw needs a temperature, min_p, r, top_k and top_p per sequence"
+            )
+
+    @property
+    def filters(self) -> bool:
+        """Whether a row that samples keeps only its top-k or top-p."""
+        return any(
+            t > 0 and (k > 0 or p < 1.0)
+            for t, k, p in zip(self.temperature, self.top_k, self.top_p, strict=True)
+        )
 
 
 @dataclass(frozen=True)

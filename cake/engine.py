@@ -410,7 +410,7 @@ class Engine:
         not B rows of logits (on the CPU: no copy of them, and no pass of
         this thread over them). Only where every sequence of the step draws
         after it and none needs the logits (log-probabilities, a grammar's
-        mask) or a draw the stage does not make (top-k, top-p, penalties)."""
+        mask) or a draw the stage does not make (penalties)."""
         if not self.stage_draws:
             return None
         runs: list[_Run] = [s.owner for s in seqs]
@@ -423,8 +423,7 @@ class Engine:
         ):
             return None
         rows = [r.sampler.for_device() for r in runs]
-        t, mp, r = (tuple(col) for col in zip(*rows, strict=True))
-        return Draw(t, mp, r)
+        return Draw(*(tuple(col) for col in zip(*rows, strict=True)))
 
     def _replay(self) -> None:
         self._resets += 1

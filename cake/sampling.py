@@ -1,9 +1,11 @@
 """Host-side sampling from float32 logits: greedy, temperature, top-k/p, min-p.
 
-NumPy throughout, but for the most common draw (temperature, with or without
-min-p, no top-k/top-p), which the CPU kernels make in two vector passes over
-the row where they are built (cake.kernels.cpu.sample_np: ~5 us against
-45-65 us for a 49k vocabulary).
+Where the CPU kernels are built they make every draw (cake.kernels.cpu.
+sample_np, src/sample.cc), the same function a JAX head stage calls inside
+its step, so that a token is the same wherever it is drawn: ~5 us for a 49k
+vocabulary against 45-65 in NumPy, 20-40 us with top-k or top-p against
+~200. NumPy's form below is the readable reference (and the fallback): the
+same rules, its exp and sums rounded in another order.
 """
 
 from __future__ import annotations
@@ -76,26 +78,24 @@ class Sampler:
 
     @property
     def device_drawable(self) -> bool:
-        """Can a head stage draw the next token (a `Draw` row: no top-k, top-p
-        or penalties in effect)?"""
+        """Can a head stage draw the next token (a `Draw` row: no penalties in
+        effect)?"""
         p = self.params
-        return (
-            not p.top_k
-            and p.top_p == 1.0
-            and p.repetition_penalty == 1.0
-            and not ((p.presence_penalty or p.frequency_penalty) and self.drawn)
+        return p.repetition_penalty == 1.0 and not (
+            (p.presence_penalty or p.frequency_penalty) and self.drawn
         )
 
-    def for_device(self) -> tuple[float, float, float]:
-        """(temperature, min_p, r) of the next draw, for a `Draw` row. r is the
-        number the host draw would spend; a step that fails before it draws
-        gets the same one again (an exact replay after a worker's failure)."""
+    def for_device(self) -> tuple[float, float, float, int, float]:
+        """(temperature, min_p, r, top_k, top_p) of the next draw, for a `Draw`
+        row. r is the number the host draw would spend; a step that fails
+        before it draws gets the same one again (an exact replay after a
+        worker's failure)."""
         p = self.params
         if p.temperature == 0:
-            return 0.0, 0.0, 0.0
+            return 0.0, 0.0, 0.0, 0, 1.0
         if self._r is None:
             self._r = self.rng.random()
-        return p.temperature, p.min_p, self._r
+        return p.temperature, p.min_p, self._r, p.top_k, p.top_p
 
     def _next_r(self) -> float:
         r = self.rng.random() if self._r is None else self._r
@@ -131,13 +131,18 @@ def draw(
 ) -> int:
     """The token drawn from float32 `logits` (V,) at `temperature` > 0 where r
     (uniform in [0, 1)) falls in the running sum of the weights kept by top-k,
-    top-p and min-p; `buf`, a float32 array like logits, spares an allocation."""
-    if not top_k and top_p == 1.0:
-        # the same draw in two vector passes of the CPU kernels (~50 us
-        # in NumPy for 49k logits; 13 % of a serving step at 8 streams)
-        tok = cpu.sample_np(logits, temperature, min_p, r)
-        if tok is not None:
-            return tok
+    top-p and min-p; `buf`, a float32 array like logits, spares an allocation.
+
+    top-k keeps the logits at least the k-th largest (ties kept); top-p then
+    the largest weights, ties by the lower token id first, up to the first
+    whose running sum reaches top_p of those weights' total; min-p last, as
+    a share of the top weight."""
+    # the CPU kernels' draw where they are built: the one a head stage makes
+    # (~50 us in NumPy for 49k logits, 13 % of a serving step at 8 streams;
+    # ~200 with top-p)
+    tok = cpu.sample_np(logits, temperature, min_p, r, top_k, top_p)
+    if tok is not None:
+        return tok
     # float32, in place in one buffer: ~0.1 ms for 49k logits. Where every
     # step allocated its arrays (196 KB each, mmap'ed and unmapped by malloc)
     # their page faults alone took 0.2 ms a row
@@ -162,7 +167,8 @@ def draw_rows(logits: np.ndarray, d: Draw) -> np.ndarray:
     a row with a NaN, or none finite to sample by (what a head stage that
     draws gives; see Draw)."""
     out = np.empty(len(d.r), np.int32)
-    for i, (t, mp, r) in enumerate(zip(d.temperature, d.min_p, d.r, strict=True)):
+    rows = zip(d.temperature, d.min_p, d.r, d.top_k, d.top_p, strict=True)
+    for i, (t, mp, r, k, p) in enumerate(rows):
         row = np.asarray(logits[i], dtype=np.float32)
         if np.isnan(row).any():
             out[i] = -1
@@ -171,7 +177,7 @@ def draw_rows(logits: np.ndarray, d: Draw) -> np.ndarray:
         elif not np.isfinite(row.max()):
             out[i] = -1  # no finite maximum: no weights to draw by
         else:
-            out[i] = draw(row, t, mp, r)
+            out[i] = draw(row, t, mp, r, k, p)
     return out
 
 
@@ -196,13 +202,17 @@ _BLOCK = 256
 
 
 def _top_p_mask(w: np.ndarray, top_p: float) -> np.ndarray:
-    """The smallest set of the largest weights whose mass reaches top_p of the
-    total (always the first): sorted among the 1024 largest first, the whole
+    """The smallest set of the largest weights, ties by the lower index first,
+    whose mass reaches top_p of the total (always the first): sorted among the
+    ~1024 largest first (every weight at least the 1024th), the whole
     vocabulary only when those do not reach it."""
     total = float(w.sum(dtype=np.float64))
     for k in (min(1024, w.size), w.size):
-        top = np.argpartition(-w, k - 1)[:k] if k < w.size else np.arange(w.size)
-        order = top[np.argsort(-w[top], kind="stable")]
+        if k < w.size:
+            top = np.flatnonzero(w >= np.partition(w, w.size - k)[w.size - k])
+        else:
+            top = np.arange(w.size)
+        order = top[np.argsort(-w[top], kind="stable")]  # top is in index order
         cum = np.cumsum(w[order], dtype=np.float64)
         if cum[-1] >= top_p * total or k == w.size:
             cut = int(np.searchsorted(cum, top_p * total)) + 1

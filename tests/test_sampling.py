@@ -121,3 +121,79 @@ def test_the_kernel_draw_is_the_numpy_draw(min_p):
     # no finite maximum: no draw here (the sampler falls back to NumPy)
     assert cpu.sample_np(np.full(8, -np.inf, np.float32), 1.0, 0.0, 0.5) is None
     assert cpu.sample_np(np.array([1.0, np.nan], np.float32), 1.0, 0.0, 0.5) is None
+
+
+def _numpy_kept(logits, temperature, top_k, top_p, min_p):
+    """What NumPy's form of the draw keeps (sampling.py's rules)."""
+    from cake.sampling import _top_p_mask
+
+    z = logits.astype(np.float32) / np.float32(temperature)
+    if top_k and top_k < z.size:
+        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
+    w = np.exp(z - z.max())
+    kept = w > 0
+    if top_p < 1.0:
+        kept &= _top_p_mask(w, top_p)
+    return kept & (w >= np.float32(min_p))
+
+
+def _without_kernels(monkeypatch):
+    from cake.kernels import cpu
+
+    monkeypatch.setattr(cpu, "sample_np", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_the_kernel_top_k_top_p_draw_is_the_numpy_draw(monkeypatch, ties):
+    """src/sample.cc's top-k and top-p (buckets of the weights' exponents, one
+    bucket sorted) against NumPy's (a partition and a sort): the same token
+    for the same r but where r or the top-p cut falls within rounding of a
+    boundary, and never one NumPy's rules leave out; logits with ties (the
+    k-th's kept, the top-p cut's by the lower id) and masked tokens."""
+    from cake import sampling
+    from cake.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no CPU kernels here: the sampler draws with NumPy")
+    rng = np.random.default_rng(7)
+    got, want = [], []
+    for _ in range(300):
+        v = int(rng.choice([9, 300, 49152]))
+        logits = rng.standard_normal(v) * rng.choice([1.0, 3.0, 10.0])
+        logits = logits.astype(np.float32)
+        if ties:
+            logits = np.round(logits * 2) / 2
+        logits[rng.integers(0, v, v // 10)] = -np.inf
+        t = float(rng.choice([0.5, 1.0, 2.0, 5.0]))
+        k = int(rng.choice([0, 1, 3, 40]))
+        p = float(rng.choice([1.0, 0.3, 0.9, 0.99]))
+        mp = float(rng.choice([0.0, 0.05]))
+        if not k and p == 1.0:
+            p = 0.6
+        r = float(rng.random())
+        tok = cpu.sample_np(logits, t, mp, r, k, p)
+        assert _numpy_kept(logits, t, k, p, mp)[tok], (v, t, k, p, mp, r)
+        got.append(tok)
+        with monkeypatch.context() as m:
+            _without_kernels(m)
+            want.append(sampling.draw(logits, t, mp, r, k, p))
+    assert np.mean(np.array(got) == np.array(want)) > 0.99
+
+
+def test_top_k_keeps_ties_and_top_p_cuts_ties_by_the_lower_id(monkeypatch):
+    from cake import sampling
+
+    logits = np.array([0.0, 3.0, 3.0, 1.0, 3.0, 3.0, -1.0], np.float32)
+    rs = np.linspace(0, 1, 50, endpoint=False)
+
+    def support(**kw):
+        return {sampling.draw(logits, 1.0, 0.0, float(r), **kw) for r in rs}
+
+    for kernels in (True, False):
+        with monkeypatch.context() as m:
+            if not kernels:
+                _without_kernels(m)
+            assert support(top_k=2) == {1, 2, 4, 5}  # the 2nd largest is tied
+            # four tokens of ~0.24 each: 0.3 of the mass takes the first two
+            assert support(top_p=0.3) == {1, 2}
+            assert support(top_k=1, top_p=0.99) == {1, 2, 4, 5}

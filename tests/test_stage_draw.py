@@ -44,11 +44,14 @@ def tiny(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "xla"])
-def test_the_stage_draws_the_host_samplers_token(llama, kernel):
+@pytest.mark.parametrize("way", ["cpu-kernel", "xla", "host-sort"])
+def test_the_stage_draws_the_host_samplers_token(llama, way):
     """Each step twice at the same positions (the second rewinds the cache):
     once drawing in the stage, once returning logits that the host draws from
-    with the same numbers; greedy, temperature and min-p rows in one batch."""
+    with the same numbers; greedy, temperature, min-p, top-k and top-p rows in
+    one batch; host-sort: a CPU stage without the kernels' sampler draws the
+    top-k and top-p rows from the logits instead of sorting them in XLA."""
+    kernel = way == "cpu-kernel"
     if kernel and not cpu.sample_available():
         pytest.skip("no CPU kernels here")
     config, tensors = open_checkpoint(llama)
@@ -61,13 +64,17 @@ def test_the_stage_draws_the_host_samplers_token(llama, kernel):
         max_sequences=3,
     )
     stage._draw_kernel = kernel  # read when the steps are traced, below
+    stage._sort_on_host = way == "host-sort"
     rng = np.random.default_rng(0)
     seqs = (0, 1, 2)
     x = rng.integers(3, 128, (3, 5), dtype=np.int32)
     stage.forward(x, Step(seqs, (0, 0, 0), (5, 5, 5)))
     pos, drawn = 5, 0
     for _ in range(12):
-        d = Draw((0.0, 0.8, 1.5), (0.0, 0.1, 0.0), (0.0, rng.random(), rng.random()))
+        rs = (0.0, rng.random(), rng.random())
+        # greedy, min-p, and top-k with top-p or either alone
+        k, p = [(5, 0.8), (0, 0.6), (20, 1.0)][pos % 3]
+        d = Draw((0.0, 0.8, 1.5), (0.0, 0.1, 0.0), rs, (0, 0, k), (1.0, 1.0, p))
         step = Step(seqs, (pos,) * 3, (1, 1, 1), draw=d)
         ids = stage.forward(x[:, -1:], step)
         assert ids.dtype == np.int32 and ids.shape == (3,)
@@ -103,7 +110,7 @@ def test_r_travels_exactly():
     from cake.backends.jax import draw as jdraw
 
     rs = (0.0, 0.5, 1 - 2**-53, np.random.default_rng(3).random())
-    _, _, r = jdraw.host_inputs(Draw((1.0,) * 4, (0.0,) * 4, rs), 4)
+    _, _, r, _, _ = jdraw.host_inputs(Draw((1.0,) * 4, (0.0,) * 4, rs), 4)
     k = r.view(np.uint32).astype(np.uint64)
     assert [float((int(hi) << 32 | int(lo)) * 2.0**-53) for hi, lo in k] == list(rs)
     with pytest.raises(ValueError, match="2\\^-53"):
@@ -118,7 +125,9 @@ def test_draw_inputs_match_their_array_form_and_repeat():
         t = tuple(float(x) for x in rng.choice([0.0, 0.3, 0.7, 1.0, 1.3], b))
         mp = tuple(float(x) for x in rng.choice([0.0, 0.05], b))
         rs = tuple(float(x) for x in rng.random(b))
-        inv_t, min_p, r = jdraw.host_inputs(Draw(t, mp, rs), b)
+        ks = tuple(int(x) for x in rng.choice([0, 1, 40, 2**40], b))
+        ps = tuple(float(x) for x in rng.choice([1.0, 0.9], b))
+        inv_t, min_p, r, top_k, top_p = jdraw.host_inputs(Draw(t, mp, rs, ks, ps), b)
         tt = np.array(t)  # the same inputs as array ops
         want = np.divide(1.0, tt, out=np.zeros_like(tt), where=tt != 0)
         np.testing.assert_array_equal(inv_t, want.astype(np.float32))
@@ -126,11 +135,17 @@ def test_draw_inputs_match_their_array_form_and_repeat():
         k = (np.array(rs) * 2.0**53).astype(np.uint64)
         halves = np.stack([k >> np.uint64(32), k & np.uint64(0xFFFFFFFF)], 1)
         np.testing.assert_array_equal(r.view(np.uint32), halves.astype(np.uint32))
-        again = jdraw.host_inputs(Draw(t, mp, rs), b)  # a repeated step's
-        assert all(x is y for x, y in zip(again, (inv_t, min_p, r), strict=True))
+        # top_k past int32 keeps every token, as 0 does
+        want_k = [k if k < 2**31 else 0 for k in ks]
+        assert top_k.dtype == np.int32 and top_k.tolist() == want_k
+        np.testing.assert_array_equal(top_p, np.array(ps, np.float32))
+        again = jdraw.host_inputs(Draw(t, mp, rs, ks, ps), b)  # a repeated step's
+        mine = (inv_t, min_p, r, top_k, top_p)
+        assert all(x is y for x, y in zip(again, mine, strict=True))
         assert not any(x.flags.writeable for x in again)
     none = jdraw.host_inputs(None, 2)
     assert none[0].tolist() == [-1.0, -1.0] and none[2].shape == (2, 2)
+    assert none[3].tolist() == [0, 0] and none[4].tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="2\\^-53"):
         jdraw.host_inputs(Draw((1.0,), (0.0,), (float("nan"),)), 1)
 
@@ -181,14 +196,28 @@ def test_the_engine_draws_in_the_stage_the_host_draws_tokens(tiny, backend):
         staged, steps = _engine_tokens(m, reqs(), stage_draws=True)
         assert staged == here and all(len(t) == 10 for t in here)
         assert not any(steps_here) and sum(steps) >= 9  # every decode step drew
+        # top-k and top-p are drawn in the stage too: the same tokens
+        kp = [
+            SamplingParams(temperature=0.9, top_p=0.8, seed=1),
+            SamplingParams(temperature=1.2, top_k=5, seed=2),
+            SamplingParams(temperature=1.0, top_k=20, top_p=0.7, min_p=0.0, seed=3),
+        ]
+        kp_reqs = [Request(p, q, 10) for p, q in zip(PROMPTS, kp, strict=True)]
+        here, _ = _engine_tokens(m, kp_reqs, stage_draws=False)
+        kp_reqs = [Request(p, q, 10) for p, q in zip(PROMPTS, kp, strict=True)]
+        staged, steps = _engine_tokens(m, kp_reqs, stage_draws=True)
+        assert staged == here and sum(steps) >= 9
         # what needs logits or a host-only draw takes them, for the whole step
         for p in (
-            SamplingParams(temperature=0.7, top_p=0.9, seed=1),
-            SamplingParams(temperature=0.7, top_k=5, seed=1),
+            SamplingParams(temperature=0.7, repetition_penalty=1.3, seed=1),
             SamplingParams(temperature=0, repetition_penalty=1.3),
         ):
             _, steps = _engine_tokens(m, [Request(PROMPTS[0], p, 4)], True)
             assert not any(steps)
+        # OpenAI's penalties count drawn tokens: the first is drawn in the stage
+        p = SamplingParams(temperature=0.7, presence_penalty=0.5, seed=1)
+        _, steps = _engine_tokens(m, [Request(PROMPTS[0], p, 4)], True)
+        assert steps[0] and not any(steps[1:])
         r = Request(PROMPTS[0], GREEDY, 4, logprobs=2)
         _, steps = _engine_tokens(m, [r], True)
         assert not any(steps)
@@ -239,3 +268,25 @@ def test_nan_logits_fail_the_request_with_one_clear_error(tiny):
         assert "NaN" in str(events[-1].error)
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "xla"])
+def test_the_stage_draws_top_k_ties_and_top_p_cuts_as_the_host(kernel):
+    """Top-k keeps the k-th logit's ties, top-p cuts ties by the lower id: the
+    in-step draw (kernel or XLA) keeps what the host keeps."""
+    import jax
+
+    from cake.backends.jax import draw as jdraw
+
+    if kernel and not cpu.sample_available():
+        pytest.skip("no CPU kernels here")
+    row = np.array([0.0, 3.0, 3.0, 1.0, 3.0, 3.0, -1.0], np.float32)
+    rs = tuple(i / 64 for i in range(64))  # multiples of 2^-53
+    logits = np.tile(row, (len(rs), 1))
+    f = jax.jit(lambda *a: jdraw.draw_tokens(*a, kernel=kernel))
+    n = len(rs)
+    for k, p, want in ((2, 1.0, {1, 2, 4, 5}), (0, 0.3, {1, 2}), (1, 0.99, None)):
+        d = Draw((1.0,) * n, (0.0,) * n, rs, (k,) * n, (p,) * n)
+        ids = np.asarray(f(logits, *jdraw.host_inputs(d, n)))
+        assert ids.tolist() == draw_rows(logits, d).tolist()
+        assert want is None or set(ids.tolist()) == want

@@ -357,8 +357,9 @@ def stage_step(
     attention_kernel: attention through the CPU kernel (see `Shared.kernel`).
     first: the model's index of the stage's first layer.
     held: see `Shared.held` (a held layer's params may be empty).
-    draw: (inv_t, min_p, r) for a head's last tokens (see draw.py; through
-    the CPU kernel if `draw_kernel`): the output is then (logits, ids (B,)).
+    draw: (inv_t, min_p, r, top_k, top_p) for a head's last tokens (see
+    draw.py; through the CPU kernel if `draw_kernel`): the output is then
+    (logits, ids (B,)).
     Output: (B, L, D) hidden as `out_dtype`, or float32 logits (B, V) /
     (B, L, V) when `head`. Padding rows of hidden output are zero.
     """

@@ -154,7 +154,7 @@ class _Library:
         lib.cake_set_panel_rows.argtypes = [i64]
         if hasattr(lib, "cake_sample"):  # sample.cc
             lib.cake_sample.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float]
-            lib.cake_sample.argtypes += [ctypes.c_double]
+            lib.cake_sample.argtypes += [ctypes.c_double, i64, ctypes.c_float]
             lib.cake_sample.restype = i64
         self.raw = lib
         self.path = path
@@ -333,18 +333,24 @@ def matmul_np(
 
 
 def sample_np(
-    logits: np.ndarray, temperature: float, min_p: float, r: float
+    logits: np.ndarray,
+    temperature: float,
+    min_p: float,
+    r: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> int | None:
     """The token drawn from softmax(logits / temperature), weights under min_p
-    times the top one's at 0, where r (in [0, 1)) * their sum falls in their
-    running sum (src/sample.cc); None where the kernels are absent or the row
-    has no finite maximum (all -inf, or NaN): then sample another way."""
+    times the top one's at 0 (and those top-k and top-p leave out: see
+    src/sample.cc), where r (in [0, 1)) * their sum falls in their running
+    sum; None where the kernels are absent or the row has no finite maximum
+    (all -inf, or NaN): then sample another way."""
     lib = _load()
     fn = getattr(lib.raw, "cake_sample", None) if lib is not None else None
     if fn is None:
         return None
     z = np.ascontiguousarray(logits, dtype=np.float32)
-    tok = fn(z.ctypes.data, z.size, 1.0 / temperature, min_p, r)
+    tok = fn(z.ctypes.data, z.size, 1.0 / temperature, min_p, r, top_k, top_p)
     return None if tok < 0 else int(tok)
 
 
@@ -355,18 +361,20 @@ def sample_available() -> bool:
     return lib is not None and hasattr(lib.raw, "cake_ffi_sample")
 
 
-def sample_ffi(logits: Any, inv_t: Any, min_p: Any, r: Any) -> Any:
+def sample_ffi(
+    logits: Any, inv_t: Any, min_p: Any, r: Any, top_k: Any, top_p: Any
+) -> Any:
     """int32 ids (B,) drawn from float32 logits (B, V) as an XLA CPU custom call
     (jit-able): per row, inv_t < 0 draws nothing (-1), 0 is greedy, > 0 is
-    `sample_np`'s draw with min_p and r, given as the int32 (B, 2) halves of
-    k = r * 2^53 (see backends/jax/draw.py)."""
+    `sample_np`'s draw with min_p, top_k (int32) and top_p, and r, given as
+    the int32 (B, 2) halves of k = r * 2^53 (see backends/jax/draw.py)."""
     import jax
     import jax.numpy as jnp
 
     register_ffi(("sample",), "the XLA FFI draw (jax not importable at build time)")
     out = jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32)
     call = jax.ffi.ffi_call("cake_cpu_sample", out, vmap_method="sequential")
-    return call(logits.astype(jnp.float32), inv_t, min_p, r)
+    return call(logits.astype(jnp.float32), inv_t, min_p, r, top_k, top_p)
 
 
 def dequantize_np(w: np.ndarray, fmt: str, k: int) -> np.ndarray:
