@@ -4,6 +4,7 @@
     python3 benchmarks/gpu_check.py check-packed      # the same, GGUF-quantized models
     python3 benchmarks/gpu_check.py speed --model llama-8b --weights Q8_0,Q4_0 [--json F]
     python3 benchmarks/gpu_check.py hf --model llama-1b [--json FILE]
+    python3 benchmarks/gpu_check.py draw [--json FILE]  # the in-step draw
 
 `benchmarks/gpu_check.sh` runs them all on a CUDA machine in one go. `--smoke`
 runs any of them with tiny shapes and few steps on whatever JAX device is
@@ -30,6 +31,14 @@ prefill, and whether XLA fused the decode of one matrix (the fused gate|up)
 into its product, from the optimized HLO. Each row has the bound: bytes of
 weights read per token as stored / the device's read bandwidth (a jitted sum
 over 4 GiB, best of 10, once per process).
+
+draw: the head stage's draw through XLA (backends/jax/draw.py, the GPUs'):
+8 rows of random logits of Llama 3's vocabulary (128256) per setting
+(greedy, temperature, top-k 40, top-p 0.9, both), 64 numbers each, against
+the host's draw from the same logits (cake.sampling.draw_rows): the share of
+equal tokens (a draw may differ where r or the top-p cut falls within
+float32 rounding of a boundary) and whether every token is one the host's
+rules keep; and the jitted draw's time per call next to the greedy one.
 
 hf: the anchor: HF transformers (PyTorch) on the same shapes, bfloat16, on CUDA,
 random init, eager `generate` with its default KV cache; decode tok/s is
@@ -548,6 +557,59 @@ def hf(model: str, sizes: Sizes, smoke: bool) -> dict:
     return out
 
 
+def draw_check(smoke: bool) -> dict:
+    """See the module's docstring (draw)."""
+    import jax
+
+    from cake.backends.base import Draw
+    from cake.backends.jax import draw as jdraw
+    from cake.sampling import draw_rows
+
+    b, v, reps = 8, 1000 if smoke else 128256, 8
+    rng = np.random.default_rng(0)
+    f = jax.jit(lambda *a: jdraw.draw_tokens(*a, kernel=False))
+    settings = {
+        "greedy": (0.0, 0, 1.0),
+        "temperature": (0.8, 0, 1.0),
+        "top-k 40": (0.8, 40, 1.0),
+        "top-p 0.9": (0.8, 0, 0.9),
+        "top-k 40, top-p 0.95": (0.8, 40, 0.95),
+    }
+    row: dict = {
+        "what": "draw",
+        "batch": b,
+        "vocab": v,
+        "device": str(jax.devices()[0]),
+    }
+    ok = True
+    for name, (t, k, p) in settings.items():
+        logits = (rng.standard_normal((b, v)) * 3).astype(np.float32)
+        dev = jax.device_put(logits)
+        same = total = 0
+        for _ in range(reps):
+            d = Draw((t,) * b, (0.0,) * b, tuple(rng.random(b)), (k,) * b, (p,) * b)
+            inputs = jax.device_put(jdraw.host_inputs(d, b))
+            got = np.asarray(f(dev, *inputs))
+            want = draw_rows(logits, d)
+            same += int((got == want).sum())
+            total += b
+            for i, tok in enumerate(got.tolist()):  # one the host's rules keep
+                z = logits[i] / np.float32(t) if t else logits[i]
+                if k and z[tok] < np.sort(z)[-k]:
+                    ok = False
+        f(dev, *inputs).block_until_ready()
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            f(dev, *inputs).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        row[name] = {"equal": same / total, "ms": 1e3 * min(times)}
+        log(f"draw {name}: {same}/{total} tokens equal, {1e3 * min(times):.3f} ms")
+        ok = ok and same >= 0.95 * total
+    row["ok"] = ok
+    return row
+
+
 def emit(row: dict, json_out: str | None) -> None:
     """Print a result as one JSON line, and append it to `json_out`."""
     print(json.dumps(row), flush=True)
@@ -558,7 +620,7 @@ def emit(row: dict, json_out: str | None) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["check", "check-packed", "speed", "hf"])
+    ap.add_argument("what", choices=["check", "check-packed", "speed", "hf", "draw"])
     ap.add_argument("--model", default="llama-1b", choices=sorted(MODELS))
     ap.add_argument(
         "--weights",
@@ -581,6 +643,10 @@ def main() -> int:
         return 0 if check(sizes) else 1
     if args.what == "check-packed":
         return 0 if check_packed() else 1
+    if args.what == "draw":
+        row = draw_check(args.smoke)
+        emit(row, args.json)
+        return 0 if row["ok"] else 1
     if args.what == "speed":
         speed(
             args.model, args.weights.split(","), sizes, args.smoke, args.json, args.hlo

@@ -80,6 +80,7 @@ if [ -z "$smoke" ]; then
 fi
 part check 150 "$py" "${gc[@]}" check $smoke
 part check-packed 90 "$py" "${gc[@]}" check-packed $smoke
+part draw 60 "$py" "${gc[@]}" draw "${sj[@]}"
 if [ -z "$smoke" ]; then
   wait "$tests"
   rc=$?
