@@ -66,14 +66,6 @@ class Draw:
                 "Draw needs a temperature, min_p, r, top_k and top_p per sequence"
             )
 
-    @property
-    def filters(self) -> bool:
-        """Whether a row that samples keeps only its top-k or top-p."""
-        return any(
-            t > 0 and (k > 0 or p < 1.0)
-            for t, k, p in zip(self.temperature, self.top_k, self.top_p, strict=True)
-        )
-
 
 @dataclass(frozen=True)
 class Step:

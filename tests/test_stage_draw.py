@@ -44,14 +44,12 @@ def tiny(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.mark.parametrize("way", ["cpu-kernel", "xla", "host-sort"])
-def test_the_stage_draws_the_host_samplers_token(llama, way):
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "xla"])
+def test_the_stage_draws_the_host_samplers_token(llama, kernel):
     """Each step twice at the same positions (the second rewinds the cache):
     once drawing in the stage, once returning logits that the host draws from
     with the same numbers; greedy, temperature, min-p, top-k and top-p rows in
-    one batch; host-sort: a CPU stage without the kernels' sampler draws the
-    top-k and top-p rows from the logits instead of sorting them in XLA."""
-    kernel = way == "cpu-kernel"
+    one batch."""
     if kernel and not cpu.sample_available():
         pytest.skip("no CPU kernels here")
     config, tensors = open_checkpoint(llama)
@@ -64,7 +62,6 @@ def test_the_stage_draws_the_host_samplers_token(llama, way):
         max_sequences=3,
     )
     stage._draw_kernel = kernel  # read when the steps are traced, below
-    stage._sort_on_host = way == "host-sort"
     rng = np.random.default_rng(0)
     seqs = (0, 1, 2)
     x = rng.integers(3, 128, (3, 5), dtype=np.int32)

@@ -23,7 +23,6 @@ from cake.backends.jax.programs import Programs, Shape
 from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import check_step, dtype_of
-from cake.sampling import draw_rows
 from cake.sequence import StageSequences
 from cake.shard import Shard
 from cake.weights import TensorSource
@@ -155,10 +154,6 @@ class JaxLlamaStage:
         from cake.kernels import cpu
 
         self._draw_kernel = bool(kernels) and cpu.sample_available()
-        # XLA's top-k and top-p sort each row: 100-140 ms a step for 8 rows of
-        # SmolLM2 on this CPU (2026-12-04) against 1-3 ms a row in NumPy, so a
-        # CPU without the kernels' sampler draws those rows from the logits
-        self._sort_on_host = on_cpu and not self._draw_kernel
         self.programs = Programs(self._lower)
         self._settled: dict[Shape, Any] = {}  # see _xla_program
 
@@ -325,18 +320,13 @@ class JaxLlamaStage:
         # NumPy inputs go in as they are and the program moves them to the
         # weights' device: a device_put per array first cost ~70 us each (CPU)
         params = self._params_held if self._holds(shape) else self._params
-        wanted = step.draw
-        if wanted is not None and self._sort_on_host and wanted.filters:
-            wanted = None  # drawn below, from the logits (see __init__)
-        draw = jdraw.host_inputs(wanted, step.batch) if self._draws(shape) else None
+        draw = jdraw.host_inputs(step.draw, step.batch) if self._draws(shape) else None
         out, self._cache = program(params, self._cache, xp, *ints, draw)
         self.seqs.advance(step)
         if draw is not None:
             logits, ids = out
-            if wanted is not None:  # only the ids leave the device
+            if step.draw is not None:  # only the ids leave the device
                 return np.array(ids)
-            if step.draw is not None:
-                return draw_rows(np.asarray(logits), step.draw)
             out = logits
         # a private, writable copy: no JAX array leaks (for 8 rows of SmolLM2
         # logits, 1.5 MB, it took 40-130 us a step: a Step that draws spares it)
