@@ -109,15 +109,20 @@ def draw_tokens(logits, inv_t, min_p, r, top_k, top_p, *, kernel: bool):
 def _largest_at_least(key, pred, bits: int):
     """Per row, the largest unsigned `key` value v (< 2^bits) with pred(v)
     true, pred falling as v grows and true at 0: a bisection of `bits`
-    steps, unrolled (one reduction each, no sort)."""
+    steps (one reduction each, no sort), as a loop of a known trip count:
+    unrolled, the draw's three bisections took its compile from 0.3 to 0.85
+    s on this CPU, for every head step's program; looped, 0.3-0.4."""
     lo = jnp.zeros(key.shape[:1] + (1,), jnp.uint32)
     hi = jnp.full_like(lo, (1 << bits) - 1)
-    for _ in range(bits):
+
+    def halve(_, bounds):
+        lo, hi = bounds
         d = hi - lo
         mid = lo + (d >> 1) + (d & 1)
         ok = pred(mid)
-        lo, hi = jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-    return lo
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    return jax.lax.fori_loop(0, bits, halve, (lo, hi))[0]
 
 
 def _filtered(logits, w, top_k, top_p):
