@@ -197,3 +197,4 @@ def test_top_k_keeps_ties_and_top_p_cuts_ties_by_the_lower_id(monkeypatch):
             # four tokens of ~0.24 each: 0.3 of the mass takes the first two
             assert support(top_p=0.3) == {1, 2}
             assert support(top_k=1, top_p=0.99) == {1, 2, 4, 5}
+            assert support(top_k=10**30) == support()  # past the vocabulary: off

@@ -110,8 +110,9 @@ def _largest_at_least(key, pred, bits: int):
     """Per row, the largest unsigned `key` value v (< 2^bits) with pred(v)
     true, pred falling as v grows and true at 0: a bisection of `bits`
     steps (one reduction each, no sort), as a loop of a known trip count:
-    unrolled, the draw's three bisections took its compile from 0.3 to 0.85
-    s on this CPU, for every head step's program; looped, 0.3-0.4."""
+    unrolled, the three bisections took the draw's compile (in every head
+    step's program) from 0.24-0.30 s to 0.85 s on this CPU; looped,
+    0.51-0.72."""
     lo = jnp.zeros(key.shape[:1] + (1,), jnp.uint32)
     hi = jnp.full_like(lo, (1 << bits) - 1)
 
@@ -152,7 +153,7 @@ def _filtered(logits, w, top_k, top_p):
     # of the weights equal to tau, the fewest, lowest ids first, that reach it
     above = jnp.sum(jnp.where(wb > tau_b, w, 0.0), -1, keepdims=True)
     need = jnp.ceil((target - above) / jnp.maximum(tau, jnp.finfo(jnp.float32).tiny))
-    need = jnp.maximum(need, 1.0).astype(jnp.int32)
+    need = jnp.clip(need, 1.0, float(v)).astype(jnp.int32)  # v: all of them
     tied = wb == tau_b
     ids = jax.lax.broadcasted_iota(jnp.int32, w.shape, 1)
     bits = max(1, int(v - 1).bit_length())

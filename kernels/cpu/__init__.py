@@ -350,6 +350,7 @@ def sample_np(
     if fn is None:
         return None
     z = np.ascontiguousarray(logits, dtype=np.float32)
+    top_k = top_k if 0 < top_k < z.size else 0  # past the row: every token
     tok = fn(z.ctypes.data, z.size, 1.0 / temperature, min_p, r, top_k, top_p)
     return None if tok < 0 else int(tok)
 

@@ -17,7 +17,8 @@
 // least each, 16 at a time in one vector pass: octaves, then sixteenths of
 // the one the cut is in) and sorts the weights of that bracket only (~55 us
 // more than a plain draw; NumPy's form, a partition and a sort of the 1024
-// largest or of the whole row where those fall short: 150-4000 us).
+// largest or of the whole row where those fall short: 150-4000 us). AVX2
+// builds: top-k 12.5 us, top-p alone ~83; plain C++: 55 and 480-740.
 //
 // The weights come from cake_vmath::exp_nonpos (~1 ulp), so a draw can differ
 // from NumPy's exp where r falls within rounding of a boundary; the same seed
@@ -193,6 +194,13 @@ int64_t at_least(const float* z, int64_t n, float thr, int32_t* idx) {
     c += __builtin_popcount((unsigned)m);
     iv = _mm512_add_epi32(iv, sixteen);
   }
+#elif CAKE_AVX2
+  const __m256 t = _mm256_set1_ps(thr);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(z + i);
+    for (unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(x, t, _CMP_GE_OQ)); m; m &= m - 1)
+      idx[c++] = (int32_t)(i + __builtin_ctz(m));
+  }
 #endif
   for (; i < n; i++) {
     idx[c] = (int32_t)i;
@@ -328,10 +336,22 @@ void keep_top_p(int64_t n, float top_p, float min_w, float* w) {
       iv = _mm512_add_epi32(iv, _mm512_set1_epi32(16));
     }
   }
+#elif CAKE_AVX2
+  {
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 x = _mm256_loadu_ps(w + i);
+      const __m256 in = _mm256_and_ps(
+          _mm256_and_ps(_mm256_cmp_ps(x, vlo, _CMP_GE_OQ), _mm256_cmp_ps(x, vhi, _CMP_LT_OQ)),
+          _mm256_cmp_ps(x, zero, _CMP_GT_OQ));
+      for (unsigned m = (unsigned)_mm256_movemask_ps(in); m; m &= m - 1)
+        cand[(size_t)nc++] = (int32_t)(i + __builtin_ctz(m));
+    }
+  }
 #endif
   for (; i < n; i++) {
     cand[(size_t)nc] = (int32_t)i;
-    nc += w[i] >= lo && w[i] < hi && w[i] > 0.0f;
+    nc += (w[i] >= lo) & (w[i] < hi) & (w[i] > 0.0f);
   }
   cand.resize((size_t)nc);
   std::sort(cand.begin(), cand.end(), [w](int32_t x, int32_t y) {
@@ -360,6 +380,23 @@ void keep_top_p(int64_t n, float top_p, float min_w, float* w) {
           _mm512_cmp_ps_mask(x, vmin, _CMP_GE_OQ);
       _mm512_storeu_ps(w + i, _mm512_maskz_mov_ps(keep, x));
       iv = _mm512_add_epi32(iv, _mm512_set1_epi32(16));
+    }
+  }
+#elif CAKE_AVX2
+  {
+    const __m256 vc = _mm256_set1_ps(wc), vmin = _mm256_set1_ps(min_w);
+    const __m256i vic = _mm256_set1_epi32((int32_t)(ic < n ? ic : n));
+    __m256i iv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 x = _mm256_loadu_ps(w + i);
+      const __m256 le = _mm256_castsi256_ps(_mm256_xor_si256(
+          _mm256_cmpgt_epi32(iv, vic), _mm256_set1_epi32(-1)));  // i <= ic
+      const __m256 keep = _mm256_and_ps(
+          _mm256_or_ps(_mm256_cmp_ps(x, vc, _CMP_GT_OQ),
+                       _mm256_and_ps(_mm256_cmp_ps(x, vc, _CMP_EQ_OQ), le)),
+          _mm256_cmp_ps(x, vmin, _CMP_GE_OQ));
+      _mm256_storeu_ps(w + i, _mm256_and_ps(keep, x));
+      iv = _mm256_add_epi32(iv, _mm256_set1_epi32(8));
     }
   }
 #endif
