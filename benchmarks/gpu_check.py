@@ -63,6 +63,7 @@ import numpy as np
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # tests.models
 
+from gpu_draw import draw_check  # noqa: E402
 from jax_decode_profile import SMOLLM2, decode_run, prefill_run  # noqa: E402
 from random_weights import RandomSource, write_random_gguf  # noqa: E402
 
@@ -557,59 +558,6 @@ def hf(model: str, sizes: Sizes, smoke: bool) -> dict:
     return out
 
 
-def draw_check(smoke: bool) -> dict:
-    """See the module's docstring (draw)."""
-    import jax
-
-    from cake.backends.base import Draw
-    from cake.backends.jax import draw as jdraw
-    from cake.sampling import draw_rows
-
-    b, v, reps = 8, 1000 if smoke else 128256, 8
-    rng = np.random.default_rng(0)
-    f = jax.jit(lambda *a: jdraw.draw_tokens(*a, kernel=False))
-    settings = {
-        "greedy": (0.0, 0, 1.0),
-        "temperature": (0.8, 0, 1.0),
-        "top-k 40": (0.8, 40, 1.0),
-        "top-p 0.9": (0.8, 0, 0.9),
-        "top-k 40, top-p 0.95": (0.8, 40, 0.95),
-    }
-    row: dict = {
-        "what": "draw",
-        "batch": b,
-        "vocab": v,
-        "device": str(jax.devices()[0]),
-    }
-    ok = True
-    for name, (t, k, p) in settings.items():
-        logits = (rng.standard_normal((b, v)) * 3).astype(np.float32)
-        dev = jax.device_put(logits)
-        same = total = 0
-        for _ in range(reps):
-            d = Draw((t,) * b, (0.0,) * b, tuple(rng.random(b)), (k,) * b, (p,) * b)
-            inputs = jax.device_put(jdraw.host_inputs(d, b))
-            got = np.asarray(f(dev, *inputs))
-            want = draw_rows(logits, d)
-            same += int((got == want).sum())
-            total += b
-            for i, tok in enumerate(got.tolist()):  # one the host's rules keep
-                z = logits[i] / np.float32(t) if t else logits[i]
-                if k and z[tok] < np.sort(z)[-k]:
-                    ok = False
-        f(dev, *inputs).block_until_ready()
-        times = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            f(dev, *inputs).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        row[name] = {"equal": same / total, "ms": 1e3 * min(times)}
-        log(f"draw {name}: {same}/{total} tokens equal, {1e3 * min(times):.3f} ms")
-        ok = ok and same >= 0.95 * total
-    row["ok"] = ok
-    return row
-
-
 def emit(row: dict, json_out: str | None) -> None:
     """Print a result as one JSON line, and append it to `json_out`."""
     print(json.dumps(row), flush=True)
@@ -644,7 +592,7 @@ def main() -> int:
     if args.what == "check-packed":
         return 0 if check_packed() else 1
     if args.what == "draw":
-        row = draw_check(args.smoke)
+        row = draw_check(args.smoke, log)
         emit(row, args.json)
         return 0 if row["ok"] else 1
     if args.what == "speed":

@@ -275,6 +275,23 @@ void masses_at_least(const float* w, int64_t n, const float* thr, int nt, double
       if (w[i] >= thr[j]) out[j] += w[i];
 }
 
+// One pass of top-p's bracketing: the first of the 16 falling thresholds
+// whose mass reaches target becomes lo, the one before it hi (with its mass,
+// above); where none does, hi and above move to the last, lo stays 0.
+void narrow(const float* w, int64_t n, const float* thr, double target, float* lo, float* hi,
+            double* above) {
+  double mass[16];
+  masses_at_least(w, n, thr, 16, mass);
+  for (int j = 0; j < 16; j++) {
+    if (mass[j] >= target) {
+      *lo = thr[j];
+      if (j > 0) *hi = thr[j - 1], *above = mass[j - 1];
+      return;
+    }
+  }
+  *hi = thr[15], *above = mass[15];
+}
+
 // Top-p over a row's weights w (n > 0, the top one 1): keeps the largest, ties
 // by the lower index first, up to the first whose running sum reaches top_p
 // of the total; sets the others to 0, and those under min_w. The cut is
@@ -290,34 +307,18 @@ void keep_top_p(int64_t n, float top_p, float min_w, float* w) {
   float hi = INFINITY, lo = 0.0f;  // the cut's weight is in [lo, hi)
   double above = 0.0;              // the mass at least hi
   float thr[16];
-  double mass[16];
   for (float top = 1.0f; top > 0.0f && lo == 0.0f;) {  // octaves below top
     for (int j = 0; j < 16; j++) thr[j] = ldexpf(top, -(j + 1));
-    masses_at_least(w, n, thr, 16, mass);
-    for (int j = 0; j < 16; j++) {
-      if (mass[j] >= target) {
-        lo = thr[j];
-        if (j > 0) hi = thr[j - 1], above = mass[j - 1];
-        break;
-      }
-    }
+    narrow(w, n, thr, target, &lo, &hi, &above);
     if (lo == 0.0f) {
-      hi = thr[15], above = mass[15];
-      top = thr[15];
+      top = thr[15];  // narrow() left hi there, and above its mass
       if (top < 1e-37f) break;  // below every weight weights() keeps: lo = 0
     }
   }
   if (lo > 0.0f && hi != INFINITY) {  // a sixteenth of the octave [lo, hi)
     for (int j = 0; j < 16; j++) thr[j] = hi * exp2f(-(float)(j + 1) / 16.0f);
     thr[15] = lo;
-    masses_at_least(w, n, thr, 16, mass);
-    for (int j = 0; j < 16; j++) {
-      if (mass[j] >= target) {
-        lo = thr[j];
-        if (j > 0) hi = thr[j - 1], above = mass[j - 1];
-        break;
-      }
-    }
+    narrow(w, n, thr, target, &lo, &hi, &above);
   }
   thread_local std::vector<int32_t> cand;
   cand.resize((size_t)n);
