@@ -4,7 +4,7 @@
     python3 benchmarks/gpu_check.py check-packed      # the same, GGUF-quantized models
     python3 benchmarks/gpu_check.py speed --model llama-8b --weights Q8_0,Q4_0 [--json F]
     python3 benchmarks/gpu_check.py hf --model llama-1b [--json FILE]
-    python3 benchmarks/gpu_check.py draw [--json FILE]  # the in-step draw
+    python3 benchmarks/gpu_check.py draw [--json FILE]  # the in-step draw: gpu_draw.py
 
 `benchmarks/gpu_check.sh` runs them all on a CUDA machine in one go. `--smoke`
 runs any of them with tiny shapes and few steps on whatever JAX device is
@@ -31,14 +31,6 @@ prefill, and whether XLA fused the decode of one matrix (the fused gate|up)
 into its product, from the optimized HLO. Each row has the bound: bytes of
 weights read per token as stored / the device's read bandwidth (a jitted sum
 over 4 GiB, best of 10, once per process).
-
-draw: the head stage's draw through XLA (backends/jax/draw.py, the GPUs'):
-8 rows of random logits of Llama 3's vocabulary (128256) per setting
-(greedy, temperature, top-k 40, top-p 0.9, both), 64 numbers each, against
-the host's draw from the same logits (cake.sampling.draw_rows): the share of
-equal tokens (a draw may differ where r or the top-p cut falls within
-float32 rounding of a boundary) and whether every token is one the host's
-rules keep; and the jitted draw's time per call next to the greedy one.
 
 hf: the anchor: HF transformers (PyTorch) on the same shapes, bfloat16, on CUDA,
 random init, eager `generate` with its default KV cache; decode tok/s is
@@ -592,8 +584,7 @@ def main() -> int:
     if args.what == "check-packed":
         return 0 if check_packed() else 1
     if args.what == "draw":
-        row = draw_check(args.smoke, log)
-        emit(row, args.json)
+        emit(row := draw_check(args.smoke, log), args.json)
         return 0 if row["ok"] else 1
     if args.what == "speed":
         speed(

@@ -1,5 +1,13 @@
-"""gpu_check.py's draw part: the head stage's in-step draw through XLA
-(backends/jax/draw.py) against the host's draw (see gpu_check.py)."""
+"""gpu_check.py's draw part (`gpu_check.py draw [--smoke] [--json FILE]`).
+
+draw: the head stage's draw through XLA (backends/jax/draw.py, the GPUs'):
+8 rows of random logits of Llama 3's vocabulary (128256) per setting
+(greedy, temperature, top-k 40, top-p 0.9, both), 64 numbers each, against
+the host's draw from the same logits (cake.sampling.draw_rows): the share of
+equal tokens (a draw may differ where r or the top-p cut falls within
+float32 rounding of a boundary) and whether every token is one the host's
+rules keep; and the jitted draw's time per call next to the greedy one.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ import numpy as np
 
 
 def draw_check(smoke: bool, log: Callable[[str], None]) -> dict:
-    """See gpu_check.py's docstring (draw)."""
+    """See the module."""
     import jax
 
     from cake.backends.base import Draw
