@@ -122,6 +122,22 @@ def decode_run(stage, prompt: np.ndarray, steps: int) -> np.ndarray:
     return np.array(times)
 
 
+def dispatch_run(stage, prompt: np.ndarray, steps: int) -> float:
+    """decode_run's steps as the engine's overlap runs them (cake.engine):
+    each step dispatched, fed with the ids the one before drew, on the
+    device, and that one's ids read after it is queued. Seconds in all."""
+    n = prompt.shape[1]
+    stage.release([0])
+    t = time.perf_counter()
+    prev = stage.dispatch(prompt, Step((0,), (0,), (n,), draw=GREEDY))
+    for pos in range(n, n + steps):
+        nxt = stage.dispatch(prev, Step((0,), (pos,), (1,), draw=GREEDY))
+        prev.result()  # the token, to the host while the next step runs
+        prev = nxt
+    prev.result()
+    return time.perf_counter() - t
+
+
 def prefill_run(stage, prompt: np.ndarray) -> float:
     stage.release([0])
     t = time.perf_counter()

@@ -12,6 +12,17 @@ Each `step()`:
    running streams keep flowing;
 and draws a token for every sequence whose ids are all fed.
 
+Overlap (`Engine.overlap`; by default where the pipeline is one stage on a
+GPU or TPU, whose steps run after their call returns): a decode step whose
+tokens the head stage draws is dispatched, not waited for; the next round
+queues the step after it on the device, fed with its ids where they are,
+before it reads its tokens and turns them into text. So the host's work per
+token (text, stop strings, events, the next Step) runs while the device
+computes. A sequence that ends on a token (EOS, a stop string) has had one
+more step queued: its row is dropped, and its cache holds one position more
+than the engine counts (a later prefix rewinds over it). The tokens are the
+same as without overlap.
+
 Admission is by sequence: the stages allocate their KV caches for
 `max_sequences` sequences of the full context when they load, so a request
 that gets a sequence never runs out of cache memory; the others wait in a
@@ -35,6 +46,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -111,6 +123,18 @@ class Observer:
 
 
 @dataclass(eq=False)
+class _Ahead:
+    """A dispatched decode step whose tokens are not read yet (see overlap)."""
+
+    seqs: list[Sequence]
+    runs: list[_Run]
+    positions: tuple[int, ...]
+    handle: Any  # Pipeline.dispatch's
+    started: float
+    compiled: float  # seconds its dispatch waited for a compilation
+
+
+@dataclass(eq=False)
 class _Run:
     """A running request's generation state (the owner of its Sequence)."""
 
@@ -139,11 +163,21 @@ class Engine:
         max_waiting: int = 64,
         prefill_chunk: int | None = None,
         observer: Observer | None = None,
+        overlap: bool | None = None,
     ) -> None:
         self.pipeline, self.tokenizer = pipeline, tokenizer
         # the head stage draws where it can (see _step_draw); CAKE_STAGE_DRAW=0
         # draws every token here, from the logits (to measure the difference)
         self.stage_draws = os.environ.get("CAKE_STAGE_DRAW", "1") != "0"
+        # overlap (see the module): the pipeline's choice unless told;
+        # CAKE_OVERLAP=0/1 overrides both (to measure the difference)
+        env = os.environ.get("CAKE_OVERLAP")
+        if env in ("0", "1"):
+            overlap = env == "1"
+        elif overlap is None:
+            overlap = pipeline.asynchronous
+        self.overlap = overlap and pipeline.can_dispatch
+        self._ahead: _Ahead | None = None
         self.pool = SequencePool(max_sequences)
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk or pipeline.prefill_chunk
@@ -243,6 +277,7 @@ class Engine:
         with self._stepping:
             if self.pool.running or self._waiting:
                 raise CakeError("warm_up needs an idle engine")
+            self._drain()
             ids = self.pool.forget_parked()
             if ids:
                 self.pipeline.release(ids)
@@ -260,13 +295,21 @@ class Engine:
         return len(shapes), time.perf_counter() - t0
 
     def step(self) -> bool:
-        """One round: admit, one decode step, one prefill chunk. False if idle."""
+        """One round: admit, one decode step, one prefill chunk. False if idle.
+
+        With overlap, the decode step dispatched by the last round is read
+        here, after the step that follows it is queued where it can be."""
         with self._stepping:
             self._reap()
             self._admit()
-            if not self.pool.running:
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                self._ahead = self._chain(ahead)
+                self._collect(ahead)
+            elif not self.pool.running:
                 return False
-            decode = [s for s in self.pool.running if s.pending == 1]
+            busy = self._ahead.seqs if self._ahead is not None else ()
+            decode = [s for s in self.pool.running if s.pending == 1 and s not in busy]
             if decode:
                 self._forward(decode, 1, "decode")
             prefill = [s for s in self.pool.running if s.pending > 1]
@@ -304,6 +347,7 @@ class Engine:
             for s in self.pool.running:
                 s.owner.request.cancelled = True
             self._reap()
+            self._drain()
             ids = [s.seq_id for s in self.pool.parked]
             self.pool.forget_parked()
             if ids:
@@ -374,6 +418,9 @@ class Engine:
             tuple(ids.shape[1] for _ in seqs),
             draw=draw,
         )
+        if self.overlap and draw is not None and kind == "decode":
+            self._ahead = self._dispatch(seqs, ids, step)
+            return
         t, compiled = time.perf_counter(), self.pipeline.compile_s
         try:
             out = self.pipeline.forward(ids, step)
@@ -386,9 +433,19 @@ class Engine:
             return
         self._resets = 0
         self.observer.step(kind, len(seqs), ids.size, time.perf_counter() - t)
-        compiled = self.pipeline.compile_s - compiled
+        self._fed(seqs, ids.shape[1], self.pipeline.compile_s - compiled)
         for i, s in enumerate(seqs):
-            s.cached += ids.shape[1]
+            if s.pending == 0:
+                if draw is None:
+                    self._draw(s, out[i])
+                else:
+                    self._drawn(s, int(out[i]))
+
+    def _fed(self, seqs: list[Sequence], n: int, compiled: float) -> None:
+        """The stages hold `n` more ids of each of `seqs`, whose step waited
+        `compiled` seconds for a compilation."""
+        for s in seqs:
+            s.cached += n
             self.pool.touch(s)
             if compiled:
                 st = s.owner.request.stats
@@ -397,12 +454,77 @@ class Engine:
                     st.decode_compile_tokens += 1
                 else:
                     st.prompt_compile_s += compiled
-                    st.prompt_compile_tokens += ids.shape[1]
-            if s.pending == 0:
-                if draw is None:
-                    self._draw(s, out[i])
-                else:
-                    self._drawn(s, int(out[i]))
+                    st.prompt_compile_tokens += n
+
+    def _dispatch(self, seqs: list[Sequence], x, step: Step) -> _Ahead | None:
+        """Dispatch `step` (overlap); None if it failed (its requests with it)."""
+        t, compiled = time.perf_counter(), self.pipeline.compile_s
+        try:
+            handle = self.pipeline.dispatch(x, step)
+        except Exception as e:  # the stage's error: these requests fail
+            for s in seqs:
+                self._fail(s, e)
+            return None
+        runs = [s.owner for s in seqs]
+        return _Ahead(
+            seqs, runs, step.positions, handle, t, self.pipeline.compile_s - compiled
+        )
+
+    def _chain(self, ahead: _Ahead) -> _Ahead | None:
+        """Dispatch the decode step after `ahead`'s, fed with its drawn ids on
+        the device, where the same sequences go on: none has been cancelled
+        or would end by its length, none has a penalty (its next draw would
+        depend on the token not read yet), no other sequence is ready to
+        decode (it joins them, in a step of its own after this round's
+        read). Else None: the next step waits for `ahead`'s tokens."""
+        busy = ahead.seqs
+        if any(s.pending == 1 and s not in busy for s in self.pool.running):
+            return None
+        ctx = self.pipeline.max_context
+        for s, run, p in zip(ahead.seqs, ahead.runs, ahead.positions, strict=True):
+            req = run.request
+            if (
+                s.owner is not run
+                or req.cancelled
+                or not run.sampler.draws_ahead
+                or run.generated + 2 > req.max_tokens
+                or p + 2 > ctx
+            ):
+                return None
+        rows = [run.sampler.for_device(ahead=1) for run in ahead.runs]
+        step = Step(
+            tuple(s.seq_id for s in ahead.seqs),
+            tuple(p + 1 for p in ahead.positions),
+            (1,) * len(ahead.seqs),
+            draw=Draw(*(tuple(col) for col in zip(*rows, strict=True))),
+        )
+        return self._dispatch(ahead.seqs, ahead.handle, step)
+
+    def _collect(self, ahead: _Ahead) -> None:
+        """Read `ahead`'s tokens (waiting for its step) and take them, for the
+        sequences whose requests still run."""
+        live = [
+            (i, s)
+            for i, (s, run) in enumerate(zip(ahead.seqs, ahead.runs, strict=True))
+            if s.owner is run
+        ]
+        try:
+            ids = ahead.handle.result()
+        except Exception as e:  # the stage's error: these requests fail
+            for _, s in live:
+                self._fail(s, e)
+            return
+        b = len(ahead.seqs)
+        self.observer.step("decode", b, b, time.perf_counter() - ahead.started)
+        self._fed([s for _, s in live], 1, ahead.compiled)
+        for i, s in live:
+            self._drawn(s, int(ids[i]))
+
+    def _drain(self) -> None:
+        """Wait for a dispatched step and take its tokens (none runs after)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._collect(ahead)
 
     def _step_draw(self, seqs: list[Sequence], n: int) -> Draw | None:
         """The step's Draw where the head stage can draw every token it ends

@@ -83,6 +83,27 @@ class Pipeline:
             x = stage.forward(x, inner)
         return draw_rows(x, step.draw) if here else x
 
+    @property
+    def can_dispatch(self) -> bool:
+        """Can a Step that draws be dispatched (`dispatch`)? Where one stage
+        in this process holds the whole model and dispatches (a JAX stage)."""
+        return len(self.stages) == 1 and hasattr(self.stages[0], "dispatch")
+
+    @property
+    def asynchronous(self) -> bool:
+        """Does a dispatched step run after its call returns (the stage's
+        device is not the host's cores: a GPU, a TPU)? Then the engine queues
+        step n+1 before it reads step n's tokens (cake.engine)."""
+        return self.can_dispatch and getattr(self.stages[0], "asynchronous", False)
+
+    def dispatch(self, ids, step: Step):
+        """`forward` of a Step that draws, returning at once a handle whose
+        `result()` gives the ids (see JaxLlamaStage.dispatch); `ids` may be
+        such a handle of the previous decode step of the same sequences."""
+        if not self.can_dispatch:
+            raise CakeError("this pipeline's stages cannot dispatch a step")
+        return self.stages[0].dispatch(ids, step)
+
     def release(self, seq_ids: Sequence[int]) -> None:
         for stage in self.stages:
             stage.release(seq_ids)

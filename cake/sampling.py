@@ -65,17 +65,22 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self.drawn: dict[int, int] = {}  # token id -> times drawn
         self._buf: np.ndarray | None = None
-        self._r: float | None = None  # spent by a step that has not drawn yet
+        # spent by steps that have not drawn yet, the next draw's first
+        self._rs: list[float] = []
 
     def __call__(self, logits: np.ndarray, previous: Iterable[int] = ()) -> int:
         tok = self._draw(logits, previous)
-        self.record(tok)
+        self._count(tok)
         return tok
 
     def record(self, tok: int) -> None:
-        """Count `tok` as drawn (a head stage drew it; see `for_device`)."""
+        """`tok` was drawn by a head stage from `for_device`'s first row."""
+        self._count(tok)
+        if self._rs:
+            self._rs.pop(0)
+
+    def _count(self, tok: int) -> None:
         self.drawn[tok] = self.drawn.get(tok, 0) + 1
-        self._r = None
 
     @property
     def device_drawable(self) -> bool:
@@ -86,22 +91,30 @@ class Sampler:
             (p.presence_penalty or p.frequency_penalty) and self.drawn
         )
 
-    def for_device(self) -> tuple[float, float, float, int, float]:
-        """(temperature, min_p, r, top_k, top_p) of the next draw, for a `Draw`
-        row. r is the number the host draw would spend; a step that fails
-        before it draws gets the same one again (an exact replay after a
-        worker's failure)."""
+    @property
+    def draws_ahead(self) -> bool:
+        """Can a head stage draw the token after next before this one knows the
+        next (no penalty, whose logits would depend on it)?"""
+        p = self.params
+        return p.repetition_penalty == 1.0 and not (
+            p.presence_penalty or p.frequency_penalty
+        )
+
+    def for_device(self, ahead: int = 0) -> tuple[float, float, float, int, float]:
+        """(temperature, min_p, r, top_k, top_p) of the next draw (`ahead`
+        draws later: a step queued behind the next one's, see cake.engine),
+        for a `Draw` row. r is the number the host draw would spend, in the
+        same order; a step that fails before it draws gets the same one again
+        (an exact replay after a worker's failure)."""
         p = self.params
         if p.temperature == 0:
             return 0.0, 0.0, 0.0, 0, 1.0
-        if self._r is None:
-            self._r = self.rng.random()
-        return p.temperature, p.min_p, self._r, p.top_k, p.top_p
+        while len(self._rs) <= ahead:
+            self._rs.append(self.rng.random())
+        return p.temperature, p.min_p, self._rs[ahead], p.top_k, p.top_p
 
     def _next_r(self) -> float:
-        r = self.rng.random() if self._r is None else self._r
-        self._r = None
-        return r
+        return self._rs.pop(0) if self._rs else self.rng.random()
 
     def _draw(self, logits: np.ndarray, previous: Iterable[int]) -> int:
         p = self.params

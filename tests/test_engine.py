@@ -23,9 +23,13 @@ def tiny(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="module", params=["numpy", "jax"])
+@pytest.fixture(scope="module", params=["numpy", "jax", "jax-overlap"])
 def model(request, tiny):
-    m = cake.load(tiny, backend=request.param, max_sequences=4, max_context=128)
+    backend, _, overlap = request.param.partition("-")
+    m = cake.load(tiny, backend=backend, max_sequences=4, max_context=128)
+    if overlap:  # each decode step queued before the last one's tokens are read
+        assert m.engine.pipeline.can_dispatch
+        m.engine.overlap = True
     yield m
     m.close()
 

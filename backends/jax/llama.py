@@ -359,7 +359,7 @@ def stage_step(
     held: see `Shared.held` (a held layer's params may be empty).
     draw: (inv_t, min_p, r, top_k, top_p) for a head's last tokens (see
     draw.py; through the CPU kernel if `draw_kernel`): the output is then
-    (logits, ids (B,)).
+    (logits, ids (B, 1)).
     Output: (B, L, D) hidden as `out_dtype`, or float32 logits (B, V) /
     (B, L, V) when `head`. Padding rows of hidden output are zero.
     """
@@ -429,5 +429,8 @@ def stage_step(
         logits = logits.astype(jnp.float32)
     if draw is not None:
         with jax.named_scope("draw"):
-            return (logits, draw_tokens(logits, *draw, kernel=draw_kernel)), cache
+            # (B, 1): what a decode step of the same sequences takes as its
+            # ids, so that the next step can start from them on the device
+            ids = draw_tokens(logits, *draw, kernel=draw_kernel)[:, None]
+            return (logits, ids), cache
     return logits, cache

@@ -65,6 +65,20 @@ def _cache_dtype(
     return model
 
 
+class Dispatched:
+    """A dispatched step's drawn ids, (B, 1) int32 still on the device
+    (JaxLlamaStage.dispatch)."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, ids: jax.Array) -> None:
+        self.ids = ids
+
+    def result(self) -> np.ndarray:
+        """The ids (B,) on the host, once the step has run."""
+        return np.array(self.ids).reshape(-1)
+
+
 class JaxLlamaStage:
     """Layers [shard.start, shard.end) of a llama-family model on one JAX device.
 
@@ -281,11 +295,56 @@ class JaxLlamaStage:
         """Stop compiling ahead (cake.Model.close calls this)."""
         self.programs.close()
 
+    @property
+    def asynchronous(self) -> bool:
+        """Does a decode step run on the device after its call returns? Then
+        the engine queues step n+1 before it reads step n's tokens (see
+        `dispatch`). On a GPU or TPU, yes; on the CPU where XLA attends (no
+        attention kernel) too: `benchmarks/bench_overlap.py`, SmolLM2 Q4_1,
+        CAKE_CPU_ATTENTION=0, an engine round 4.6 -> 4.3 ms at 1 sequence,
+        14.1 -> 13.7 at 8 (2026-12-04). Not with the CPU kernels: XLA:CPU runs
+        a program it counts under 1000 flops in the caller's thread, and the
+        kernels' custom calls count none, so the call returns once the step
+        has run (overlap there: 0.96-1.06x, noise, and a step's delay before
+        each token reaches its stream)."""
+        return self._jax_device.platform != "cpu" or not self._attention_kernel
+
     def forward(self, x: np.ndarray, step: Step) -> np.ndarray:
         """See `cake.backends.base.StageModel`: NumPy in, NumPy out."""
-        cfg = self.config
         x = np.asarray(x)
-        check_step(step, x, self.shard, cfg)
+        out = self._launch(x, step)
+        if step.draw is not None:  # only the ids leave the device
+            return np.array(out[1]).reshape(-1)
+        last = self.shard.head and not step.all_logits
+        if last:  # its program draws too (see _draws): (logits, ids)
+            out = out[0]
+        # a private, writable copy: no JAX array leaks (for 8 rows of SmolLM2
+        # logits, 1.5 MB, it took 40-130 us a step: a Step that draws spares it)
+        out = np.asarray(out).copy()
+        return out if last else out[:, : step.max_len]
+
+    def dispatch(self, x: np.ndarray | Dispatched, step: Step) -> Dispatched:
+        """`forward` of a Step that draws, without waiting for its ids: they
+        stay on the device until `Dispatched.result`. `x` may be the ids of
+        an earlier dispatch of this stage, to feed them as they are, a decode
+        step of the same sequences in the same order: step n+1 is then queued
+        before step n's tokens reach the host."""
+        if step.draw is None or not self.shard.head:
+            raise CakeError("only a head stage's step that draws can be dispatched")
+        if not isinstance(x, Dispatched):
+            x = np.asarray(x)
+        return Dispatched(self._launch(x, step)[1])
+
+    def _launch(self, x: np.ndarray | Dispatched, step: Step):
+        """Check `step`, pad `x`, call the step's program: its outputs, on the
+        device ((logits, ids) where the step's shape draws)."""
+        cfg = self.config
+        if isinstance(x, Dispatched):
+            fits = self.shard.embed and x.ids.shape == (step.batch, step.max_len)
+            if not fits or step.max_len != 1:
+                raise CakeError("drawn ids feed only a decode step of as many rows")
+        else:
+            check_step(step, x, self.shard, cfg)
         slots = self.seqs.admit(step)
         n = step.max_len
         width = kvcache.bucket(n)  # prefill lengths padded to powers of two
@@ -297,7 +356,9 @@ class JaxLlamaStage:
         t_len = kvcache.bucket(
             0 if kernel else ends, cap=self.max_context, floor=kvcache.MIN_CACHE_BUCKET
         )
-        if self.shard.embed:
+        if isinstance(x, Dispatched):
+            xp = x.ids  # (B, 1) int32, on the device
+        elif self.shard.embed:
             xp = np.zeros((step.batch, width), np.int32)
             xp[:, :n] = x
         else:
@@ -323,17 +384,7 @@ class JaxLlamaStage:
         draw = jdraw.host_inputs(step.draw, step.batch) if self._draws(shape) else None
         out, self._cache = program(params, self._cache, xp, *ints, draw)
         self.seqs.advance(step)
-        if draw is not None:
-            logits, ids = out
-            if step.draw is not None:  # only the ids leave the device
-                return np.array(ids)
-            out = logits
-        # a private, writable copy: no JAX array leaks (for 8 rows of SmolLM2
-        # logits, 1.5 MB, it took 40-130 us a step: a Step that draws spares it)
-        out = np.asarray(out).copy()
-        if self.shard.head and not step.all_logits:
-            return out
-        return out[:, :n]
+        return out
 
     def _xla_program(self, shape: Shape):
         """The program for a step on XLA's attention: `shape`'s own, else (while
