@@ -17,8 +17,8 @@ Per round, systems interleaved:
 - stalls: in one process per attention path (the CPU kernel; XLA's, as GPUs
   take it: CAKE_CPU_ATTENTION=0), prompts of 1, 300, 1200 and 3000 tokens,
   each followed by 300 greedy tokens (crossing a cache bucket where one is
-  near); every engine step after the first token is timed, and its stall is
-  its time minus the median decode step.
+  near); every engine round after the first token is timed, and its stall is
+  its time minus the median round.
 - llama.cpp (with --lcpp-python, a Python with llama-cpp-python): load and
   first token from its process's start on the same GGUF, and its decode rate.
 
@@ -79,23 +79,26 @@ from cake.engine import Request
 from cake.sampling import SamplingParams
 m = cake.load(sys.argv[1], backend="jax", max_context=int(sys.argv[2]))
 m.engine.warm_up(batches=[1], widths=())  # as cake run does
-steps = []
-fwd = m.pipeline.forward
-def timed(ids, step):
-    t = time.perf_counter()
-    out = fwd(ids, step)
-    steps.append((ids.shape[1], time.perf_counter() - t))
-    return out
-m.pipeline.forward = timed
+# each engine round timed (with overlap, XLA's attention path dispatches its
+# decode steps instead of calling forward): the rounds after the first token
+rounds, got = [], [0]
+step = m.engine.step
+def timed():
+    before, t = got[0], time.perf_counter()
+    busy = step()
+    if before:
+        rounds.append(time.perf_counter() - t)
+    return busy
+m.engine.step = timed
 out = {}
 for n in map(int, sys.argv[3].split(",")):
     ids = [(i * 37 + n) % 20000 + 200 for i in range(n)]  # no shared prefix
-    steps.clear()
+    rounds.clear()
+    got[0] = 0
     req = Request(ids, SamplingParams(temperature=0), 300)
-    for _ in m.engine.events(req):
-        pass
-    first = next(i for i, (w, _) in enumerate(steps) if w == 1)  # first decode
-    after = [s for _, s in steps[first:]]  # all after the prompt's last chunk
+    for ev in m.engine.events(req):
+        got[0] += len(ev.tokens)
+    after = rounds
     med = statistics.median(after)
     out[n] = {"tokens": req.stats.decode_tokens, "median_ms": med * 1e3,
               "max_ms": max(after) * 1e3, "stall_ms": (max(after) - med) * 1e3,
