@@ -12,8 +12,9 @@ Each `step()`:
    running streams keep flowing;
 and draws a token for every sequence whose ids are all fed.
 
-Overlap (`Engine.overlap`; by default where the pipeline is one stage on a
-GPU or TPU, whose steps run after their call returns): a decode step whose
+Overlap (`Engine.overlap`; by default where the pipeline is one local stage
+whose steps run after their call returns: JAX on a GPU or TPU, or on XLA's
+attention path on the CPU; see JaxLlamaStage.asynchronous): a decode step whose
 tokens the head stage draws is dispatched, not waited for; the next round
 queues the step after it on the device, fed with its ids where they are,
 before it reads its tokens and turns them into text. So the host's work per

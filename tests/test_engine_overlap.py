@@ -178,3 +178,26 @@ def test_a_jax_stage_chains_dispatched_steps_as_forward_steps(pair):
         b.dispatch(handle, Step((0,), (10,), (1,), draw=Draw((0.0,), (0.0,), (0.0,))))
     for st in (a, b):
         st.release([0, 1])
+
+
+def test_overlap_is_on_where_the_stage_runs_its_steps_after_the_call(tiny, monkeypatch):
+    # XLA's attention on the CPU: its programs run after their call returns
+    monkeypatch.setenv("CAKE_CPU_ATTENTION", "0")
+    m = cake.load(tiny, backend="jax", max_context=64)
+    try:
+        assert m.pipeline.asynchronous and m.engine.overlap
+        out = [
+            t
+            for ev in m.engine.events(Request([1, 2, 3], GREEDY, 8))
+            for t in ev.tokens
+        ]
+        monkeypatch.setenv("CAKE_OVERLAP", "0")
+        e = type(m.engine)(m.pipeline, m.tokenizer)
+        assert not e.overlap
+        fresh(m.engine)
+        assert [
+            t for ev in e.events(Request([1, 2, 3], GREEDY, 8)) for t in ev.tokens
+        ] == out
+        e.close()
+    finally:
+        m.close()
