@@ -510,8 +510,14 @@ def matmul_grouped(
     )
 
 
-def dequantize(w: Any, fmt: str, k: int) -> Any:
-    """The N x K weights `w` in `fmt` as float32 `(N, K)`, an XLA CPU custom call."""
+def dequantize(w: Any, fmt: str, k: int, after: Any = None) -> Any:
+    """The N x K weights `w` in `fmt` as float32 `(N, K)`, an XLA CPU custom call.
+
+    `after`: an array the call waits for without reading it, e.g. the
+    activations the widened matrix multiplies. The weights alone are known at
+    the step's start, so XLA would widen every layer's matrices first and hold
+    them all (a 256-row SmolLM2 Q4_1 step: 431 MB of scratch against a 97 MB
+    file); waiting for each product's input bounds it to about one layer's."""
     import jax
     import jax.numpy as jnp
 
@@ -520,4 +526,6 @@ def dequantize(w: Any, fmt: str, k: int) -> Any:
     _require().code(fmt)
     out = jax.ShapeDtypeStruct((n, k), jnp.float32)
     call = jax.ffi.ffi_call("cake_cpu_dequantize", out, vmap_method="sequential")
-    return call(w, fmt=fmt)
+    if after is None:
+        after = jnp.zeros((0,), jnp.float32)
+    return call(w, after, fmt=fmt)

@@ -879,7 +879,10 @@ ffi::Error ffi_matmul_grouped(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
-ffi::Error ffi_dequantize(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out, std::string_view fmt) {
+// `after` is not read: it only makes XLA schedule the widening once that
+// buffer exists (see cake.kernels.cpu.dequantize).
+ffi::Error ffi_dequantize(ffi::AnyBuffer w, ffi::AnyBuffer /*after*/, ffi::Result<ffi::AnyBuffer> out,
+                          std::string_view fmt) {
   const int code = code_of(fmt);
   if (code < 0) return ffi::Error::InvalidArgument("cake: format not compiled in: " + std::string(fmt));
   const auto od = out->dimensions();
@@ -926,6 +929,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_matmul_grouped, ffi_matmul_grouped,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cake_ffi_dequantize, ffi_dequantize,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()  // w (N, row)
+                                  .Arg<ffi::AnyBuffer>()  // after: unread, an ordering edge
                                   .Ret<ffi::AnyBuffer>()  // out (N, K) float32
                                   .Attr<std::string_view>("fmt"));
 #pragma GCC visibility pop
