@@ -28,7 +28,10 @@ def assert_parts_compute_the_whole(
 ) -> None:
     """The 3-layer model's stages, each loaded from the whole and from its part
     ("master" embeds and holds layer 0 and the head, "w1" layer 1, "w2" layer
-    2), give the same bits on NumPy, stage after stage."""
+    2), give the same numbers on NumPy, stage after stage, within float32
+    rounding: the parts hold the same bytes (the callers check), but BLAS may
+    sum a product in another order for operands at other addresses (numpy
+    2.4.6: 4.8e-6 apart after a Qwen3-MoE stage, the same code)."""
 
     def stage(source, shard):
         return load_local_stage(config, shard, source, "numpy", "float32",
@@ -48,5 +51,7 @@ def assert_parts_compute_the_whole(
         _, part = open_checkpoint(folders[name])
         x_whole = stage(whole, shard).forward(x_whole, step)
         x_split = stage(part, shard).forward(x_split, step)
-        assert np.array_equal(x_whole, x_split)
+        np.testing.assert_allclose(
+            x_split, x_whole, rtol=1e-5, atol=1e-5 * np.abs(x_whole).max()
+        )
     assert x_split.shape == (1, config.vocab_size) and np.isfinite(x_split).all()

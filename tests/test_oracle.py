@@ -70,6 +70,24 @@ def test_prefill_and_greedy_decode_match_hf(reference, backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "jax-xla"])
+def test_a_middle_stage_leaves_its_input_as_it_was(reference, backend):
+    """A stage's input is the caller's (a worker's received activations, kept
+    to resend after a failure): the NumPy stage once wrote its rows into it."""
+    folder, _ = reference
+    config, tensors = open_checkpoint(folder)
+    n = config.num_hidden_layers
+    shard = Shard(1, n, n)
+    stage = load_local_stage(
+        config, shard, tensors, backend, "float32", max_context=64, max_sequences=4
+    )
+    x = np.random.default_rng(0).standard_normal((1, 4, config.hidden_size))
+    x = x.astype(np.float32)
+    kept = x.copy()
+    out = stage.forward(x, Step((0,), (0,), (4,)))
+    assert np.array_equal(x, kept) and not np.array_equal(out, x)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "jax-xla"])
 def test_split_in_two_stages_matches_hf(reference, backend):
     """Layers [0, 1) and [1, 3) as two stages: the whole model's numbers."""
     folder, ref = reference

@@ -236,7 +236,7 @@ class NumpyLlamaStage:
                 h = (h * np.float32(self.embed_scale)).astype(dtype_of(self.dtype))
                 h = h.astype(np.float32)
         else:
-            h = np.asarray(x, dtype=np.float32)
+            h = np.array(x, dtype=np.float32)  # a copy: the rows are written below
         for b, (sid, pos, n) in enumerate(
             zip(step.seq_ids, step.positions, step.lengths, strict=True)
         ):
