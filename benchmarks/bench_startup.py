@@ -79,6 +79,8 @@ from cake.engine import Request
 from cake.sampling import SamplingParams
 m = cake.load(sys.argv[1], backend="jax", max_context=int(sys.argv[2]))
 m.engine.warm_up(batches=[1], widths=())  # as cake run does
+from cake.warmup import freeze_heap
+freeze_heap()
 # each engine round timed (with overlap, XLA's attention path dispatches its
 # decode steps instead of calling forward): the rounds after the first token
 rounds, got = [], [0]

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 import cake
 from cake.errors import CakeError
 from cake.stats import GenerationStats
+from cake.warmup import freeze_heap
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def run_command(o: RunOptions) -> None:
             raise CakeError("this model has no chat template; use --raw")
         # the decode step compiles now, not after the first token
         _, warm_s = model.engine.warm_up(batches=[1], widths=())
+        freeze_heap()
         if o.prompt is None and sys.stdin.isatty():
             _interactive(model, o, err, warm_s)
             return

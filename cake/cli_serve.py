@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from cake.cli_run import LoadOptions, load_model
+from cake.warmup import freeze_heap
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ def serve_command(o: ServeOptions) -> None:
     app = create_app(served, on_shutdown=[close])
     # every batch size and chunk width compiles now, not in a client's request
     shapes, warm_s = engine.warm_up()
+    freeze_heap()
     threading.Thread(target=engine.grammars.prepare, daemon=True).start()
     engine.start()
     info = model.info

@@ -162,6 +162,37 @@ def test_decode_never_waits_for_the_next_cache_bucket(folders, monkeypatch, kern
         assert stage.trace_count == traced
 
 
+def test_xla_attention_decode_builds_no_library_fusions(folders, monkeypatch):
+    """A decode program on XLA's attention (CPU) hands XLA no YNNPACK fusions,
+    whose pipelines are built at a program's first run, mid-generation (see
+    stage.NO_LIBRARY_FUSIONS); the tokens are checked against NumPy elsewhere.
+    An XLA that knows no such option compiles the program as it is."""
+    from cake.backends.jax import programs
+    from cake.backends.jax.programs import Shape
+
+    monkeypatch.setenv("CAKE_CPU_ATTENTION", "0")
+    stage = load(folders["llama"])
+    stage.forward(np.array([ids(4)], np.int32), Step((0,), (0,), (4,)))
+    stage.forward(np.array([[5]], np.int32), Step((0,), (4,), (1,)))
+    stage.programs.drain()
+    decodes = [p for s, p in stage.programs._ready.items() if s.width == 1]
+    assert decodes and all("__ynn_fusion" not in p.as_text() for p in decodes)
+
+    seen = []
+    p = programs.Programs(
+        stage._lower, lambda shape: {"xla_cpu_no_such_option_here": True}
+    )
+    orig = stage._lower
+
+    def lower(shape):
+        seen.append(shape)
+        return orig(shape)
+
+    p._lower = lower
+    shape = Shape(1, 2, stage.max_context, False, None, False)
+    assert p.get(shape) is not None and seen == [shape]
+
+
 @pytest.mark.parametrize("kernel", [True, False], ids=["attention-kernel", "xla"])
 def test_each_step_updates_the_cache_in_place(folders, monkeypatch, kernel):
     """The cache is donated to every step: XLA writes the new keys and values

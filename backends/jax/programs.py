@@ -84,8 +84,13 @@ class Programs:
     waiting, i.e. what the run stalled on; `compiled_ahead`: programs the
     thread finished."""
 
-    def __init__(self, lower: Callable[[Shape], Any]) -> None:
+    def __init__(
+        self,
+        lower: Callable[[Shape], Any],
+        options: Callable[[Shape], dict[str, Any] | None] = lambda _shape: None,
+    ) -> None:
         self._lower = lower  # Shape -> jax.stages.Lowered
+        self._options = options  # Shape -> XLA compiler options, or None
         self._ready: dict[Shape, Any] = {}
         self._pending: dict[Shape, Future] = {}
         self._queue: deque[Shape] = deque()
@@ -177,7 +182,15 @@ class Programs:
     def _compile(self, shape: Shape, background: bool = False) -> Any:
         with _short_switch_interval() if background else contextlib.nullcontext():
             lowered = self._lower(shape)
-        prog = lowered.compile()
+        options, prog = self._options(shape), None
+        try:
+            if options:
+                prog = lowered.compile(compiler_options=options)
+        except Exception as e:  # an XLA without that option: as it is then
+            if not any(k in str(e) for k in options):
+                raise
+        if prog is None:
+            prog = lowered.compile()
         self._ready[shape] = prog
         return prog
 

@@ -29,6 +29,20 @@ from cake.weights import TensorSource
 
 CAUSAL_CHUNK = 128  # query block of a prefill's attention, see llama.attention
 
+# XLA:CPU hands attention's dots and reductions to YNNPACK, which builds each
+# fusion's pipeline at the program's first run: a SmolLM2 decode step on XLA's
+# attention took 100-125 ms the first time and 14-18 after (1024 and 2048
+# cache positions; 30 layers x 4 such fusions; 30 % of that first run's
+# samples in YNNPACK's `slinky` simplifier, perf). The program of each next
+# cache bucket runs first in the middle of a generation, so that was a stall
+# at every bucket, whether it was compiled ahead or read from the cache.
+# Without them the first run takes 25-36 ms (18-45 within a generation),
+# and a step 3-6 % longer (8.3 /
+# 14.2 / 21.7 ms -> 8.5 / 15.1 / 22.4 at 256 / 1024 / 2048 positions, medians
+# of 3 alternating processes, 2026-12-06). Decode steps only: a 256-row
+# prefill's widened products are dots too, 710 -> 546 tok/s without.
+NO_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
 
 def _attention_kernel_available() -> bool:
     if os.environ.get("CAKE_CPU_ATTENTION", "1") == "0":  # to measure the XLA path
@@ -168,7 +182,7 @@ class JaxLlamaStage:
         from cake.kernels import cpu
 
         self._draw_kernel = bool(kernels) and cpu.sample_available()
-        self.programs = Programs(self._lower)
+        self.programs = Programs(self._lower, self._compile_options)
         self._settled: dict[Shape, Any] = {}  # see _xla_program
 
     def _hold_layers(self) -> tuple[tuple, int]:
@@ -192,6 +206,13 @@ class JaxLlamaStage:
         )
         weakref.finalize(self, _release, tuple(h.key for h in held))
         return held, min(rows)
+
+    def _compile_options(self, shape: Shape) -> dict | None:
+        """XLA options for `shape`'s program (see NO_LIBRARY_FUSIONS)."""
+        cpu = self._jax_device.platform == "cpu"
+        if cpu and shape.width == 1 and not shape.attention_kernel:
+            return NO_LIBRARY_FUSIONS
+        return None
 
     def _draws(self, shape: Shape) -> bool:
         """Whether `shape`'s step takes a draw's inputs and returns ids too:

@@ -162,6 +162,7 @@ def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict
                 E_ASSIGN,
             )
         server.stages, server.tensors = {}, None  # other weights: drop the old ones
+        gc.unfreeze()  # what warm_up froze (their cycles) may go now
         gc.collect()
     server.manifest, server.config = manifest, config
     server.model_fingerprint = manifest.model_fingerprint
@@ -316,6 +317,7 @@ def handle_load(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> di
         )
     server._release(peer, [s for p, s in list(server._seqs) if p == peer])
     server.stages = {}  # free the old layers before loading the new ones
+    gc.unfreeze()  # what warm_up froze (their cycles) may go now
     gc.collect()
     if server.cache is not None:  # the layers the master streamed, mapped
         from cake.weights.cache import CachedSource
@@ -357,7 +359,7 @@ def warm_up(server: WorkerServer) -> None:
     stages that compiles them (cake.warmup): decode steps of 1..max_sequences
     sequences, prefill chunks of one sequence at each padded width."""
     from cake.pipeline import DEFAULT_PREFILL_CHUNK
-    from cake.warmup import prefill_widths, step_shapes, warm_stage
+    from cake.warmup import freeze_heap, prefill_widths, step_shapes, warm_stage
 
     t0, n = time.perf_counter(), 0
     for stage in server.stages.values():
@@ -370,6 +372,7 @@ def warm_up(server: WorkerServer) -> None:
         n += len(shapes)
     if n:
         _say(f"warmed up {n} step shapes in {time.perf_counter() - t0:.1f} s")
+    freeze_heap()  # until these layers are dropped (gc.unfreeze above)
 
 
 def load_stages(
