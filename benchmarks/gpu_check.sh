@@ -72,11 +72,12 @@ gc=(benchmarks/gpu_check.py)
 sj=(--json "$out/speed.jsonl" $smoke)
 if [ -z "$smoke" ]; then
   # the JAX backend's own tests on the GPU (and the engine's overlap, on by
-  # default there), beside the two checks: none of the
+  # default there; each program's scratch against a layer's widened bytes,
+  # XLA's decode with its data edge), beside the two checks: none of the
   # three times anything, and all end before the timings start
-  echo "[$(date +%T) ${SECONDS}s] == pytest tests/test_jax_backend.py tests/test_engine_overlap.py (in the background)"
+  echo "[$(date +%T) ${SECONDS}s] == pytest tests/test_jax_backend.py tests/test_engine_overlap.py tests/test_jax_memory.py (in the background)"
   CAKE_CACHE_DIR="$work/cache-tests" timeout -k 10 150 "$py" -m pytest -q -x -p no:cacheprovider \
-    tests/test_jax_backend.py tests/test_engine_overlap.py \
+    tests/test_jax_backend.py tests/test_engine_overlap.py tests/test_jax_memory.py \
     >"$work/pytest.out" 2>&1 &
   tests=$!
 fi
