@@ -18,21 +18,14 @@ from cake.shard import Shard
 from cake.weights.checkpoint import open_checkpoint
 from tests.gguf_models import write_gguf
 from tests.models import make_checkpoint
+from tests.test_quantized_models import SHAPE as QUANTIZED_SHAPE
 
 pytestmark = pytest.mark.skipif(
     "jax" not in available_backends(), reason="jax not installed"
 )
 
 LAYERS = 8
-SHAPE = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    num_hidden_layers=LAYERS,
-    vocab_size=512,
-)
+SHAPE = {**QUANTIZED_SHAPE, "num_hidden_layers": LAYERS, "vocab_size": 512}
 ROWS = 160  # past the kernels' 128 rows: the widened path
 
 

@@ -182,15 +182,14 @@ class Programs:
     def _compile(self, shape: Shape, background: bool = False) -> Any:
         with _short_switch_interval() if background else contextlib.nullcontext():
             lowered = self._lower(shape)
-        options, prog = self._options(shape), None
+        options = self._options(shape)
         try:
-            if options:
-                prog = lowered.compile(compiler_options=options)
+            prog = lowered.compile(compiler_options=options) if options else None
         except Exception as e:  # an XLA without that option: as it is then
             if not any(k in str(e) for k in options):
                 raise
-        if prog is None:
-            prog = lowered.compile()
+            prog = None
+        prog = prog or lowered.compile()
         self._ready[shape] = prog
         return prog
 

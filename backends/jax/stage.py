@@ -36,11 +36,11 @@ CAUSAL_CHUNK = 128  # query block of a prefill's attention, see llama.attention
 # samples in YNNPACK's `slinky` simplifier, perf). The program of each next
 # cache bucket runs first in the middle of a generation, so that was a stall
 # at every bucket, whether it was compiled ahead or read from the cache.
-# Without them the first run takes 25-36 ms (18-45 within a generation),
-# and a step 3-6 % longer (8.3 /
-# 14.2 / 21.7 ms -> 8.5 / 15.1 / 22.4 at 256 / 1024 / 2048 positions, medians
-# of 3 alternating processes, 2026-12-06). Decode steps only: a 256-row
-# prefill's widened products are dots too, 710 -> 546 tok/s without.
+# Without them the first run takes 25-36 ms (18-45 within a generation), and
+# a step 3-6 % longer (8.3 / 14.2 / 21.7 ms -> 8.5 / 15.1 / 22.4 at 256 / 1024
+# / 2048 positions, medians of 3 alternating processes, 2026-12-06). Decode
+# steps only: a 256-row prefill's widened products are dots too, 710 -> 546
+# tok/s without.
 NO_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
