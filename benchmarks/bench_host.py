@@ -103,7 +103,7 @@ def stage_rounds(batch: int, steps: int, rounds: int) -> list[dict]:
 
 def engine_rounds(batch: int, steps: int, rounds: int) -> list[dict]:
     import cake
-    from cake.engine import Observer, Request
+    from cake.request import Observer, Request
     from cake.sampling import SamplingParams
 
     class Steps(Observer):

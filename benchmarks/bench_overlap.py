@@ -29,7 +29,7 @@ from pathlib import Path
 def run(m, batch: int, tokens: int, overlap: bool) -> dict:
     """One run of `batch` requests: the median engine round that decodes all
     of them, and the tokens a second that makes."""
-    from cake.engine import Observer, Request
+    from cake.request import Observer, Request
     from cake.sampling import SamplingParams
 
     class Watch(Observer):

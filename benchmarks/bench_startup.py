@@ -75,7 +75,7 @@ print(greedy(128))
 STALLS = r"""
 import json, statistics, sys, time
 import cake
-from cake.engine import Request
+from cake.request import Request
 from cake.sampling import SamplingParams
 m = cake.load(sys.argv[1], backend="jax", max_context=int(sys.argv[2]))
 m.engine.warm_up(batches=[1], widths=())  # as cake run does

@@ -45,8 +45,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,72 +55,14 @@ from cake.backends.base import Draw, Step
 from cake.errors import CakeError, ContextLengthError, NetworkError
 from cake.grammar import Constraint, GrammarError, Grammars
 from cake.pipeline import Pipeline, StageReset
-from cake.sampling import Sampler, SamplingParams, top_logprobs
+from cake.request import Event, Observer, QueueFullError, Request, TokenLogprob, emit
+from cake.sampling import Sampler, top_logprobs
 from cake.sequence import Sequence, SequencePool
 from cake.stats import GenerationStats
 from cake.stops import StopMatcher
 from cake.warmup import prefill_widths, step_shapes
 
 MAX_REPLAYS = 5  # replays in a row after stages lost their caches
-
-
-class QueueFullError(CakeError):
-    """Every sequence runs and the waiting queue is full."""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A drawn token's log-probability and the most likely alternatives."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class Event:
-    """What one request got from one step: new text and token ids; `finish` is set
-    on its last event (a GenerationStats.stop_reason), `error` when it failed."""
-
-    text: str = ""
-    tokens: tuple[int, ...] = ()
-    logprobs: tuple[TokenLogprob, ...] = ()
-    finish: str | None = None
-    error: BaseException | None = None
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation: prompt ids, how to sample, when to stop.
-
-    logprobs: None, or k: each token's log-probability with k alternatives (of
-      the distribution sampled from: under a grammar, the tokens it allows).
-    grammar: None, or a grammar (cake.grammar) every drawn token must follow.
-    on_event: called from the engine's thread with each Event.
-    """
-
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    grammar: str | None = None
-    on_event: Callable[[Event], None] | None = None
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    done: bool = False
-    cancelled: bool = False
-    submitted: float = 0.0
-
-
-class Observer:
-    """Hooks the engine calls (from its thread); cake.server counts metrics here."""
-
-    def step(self, kind: str, batch: int, tokens: int, seconds: float) -> None:
-        """A forward call: kind "decode" or "prefill", sequences, ids fed."""
-
-    def first_token(self, req: Request) -> None: ...
-
-    def finished(self, req: Request) -> None: ...
 
 
 @dataclass(eq=False)
@@ -623,7 +565,7 @@ class Engine:
         elif len(s.tokens) > self.pipeline.max_context:  # no room to feed it
             self._finish(s, "context", text, (tok,), lp)
         else:
-            _emit(req, Event(text, (tok,), lp))
+            emit(req, Event(text, (tok,), lp))
 
     def _finish(
         self,
@@ -658,13 +600,8 @@ class Engine:
         req.stats.stop_reason = reason
         req.done = True
         ev = ev or Event()
-        _emit(
+        emit(
             req,
             Event(ev.text, ev.tokens, ev.logprobs, finish=reason, error=ev.error),
         )
         self.observer.finished(req)
-
-
-def _emit(req: Request, ev: Event) -> None:
-    if req.on_event is not None:
-        req.on_event(ev)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from cake.engine import Engine, Request
+from cake.engine import Engine
 from cake.pipeline import Pipeline
+from cake.request import Request
 from cake.sampling import SamplingParams
 from cake.stats import GenerationStats
 

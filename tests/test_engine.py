@@ -8,9 +8,10 @@ import threading
 import pytest
 
 import cake
-from cake.engine import Engine, QueueFullError, Request
+from cake.engine import Engine
 from cake.errors import ContextLengthError
 from cake.pipeline import Pipeline
+from cake.request import QueueFullError, Request
 from cake.sampling import SamplingParams
 from tests.netutil import ForgetfulStage, fresh, run_together, tiny_model
 

@@ -12,8 +12,8 @@ import pytest
 
 import cake
 from cake.backends.base import Draw, Step
-from cake.engine import Request
 from cake.errors import CakeError
+from cake.request import Request
 from cake.sampling import Sampler, SamplingParams
 from tests.netutil import fresh, run_together, tiny_model
 

@@ -11,8 +11,8 @@ import jsonschema
 import pytest
 
 import cake
-from cake.engine import Request
 from cake.grammar import GrammarError, json_grammar, lark_grammar
+from cake.request import Request
 from cake.sampling import SamplingParams
 from tests.smollm import smollm_gguf
 

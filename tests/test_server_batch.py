@@ -24,7 +24,7 @@ import openai
 import pytest
 
 import cake
-from cake.engine import Request
+from cake.request import Request
 from cake.sampling import SamplingParams
 from tests.netutil import WORDS, free_port, start_worker, tiny_model, write_topology
 from tests.serving import get, start_server, stop_server

@@ -14,9 +14,10 @@ import cake  # noqa: E402
 from cake.backends import Step  # noqa: E402
 from cake.backends.base import Draw  # noqa: E402
 from cake.backends.jax import JaxBackend  # noqa: E402
-from cake.engine import Engine, Request  # noqa: E402
+from cake.engine import Engine  # noqa: E402
 from cake.kernels import cpu  # noqa: E402
 from cake.pipeline import Pipeline  # noqa: E402
+from cake.request import Request  # noqa: E402
 from cake.sampling import Sampler, SamplingParams, draw_rows  # noqa: E402
 from cake.shard import Shard  # noqa: E402
 from cake.weights.checkpoint import open_checkpoint  # noqa: E402

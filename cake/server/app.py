@@ -24,9 +24,10 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cake.engine import Engine, Event, QueueFullError, Request, TokenLogprob
+from cake.engine import Engine
 from cake.errors import CakeError, ContextLengthError, NetworkError, TokenizerError
 from cake.grammar import GrammarError
+from cake.request import Event, QueueFullError, Request, TokenLogprob
 from cake.server.metrics import CONTENT_TYPE, Metrics
 from cake.server.schema import ApiError, Generation, bad, parse_chat, parse_completion
 from cake.server.tools import ToolStream, syntax_for, template_inputs

@@ -10,7 +10,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from cake.engine import Engine, Observer, Request
+from cake.engine import Engine
+from cake.request import Observer, Request
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
