@@ -57,8 +57,8 @@ import numpy as np
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # tests.models
 
 from gpu_draw import draw_check  # noqa: E402
+from gpu_models import MODELS, TINY, model_dict  # noqa: E402
 from jax_decode_profile import (  # noqa: E402
-    SMOLLM2,
     decode_run,
     dispatch_run,
     prefill_run,
@@ -92,51 +92,6 @@ class Sizes:
 
 FULL = Sizes()
 SMOKE = Sizes(8, 1, 32, 8, 1, 5, 64, 4, False)
-
-_LLAMA3 = dict(
-    model_type="llama",
-    vocab_size=128256,
-    num_key_value_heads=8,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    max_position_embeddings=8192,
-)
-MODELS: dict[str, dict] = {
-    "smollm2-135m": SMOLLM2,
-    "llama-1b": _LLAMA3
-    | dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        head_dim=64,
-        tie_word_embeddings=True,
-    ),
-    "llama-8b": _LLAMA3
-    | dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        head_dim=128,
-        tie_word_embeddings=False,
-    ),
-}
-# --smoke: a model keeps its family and head tying, at this size (in-dims are
-# multiples of 256, as K-quants need)
-_TINY = dict(
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-)
-
-
-def model_dict(model: str, smoke: bool) -> dict:
-    return MODELS[model] | (_TINY if smoke else {})
 
 
 def device_read_bandwidth(mib: int = 4096) -> float:
@@ -365,7 +320,7 @@ def check_packed() -> bool:
     from cake.weights.checkpoint import open_checkpoint
 
     log(f"jax {jax.__version__}, default device {jax.devices()[0]}")
-    base = MODELS["llama-8b"] | _TINY | dict(vocab_size=512)
+    base = MODELS["llama-8b"] | TINY | dict(vocab_size=512)
     ok, limit = True, LIMITS["float32"]
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, (fmt, tied)) in enumerate(PACKED_MODELS.items()):
