@@ -95,3 +95,38 @@ def test_a_step_widens_one_layer_at_a_time(gguf_files, fmt, kernels, monkeypatch
         # one or two layers at a time, the head, activations and attention
         assert temp < 3 * widened_layer_bytes() + head, (shape, temp)
     assert worst > 0
+
+
+HEAD_SHAPE = {**SHAPE, "num_hidden_layers": 2, "vocab_size": 16384}
+
+
+@pytest.fixture(scope="module")
+def big_head_files(tmp_path_factory):
+    folder = make_checkpoint("llama", tmp_path_factory.mktemp("hf"), **HEAD_SHAPE)
+    d = tmp_path_factory.mktemp("gguf")
+    return {
+        f: write_gguf(folder, d / f"{f}.gguf", f, fan_in_scale=True)
+        for f in ("Q8_0", "F16")
+    }
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "F16"])
+def test_a_large_matrix_is_widened_in_parts(big_head_files, fmt, monkeypatch):
+    """Without the kernels a head of 16 MB in float32 goes through XLA's dot in
+    parts of WIDEN_BYTES, one after another, and gives the same logits."""
+    from cake.backends.jax import linear
+
+    monkeypatch.setenv("CAKE_CPU_KERNELS", "0")
+    monkeypatch.setattr(linear, "WIDEN_BYTES", 1 << 20)
+    stage = stage_of(big_head_files[fmt], "jax")
+    ids = (np.arange(8, dtype=np.int32) * 7 % HEAD_SHAPE["vocab_size"])[None]
+    got = stage.forward(ids, Step((0,), (0,), (8,)))[0]
+    stage.programs.drain()
+    ref = stage_of(big_head_files[fmt], "numpy").forward(ids, Step((0,), (0,), (8,)))[0]
+    np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max())
+    head = 4 * HEAD_SHAPE["vocab_size"] * HEAD_SHAPE["hidden_size"]
+    for shape, prog in list(stage.programs._ready.items()):
+        temp = prog.memory_analysis().temp_size_in_bytes
+        # the whole head widened would be 16 MB alone; parts of 1 MB and a
+        # layer or two besides (2.4 MB each)
+        assert temp < head // 4, (shape, temp)

@@ -161,26 +161,56 @@ def kernel_rows(fmt: str) -> int:
     return KERNEL_ROWS_16BIT if fmt in ("F16", "BF16") else KERNEL_ROWS
 
 
+# A matrix that has to be widened to float32 for XLA's dot (a long prefill
+# through the kernels; every product where XLA ops decode the blocks: no
+# compiler, GPUs) is widened and multiplied in parts of at most this many
+# float32 bytes, each part after the one before (see _after), so a step's
+# scratch holds one part, not the matrix: SmolLM2's tied head was 113 MB
+# widened whole, a 70B model's 4.2 GB, one of its MLP matrices 0.94 GB.
+# Parts of 16 MB (4096 of SmolLM2's head rows) keep the dot's panels large.
+WIDEN_BYTES = 16 << 20
+_PART_ROWS = 256  # parts start on whole tiles of the repacked formats
+
+
 def _product(x: jax.Array, w: Weight) -> jax.Array:
     """x (..., K) float32 @ W -> (..., N) float32, W in its stored form."""
     if isinstance(w, QMat):
         if w.fmt == "F32":  # (N, K) as stored: XLA's dot reads it as it is
             return jnp.dot(x, w.data.T, precision=_HIGHEST)
-        if w.kernel:  # a long prefill: one matrix widened at a time, freed after
-            from cake.kernels import cpu
-
-            # after x: else XLA widened every layer's first (see _after)
-            full = cpu.dequantize(w.data, w.fmt, w.cols, after=x)  # (N, K) float32
-            return jnp.dot(x, full.T, precision=_HIGHEST)
-        if w.fmt in ("F16", "BF16"):  # widened inside the product only
-            full = _after(w.data, x).astype(jnp.float32)
-            return jnp.dot(x, full.T, precision=_HIGHEST)
-        from cake.kernels import jax as jk
-
-        return jk.matmul(x, _after(w.data, x), w.fmt, w.cols, w.scales, w.biases)
+        rows = w.data.shape[0]
+        part = max(_PART_ROWS, WIDEN_BYTES // (4 * w.cols) // _PART_ROWS * _PART_ROWS)
+        outs, prev = [], x
+        for r in range(0, rows, part):
+            piece = QMat(
+                *(
+                    None if a is None else a[r : r + part]
+                    for a in (w.data, w.scales, w.biases)
+                ),
+                fmt=w.fmt,
+                cols=w.cols,
+                kernel=w.kernel,
+            )
+            prev = _widened_product(x, piece, prev)
+            outs.append(prev)
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
     if w.dtype == jnp.float32:
         return jnp.dot(x, w, precision=_HIGHEST)
     return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def _widened_product(x: jax.Array, w: QMat, after: jax.Array) -> jax.Array:
+    """x @ W for a stored matrix widened to float32 once `after` exists."""
+    if w.kernel:  # a long prefill: the kernels widen, XLA's dot multiplies
+        from cake.kernels import cpu
+
+        full = cpu.dequantize(w.data, w.fmt, w.cols, after=after)  # (N, K) float32
+        return jnp.dot(x, full.T, precision=_HIGHEST)
+    if w.fmt in ("F16", "BF16"):  # widened inside the product only
+        full = _after(w.data, after).astype(jnp.float32)
+        return jnp.dot(x, full.T, precision=_HIGHEST)
+    from cake.kernels import jax as jk
+
+    return jk.matmul(x, _after(w.data, after), w.fmt, w.cols, w.scales, w.biases)
 
 
 def _after(data: jax.Array, x: jax.Array) -> jax.Array:
