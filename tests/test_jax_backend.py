@@ -380,3 +380,56 @@ def test_a_16_bit_model_keeps_a_16_bit_cache_on_the_cpu(folders, dtype):
         (g,) = run(stage, [(0, 200 + i, [tok])])
         (last,) = run(ref, [(0, 200 + i, [tok])])
         assert np.abs(g - last).max() < tol * spread
+
+
+CACHE_WRITES = r"""
+import json, os, sys, time
+import jax, jax.numpy as jnp
+from cake.backends.jax.backend import enable_compilation_cache
+from cake.backends.jax import cache_writes, programs
+enable_compilation_cache()
+d = jax.config.jax_compilation_cache_dir
+def files():
+    return sum(len(f) for _, _, f in os.walk(d))
+def lower(shape):
+    return jax.jit(lambda x: jnp.tanh(x @ x.T) * shape.batch).lower(
+        jnp.ones((shape.width, 8), jnp.float32))
+progs = programs.Programs(lower)
+a, b = (programs.Shape(1, w, 256, False, None, False) for w in (16, 24))
+progs.get(a)  # in the foreground: written at once
+out = {"after_foreground": files()}
+progs.ahead(b)
+t = time.monotonic()
+while progs.ready(b) is None or time.monotonic() - t < 1.0:  # steps run
+    progs.get(a)
+    time.sleep(0.005)
+out["kept_while_stepping"] = cache_writes.kept()
+out["while_stepping"] = files()
+time.sleep(1.0)  # the steps pause
+out["after_pause"] = files()
+out["kept_after_pause"] = cache_writes.kept()
+print(json.dumps(out))
+"""
+
+
+def test_a_background_compile_writes_its_cache_entry_once_the_steps_pause(tmp_path):
+    """Writing a program to JAX's persistent cache holds the GIL for tens of
+    ms; from the background compile thread it waits until no step has run for
+    cache_writes.IDLE_S, then lands on disk as JAX would have written it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CAKE_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    r = subprocess.run(
+        [sys.executable, "-c", CACHE_WRITES], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["after_foreground"] >= 1
+    assert got["kept_while_stepping"] >= 1  # the step, and its input's jnp.ones
+    assert got["while_stepping"] == got["after_foreground"]
+    assert got["kept_after_pause"] == 0
+    assert got["after_pause"] > got["while_stepping"]

@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 
 from cake import heap
 
+from . import cache_writes
+
 # While the background thread lowers a step (JAX traces it in Python, ~0.2 s
 # for SmolLM2's 30 layers on XLA's attention path), it holds the GIL, and a
 # decode step on the main thread takes it back at each of its hand-overs
@@ -99,11 +101,13 @@ class Programs:
         self._closing = False
         self.waited_s = 0.0
         self.compiled_ahead = 0
+        cache_writes.install()
         _LIVE.add(self)
 
     def get(self, shape: Shape, instead: Iterable[Shape] = ()) -> Any:
         """The compiled step for `shape`; if it is not compiled yet, the first
         of `instead` that is (queueing `shape` for the background thread)."""
+        cache_writes.note_step()
         prog = self._ready.get(shape)
         if prog is not None:
             return prog
@@ -205,13 +209,23 @@ class Programs:
         while True:
             with self._lock:
                 while not self._queue and not self._closing:
-                    self._lock.wait()
+                    wait = cache_writes.until_idle()
+                    if wait == 0.0:
+                        break
+                    self._lock.wait(wait)
                 if self._closing:
                     return
-                shape = self._queue.popleft()
-                fut = self._pending[shape]
+                if not self._queue:  # the steps have paused: one cache entry
+                    shape = None
+                else:
+                    shape = self._queue.popleft()
+                    fut = self._pending[shape]
+            if shape is None:
+                cache_writes.write_one()
+                continue
             try:
-                prog = self._compile(shape, background=True)
+                with cache_writes.deferring():
+                    prog = self._compile(shape, background=True)
                 # malloc_trim holds each arena's lock while it walks it
                 # (19-59 ms after a compile here), and a step that allocates
                 # meanwhile waits: once when the queue is empty, not after
@@ -248,3 +262,4 @@ _LIVE: weakref.WeakSet[Programs] = weakref.WeakSet()
 def _close_all() -> None:
     for p in list(_LIVE):
         p.close()
+    cache_writes.write_all()  # what the background compiles left to write
