@@ -43,6 +43,23 @@ CAUSAL_CHUNK = 128  # query block of a prefill's attention, see llama.attention
 # tok/s without.
 NO_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
+# XLA:CPU splits a program's LLVM module and generates its code on a thread
+# pool of its own, which the first (foreground) compile starts at normal
+# priority: a cache bucket's program compiled ahead then ends in code
+# generation on both cores beside the steps, not at the compile thread's
+# niceness. In one part it should be generated on the compile thread itself
+# (inferred from the figures below, not traced).
+# SmolLM2, CAKE_CPU_ATTENTION=0, empty cache, worst step over the median, 300
+# tokens after 1 / 300 / 1200 / 3000-token prompts, 4 alternating processes
+# each (2026-12-06, ms, medians [ranges]): split as XLA chooses 121 [96-135] /
+# 46 [38-51] / 135 [129-169] / 28 [24-33]; in one part 97 [94-126] / 35
+# [33-41] / 122 [85-127] / 22 [14-24]. Less, not under 100 ms: what is left
+# is the new bucket's first run (see NO_LIBRARY_FUSIONS) and the compile's
+# other passes beside the steps. Cold `cake run` (kernel path): first token
+# 0.14 s against 0.18-0.24, no compile slower. Every CPU program takes it, so
+# a program's cache key does not depend on which thread compiled it.
+ONE_CODEGEN_PART = {"xla_cpu_parallel_codegen_split_count": 1}
+
 
 def _attention_kernel_available() -> bool:
     if os.environ.get("CAKE_CPU_ATTENTION", "1") == "0":  # to measure the XLA path
@@ -208,11 +225,12 @@ class JaxLlamaStage:
         return held, min(rows)
 
     def _compile_options(self, shape: Shape) -> dict | None:
-        """XLA options for `shape`'s program (see NO_LIBRARY_FUSIONS)."""
-        cpu = self._jax_device.platform == "cpu"
-        if cpu and shape.width == 1 and not shape.attention_kernel:
-            return NO_LIBRARY_FUSIONS
-        return None
+        """XLA options for `shape`'s program (see NO_LIBRARY_FUSIONS, ONE_CODEGEN_PART)."""
+        if self._jax_device.platform != "cpu":
+            return None
+        if shape.width == 1 and not shape.attention_kernel:
+            return {**NO_LIBRARY_FUSIONS, **ONE_CODEGEN_PART}
+        return dict(ONE_CODEGEN_PART)
 
     def _draws(self, shape: Shape) -> bool:
         """Whether `shape`'s step takes a draw's inputs and returns ids too:
