@@ -70,8 +70,9 @@ def read_bandwidth(threads: int) -> tuple[float, float]:
 def random_weights(fmt: str, rng: np.random.Generator) -> list[np.ndarray]:
     """30 layers x 4 matrices in `fmt`; for block formats random bytes below 0x3c,
     so every float16 scale is finite (speed does not depend on the values)."""
-    from cake.kernels.cpu import weight_spec
+    from cake.kernels.cpu import REPACKED, weight_spec
 
+    plain = {r: f for f, r in REPACKED.items()}.get(fmt, fmt)
     out = []
     for _ in range(LAYERS):
         for _, n, k in SHAPES:
@@ -82,7 +83,7 @@ def random_weights(fmt: str, rng: np.random.Generator) -> list[np.ndarray]:
                 out.append(rng.standard_normal((k, n), dtype=np.float32))
                 continue
             shape, dtype = weight_spec(fmt, n, k)
-            if fmt in ("F16", "BF16", "F32"):
+            if plain in ("F16", "BF16", "F32"):
                 out.append(rng.standard_normal(shape, dtype=np.float32).astype(dtype))
             else:
                 out.append(rng.integers(0, 0x3C, shape, dtype=np.uint8))

@@ -158,7 +158,13 @@ def kernel_rows(fmt: str) -> int:
     """The most rows of x the CPU kernels multiply by weights in `fmt` (KERNEL_ROWS)."""
     if fmt == "F32":
         return KERNEL_ROWS_F32
-    return KERNEL_ROWS_16BIT if fmt in ("F16", "BF16") else KERNEL_ROWS
+    return KERNEL_ROWS_16BIT if fmt in _ALL_ROWS else KERNEL_ROWS
+
+
+# Formats whose every product goes to the kernels: the 16-bit ones, and the
+# float tiles (F16P, BF16P, F32P: only the kernels read them; their GEMM runs
+# from the stored tiles at any M, no panel packed per call).
+_ALL_ROWS = frozenset({"F16", "BF16", "F16P", "BF16P", "F32P"})
 
 
 # A matrix that has to be widened to float32 for XLA's dot (a long prefill
@@ -306,6 +312,26 @@ def _take_tiled_rows(table: QMat, flat: jax.Array) -> jax.Array:
     return full[jnp.arange(flat.shape[0]), flat % cpu.REPACK_ROWS]
 
 
+def _take_float_tile_rows(table: QMat, flat: jax.Array) -> jax.Array:
+    """Rows `flat` (M,) of a float matrix stored in tiles of 32 rows
+    (kernels/cpu/src/gemm16.cc: tile t = rows 32t .. 32t + 31, value k of
+    row 32t + c at (k, c) of F16P / F32P, at (k // 2, c, k % 2) of BF16P's
+    pairs), gathered element by element. (M, cols) float32."""
+    from cake.kernels import cpu
+
+    rows, cols = table.data.shape
+    tile = cpu.TILE_ROWS[table.fmt]
+    tiles = table.data.reshape(rows // tile, tile * cols)
+    flat = jnp.clip(flat, 0, rows - 1)
+    k = jnp.arange(cols)
+    c = (flat % tile)[:, None]
+    if table.fmt == "BF16P":
+        inner = (k // 2) * (2 * tile) + 2 * c + k % 2
+    else:
+        inner = k * tile + c
+    return tiles[(flat // tile)[:, None], inner].astype(jnp.float32)
+
+
 def take_rows(table: Weight, ids: jax.Array, *, transposed: bool) -> jax.Array:
     """Embedding rows `ids` (B, L) as float32 (B, L, D).
 
@@ -316,6 +342,8 @@ def take_rows(table: Weight, ids: jax.Array, *, transposed: bool) -> jax.Array:
         flat = ids.reshape(-1)
         if table.kernel and table.fmt.endswith("R8"):
             return _take_tiled_rows(table, flat).reshape(*ids.shape, table.cols)
+        if table.kernel and table.fmt in ("F16P", "BF16P", "F32P"):
+            return _take_float_tile_rows(table, flat).reshape(*ids.shape, table.cols)
         pick = [
             None if a is None else jnp.take(a, flat, axis=0, mode="clip")
             for a in (table.data, table.scales, table.biases)

@@ -16,11 +16,13 @@ Nothing is widened: quantized matrices keep their blocks, 16-bit floats stay
 (N, K) as stored where the CPU kernels multiply them (format "F32"; without
 the kernels, or off the CPU, XLA's (K, N) copy), and a read-only
 memory-mapped tensor goes onto the CPU device without a copy. The one change:
-layer matrices the CPU kernels multiply in Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 are
-repacked at load into their 8-row tiled forms (cake.kernels.cpu.repack_np, same
-size), which batches of sequences multiply at a fraction of the per-row cost;
-CAKE_CPU_REPACK=0 keeps the file's layout (to measure the difference). The head
-is not repacked: tied, it is also the embedding table, gathered by rows.
+layer matrices and the head that the CPU kernels multiply are repacked at load
+into their tiled forms (cake.kernels.cpu.repack_np, same size): the block
+formats into tiles of 8 rows, F16 / BF16 / F32 (with AVX-512) into tiles of 32
+rows, which batches of sequences multiply at a fraction of the per-row cost;
+CAKE_CPU_REPACK=0 keeps the file's layout (to measure the difference). A tied
+head doubles as the embedding table: linear.take_rows reads rows out of the
+tiles.
 """
 
 from __future__ import annotations
@@ -135,6 +137,12 @@ class _Loader:
             return "F32" if "F32" in self.kernels else None
         return fmt
 
+    def _repackable(self, fmt: str) -> bool:
+        """Whether the CPU kernels here multiply fmt's repacked form."""
+        from cake.kernels import cpu
+
+        return cpu.REPACKED.get(fmt) in self.kernels
+
     def _weight(self, group: list, rows: bool, repack: bool) -> Weight:
         first = group[0]
         if isinstance(first, Packed):
@@ -155,7 +163,7 @@ class _Loader:
             if on and repack and self.repack:
                 from cake.kernels import cpu
 
-                if cpu.REPACKED.get(fmt) in self.kernels:
+                if self._repackable(fmt):
                     fmt, repacked = cpu.repack_np(data, fmt)
                     if repacked is not data:
                         # a new array, aliased by put; the file's pages go
@@ -181,11 +189,17 @@ class _Loader:
             # it is. Without them it stays 16-bit all the same (slow, compact).
             # Float32 goes to the kernels as stored (no transposed copy) only
             # where they are built.
+            w = np.ascontiguousarray(w)
+            if repack and self.repack and self._repackable(fmt):
+                from cake.kernels import cpu
+
+                fmt, tiled = cpu.repack_np(w, fmt)
+                if tiled is not w:
+                    release_pages(w)
+                    w = tiled
+                    w.setflags(write=False)
             return QMat(
-                self.put(np.ascontiguousarray(w)),
-                fmt=fmt,
-                cols=w.shape[1],
-                kernel=fmt in self.kernels,
+                self.put(w), fmt=fmt, cols=w.shape[1], kernel=fmt in self.kernels
             )
         if rows:
             return self.put(np.ascontiguousarray(w))
@@ -236,7 +250,7 @@ class _Loader:
         if on and repack and self.repack:
             from cake.kernels import cpu
 
-            if cpu.REPACKED.get(fmt) in self.kernels:
+            if self._repackable(fmt):
                 e, n = data.shape[:2]
                 fmt, flat = cpu.repack_np(data.reshape(e * n, -1), fmt)
                 data = flat.reshape(e, n, -1)
@@ -354,7 +368,7 @@ def load_params(
     return params
 
 
-FLOAT_FORMATS = frozenset({"F32", "F16", "BF16"})
+FLOAT_FORMATS = frozenset({"F32", "F16", "BF16", "F32P", "F16P", "BF16P"})
 
 
 def rounded_activations(params: Params) -> bool:

@@ -13,7 +13,10 @@ N is a multiple of 8 into `Q4_0R8` ... `Q8_0R8`, `Q2_KR8` ... `Q6_KR8`: the
 same bytes reordered into tiles of 8 rows (layouts: src/repack.cc,
 src/repack_k.cc), the same array shape, multiplied for any M by a GEMM that
 serves 8 weight rows per instruction (M = 8 sequences cost far less than 8
-times one).
+times one). Where the build has AVX-512 it also turns F16, BF16 (with AVX-512
+BF16; K even) and F32 matrices whose N is a multiple of 32 into `F16P`,
+`BF16P`, `F32P`: tiles of 32 rows stored as the panel GEMM's panels
+(src/gemm16.cc), so that no product repacks them again.
 
 `matmul` and `matmul_np` can also fold in what surrounds a product in a
 decoder layer (see `PROLOGUES`): an RMS norm of x times a weight, or SwiGLU of
@@ -49,11 +52,13 @@ from cake.errors import BackendError
 
 __all__ = [
     "ALL_FORMATS",
+    "FLOATS",
     "FORMATS",
     "KernelsUnavailable",
     "PROLOGUES",
     "REPACKED",
     "REPACK_ROWS",
+    "TILE_ROWS",
     "available",
     "check_format",
     "dequantize",
@@ -77,9 +82,11 @@ REPACKED = {
     f: f + "R8"
     for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
     + ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-}
-REPACK_ROWS = 8
+} | {f: f + "P" for f in ("F16", "BF16", "F32")}
+REPACK_ROWS = 8  # rows per tile of the block formats' R8 forms
+TILE_ROWS = {r: 32 if r.endswith("P") else REPACK_ROWS for r in REPACKED.values()}
 _PLAIN = {r: p for p, r in REPACKED.items()}
+FLOATS = ("F16", "BF16", "F32")
 # matmul's `prologue`: what x goes through first (codes of matmul.cc's enum)
 #   "rms": x * (1 / sqrt(mean(x^2) + eps)) * norm, norm (K,) float32;
 #   "swiglu": x is (..., 2K): silu(x[..., :K]) * x[..., K:].
@@ -102,16 +109,21 @@ def check_format(fmt: str) -> None:
 def weight_spec(fmt: str, n: int, k: int) -> tuple[tuple[int, int], np.dtype]:
     """The (shape, dtype) of an N x K weight matrix in format `fmt`."""
     check_format(fmt)
-    if fmt == "F16":
+    if fmt in _PLAIN and n % TILE_ROWS[fmt]:
+        raise ValueError(
+            f"{fmt} needs N to be a multiple of {TILE_ROWS[fmt]}; got N={n}"
+        )
+    if fmt == "BF16P" and k % 2:
+        raise ValueError(f"BF16P needs K to be even; got K={k}")
+    plain = _PLAIN.get(fmt, fmt)
+    if plain == "F16":
         return (n, k), np.dtype(np.float16)
-    if fmt == "BF16":
+    if plain == "BF16":
         import ml_dtypes
 
         return (n, k), np.dtype(ml_dtypes.bfloat16)
-    if fmt == "F32":
+    if plain == "F32":
         return (n, k), np.dtype(np.float32)
-    if fmt in _PLAIN and n % REPACK_ROWS:
-        raise ValueError(f"{fmt} needs N to be a multiple of {REPACK_ROWS}; got N={n}")
     elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[_PLAIN.get(fmt, fmt)]]
     if k % elems:
         raise ValueError(f"{fmt} needs K to be a multiple of {elems}; got K={k}")
@@ -222,19 +234,35 @@ class _Library:
 
     def repack(self, w: np.ndarray, fmt: str) -> tuple[str, np.ndarray]:
         to = REPACKED.get(fmt)
-        if to not in self.codes or w.ndim != 2 or w.shape[0] % REPACK_ROWS:
+        if to not in self.codes or w.ndim != 2 or w.shape[0] % TILE_ROWS[to]:
             return fmt, w
-        elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
-        k = w.shape[1] // nbytes * elems
+        if fmt in FLOATS:
+            k = w.shape[1]
+            if to == "BF16P" and k % 2:
+                return fmt, w
+        else:
+            elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
+            k = w.shape[1] // nbytes * elems
         n = _check_weights(w.shape, w.dtype, fmt, k)
         w = np.ascontiguousarray(w)
-        out = np.empty(w.shape, w.dtype)
+        out = _empty_aligned(w.shape, w.dtype)
         if n and k:
             rc = self.raw.cake_repack(
                 self.code(fmt), w.ctypes.data, n, k, out.ctypes.data
             )
             assert rc == self.codes[to], f"cake_repack returned {rc}"
         return to, out
+
+
+_ALIGN = 64  # what XLA's CPU client needs to alias a host buffer without a copy
+
+
+def _empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized array starting on a 64-byte boundary."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -buf.ctypes.data % _ALIGN
+    return buf[start : start + nbytes].view(dtype).reshape(shape)
 
 
 _lock = threading.Lock()
@@ -384,9 +412,10 @@ def dequantize_np(w: np.ndarray, fmt: str, k: int) -> np.ndarray:
 
 
 def repack_np(w: np.ndarray, fmt: str) -> tuple[str, np.ndarray]:
-    """(`REPACKED[fmt]`, the weights `w` (N, row bytes) in it: a new array of
-    w's shape and dtype), or (fmt, w) unchanged where fmt has no repacked form
-    compiled in or N is not a multiple of REPACK_ROWS."""
+    """(`REPACKED[fmt]`, the weights `w` (N, row bytes; floats (N, K)) in it: a
+    new array of w's shape and dtype), or (fmt, w) unchanged where fmt has no
+    repacked form compiled in or N is not a multiple of its TILE_ROWS (BF16P:
+    or K is odd)."""
     check_format(fmt)
     if fmt not in REPACKED:
         return fmt, w

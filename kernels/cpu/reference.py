@@ -23,7 +23,7 @@ from cake.kernels.cpu import check_format
 def activation_block(fmt: str) -> int:
     """Values per activation block: 32, 256 (K-quants), or 0 (x stays float)."""
     check_format(fmt)
-    if fmt in ("F16", "BF16", "F32"):
+    if fmt.removesuffix("P") in ("F16", "BF16", "F32"):
         return 0
     return 256 if fmt.removesuffix("R8").endswith("_K") else 32
 
@@ -45,7 +45,7 @@ def quantize_activations(x: np.ndarray, fmt: str) -> np.ndarray:
     """x (..., K) as the kernels see it for `fmt`, in float64 (d * q exactly)."""
     block = activation_block(fmt)
     x = np.asarray(x, dtype=np.float32)
-    if fmt == "BF16":  # rounded to bfloat16, to nearest even (as llama.cpp)
+    if fmt in ("BF16", "BF16P"):  # rounded to bfloat16, to nearest even (as llama.cpp)
         return x.astype(ml_dtypes.bfloat16).astype(np.float64)
     if block == 0:
         return x.astype(np.float64)

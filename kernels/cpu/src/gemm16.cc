@@ -350,6 +350,167 @@ void panel_gemm(int64_t k, const void* w, size_t ws, int64_t ncols, const void* 
   }
 }
 
+// ---- tiles stored at load: BF16P, F16P, F32P ---------------------------------
+//
+// The panel GEMM above repacks kNB weight rows per call, a second pass over
+// the weights that only pays for itself from ~24-32 x rows; below that the
+// dot kernels' structure (one weight row, <= 8 x rows, horizontal sums) is
+// bound by its loads, and 8 rows took 1.7-2.3x the time of one (Zen 4, 2
+// threads, 30 SmolLM2 layers). The P formats are the panels stored once, at
+// load, in the matrix's own bytes: tiles of kTileCols weight rows (output
+// columns), tile t holding rows [32 t, 32 t + 32):
+//   BF16P: [K / 2][32] 32-bit words, word (p, c) = the pair of bfloat16 weights
+//          (2p, 2p + 1) of row 32 t + c (2p in the low half); K even;
+//   F16P:  [K][32] float16, (k, c) = weight k of row 32 t + c;
+//   F32P:  [K][32] float32, likewise.
+// So every row count runs the same microkernel straight from memory: per step
+// kTileVecs vector loads of weights, one broadcast per x row, a multiply-add
+// per (row, vector), and no horizontal sums; a decode step of 8 rows reads
+// each weight once. 32 columns (2 vectors) rather than kNB: N = 4096, 14336
+// and 11008 (Llama's widths) are multiples of 32, not of 48. The x rows are
+// the dot kernels' (BF16: bfloat16 pairs; F16, F32: float32), so the products
+// are the same sums in another order. AVX-512 only (BF16P: with AVX-512 BF16);
+// elsewhere the formats are not listed and the weights stay as stored.
+#if CAKE_AVX512
+constexpr int64_t kTileCols = 32;
+constexpr int kTileVecs = 2;
+constexpr int kTileRowsX = 8;  // x rows per microkernel call: 16 accumulators
+// Software prefetch this far ahead of the weights being multiplied. 30 SmolLM2
+// layers, 2 threads, best of 7 interleaved rounds, M = 8 ms, none / 1 / 2 / 4
+// KiB ahead: F16P 14.3 / 11.8 / 11.4 / 11.4 (M = 1: 7.8-8.9 throughout),
+// again none / 2 / 3 KiB 17.0 / 13.1 / 13.4; BF16P and F32P within noise
+// (9.3-11.3, 14.7-16.1).
+constexpr int kAhead = 2048;
+constexpr int kWidenRows = 16;  // F16P: from this many x rows on, widen each tile once
+
+// Weight tiles as the microkernel reads them: W the stored unit, kPer K values
+// per step, load(step row, vector), bcast(x row, step), madd.
+struct TF32 {
+  using W = float;
+  using V = __m512;
+  static constexpr int kPer = 1;
+  static V load(const W* r, int v) { return _mm512_loadu_ps(r + 16 * v); }
+  static V bcast(const char* x, int64_t s) { return _mm512_set1_ps(((const float*)x)[s]); }
+  static __m512 madd(__m512 acc, V b, V a) { return _mm512_fmadd_ps(b, a, acc); }
+  static float one(const W* tile, int64_t kk, int c) { return tile[kk * kTileCols + c]; }
+  static void put(W* tile, int64_t kk, int c, const char* row) { tile[kk * kTileCols + c] = ((const float*)row)[kk]; }
+};
+struct TF16 {
+  using W = uint16_t;
+  using V = __m512;
+  static constexpr int kPer = 1;
+  static V load(const W* r, int v) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(r + 16 * v))); }
+  static V bcast(const char* x, int64_t s) { return _mm512_set1_ps(((const float*)x)[s]); }
+  static __m512 madd(__m512 acc, V b, V a) { return _mm512_fmadd_ps(b, a, acc); }
+  static float one(const W* tile, int64_t kk, int c) { return cake_f16_to_f32(tile[kk * kTileCols + c]); }
+  static void put(W* tile, int64_t kk, int c, const char* row) {
+    tile[kk * kTileCols + c] = ((const uint16_t*)row)[kk];
+  }
+};
+#if defined(__AVX512BF16__)
+struct TBF16 {
+  using W = uint32_t;
+  using V = __m512bh;
+  static constexpr int kPer = 2;
+  static V load(const W* r, int v) { return (__m512bh)_mm512_loadu_si512((const void*)(r + 16 * v)); }
+  static V bcast(const char* x, int64_t s) {
+    int32_t pair;
+    memcpy(&pair, x + 4 * s, 4);
+    return (__m512bh)_mm512_set1_epi32(pair);
+  }
+  static __m512 madd(__m512 acc, V b, V a) { return _mm512_dpbf16_ps(acc, b, a); }
+  static float one(const W* tile, int64_t kk, int c) {
+    const uint32_t w = tile[kk / 2 * kTileCols + c];
+    return bf16_f32((uint16_t)(kk % 2 ? w >> 16 : w & 0xffff));
+  }
+  static void put(W* tile, int64_t kk, int c, const char* row) {
+    if (kk % 2) return;  // both halves at the even K value
+    const uint16_t* r = (const uint16_t*)row;
+    tile[kk / 2 * kTileCols + c] = (uint32_t)r[kk] | (uint32_t)r[kk + 1] << 16;
+  }
+};
+#endif
+
+// MR x rows (xs bytes apart) times one tile -> y (MR rows ys floats apart,
+// kTileCols columns).
+template <class T, int MR>
+void tile_micro(int64_t k, const typename T::W* tile, const char* x, size_t xs, float* y, size_t ys) {
+  __m512 acc[MR][kTileVecs];
+  for (int r = 0; r < MR; r++)
+    for (int v = 0; v < kTileVecs; v++) acc[r][v] = _mm512_setzero_ps();
+  const int64_t steps = k / T::kPer;
+  constexpr int kRowBytes = kTileCols * sizeof(typename T::W);
+  for (int64_t s = 0; s < steps; s++) {
+    const typename T::W* row = tile + s * kTileCols;
+    // kAhead bytes down the stream (into the next tile past this one's end)
+    for (int l = 0; l < kRowBytes; l += 64) _mm_prefetch((const char*)row + kAhead + l, _MM_HINT_T0);
+    typename T::V b[kTileVecs];
+    for (int v = 0; v < kTileVecs; v++) b[v] = T::load(row, v);
+    for (int r = 0; r < MR; r++) {
+      const typename T::V a = T::bcast(x + r * xs, s);
+      for (int v = 0; v < kTileVecs; v++) acc[r][v] = T::madd(acc[r][v], b[v], a);
+    }
+  }
+  for (int r = 0; r < MR; r++)
+    for (int v = 0; v < kTileVecs; v++) _mm512_storeu_ps(y + r * ys + 16 * v, acc[r][v]);
+}
+
+// ntiles consecutive tiles times nrows x rows; each tile stays in L2 while
+// every x row passes it.
+template <class T>
+void tile_gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, int nrows, float* y, size_t ys) {
+  const typename T::W* tiles = (const typename T::W*)w;
+  const int64_t tile_units = k / T::kPer * kTileCols;
+  for (int64_t t = 0; t < ntiles; t++) {
+    const typename T::W* tile = tiles + t * tile_units;
+    if constexpr (std::is_same<T, TF16>::value) {
+      // Many x rows: the tile widened once into float32 (exactly; the same
+      // sums in the same order), not once per 8 rows. 30 SmolLM2 layers, 2
+      // threads, M = 512: 732 ms widening per call of 8 rows, against 544 for
+      // the panel GEMM of F16 as stored.
+      if (nrows > kWidenRows) {
+        float* wide = (float*)panel_buffer((size_t)k * kTileCols * sizeof(float));
+        for (int64_t i = 0; i < k * kTileCols; i += 16)
+          _mm512_storeu_ps(wide + i, TF16::load(tile + i, 0));
+        cake_tiles::gemm<kTileRowsX>(nrows, x, xs, y + kTileCols * t, ys, [&](auto nr, const void* xt, float* yt) {
+          tile_micro<TF32, decltype(nr)::value>(k, wide, (const char*)xt, xs, yt, ys);
+        });
+        continue;
+      }
+    }
+    cake_tiles::gemm<kTileRowsX>(nrows, x, xs, y + kTileCols * t, ys, [&](auto nr, const void* xt, float* yt) {
+      tile_micro<T, decltype(nr)::value>(k, tile, (const char*)xt, xs, yt, ys);
+    });
+  }
+}
+
+template <class T>
+void tile_dequant(int64_t k, const void* w, float* out) {  // one tile -> out (32, k)
+  const typename T::W* tile = (const typename T::W*)w;
+  for (int c = 0; c < kTileCols; c++)
+    for (int64_t kk = 0; kk < k; kk++) out[c * k + kk] = T::one(tile, kk, c);
+}
+
+template <class T>
+void tile_repack(int64_t k, const void* w, size_t ws, void* out) {  // 32 rows -> one tile
+  typename T::W* tile = (typename T::W*)out;
+  for (int c = 0; c < kTileCols; c++) {
+    const char* row = (const char*)w + c * ws;
+    for (int64_t kk = 0; kk < k; kk++) T::put(tile, kk, c, row);
+  }
+}
+
+template <class T>
+constexpr cake_tile_kernels tile_kernels() {
+  return {(int64_t)(kTileCols * sizeof(typename T::W) / T::kPer), 1.0f, tile_gemm<T>, tile_dequant<T>,
+          tile_repack<T>, kTileCols, 1, T::kPer};
+}
+const cake_tile_kernels kF32P = tile_kernels<TF32>(), kF16P = tile_kernels<TF16>();
+#if defined(__AVX512BF16__)
+const cake_tile_kernels kBF16P = tile_kernels<TBF16>();
+#endif
+#endif  // CAKE_AVX512
+
 }  // namespace
 
 int64_t cake_panel_cols(void) { return kNB; }
@@ -368,3 +529,16 @@ void cake_panel_f32(int64_t k, const void* w, size_t ws, int64_t ncols, const vo
                     float* y, size_t ys, const float* res) {
   panel_gemm<WF32, XF32>(k, w, ws, ncols, x, xs, m, y, ys, res);
 }
+
+#if CAKE_AVX512
+const cake_tile_kernels* const cake_tiles_f32 = &kF32P;
+const cake_tile_kernels* const cake_tiles_f16 = &kF16P;
+#else
+const cake_tile_kernels* const cake_tiles_f32 = nullptr;
+const cake_tile_kernels* const cake_tiles_f16 = nullptr;
+#endif
+#if CAKE_AVX512 && defined(__AVX512BF16__)
+const cake_tile_kernels* const cake_tiles_bf16 = &kBF16P;
+#else
+const cake_tile_kernels* const cake_tiles_bf16 = nullptr;
+#endif

@@ -104,7 +104,7 @@ struct Format {
   Act act;
   cake_dot_fn dot;
   cake_dequant_fn dequant;
-  const cake_r8_kernels* r8 = nullptr;  // a repacked format: no dot, no dequant
+  const cake_tile_kernels* tiled = nullptr;  // a repacked format: no dot, no dequant
   const char* plain = nullptr;          // ... of this one
   cake_dot2_fn dot2 = nullptr;          // two weight rows at once, where there is one
   cake_panel_fn panel = nullptr;        // the GEMM for many x rows (gemm16.cc), where there is one
@@ -146,15 +146,18 @@ const Format kAll[] = {
     {"Q4_KR8", 256, 144, kQ8_256, nullptr, nullptr, &cake_r8_q4_k, "Q4_K"},
     {"Q5_KR8", 256, 176, kQ8_256, nullptr, nullptr, &cake_r8_q5_k, "Q5_K"},
     {"Q6_KR8", 256, 210, kQ8_256, nullptr, nullptr, &cake_r8_q6_k, "Q6_K"},
+    // tiles of 32 rows stored at load (gemm16.cc; null, so not listed, without AVX-512)
+    {"F16P", 1, 2, kF32, nullptr, nullptr, cake_tiles_f16, "F16"},
+    {"BF16P", 1, 2, kBF16, nullptr, nullptr, cake_tiles_bf16, "BF16"},
+    {"F32P", 1, 4, kF32, nullptr, nullptr, cake_tiles_f32, "F32"},
 };
-constexpr int64_t kR8 = 8;  // weight rows per repacked tile
 
 // The formats whose kernels are linked in; a format's code is its index here.
 const std::vector<const Format*>& formats() {
   static const std::vector<const Format*> v = [] {
     std::vector<const Format*> out;
     for (const Format& f : kAll)
-      if ((f.dot != nullptr && f.dequant != nullptr) || f.r8 != nullptr) out.push_back(&f);
+      if ((f.dot != nullptr && f.dequant != nullptr) || f.tiled != nullptr) out.push_back(&f);
     return out;
   }();
   return v;
@@ -447,8 +450,8 @@ void quantize_work(void* p, int, int) {
       } else if (j.f->act == kQ8_32) {
         cake_q8_32* y = (cake_q8_32*)(j.xa + r * j.xs);
         cake_quantize_q8_32(x, y, j.k);
-        if (j.f->r8 != nullptr && j.f->r8->s_scale != 1.0f)
-          for (int64_t i = 0; i < j.k / 32; i++) y[i].s *= j.f->r8->s_scale;
+        if (j.f->tiled != nullptr && j.f->tiled->s_scale != 1.0f)
+          for (int64_t i = 0; i < j.k / 32; i++) y[i].s *= j.f->tiled->s_scale;
       } else {
         cake_quantize_q8_256(x, (cake_q8_256*)(j.xa + r * j.xs), j.k);
       }
@@ -505,20 +508,21 @@ void panel_work(void* p, int, int) {
                j.residual != nullptr ? j.residual + b : nullptr);
 }
 
-// The repacked formats: rows counts tiles of kR8 weight rows, wrow is a tile's
-// bytes. A block of tiles goes to the kernel whole, so that it may take them in
-// pairs (repack.cc); blocks start at even tiles (block_step's align of 2).
+// The repacked formats: rows counts tiles (of tiled->rows weight rows), wrow is
+// a tile's bytes. A block of tiles goes to the kernel whole, so that it may take
+// them in pairs (repack.cc); blocks start on multiples of tiled->align tiles.
 void gemm_work(void* p, int, int) {
   MatmulJob& j = *(MatmulJob*)p;
   int64_t b, e;
   while (j.rows.take(&b, &e))
     for (int64_t m0 = 0; m0 < j.m; m0 += kChunkRows) {
       const int64_t m1 = m0 + kChunkRows < j.m ? m0 + kChunkRows : j.m;
-      j.f->r8->gemm(j.k, j.w + b * j.wrow, e - b, j.xa + m0 * j.xs, j.xs, (int)(m1 - m0),
-                    j.y + m0 * j.n + b * kR8, (size_t)j.n);
+      const int64_t rows = j.f->tiled->rows;
+      j.f->tiled->gemm(j.k, j.w + b * j.wrow, e - b, j.xa + m0 * j.xs, j.xs, (int)(m1 - m0),
+                       j.y + m0 * j.n + b * rows, (size_t)j.n);
       if (j.residual != nullptr)
         for (int64_t i = m0; i < m1; i++)
-          for (int64_t c = b * kR8; c < e * kR8; c++) j.y[i * j.n + c] += j.residual[i * j.n + c];
+          for (int64_t c = b * rows; c < e * rows; c++) j.y[i * j.n + c] += j.residual[i * j.n + c];
     }
 }
 
@@ -536,8 +540,8 @@ void dequant_work(void* p, int, int) {
   int64_t b, e;
   while (j.rows.take(&b, &e))
     for (int64_t r = b; r < e; r++) {
-      if (j.f->r8 != nullptr)
-        j.f->r8->dequant(j.k, j.w + r * j.wrow, j.out + r * kR8 * j.k);
+      if (j.f->tiled != nullptr)
+        j.f->tiled->dequant(j.k, j.w + r * j.wrow, j.out + r * j.f->tiled->rows * j.k);
       else
         j.f->dequant(j.k, j.w + r * j.wrow, j.out + r * j.k);
     }
@@ -550,6 +554,15 @@ std::atomic<int64_t> g_panel_rows{0};
 int64_t panel_rows(const Format* f) {
   const int64_t rows = g_panel_rows.load(std::memory_order_relaxed);
   return rows > 0 ? rows : f->panel_rows;
+}
+
+// Weight rows per work item: a tiled format's tile, else one.
+int64_t tile_rows(const Format* f) { return f->tiled != nullptr ? f->tiled->rows : 1; }
+
+// Whether an n x k matrix can be in f: a tiled format needs whole tiles (and
+// BF16P an even K).
+bool fits_tiles(const Format* f, int64_t n, int64_t k) {
+  return f->tiled == nullptr || (n % f->tiled->rows == 0 && k % f->tiled->k_multiple == 0);
 }
 
 // Too little work to be worth waking the other threads.
@@ -595,7 +608,7 @@ void cake_parallel(void (*fn)(void*, int, int), void* ctx, int max_threads) {
 }
 
 // 0 on success; -1 unknown format code; -2 k not a positive multiple of the
-// block; -3 a repacked format's n not a multiple of its tile (8 rows); -4 an
+// block; -3 a repacked format's n not in whole tiles (8 or 32 rows; BF16P: or k odd); -4 an
 // unknown prologue, or kRmsNorm without its weight.
 //
 // prologue (enum Prologue) transforms x first: kRmsNorm with norm (k,) and
@@ -605,7 +618,7 @@ int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void
   if (code < 0 || code >= cake_format_count()) return -1;
   const Format* f = formats()[code];
   if (k <= 0 || k % (f->act == kQ8_256 ? 256 : f->block_elems) != 0) return -2;
-  if (f->r8 != nullptr && n % kR8 != 0) return -3;
+  if (!fits_tiles(f, n, k)) return -3;
   if (prologue < kNone || prologue > kSwiGlu || (prologue == kRmsNorm && norm == nullptr)) return -4;
   if (m <= 0 || n <= 0) return 0;
   std::lock_guard<std::mutex> lk(g_mu);
@@ -635,11 +648,11 @@ int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void
   Pool::Fn work = matmul_work;
   job.rows.count = n;
   job.rows.step = block_step(n, threads.size(), 16);  // 16 floats: one cache line of y
-  if (f->r8 != nullptr) {
+  if (f->tiled != nullptr) {
     work = gemm_work;
-    job.wrow *= kR8;
-    job.rows.count = n / kR8;
-    job.rows.step = block_step(n / kR8, threads.size(), 2);
+    job.wrow *= f->tiled->rows;
+    job.rows.count = n / f->tiled->rows;
+    job.rows.step = block_step(job.rows.count, threads.size(), f->tiled->align);
   } else if (by_panel) {
     work = panel_work;
     job.rows.step = block_step(n, threads.size(), cake_panel_cols());
@@ -684,7 +697,7 @@ int cake_matmul_grouped(int code, const float* x, int64_t m, int64_t k, const vo
   if (code < 0 || code >= cake_format_count()) return -1;
   const Format* f = formats()[code];
   if (k <= 0 || k % (f->act == kQ8_256 ? 256 : f->block_elems) != 0) return -2;
-  if (f->r8 != nullptr && n % kR8 != 0) return -3;
+  if (!fits_tiles(f, n, k)) return -3;
   if (prologue != kNone && prologue != kSwiGlu) return -4;
   int64_t used = 0;
   for (int64_t e = 0; e < experts; e++) {
@@ -717,7 +730,7 @@ int cake_matmul_grouped(int code, const float* x, int64_t m, int64_t k, const vo
     xa = g_scratch.data();
   }
   GroupJob g;
-  g.work = f->r8 != nullptr ? gemm_work : matmul_work;
+  g.work = f->tiled != nullptr ? gemm_work : matmul_work;
   int64_t off = 0, work = 0;
   for (int64_t e = 0; e < experts; e++) {
     const int64_t c = counts[e];
@@ -727,10 +740,10 @@ int cake_matmul_grouped(int code, const float* x, int64_t m, int64_t k, const vo
     j->w = (const char*)w + e * n * wbytes, j->wrow = wbytes, j->y = y + off * n;
     j->rows.count = n;
     j->rows.step = block_step(n, threads.size(), 16);
-    if (f->r8 != nullptr) {
-      j->wrow *= kR8;
-      j->rows.count = n / kR8;
-      j->rows.step = block_step(n / kR8, threads.size(), 2);
+    if (f->tiled != nullptr) {
+      j->wrow *= f->tiled->rows;
+      j->rows.count = n / f->tiled->rows;
+      j->rows.step = block_step(j->rows.count, threads.size(), f->tiled->align);
     }
     g.jobs.push_back(std::move(j));
     off += c;
@@ -748,11 +761,11 @@ int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out) {
   if (code < 0 || code >= cake_format_count()) return -1;
   const Format* f = formats()[code];
   if (k <= 0 || k % f->block_elems != 0) return -2;
-  if (f->r8 != nullptr && n % kR8 != 0) return -3;
+  if (!fits_tiles(f, n, k)) return -3;
   if (n <= 0) return 0;
   std::lock_guard<std::mutex> lk(g_mu);
   Pool& threads = pool();
-  const int64_t tile = f->r8 != nullptr ? kR8 : 1;  // rows per work item
+  const int64_t tile = tile_rows(f);  // rows per work item
   DequantJob job{f, (const char*)w, (size_t)(k / f->block_elems * f->block_bytes * tile), k, out, {}};
   job.rows.count = n / tile;
   job.rows.step = block_step(n / tile, threads.size(), 1);
@@ -765,7 +778,7 @@ int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out) {
 
 // The plain-format matrix w (n, k) (code: its format) as the repacked format
 // whose code is returned, into out (as many bytes); -1 no repacked form of
-// that format; -2 k not a positive multiple of the block; -3 n not a multiple of 8.
+// that format; -2 k not a positive multiple of the block; -3 n not in whole tiles (or, BF16P, k odd).
 int cake_repack(int code, const void* w, int64_t n, int64_t k, void* out) {
   if (code < 0 || code >= cake_format_count()) return -1;
   const Format* f = formats()[code];
@@ -774,10 +787,12 @@ int cake_repack(int code, const void* w, int64_t n, int64_t k, void* out) {
     if (formats()[i]->plain != nullptr && std::strcmp(formats()[i]->plain, f->name) == 0) to = i;
   if (to < 0) return -1;
   if (k <= 0 || k % f->block_elems != 0) return -2;
-  if (n % kR8 != 0) return -3;
+  const Format* r = formats()[to];
+  if (!fits_tiles(r, n, k)) return -3;
   const size_t row = (size_t)(k / f->block_elems * f->block_bytes);
-  for (int64_t t = 0; t < n / kR8; t++)
-    formats()[to]->r8->repack(k, (const char*)w + t * kR8 * row, row, (char*)out + t * kR8 * row);
+  const int64_t rows = r->tiled->rows;
+  for (int64_t t = 0; t < n / rows; t++)
+    r->tiled->repack(k, (const char*)w + t * rows * row, row, (char*)out + t * rows * row);
   return to;
 }
 
@@ -842,7 +857,7 @@ ffi::Error matmul_call(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
   }
   const int rc = cake_matmul_fused(code, (const float*)x.untyped_data(), m, k, w.untyped_data(), n,
                                    (float*)y->untyped_data(), prologue, norm_p, eps, res_p);
-  if (rc == -3) return ffi::Error::InvalidArgument("cake: a repacked format needs N to be a multiple of 8");
+  if (rc == -3) return ffi::Error::InvalidArgument("cake: a repacked format needs N in whole tiles (8 or 32 rows) and, BF16P, an even K");
   if (rc == -4) return ffi::Error::InvalidArgument("cake: unknown prologue, or an RMS norm without its weight");
   if (rc != 0) return ffi::Error::InvalidArgument("cake: K is not a multiple of the format's block");
   return ffi::Error::Success();
@@ -892,7 +907,7 @@ ffi::Error ffi_dequantize(ffi::AnyBuffer w, ffi::AnyBuffer /*after*/, ffi::Resul
   if (ffi::Error e = check_weights(formats()[code], w, od[1], &n); e.failure()) return e;
   if (n != od[0]) return ffi::Error::InvalidArgument("cake: out must have the weights' N rows");
   if (cake_dequantize(code, w.untyped_data(), n, od[1], (float*)out->untyped_data()) == -3)
-    return ffi::Error::InvalidArgument("cake: a repacked format needs N to be a multiple of 8");
+    return ffi::Error::InvalidArgument("cake: a repacked format needs N in whole tiles (8 or 32 rows) and, BF16P, an even K");
   return ffi::Error::Success();
 }
 

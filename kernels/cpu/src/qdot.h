@@ -105,27 +105,35 @@ void cake_dequant_f16(int64_t k, const void* w, float* out);
 void cake_dequant_bf16(int64_t k, const void* w, float* out);
 void cake_dequant_f32(int64_t k, const void* w, float* out);  // a copy
 
-// Repacked formats (repack.cc, repack_k.cc): tiles of 8 weight rows interleaved
-// so that one product instruction serves all 8 (layouts at the top of those
-// files). A tile of 8 rows of K values has the bytes of the 8 plain rows. The
-// K-quant forms take cake_q8_256 activations, the others cake_q8_32.
+// Repacked formats: tiles of `rows` weight rows stored interleaved at load, so
+// that one product instruction serves several rows (layouts at the top of the
+// files): the block formats' tiles of 8 rows (repack.cc; the K-quants'
+// repack_k.cc, on cake_q8_256 activations, the others on cake_q8_32), and
+// BF16P / F16P / F32P, tiles of 32 rows of 16-bit or float32 weights
+// (gemm16.cc; null where not compiled in). A tile has the bytes of its plain rows.
 typedef struct {
-  int64_t group_bytes;  // one block (32 elements; K-quants 256) of the tile's 8 rows
-  float s_scale;        // gemm wants each cake_q8_32.s multiplied by this first (K-quants: 1)
+  int64_t group_bytes;  // one block (32 elements; K-quants 256; floats 1) of the tile's rows
+  float s_scale;        // gemm wants each cake_q8_32.s multiplied by this first (others: 1)
   // ntiles consecutive tiles (tile t at w + t * (k / block) * group_bytes):
-  // y[i * y_stride + 8 t + r] = dot(tile t's row r, activation row i), i < nrows, r < 8.
+  // y[i * y_stride + rows t + r] = dot(tile t's row r, activation row i), i < nrows, r < rows.
   // A kernel may take two adjacent tiles at once; each column's bits do not depend
   // on ntiles or nrows.
   void (*gemm)(int64_t k, const void* w, int64_t ntiles, const void* x, size_t x_stride, int nrows,
                float* y, size_t y_stride);
-  void (*dequant)(int64_t k, const void* w, float* out);  // one tile -> out (8, k)
-  // 8 plain rows, w_stride bytes apart -> one tile at out
+  void (*dequant)(int64_t k, const void* w, float* out);  // one tile -> out (rows, k)
+  // `rows` plain rows, w_stride bytes apart -> one tile at out
   void (*repack)(int64_t k, const void* w, size_t w_stride, void* out);
-} cake_r8_kernels;
+  int64_t rows;        // weight rows per tile
+  int64_t align;       // blocks of work start on multiples of this many tiles (taken in pairs: 2)
+  int64_t k_multiple;  // K must be a multiple of this (beyond the plain format's block)
+} cake_tile_kernels;
 
-extern const cake_r8_kernels cake_r8_q4_0, cake_r8_q4_1, cake_r8_q5_0, cake_r8_q5_1, cake_r8_q8_0;
-extern const cake_r8_kernels cake_r8_q2_k, cake_r8_q3_k, cake_r8_q4_k, cake_r8_q5_k,
+extern const cake_tile_kernels cake_r8_q4_0, cake_r8_q4_1, cake_r8_q5_0, cake_r8_q5_1, cake_r8_q8_0;
+extern const cake_tile_kernels cake_r8_q2_k, cake_r8_q3_k, cake_r8_q4_k, cake_r8_q5_k,
     cake_r8_q6_k;  // repack_k.cc
+extern const cake_tile_kernels* const cake_tiles_bf16;  // gemm16.cc, null where not compiled in
+extern const cake_tile_kernels* const cake_tiles_f16;
+extern const cake_tile_kernels* const cake_tiles_f32;
 
 // Runs fn(ctx, i, n) for i in [0, n) on the driver's thread pool, the caller
 // being i = 0: n is the pool's size, or 1 (the caller alone) when max_threads

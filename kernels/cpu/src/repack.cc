@@ -550,8 +550,8 @@ void gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, in
 
 }  // namespace
 
-const cake_r8_kernels cake_r8_q4_0 = {Q4_0::kGroup, s_scale<Q4_0>(), gemm<Q4_0>, dequant_tile<Q4_0>, repack_tile<Q4_0>};
-const cake_r8_kernels cake_r8_q4_1 = {Q4_1::kGroup, s_scale<Q4_1>(), gemm<Q4_1>, dequant_tile<Q4_1>, repack_tile<Q4_1>};
-const cake_r8_kernels cake_r8_q5_0 = {Q5_0::kGroup, s_scale<Q5_0>(), gemm<Q5_0>, dequant_tile<Q5_0>, repack_tile<Q5_0>};
-const cake_r8_kernels cake_r8_q5_1 = {Q5_1::kGroup, s_scale<Q5_1>(), gemm<Q5_1>, dequant_tile<Q5_1>, repack_tile<Q5_1>};
-const cake_r8_kernels cake_r8_q8_0 = {Q8_0::kGroup, s_scale<Q8_0>(), gemm<Q8_0>, dequant_tile<Q8_0>, repack_tile<Q8_0>};
+const cake_tile_kernels cake_r8_q4_0 = {Q4_0::kGroup, s_scale<Q4_0>(), gemm<Q4_0>, dequant_tile<Q4_0>, repack_tile<Q4_0>, 8, 2, 1};
+const cake_tile_kernels cake_r8_q4_1 = {Q4_1::kGroup, s_scale<Q4_1>(), gemm<Q4_1>, dequant_tile<Q4_1>, repack_tile<Q4_1>, 8, 2, 1};
+const cake_tile_kernels cake_r8_q5_0 = {Q5_0::kGroup, s_scale<Q5_0>(), gemm<Q5_0>, dequant_tile<Q5_0>, repack_tile<Q5_0>, 8, 2, 1};
+const cake_tile_kernels cake_r8_q5_1 = {Q5_1::kGroup, s_scale<Q5_1>(), gemm<Q5_1>, dequant_tile<Q5_1>, repack_tile<Q5_1>, 8, 2, 1};
+const cake_tile_kernels cake_r8_q8_0 = {Q8_0::kGroup, s_scale<Q8_0>(), gemm<Q8_0>, dequant_tile<Q8_0>, repack_tile<Q8_0>, 8, 2, 1};
