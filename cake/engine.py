@@ -12,17 +12,7 @@ Each `step()`:
    running streams keep flowing;
 and draws a token for every sequence whose ids are all fed.
 
-Overlap (`Engine.overlap`; by default where the pipeline is one local stage
-whose steps run after their call returns: JAX on a GPU or TPU, or on XLA's
-attention path on the CPU; see JaxLlamaStage.asynchronous): a decode step whose
-tokens the head stage draws is dispatched, not waited for; the next round
-queues the step after it on the device, fed with its ids where they are,
-before it reads its tokens and turns them into text. So the host's work per
-token (text, stop strings, events, the next Step) runs while the device
-computes. A sequence that ends on a token (EOS, a stop string) has had one
-more step queued: its row is dropped, and its cache holds one position more
-than the engine counts (a later prefix rewinds over it). The tokens are the
-same as without overlap.
+Overlap (`Engine.overlap`): see cake.overlap.
 
 Admission is by sequence: the stages allocate their KV caches for
 `max_sequences` sequences of the full context when they load, so a request
@@ -47,13 +37,13 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from cake.backends.base import Draw, Step
 from cake.errors import CakeError, ContextLengthError, NetworkError
 from cake.grammar import Constraint, GrammarError, Grammars
+from cake.overlap import Ahead, Overlap
 from cake.pipeline import Pipeline, StageReset
 from cake.request import Event, Observer, QueueFullError, Request, TokenLogprob, emit
 from cake.sampling import Sampler, top_logprobs
@@ -63,18 +53,6 @@ from cake.stops import StopMatcher
 from cake.warmup import prefill_widths, step_shapes
 
 MAX_REPLAYS = 5  # replays in a row after stages lost their caches
-
-
-@dataclass(eq=False)
-class _Ahead:
-    """A dispatched decode step whose tokens are not read yet (see overlap)."""
-
-    seqs: list[Sequence]
-    runs: list[_Run]
-    positions: tuple[int, ...]
-    handle: Any  # Pipeline.dispatch's
-    started: float
-    compiled: float  # seconds its dispatch waited for a compilation
 
 
 @dataclass(eq=False)
@@ -91,7 +69,7 @@ class _Run:
     prefilled: float = 0.0
 
 
-class Engine:
+class Engine(Overlap):
     """Schedules requests over `max_sequences` sequences of one pipeline.
 
     max_sequences must not exceed what every stage was loaded with.
@@ -112,7 +90,7 @@ class Engine:
         # the head stage draws where it can (see _step_draw); CAKE_STAGE_DRAW=0
         # draws every token here, from the logits (to measure the difference)
         self.stage_draws = os.environ.get("CAKE_STAGE_DRAW", "1") != "0"
-        # overlap (see the module): the pipeline's choice unless told;
+        # overlap (see cake.overlap): the pipeline's choice unless told;
         # CAKE_OVERLAP=0/1 overrides both (to measure the difference)
         env = os.environ.get("CAKE_OVERLAP")
         if env in ("0", "1"):
@@ -120,7 +98,7 @@ class Engine:
         elif overlap is None:
             overlap = pipeline.asynchronous
         self.overlap = overlap and pipeline.can_dispatch
-        self._ahead: _Ahead | None = None
+        self._ahead: Ahead | None = None
         self.pool = SequencePool(max_sequences)
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk or pipeline.prefill_chunk
@@ -398,76 +376,6 @@ class Engine:
                 else:
                     st.prompt_compile_s += compiled
                     st.prompt_compile_tokens += n
-
-    def _dispatch(self, seqs: list[Sequence], x, step: Step) -> _Ahead | None:
-        """Dispatch `step` (overlap); None if it failed (its requests with it)."""
-        t, compiled = time.perf_counter(), self.pipeline.compile_s
-        try:
-            handle = self.pipeline.dispatch(x, step)
-        except Exception as e:  # the stage's error: these requests fail
-            for s in seqs:
-                self._fail(s, e)
-            return None
-        runs = [s.owner for s in seqs]
-        return _Ahead(
-            seqs, runs, step.positions, handle, t, self.pipeline.compile_s - compiled
-        )
-
-    def _chain(self, ahead: _Ahead) -> _Ahead | None:
-        """Dispatch the decode step after `ahead`'s, fed with its drawn ids on
-        the device, where the same sequences go on: none has been cancelled
-        or would end by its length, none has a penalty (its next draw would
-        depend on the token not read yet), no other sequence is ready to
-        decode (it joins them, in a step of its own after this round's
-        read). Else None: the next step waits for `ahead`'s tokens."""
-        busy = ahead.seqs
-        if any(s.pending == 1 and s not in busy for s in self.pool.running):
-            return None
-        ctx = self.pipeline.max_context
-        for s, run, p in zip(ahead.seqs, ahead.runs, ahead.positions, strict=True):
-            req = run.request
-            if (
-                s.owner is not run
-                or req.cancelled
-                or not run.sampler.draws_ahead
-                or run.generated + 2 > req.max_tokens
-                or p + 2 > ctx
-            ):
-                return None
-        rows = [run.sampler.for_device(ahead=1) for run in ahead.runs]
-        step = Step(
-            tuple(s.seq_id for s in ahead.seqs),
-            tuple(p + 1 for p in ahead.positions),
-            (1,) * len(ahead.seqs),
-            draw=Draw(*(tuple(col) for col in zip(*rows, strict=True))),
-        )
-        return self._dispatch(ahead.seqs, ahead.handle, step)
-
-    def _collect(self, ahead: _Ahead) -> None:
-        """Read `ahead`'s tokens (waiting for its step) and take them, for the
-        sequences whose requests still run."""
-        live = [
-            (i, s)
-            for i, (s, run) in enumerate(zip(ahead.seqs, ahead.runs, strict=True))
-            if s.owner is run
-        ]
-        try:
-            ids = ahead.handle.result()
-        except Exception as e:  # the stage's error: these requests fail
-            for _, s in live:
-                self._fail(s, e)
-            return
-        b = len(ahead.seqs)
-        self.observer.step("decode", b, b, time.perf_counter() - ahead.started)
-        self._fed([s for _, s in live], 1, ahead.compiled)
-        for i, s in live:
-            self._drawn(s, int(ids[i]))
-
-    def _drain(self) -> None:
-        """Wait for a dispatched step and take its tokens (none runs after)."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            self._collect(ahead)
 
     def _step_draw(self, seqs: list[Sequence], n: int) -> Draw | None:
         """The step's Draw where the head stage can draw every token it ends
