@@ -5,7 +5,11 @@ backend is imported and has run one jitted op (the baseline); after the stage
 holding every transformer layer (no embedding, no head: a worker's share) has
 loaded ("at load"); and after it has run a prefill and a decode step ("after 2
 steps": every weight page it reads is resident, and the steps are compiled).
-The KV cache the stage allocates is subtracted (its size is known exactly).
+The KV cache the JAX stage allocates (zeroed at load, so resident) is
+subtracted: its arrays' bytes, in the cache's own dtype. Until 2026-12-06 the
+subtraction took the layer count from a variable the prefill loop reused
+(its last chunk's width), 4-8x the cache, so the JAX ratios of earlier runs
+read 0.2-0.45 low.
 The anchor is the layers' tensor bytes in the file, summed from the reader.
 A NumPy stage reads its memory-mapped weights only when it computes, so its
 figure at load is small. Each step a JAX stage compiles adds what XLA keeps
@@ -94,16 +98,18 @@ def measure(path: str, backend: str) -> dict:
     chunk, pos = getattr(stage, "prefill_chunk", PREFILL), 0
     stage.release([0])
     while pos < PREFILL:
-        n = min(chunk, PREFILL - pos)
+        width = min(chunk, PREFILL - pos)
         stage.forward(
-            np.zeros((1, n, config.hidden_size), np.float32), Step((0,), (pos,), (n,))
+            np.zeros((1, width, config.hidden_size), np.float32),
+            Step((0,), (pos,), (width,)),
         )
-        pos += n
+        pos += width
     peak = rss_bytes("VmHWM")
     kv = 0
-    if backend == "jax":  # allocated at load: 2 x layers x slots x kv heads x T x hd
-        kv = 2 * n * MAX_SEQUENCES * config.num_key_value_heads * MAX_CONTEXT
-        kv *= config.head_dim * 4
+    if backend == "jax":  # allocated (zeroed: resident) at load, in its own dtype
+        import jax
+
+        kv = sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(stage._cache))
     added = after - base - kv
     at_load = loaded - base - kv
     return {
