@@ -416,7 +416,7 @@ class JaxLlamaStage:
         if kernel:
             program = self.programs.get(shape)
         else:
-            program = self._settled.get(shape) or self._xla_program(shape)
+            program = self._settled.get(shape) or self._xla_program(shape, ends)
         # NumPy inputs go in as they are and the program moves them to the
         # weights' device: a device_put per array first cost ~70 us each (CPU)
         params = self._params_held if self._holds(shape) else self._params
@@ -425,9 +425,10 @@ class JaxLlamaStage:
         self.seqs.advance(step)
         return out
 
-    def _xla_program(self, shape: Shape):
+    def _xla_program(self, shape: Shape, ends: int):
         """The program for a step on XLA's attention: `shape`'s own, else (while
-        it compiles) a larger bucket's; queues what later steps will need."""
+        it compiles) a larger bucket's; queues what later steps will need
+        (`ends`: the cache positions the step fills)."""
         # XLA's attention reads t_len positions and masks those past each
         # sequence's length, so a larger bucket's step gives the same
         # result: while this bucket compiles, a larger one answers
@@ -441,39 +442,53 @@ class JaxLlamaStage:
             # never waits for a bucket's compile (see _next_shapes)
             self.programs.get(shape._replace(t_len=self.max_context))
         program = self.programs.get(shape, larger)
-        for later, first in self._next_shapes(shape):
+        nexts, waiting = self._next_shapes(shape, ends)
+        for later, first in nexts:
             self.programs.ahead(later, first=first)
-        if program is self.programs.ready(shape):
+        if program is self.programs.ready(shape) and not waiting:
             # its own program, and what follows it queued: from now on a
             # dict lookup (all of the above took ~30 us a step, 2026-12-04)
             self._settled[shape] = program
         return program
 
-    def _next_shapes(self, shape: Shape) -> list[tuple[Shape, bool]]:
-        """What steps after one of `shape` (XLA's attention) will need, for the
-        background thread (programs.py), (shape, whether before what is
-        queued): first, decode over the whole cache, which can stand in for
-        any bucket (see forward) once it is compiled, so that no decode step
-        waits for a compile (for this batch; after a prefill chunk, for its
-        one sequence); then the same step in the next cache bucket; after a
+    def _next_shapes(
+        self, shape: Shape, ends: int
+    ) -> tuple[list[tuple[Shape, bool]], bool]:
+        """What steps after one of `shape` (XLA's attention) that fills `ends`
+        cache positions will need, for the background thread (programs.py),
+        as (shape, whether before what is queued), and whether a later step
+        of `shape` may still add to them: first, decode over the whole cache,
+        which can stand in for any bucket (see forward) once it is compiled,
+        so that no decode step waits for a compile (for this batch; after a
+        prefill chunk, for its one sequence); then the same step in the next
+        cache bucket: for decode at once, for a prefill chunk only once the
+        next chunk would reach that bucket (the next bucket of a prompt's
+        last chunks is a later, longer prompt's: compiled beside this
+        prompt's decode, 4-7 s of one core here on XLA's attention, it
+        slowed every step of it; SmolLM2 Q4_1, 2 cores, empty cache, worst
+        round of 300 tokens after a 1200-token prompt, 3 alternating
+        processes: 143-178 ms -> 37-43, medians 28-30 -> 25-28 ms); after a
         decode step, decode with one sequence more or less."""
         whole = self.max_context
         decode = Shape(shape.batch, 1, whole, False, None, False)
-        out = []
+        out, waiting = [], False
         if shape.width == 1:
             out.append((decode, True))
         elif not self._attention_kernel:  # else decode reads through the kernel
             out.append((decode._replace(batch=1), True))
         if shape.t_len < whole:  # past position 0: no causal chunk
             nxt = kvcache.bucket(shape.t_len + 1, cap=whole)
-            out.append((shape._replace(t_len=nxt, causal_chunk=None), False))
+            if shape.width == 1 or ends + shape.width > shape.t_len:
+                out.append((shape._replace(t_len=nxt, causal_chunk=None), False))
+            else:
+                waiting = True
         if shape.width == 1:
             out += [
                 (shape._replace(batch=b), False)
                 for b in (shape.batch + 1, shape.batch - 1)
                 if 1 <= b <= self.max_sequences
             ]
-        return out
+        return out, waiting
 
 
 def _release(keys: tuple[int, ...]) -> None:
