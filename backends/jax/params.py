@@ -38,6 +38,7 @@ import numpy as np
 from cake.backends.jax.linear import QMat, Weight
 from cake.config import ModelConfig
 from cake.errors import ModelError
+from cake.kernels.cpu import ALIGN, empty_aligned
 from cake.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq
 from cake.shard import Shard
 from cake.weights import TensorSource
@@ -54,14 +55,9 @@ def _transpose(w: jax.Array, *, store: np.dtype) -> jax.Array:
     return w.astype(_F32).T.astype(store)
 
 
-_ALIGN = 64  # what XLA's CPU client needs to alias a host buffer
-
-
 def _aligned_copy(a: np.ndarray) -> np.ndarray:
-    """A read-only copy of `a` starting on a 64-byte boundary."""
-    buf = np.empty(a.nbytes + _ALIGN, np.uint8)
-    start = -buf.ctypes.data % _ALIGN
-    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    """A read-only copy of `a` starting on an ALIGN-byte boundary."""
+    out = empty_aligned(a.shape, a.dtype)
     out[...] = a
     out.setflags(write=False)
     return out
@@ -89,7 +85,7 @@ class _Loader:
         qualifies stays the file's pages; anything else (the loader's own
         copies, GGUF tensors aligned to 32 only) is first copied into an aligned
         read-only buffer, and the file pages it came from are dropped."""
-        if a.flags.writeable or a.ctypes.data % _ALIGN:
+        if a.flags.writeable or a.ctypes.data % ALIGN:
             src, a = a, _aligned_copy(a)
             release_pages(src)
         return jax.device_put(a, self.device, may_alias=True)

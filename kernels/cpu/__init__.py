@@ -51,6 +51,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from cake.errors import BackendError
 
 __all__ = [
+    "ALIGN",
     "ALL_FORMATS",
     "FLOATS",
     "FORMATS",
@@ -63,6 +64,7 @@ __all__ = [
     "check_format",
     "dequantize",
     "dequantize_np",
+    "empty_aligned",
     "matmul",
     "matmul_np",
     "num_threads",
@@ -124,7 +126,7 @@ def weight_spec(fmt: str, n: int, k: int) -> tuple[tuple[int, int], np.dtype]:
         return (n, k), np.dtype(ml_dtypes.bfloat16)
     if plain == "F32":
         return (n, k), np.dtype(np.float32)
-    elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[_PLAIN.get(fmt, fmt)]]
+    elems, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[plain]]
     if k % elems:
         raise ValueError(f"{fmt} needs K to be a multiple of {elems}; got K={k}")
     return (n, k // elems * nbytes), np.dtype(np.uint8)
@@ -245,7 +247,7 @@ class _Library:
             k = w.shape[1] // nbytes * elems
         n = _check_weights(w.shape, w.dtype, fmt, k)
         w = np.ascontiguousarray(w)
-        out = _empty_aligned(w.shape, w.dtype)
+        out = empty_aligned(w.shape, w.dtype)
         if n and k:
             rc = self.raw.cake_repack(
                 self.code(fmt), w.ctypes.data, n, k, out.ctypes.data
@@ -254,14 +256,14 @@ class _Library:
         return to, out
 
 
-_ALIGN = 64  # what XLA's CPU client needs to alias a host buffer without a copy
+ALIGN = 64  # what XLA's CPU client needs to alias a host buffer without a copy
 
 
-def _empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialized array starting on a 64-byte boundary."""
+def empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized array starting on an ALIGN-byte boundary."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    buf = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -buf.ctypes.data % _ALIGN
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    start = -buf.ctypes.data % ALIGN
     return buf[start : start + nbytes].view(dtype).reshape(shape)
 
 
