@@ -33,6 +33,18 @@ def _prefer_installed(name: str) -> None:
 _prefer_installed("kernels")
 
 
+@pytest.fixture(scope="module")
+def lib():
+    """The CPU kernel library (ctypes), built if need be; a skip without a compiler."""
+    from cake.kernels import cpu
+    from cake.kernels.cpu import build
+
+    if build.compiler() is None:
+        pytest.skip("no C++ compiler: the kernels cannot be built here")
+    assert cpu.available(), "the CPU kernels failed to build (see stderr)"
+    return cpu._load()
+
+
 @pytest.fixture(scope="session")
 def portable_libs(tmp_path_factory):
     """The CPU kernels' AVX2 and plain C++ paths, built once from a clean cache

@@ -18,7 +18,6 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from cake.kernels import cpu
-from cake.kernels.cpu import build
 from cake.kernels.cpu import reference as ref
 
 
@@ -77,12 +76,13 @@ def random_weights(fmt: Format, n: int, k: int, rng: np.random.Generator) -> np.
     return w
 
 
-@pytest.fixture(scope="module")
-def lib():
-    if build.compiler() is None:
-        pytest.skip("no C++ compiler: the kernels cannot be built here")
-    assert cpu.available(), "the CPU kernels failed to build (see stderr)"
-    return cpu._load()
+def one_thread_matches(lib, x, w, fmt: str, want) -> None:
+    """The product on the kernels' pool cut to one thread equals `want` bit for bit."""
+    lib.raw.cake_set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(cpu.matmul_np(x, w, fmt), want)
+    finally:
+        lib.raw.cake_set_num_threads(0)
 
 
 def compiled(lib, fmt: Format) -> None:

@@ -18,7 +18,6 @@ from tests.test_kernels_cpu import (
     _rms_input,
     _swiglu_input,
     assert_matmul_close,
-    lib,  # noqa: F401  (the fixture)
     random_weights,
 )
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from cake.kernels import cpu
-from cake.kernels.cpu import build
 from cake.kernels.cpu import reference as ref
 from tests.test_kernels_cpu import (
     FORMATS,
     _rms_input,
     assert_matmul_close,
     ks,
+    one_thread_matches,
     random_weights,
 )
 
@@ -31,14 +31,6 @@ KQUANTS = [f for f in PLAIN if f.name.endswith("_K")]
 MS = [1, 3, 8, 17, 64, 70]
 # (N, which K of ks()): one tile of one block; a few tiles; enough for the thread pool
 NKS = [(8, 0), (40, 1), (136, 2)]
-
-
-@pytest.fixture(scope="module")
-def lib():
-    if build.compiler() is None:
-        pytest.skip("no C++ compiler: the kernels cannot be built here")
-    assert cpu.available(), "the CPU kernels failed to build (see stderr)"
-    return cpu._load()
 
 
 def case(fmt, m: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,11 +75,7 @@ def test_repacked_outputs_do_not_depend_on_the_call(lib, fmt):
         )
     # paired the other way: tiles (1, 2), (3, 4), (5, 6)
     np.testing.assert_array_equal(cpu.matmul_np(x, packed[8:], name), whole[:, 8:])
-    lib.raw.cake_set_num_threads(1)
-    try:
-        np.testing.assert_array_equal(cpu.matmul_np(x, packed, name), whole)
-    finally:
-        lib.raw.cake_set_num_threads(0)
+    one_thread_matches(lib, x, packed, name, whole)
 
 
 @pytest.mark.parametrize("fmt", PLAIN, ids=lambda f: f.name)

@@ -17,22 +17,18 @@ import numpy as np
 import pytest
 
 from cake.kernels import cpu
-from cake.kernels.cpu import build
 from cake.kernels.cpu import reference as ref
-from tests.test_kernels_cpu import FORMATS, _rms_input, assert_matmul_close
+from tests.test_kernels_cpu import (
+    FORMATS,
+    _rms_input,
+    assert_matmul_close,
+    one_thread_matches,
+)
 
 FLOATS = [f for f in FORMATS if f.name in cpu.FLOATS]
 MS = [1, 3, 8, 9, 17, 70]  # 70: more than one pass of 64 rows
 NKS = [(32, 2), (96, 577 - 1), (160, 1536)]  # one tile; a few; enough for the pool
 DTYPES = {"F16": np.float16, "BF16": ml_dtypes.bfloat16, "F32": np.float32}
-
-
-@pytest.fixture(scope="module")
-def lib():
-    if build.compiler() is None:
-        pytest.skip("no C++ compiler: the kernels cannot be built here")
-    assert cpu.available(), "the CPU kernels failed to build (see stderr)"
-    return cpu._load()
 
 
 def tiled(lib, fmt: str) -> str:
@@ -77,11 +73,7 @@ def test_tiled_outputs_do_not_depend_on_the_call(lib, fmt):
         np.testing.assert_array_equal(
             cpu.matmul_np(x, part, name), whole[:, 32 * t : 32 * t + 32]
         )
-    lib.raw.cake_set_num_threads(1)
-    try:
-        np.testing.assert_array_equal(cpu.matmul_np(x, packed, name), whole)
-    finally:
-        lib.raw.cake_set_num_threads(0)
+    one_thread_matches(lib, x, packed, name, whole)
 
 
 @pytest.mark.parametrize("fmt", FLOATS, ids=lambda f: f.name)
