@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 from cake import heap
 
-from . import cache_writes
+from . import cache_writes, compile_threads
 
 # While the background thread lowers a step (JAX traces it in Python, ~0.2 s
 # for SmolLM2's 30 layers on XLA's attention path), it holds the GIL, and a
@@ -102,6 +102,7 @@ class Programs:
         self.waited_s = 0.0
         self.compiled_ahead = 0
         cache_writes.install()
+        compile_threads.install()
         _LIVE.add(self)
 
     def get(self, shape: Shape, instead: Iterable[Shape] = ()) -> Any:
@@ -201,9 +202,12 @@ class Programs:
         # Below the stepping threads, which XLA's compile slowed by up to 0.37 s
         # a step at the same priority (2 cores, 2026-12-03); not 19, which
         # starved it while the steps kept both cores busy. Linux: niceness is
-        # per thread, and the threads it starts inherit it.
+        # per thread, and the threads it starts inherit it; XLA's compiler
+        # threads, started before it, follow it (compile_threads).
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), compile_threads.NICE
+            )
         except (AttributeError, OSError):
             pass
         while True:

@@ -15,6 +15,7 @@ import numpy as np
 from cake import heap
 from cake.backends.base import DeviceInfo, Step
 from cake.backends.jax import cache as kvcache
+from cake.backends.jax import cache_writes
 from cake.backends.jax import draw as jdraw
 from cake.backends.jax.linear import KERNEL_ROWS, QMat, cpu_kernel_formats, kernel_rows
 from cake.backends.jax.llama import kernel_weights, one_call_rows, stage_step
@@ -416,7 +417,11 @@ class JaxLlamaStage:
         if kernel:
             program = self.programs.get(shape)
         else:
-            program = self._settled.get(shape) or self._xla_program(shape, ends)
+            program = self._settled.get(shape)
+            if program is None:
+                program = self._xla_program(shape, ends)
+            else:  # as Programs.get does: no cache write starts mid-generation
+                cache_writes.note_step()
         # NumPy inputs go in as they are and the program moves them to the
         # weights' device: a device_put per array first cost ~70 us each (CPU)
         params = self._params_held if self._holds(shape) else self._params
