@@ -28,6 +28,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import jax_hooks
+
 IDLE_S = 0.25  # no step for this long: the run has paused, write an entry
 
 _local = threading.local()
@@ -42,18 +44,11 @@ def install() -> bool:
     such function to wrap."""
     global _original
     with _lock:
-        if _original is not None:
-            return True
-        try:
-            from jax._src import compilation_cache as cc
-        except ImportError:  # pragma: no cover - a JAX laid out otherwise
-            return False
-        put = getattr(cc, "put_executable_and_time", None)
-        if put is None:  # pragma: no cover
-            return False
-        _original = put
-        cc.put_executable_and_time = _put
-        return True
+        if _original is None:
+            _original = jax_hooks.replace(
+                "jax._src.compilation_cache", "put_executable_and_time", lambda _: _put
+            )
+        return _original is not None
 
 
 def _put(*args: Any, **kwargs: Any) -> None:

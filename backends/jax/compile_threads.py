@@ -41,6 +41,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import jax_hooks
+
 TASKS = "/proc/self/task"
 NICE = 10  # the background compile thread's niceness (programs.Programs._work)
 EXECUTION_POOLS = ("tf_XLAEigen",)  # XLA:CPU's intra-op pool runs the steps
@@ -64,26 +66,21 @@ def install() -> bool:
     function to wrap (then nothing is niced)."""
     global _original
     with _lock:
-        if _original is not None:
-            return True
-        try:
-            from jax._src import compiler
-        except ImportError:  # pragma: no cover - a JAX laid out otherwise
-            return False
-        compile_ = getattr(compiler, "backend_compile_and_load", None)
-        if compile_ is None:  # pragma: no cover
-            return False
-        _original = compile_
+        if _original is None:
+            _original = jax_hooks.replace(
+                "jax._src.compiler", "backend_compile_and_load", _in_window
+            )
+            # what runs from here to the first window is no compile
+            _last.update(_run_times())
+        return _original is not None
 
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with window():
-                return compile_(*args, **kwargs)
 
-        compiler.backend_compile_and_load = wrapped
-        _last.update(
-            _run_times()
-        )  # what runs from here to the first window is no compile
-        return True
+def _in_window(compile_: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with window():
+            return compile_(*args, **kwargs)
+
+    return wrapped
 
 
 def _run_times() -> dict[int, int]:
