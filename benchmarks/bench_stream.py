@@ -56,9 +56,10 @@ SHAPE_1B = dict(
 )  # fmt: skip
 
 # `python -c BARE tcp://... DIR`: receive TOTAL bytes of chunks (the first
-# message says "MODE TOTAL"); MODE "ack": reply to each chunk, "once": reply
-# after the last one, "write": as "ack", each chunk first written to a file
-# in DIR (the storing a worker's cache does, with nothing else).
+# message says "MODE TOTAL PIECE"); MODE "ack": reply to each chunk, "once":
+# reply after the last one, "write": as "ack", each chunk first written to a
+# file in DIR in writes of PIECE bytes (the storing a worker's cache does, as
+# it does it, cake.weights.cache.WRITE_PIECE, with nothing else).
 BARE = """
 import os, sys, zmq
 s = zmq.Context().socket(zmq.ROUTER)
@@ -73,14 +74,16 @@ while True:
     while True:
         f = s.recv_multipart(copy=False)
         if total is None:
-            mode, total = f[1].bytes.decode().split()
-            total = int(total)
+            mode, total, piece = f[1].bytes.decode().split()
+            total, piece = int(total), int(piece)
             if mode == "write":
                 out = open(os.path.join(sys.argv[2], "bare.bin"), "wb")
             s.send_multipart([f[0], b"go"])
             continue
         if out is not None:
-            out.write(f[1])
+            data = f[1].buffer
+            for o in range(0, len(data), piece):
+                os.pwrite(out.fileno(), data[o : o + piece], got + o)
         got += len(f[1])
         if mode != "once" or got >= total:
             s.send_multipart([f[0], b"ok"])
@@ -141,6 +144,8 @@ def bare(
     cake's worker with keys."""
     import zmq
 
+    from cake.weights.cache import WRITE_PIECE
+
     port = free_port()
     keys = [] if not curve else [k.decode() for k in zmq.curve_keypair()]
     p = start([sys.executable, "-c", BARE, f"tcp://127.0.0.1:{port}", str(folder),
@@ -152,7 +157,7 @@ def bare(
             s.curve_serverkey = keys[0].encode()
         s.connect(f"tcp://127.0.0.1:{port}")
         total = sum(len(c) for c in chunks)
-        s.send_multipart([f"{mode} {total}".encode()])
+        s.send_multipart([f"{mode} {total} {WRITE_PIECE}".encode()])
         s.recv()
         settle(pages)
         t = time.perf_counter()

@@ -346,3 +346,22 @@ def test_streamed_worker_on_another_backend(tiny, tmp_path, backend):
         assert f"on {backend}" in w.stderr
     finally:
         assert w.terminate() == 0, w.stderr
+
+
+def test_a_chunk_longer_than_a_write_lands_whole(tmp_path):
+    """Chunks go to the pack in WRITE_PIECE writes (2 MiB ones cost 10x
+    here): every piece lands, the last one short, and reads back as sent."""
+    from cake.weights import cache as cache_mod
+    from cake.weights.cache import Entry
+
+    piece = cache_mod.WRITE_PIECE
+    chunk = 2 * piece + piece // 2 + 3  # two whole writes and a short one
+    data = np.random.default_rng(0).integers(0, 256, 2 * chunk - 7, np.uint8)
+    sums = chunk_sums(data, chunk)
+    e = Entry("data", "uint8", data.shape, data.nbytes,
+              entry_digest(data.nbytes, chunk, sums))  # fmt: skip
+    c = WeightCache(tmp_path)
+    assert c.write(e, chunk, 0, data[:chunk], sums[0]) == chunk
+    assert c.write(e, chunk, chunk, data[chunk:], sums[1]) == data.nbytes
+    c.close()
+    np.testing.assert_array_equal(WeightCache(tmp_path).array(e), data)
