@@ -18,9 +18,11 @@ from cake.net.handshake import Expect
 from cake.net.protocol import fingerprint
 from cake.net.remote import RemoteStage, WorkerClient
 from cake.weights.cache import (
+    WRITE_PIECE,
     CachedSource,
     ChecksumError,
     ChunkError,
+    Entry,
     Manifest,
     WeightCache,
     checksum,
@@ -351,10 +353,7 @@ def test_streamed_worker_on_another_backend(tiny, tmp_path, backend):
 def test_a_chunk_longer_than_a_write_lands_whole(tmp_path):
     """Chunks go to the pack in WRITE_PIECE writes (2 MiB ones cost 10x
     here): every piece lands, the last one short, and reads back as sent."""
-    from cake.weights import cache as cache_mod
-    from cake.weights.cache import Entry
-
-    piece = cache_mod.WRITE_PIECE
+    piece = WRITE_PIECE
     chunk = 2 * piece + piece // 2 + 3  # two whole writes and a short one
     data = np.random.default_rng(0).integers(0, 256, 2 * chunk - 7, np.uint8)
     sums = chunk_sums(data, chunk)

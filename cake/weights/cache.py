@@ -252,6 +252,14 @@ class _Pack:
             elif torn:
                 self.note("")
 
+    def write(self, data: Any, at: int) -> None:
+        """All of `data` into the pack at `at`, WRITE_PIECE bytes a write."""
+        view = memoryview(data).cast("B")
+        for o in range(0, len(view), WRITE_PIECE):
+            piece = view[o : o + WRITE_PIECE]
+            if os.pwrite(self.fd, piece, at + o) != len(piece):
+                raise CakeError(f"short write to {self.path}")
+
     def note(self, line: str) -> None:
         """Append one line to the index, flushed: after the bytes it claims."""
         self.log.write(line + "\n")
@@ -415,7 +423,7 @@ class WeightCache:
             slot = self._place(e, chunk)
         pack = slot.pack
         pack.open()
-        _write(pack, data, slot.offset + offset)
+        pack.write(data, slot.offset + offset)
         pack.note(f"c {e.digest} {sum_:016x}")
         slot.sums.append(sum_)
         if slot.held < e.nbytes:
@@ -445,15 +453,6 @@ class WeightCache:
         if blob is None:
             raise CakeError(f"the weight cache does not hold entry {e.digest[:12]}")
         return np.memmap(blob, dtype=dt, mode="r", shape=e.shape)
-
-
-def _write(pack: _Pack, data: Any, at: int) -> None:
-    """All of `data` into the pack at `at`, WRITE_PIECE bytes a write."""
-    view = memoryview(data).cast("B")
-    for o in range(0, len(view), WRITE_PIECE):
-        piece = view[o : o + WRITE_PIECE]
-        if os.pwrite(pack.fd, piece, at + o) != len(piece):
-            raise CakeError(f"short write to {pack.path}")
 
 
 class ChunkError(CakeError):
