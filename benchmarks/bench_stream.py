@@ -8,8 +8,11 @@ bare ZeroMQ ROUTER in another process, two ways: pipelined (the DEALER sends
 every chunk, the receiver answers once at the end: the ceiling) and one reply
 per chunk with as many in flight as cake's stream (its request pattern, with
 no checksums, files or manifest), and the same plus writing each chunk to a
-file in the workers' folder (what storing them costs on this disk). The
-systems alternate, round by round; each figure is the median of --rounds.
+file in the workers' folder (what storing them costs on this disk). Without
+--curve also over a bare TCP socket: cake's own path then (a worker without
+keys takes its chunks over a TCP connection, cake/net/bulk.py), shown beside
+the anchor, not as it. The systems alternate, round by round; each figure is
+the median of --rounds.
 
 cake's figure is measured twice per round: "cold", the master has never
 read the file (it computes the chunks' XXH3 checksums before it sends) and
@@ -21,8 +24,8 @@ not the layers), and the bytes sent by a second run on the same cache (0).
 Each system is measured from each state of --pages (see FRESH_S: in this VM
 new page cache costs more when its pages were free for seconds). With
 --curve every socket, cake's and the bare copies', uses CurveZMQ (the
-worker with --secret-key and --allow-keys); without it none does, as a
-worker without keys on loopback.
+worker with --secret-key and --allow-keys: cake's chunks go over ZeroMQ);
+without it none does, as a worker without keys on loopback.
 
     .venv/bin/python benchmarks/bench_stream.py [--layers 8] [--rounds 3]
         [--pages asis,fresh] [--curve] [--worker-dir DIR] [--json-out F]
@@ -93,6 +96,49 @@ while True:
         out.close()
         os.unlink(out.name)
 """
+
+
+# `python -c BARE_TCP PORT`: a plain TCP receiver, the ceiling of cake's path
+# without Curve keys (cake/net/bulk.py): per connection an 8-byte total, then
+# that many bytes read into one reused chunk-sized buffer, then "ok".
+BARE_TCP = """
+import socket, sys
+ls = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+buf = memoryview(bytearray(int(sys.argv[2])))
+while True:
+    c, _ = ls.accept()
+    head = c.recv(8, socket.MSG_WAITALL)
+    total, got = int.from_bytes(head, "little"), 0
+    while got < total:
+        got += c.recv_into(buf[: min(len(buf), total - got)])
+    c.sendall(b"ok")
+    c.close()
+"""
+
+
+def bare_tcp(chunks: list[memoryview], pages: str = "") -> float:
+    """Seconds to copy `chunks` over a plain TCP socket to a fresh receiver."""
+    import socket
+
+    port = free_port()
+    size = max(len(c) for c in chunks)
+    p = start([sys.executable, "-c", BARE_TCP, str(port), str(size)], "ready")
+    try:
+        s = socket.create_connection(("127.0.0.1", port))
+        total = sum(len(c) for c in chunks)
+        settle(pages)
+        t = time.perf_counter()
+        s.sendall(total.to_bytes(8, "little"))
+        for c in chunks:
+            s.sendall(c)
+        assert s.recv(2, socket.MSG_WAITALL) == b"ok"
+        dt = time.perf_counter() - t
+        s.close()
+        return dt
+    finally:
+        p.kill()
+        p.wait()
 
 
 def rss_of(pid: int) -> int:
@@ -272,7 +318,7 @@ def main() -> None:
 
         chunks = file_chunks()
         total = sum(len(c) for c in chunks)
-        kinds = ("bare_once", "bare_ack", "bare_write", "cold", "warm")
+        kinds = ("bare_once", "bare_ack", "bare_write", "bare_tcp", "cold", "warm")
         res = {f"{k}/{p}": [] for p in states for k in kinds}
         rss, again = [], []
         for r in range(a.rounds):
@@ -291,7 +337,10 @@ def main() -> None:
                     folder = a.worker_dir or tmp
                     dt = bare(file_chunks(), mode, folder, a.window, pages, a.curve)
                     res[f"bare_{mode}/{pages}"].append(total / dt)
-        med = {k: statistics.median(v) for k, v in res.items()}
+                if not a.curve:  # cake's path without keys (cake/net/bulk.py)
+                    dt = bare_tcp(file_chunks(), pages)
+                    res[f"bare_tcp/{pages}"].append(total / dt)
+        med = {k: statistics.median(v) for k, v in res.items() if v}
         print(f"{a.layers} layers of a 1B-shaped Q4_0 GGUF: {total / 1e6:.1f} MB in "
               f"{len(chunks)} chunks of {CHUNK >> 20} MiB; median of {a.rounds} rounds; "
               f"{'CurveZMQ' if a.curve else 'no encryption'} on every socket")  # fmt: skip
@@ -301,8 +350,11 @@ def main() -> None:
         for k, label in (("bare_once", "bare ZeroMQ, pipelined (anchor)"),
                          ("bare_ack", "bare ZeroMQ, a reply per chunk (same window)"),
                          ("bare_write", "bare ZeroMQ + write to a file, same folder"),
+                         ("bare_tcp", "bare TCP socket, pipelined (cake's path without keys)"),
                          ("cold", "cake stream, cold (checksums computed first)"),
                          ("warm", "cake stream, digests kept")):  # fmt: skip
+            if not res[f"{k}/{states[0]}"]:
+                continue  # bare TCP with --curve: cake's chunks go over ZeroMQ
             cells = []
             for p in states:
                 v, anchor = med[f"{k}/{p}"], med[f"bare_once/{p}"]

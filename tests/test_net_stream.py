@@ -4,6 +4,8 @@ weights from the master, as stored, and keeps them (real processes on loopback).
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -13,8 +15,9 @@ import pytest
 import cake
 from cake.backends.base import available_backends
 from cake.errors import CakeError
-from cake.net import stream
+from cake.net import bulk, stream
 from cake.net.handshake import Expect
+from cake.net.keys import create_keys, load_public_key, load_secret_key
 from cake.net.protocol import fingerprint
 from cake.net.remote import RemoteStage, WorkerClient
 from cake.weights.cache import (
@@ -47,8 +50,10 @@ PROMPT = "w5 w17 w99 w3 w42 w7 w64 w12"
 SMALL_CHUNK = 1 << 16  # several chunks per SmolLM2 matrix
 
 
-def _stream_worker(cache: Path, port: int, backend: str = "numpy") -> Proc:
-    return start_worker(None, None, port, "--cache-dir", str(cache), backend=backend)
+def _stream_worker(cache: Path, port: int, *extra: str, backend: str = "numpy") -> Proc:
+    return start_worker(
+        None, None, port, "--cache-dir", str(cache), *extra, backend=backend
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +109,12 @@ def _client(model: Path, port: int, ranges) -> WorkerClient:
     return c
 
 
+PATHS = {True: "over a TCP connection", False: "over ZeroMQ"}  # stream_weights(tcp=)
+
+
+@pytest.mark.parametrize("tcp", [True, False])
 def test_quantized_layers_stay_quantized_and_a_damaged_chunk_is_sent_again(
-    tmp_path, capfd, monkeypatch
+    tmp_path, capfd, monkeypatch, tcp
 ):
     monkeypatch.setattr(stream, "CHUNK", SMALL_CHUNK)
     model = smollm_gguf()
@@ -130,12 +139,15 @@ def test_quantized_layers_stay_quantized_and_a_damaged_chunk_is_sent_again(
         c = _client(model, port, [(28, 30)])
         c._open()
         c.info = c._hello(1e12)
-        sent = stream.stream_weights(c, config, tensors, [(28, 30)], corrupt=corrupt)
+        sent = stream.stream_weights(
+            c, config, tensors, [(28, 30)], corrupt=corrupt, tcp=tcp
+        )
         m, _ = stream.build_manifest(config, tensors, [(28, 30)], SMALL_CHUNK)
         assert damaged == [3, 40]  # each sent again, with what was in flight
         window = stream.WINDOW * SMALL_CHUNK
         assert m.nbytes + 2 * SMALL_CHUNK <= sent <= m.nbytes + 2 * window
-        assert capfd.readouterr().err.count("sending from there again") == 2
+        err = capfd.readouterr().err
+        assert err.count("sending from there again") == 2 and PATHS[tcp] in err
         src = CachedSource(WeightCache(cache), m)
         name = "model.layers.29.mlp.down_proj.weight"
         got, ref = src.stored(name), stored_tensor(tensors, name)
@@ -155,7 +167,8 @@ def _half_held(cache: Path, m: Manifest) -> bool:
         c.close()
 
 
-def test_a_stream_cut_by_a_worker_restart_resumes(tmp_path, capfd, monkeypatch):
+@pytest.mark.parametrize("tcp", [True, False])
+def test_a_stream_cut_by_a_worker_restart_resumes(tmp_path, capfd, monkeypatch, tcp):
     monkeypatch.setattr(stream, "CHUNK", SMALL_CHUNK)
     model = smollm_gguf()
     cache, port = tmp_path / "cache", free_port()
@@ -182,11 +195,14 @@ def test_a_stream_cut_by_a_worker_restart_resumes(tmp_path, capfd, monkeypatch):
     try:
         c._open()
         c.info = c._hello(1e12)
-        sent = stream.stream_weights(c, config, tensors, [(29, 30)], corrupt=restart)
+        sent = stream.stream_weights(
+            c, config, tensors, [(29, 30)], corrupt=restart, tcp=tcp
+        )
         # what the first worker verified is not sent again: at most the chunks
         # that were in flight when it died
         assert m.nbytes <= sent <= m.nbytes + stream.WINDOW * SMALL_CHUNK
-        assert "reconnecting to resume" in capfd.readouterr().err
+        err = capfd.readouterr().err
+        assert "reconnecting to resume" in err and PATHS[tcp] in err
         CachedSource(WeightCache(cache), m)  # every entry whole and checked
     finally:
         c.close()
@@ -342,7 +358,7 @@ def test_streamed_worker_on_another_backend(tiny, tmp_path, backend):
     whole = _greedy(tiny)
     port = free_port()
     topo = write_topology(tmp_path / "t.yaml", {"w": (port, "0-1")})
-    w = _stream_worker(tmp_path / "cache", port, backend)
+    w = _stream_worker(tmp_path / "cache", port, backend=backend)
     try:
         assert _greedy(tiny, topology=topo) == whole
         assert f"on {backend}" in w.stderr
@@ -364,3 +380,95 @@ def test_a_chunk_longer_than_a_write_lands_whole(tmp_path):
     assert c.write(e, chunk, chunk, data[chunk:], sums[1]) == data.nbytes
     c.close()
     np.testing.assert_array_equal(WeightCache(tmp_path).array(e), data)
+
+
+def test_a_broken_weight_connection_resumes_and_an_unreachable_port_uses_zeromq(
+    tmp_path, capfd, monkeypatch
+):
+    """The TCP side channel (cake/net/bulk.py) breaks after 20 chunks, the
+    worker alive: the next pass goes on from what it holds. Then a port the
+    master cannot reach: the chunks go over ZeroMQ."""
+    monkeypatch.setattr(stream, "CHUNK", SMALL_CHUNK)
+    model = smollm_gguf()
+    cache, port = tmp_path / "cache", free_port()
+    w = _stream_worker(cache, port)
+    config, tensors = open_checkpoint(model)
+    m, _ = stream.build_manifest(config, tensors, [(29, 30)], SMALL_CHUNK)
+    send, cut = bulk.send, []
+
+    def cut_send(conn, token, chunks, *rest):
+        def chunks_then_cut():
+            for k, item in enumerate(chunks):
+                if k == 20 and not cut:
+                    cut.append(k)
+                    conn.shutdown(socket.SHUT_RDWR)  # the next send fails
+                yield item
+
+        return send(conn, token, chunks_then_cut(), *rest)
+
+    monkeypatch.setattr(stream.bulk, "send", cut_send)
+    c = _client(model, port, [(29, 30)])
+    try:
+        c._open()
+        c.info = c._hello(1e12)
+        sent = stream.stream_weights(c, config, tensors, [(29, 30)])
+        assert cut == [20]
+        assert m.nbytes <= sent <= m.nbytes + stream.WINDOW * SMALL_CHUNK
+        err = capfd.readouterr().err
+        assert "the weight connection broke" in err and "resuming the weights" in err
+        assert "over a TCP connection" in err
+        CachedSource(WeightCache(cache), m)  # every entry whole and checked
+        for p in (cache / "packs").iterdir():
+            p.unlink()
+        connect = bulk.connect
+
+        def unreachable(address, offer):  # the worker's port behind a firewall
+            return connect(address, {**offer, "port": free_port()})
+
+        monkeypatch.setattr(stream.bulk, "connect", unreachable)
+        assert stream.stream_weights(c, config, tensors, [(29, 30)]) == m.nbytes
+        assert "over ZeroMQ" in capfd.readouterr().err
+        CachedSource(WeightCache(cache), m)
+    finally:
+        c.close()
+        assert w.terminate() == 0, w.stderr
+
+
+def test_the_weight_port_takes_only_its_token():
+    listener = bulk.Listener("tcp://127.0.0.1:0")
+    try:
+        with socket.create_connection(("127.0.0.1", listener.port)) as s:
+            s.sendall(bytes(bulk.TOKEN_BYTES))  # not the token offered
+            with pytest.raises(bulk.Broken, match="wrong token"):
+                listener.accept()
+        conn, token = bulk.connect("tcp://127.0.0.1:1", listener.offer())
+        with conn:
+            assert token == listener.token
+            conn.sendall(token)
+            listener.accept().close()
+    finally:
+        listener.close()
+    assert bulk.connect("tcp://127.0.0.1:1", {"port": "x"}) is None
+
+
+def test_a_worker_with_keys_takes_its_weights_over_curve(tiny, tmp_path, capfd):
+    """No bare side channel beside Curve: the worker offers no TCP port."""
+    keys = tmp_path / "keys"
+    create_keys("w", keys)
+    create_keys("m", keys)
+    (keys / "allow").mkdir()
+    shutil.copy(keys / "m.key", keys / "allow" / "m.key")
+    cache, port = tmp_path / "cache", free_port()
+    w = _stream_worker(cache, port, "--secret-key", str(keys / "w.key_secret"),
+                       "--allow-keys", str(keys / "allow"))  # fmt: skip
+    c = _client(tiny, port, [(0, 2)])
+    c.server_key = load_public_key(keys / "w.key")
+    c.client_keys = load_secret_key(keys / "m.key_secret")
+    try:
+        c.connect()  # streams the weights, then loads the layers
+        err = capfd.readouterr().err
+        assert "over ZeroMQ" in err and "over a TCP" not in err
+        assert c.info["layers"]
+    finally:
+        c.close()
+        assert w.terminate() == 0, w.stderr

@@ -32,8 +32,9 @@ MAX_IDS = 4096  # entries in seq_ids / positions / lengths of one request
 # ops a master sends; a worker answers with the same op, or with "error"
 HELLO, FORWARD, RELEASE, PING, ERROR = "hello", "forward", "release", "ping", "error"
 ECHO, BENCH, LOAD = "echo", "bench", "load"  # network probe, device probe, assign
-WEIGHTS, CHUNK_OP = "weights", "chunk"  # weight streaming (cake/net/stream.py)
-OPS = (HELLO, FORWARD, RELEASE, PING, ECHO, BENCH, LOAD, WEIGHTS, CHUNK_OP)
+# weight streaming (cake/net/stream.py); bulk: the chunks over TCP (cake/net/bulk.py)
+WEIGHTS, CHUNK_OP, BULK = "weights", "chunk", "bulk"
+OPS = (HELLO, FORWARD, RELEASE, PING, ECHO, BENCH, LOAD, WEIGHTS, CHUNK_OP, BULK)
 
 # error codes a worker sends back
 E_BAD_REQUEST = "bad_request"  # malformed message: the master has a bug or is hostile
@@ -44,6 +45,7 @@ E_POSITION = "position"  # the worker's cache does not hold what the step assume
 E_INTERNAL = "internal"  # the backend failed
 E_ASSIGN = "assign"  # a load the worker refuses: fixed layers, or another master's
 E_CHECKSUM = "checksum"  # a streamed chunk arrived damaged: send it again
+E_DROPPED = "dropped"  # the bulk connection of a stream broke: go on from what is held
 
 
 class ProtocolError(NetworkError):

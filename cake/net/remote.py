@@ -119,14 +119,19 @@ class WorkerClient:
         recover: bool = True,
         timeout: float | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        while_waiting: Callable[[], None] | None = None,
     ) -> tuple[dict[str, Any], Any]:
         """Send `header` (+ `data` frame); return the reply header and its frame.
 
         recover=False: a lost worker raises NetworkError at once (no waiting).
-        timeout: seconds for this request (default request_timeout).
+        timeout: seconds for this request (default request_timeout), counted
+        from the end of while_waiting() (called once the request is sent: the
+        work that the worker answers, e.g. cake/net/bulk.py's stream).
         on_progress: called with the `progress` of interim replies (bench).
         """
         rid = self._send(header, data, recover)
+        if while_waiting is not None:
+            while_waiting()
         limit = self.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:

@@ -22,8 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cake.errors import NetworkError, WorkerLost
+from cake.net import bulk
 from cake.net.progress import ByteBar
-from cake.net.protocol import CHUNK_OP, E_CHECKSUM, PROTOCOL_VERSION, WEIGHTS
+from cake.net.protocol import (
+    BULK,
+    CHUNK_OP,
+    E_CHECKSUM,
+    E_DROPPED,
+    PROTOCOL_VERSION,
+    WEIGHTS,
+)
 from cake.paths import cache_dir
 from cake.shard import Shard
 from cake.weights.cache import (
@@ -142,20 +150,23 @@ def stream_weights(
     chunk: int | None = None,
     window: int = WINDOW,
     corrupt: Callable[[int, bytes], bytes] | None = None,
+    tcp: bool = True,
 ) -> int:
     """Make the worker hold `ranges`' weights; returns the bytes sent (chunks
     sent again after a damaged one or a drop included).
 
     Each pass sends the manifest, learns what the worker holds, and sends the
-    rest with `window` chunks in flight. A damaged chunk (or a dropped
-    connection, reopened) ends the pass; the next one goes on from what the
-    worker verified. corrupt(k, data): what is sent as the k-th chunk (tests
-    only: a damaged chunk must be found and sent again).
+    rest with `window` chunks in flight: over the TCP port the worker offers
+    (cake/net/bulk.py: one without Curve keys; tcp=False: never), else as
+    `chunk` requests. A damaged chunk (or a dropped connection, reopened)
+    ends the pass; the next one goes on from what the worker verified.
+    corrupt(k, data): what is sent as the k-th chunk (tests only: a damaged
+    chunk must be found and sent again).
     """
     manifest, sums = build_manifest(config, tensors, ranges, chunk or CHUNK)
     body = manifest.to_bytes()
     n_entries = len(sums)
-    count = {"bytes": 0, "sent": 0, "chunks": 0, "resends": 0}
+    count = {"bytes": 0, "sent": 0, "chunks": 0, "resends": 0, "drops": 0}
     bar = None
     t0 = time.monotonic()
     try:
@@ -171,10 +182,14 @@ def stream_weights(
                     if bar is None:
                         _say(f"{client.who} holds the weights already (its cache)")
                     return count["sent"]
+                link = None
+                if tcp and client.server_key is None:  # never bare beside Curve
+                    link = bulk.connect(client.address, reply.get("bulk"))
                 if bar is None:
                     _say(
                         f"{client.who}: streaming {need / 1e6:.1f} MB of weights "
-                        f"({manifest.nbytes / 1e6:.1f} MB in all)"
+                        f"({manifest.nbytes / 1e6:.1f} MB in all) over "
+                        + ("ZeroMQ" if link is None else "a TCP connection")
                     )
                     bar = ByteBar(f"weights to {client.name}", need)
                 chunks = _missing(tensors, manifest, sums, held, count, corrupt)
@@ -184,11 +199,19 @@ def stream_weights(
                     count["bytes"] += n
                     bar.advance(n)
 
-                client.pipelined(chunks, window, took)
+                if link is None:
+                    client.pipelined(chunks, window, took)
+                else:
+                    _send_bulk(client, link, manifest, chunks, window, took)
             except WorkerLost as e:
                 _say(f"{e}; reconnecting to resume the weights")
                 client.reopen()
             except NetworkError as e:
+                broke = isinstance(e, bulk.Broken) or f"({E_DROPPED})" in str(e)
+                if broke and count["drops"] < RECONNECTS:
+                    count["drops"] += 1
+                    _say(f"{e}; resuming the weights")
+                    continue
                 if f"({E_CHECKSUM})" not in str(e) or count["resends"] == RESENDS:
                     raise
                 count["resends"] += 1
@@ -202,6 +225,26 @@ def stream_weights(
                 f"{client.who}: {count['sent'] / 1e6:.1f} MB of weights sent in "
                 f"{count['chunks']} chunks, {dt:.1f} s"
             )
+
+
+def _send_bulk(client, link, manifest: Manifest, chunks, window: int, took) -> None:
+    """One pass's chunks over the worker's TCP port, inside its `bulk` request."""
+    conn, token = link
+    index = {e.digest: i for i, e in enumerate(manifest.entries())}
+    broke: list[Exception] = []
+
+    def work() -> None:
+        try:
+            with conn:
+                conn.settimeout(client.request_timeout)
+                bulk.send(conn, token, chunks, index, window, took)
+        except (OSError, bulk.Broken) as e:  # the worker's answer says why
+            broke.append(e)
+
+    head = {"op": BULK, "v": PROTOCOL_VERSION}
+    client.request(head, recover=False, while_waiting=work)
+    if broke:
+        raise bulk.Broken(f"{client.who}: the weight connection broke: {broke[0]}")
 
 
 def _missing(tensors, manifest: Manifest, sums, held, count, corrupt) -> Iterator:

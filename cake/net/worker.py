@@ -36,9 +36,11 @@ from cake.errors import (
 )
 from cake.kv import dtype_of
 from cake.net import keys as curve
+from cake.net.bulk import Listener
 from cake.net.progress import ByteBar
 from cake.net.protocol import (
     BENCH,
+    BULK,
     CHUNK_OP,
     E_CACHE_FULL,
     E_CONTEXT,
@@ -66,6 +68,7 @@ from cake.net.protocol import (
 )
 from cake.net.worker_ops import (
     handle_bench,
+    handle_bulk,
     handle_chunk,
     handle_load,
     handle_weights,
@@ -131,6 +134,7 @@ class WorkerServer:
     cache: WeightCache | None = None  # --cache-dir: weights streamed by a master
     manifest: Manifest | None = None  # what the last master streams
     receiving: ByteBar | None = None  # the weights still to come, if any
+    bulk: Listener | None = None  # the TCP port the last weights reply offered
     warm: bool = False  # --warm-up: run every step shape once on loading layers
     sock: zmq.Socket | None = None
     # (connection routing id, master seq id) -> our seq id, the one the stages
@@ -228,6 +232,9 @@ class WorkerServer:
             self.cache.close()  # entries half received stay in their pack
         if self.receiving is not None:
             self.receiving.close()
+        if self.bulk is not None:
+            self.bulk.close()
+            self.bulk = None
 
     # --- one message ----------------------------------------------------------
 
@@ -259,6 +266,8 @@ class WorkerServer:
                 return [encode_header(handle_chunk(self, header, frames))]
             if op == WEIGHTS:
                 return [encode_header(handle_weights(self, header, frames))]
+            if op == BULK and len(frames) == 1:
+                return [encode_header(handle_bulk(self, header))]
             if op == ECHO and len(frames) <= 2:  # the payload comes back as it came
                 head = {"op": ECHO, "v": PROTOCOL_VERSION, "id": rid}
                 return [encode_header(head), *frames[1:]]

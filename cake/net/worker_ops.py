@@ -24,9 +24,11 @@ from cake.kv import DTYPES
 from cake.net.progress import ByteBar
 from cake.net.protocol import (
     BENCH,
+    BULK,
     CHUNK_OP,
     E_ASSIGN,
     E_CHECKSUM,
+    E_DROPPED,
     LOAD,
     PROTOCOL_VERSION,
     WEIGHTS,
@@ -39,6 +41,7 @@ from cake.net.protocol import (
 if TYPE_CHECKING:
     from cake.config import ModelConfig
     from cake.net.worker import WorkerServer
+    from cake.weights.cache import Entry
     from cake.weights.source import TensorSource
 
 MAX_BENCH_CONTEXT = 1 << 17  # positions a bench request may ask for
@@ -178,15 +181,25 @@ def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict
     server.receiving = (
         ByteBar("weights received", need, "cake worker") if need else None
     )
-    return {"op": WEIGHTS, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
+    reply = {"op": WEIGHTS, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
+    if server.bulk is not None:
+        server.bulk.close()
+        server.bulk = None
+    if need and server._auth is None:  # no Curve keys: the chunks may go bare
+        from cake.net.bulk import Listener
+
+        try:
+            server.bulk = Listener(server.sock.last_endpoint.decode())
+            reply["bulk"] = server.bulk.offer()
+        except OSError as e:  # no port: the chunks come over ZeroMQ
+            _say(f"no TCP port for the weights ({e}): they come over ZeroMQ")
+    return reply
 
 
 def handle_chunk(server: WorkerServer, header: dict[str, Any], frames) -> dict:
     """One chunk of an entry of the manifest, written to the cache after its
     checksum is checked (`checksum` error otherwise: the master sends it again);
     the reply's `held` is the entry's bytes now held."""
-    from cake.weights.cache import ChecksumError
-
     if server.manifest is None or len(frames) != 2:
         raise ProtocolError("a chunk comes after a weights manifest, in 2 frames")
     e = server.manifest.by_digest.get(header.get("digest"))
@@ -194,8 +207,17 @@ def handle_chunk(server: WorkerServer, header: dict[str, Any], frames) -> dict:
         raise ProtocolError("chunk of an entry the manifest does not list")
     offset = int_field(header, "offset", 0, e.nbytes)
     sum_ = int_field(header, "sum", 0, 2**64 - 1)
+    held = store_chunk(server, e, offset, frames[1], sum_)
+    return {"op": CHUNK_OP, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
+
+
+def store_chunk(server: WorkerServer, e: Entry, offset: int, data, sum_: int) -> int:
+    """Check and write one chunk of `e` (a `chunk` request's, or one over the
+    bulk connection); the entry's bytes now held. ProtocolError if refused."""
+    from cake.weights.cache import ChecksumError
+
     try:
-        held = server.cache.write(e, server.manifest.chunk, offset, frames[1], sum_)
+        held = server.cache.write(e, server.manifest.chunk, offset, data, sum_)
     except ChecksumError as err:
         raise ProtocolError(str(err), E_CHECKSUM) from None
     except CakeError as err:
@@ -208,7 +230,32 @@ def handle_chunk(server: WorkerServer, header: dict[str, Any], frames) -> dict:
         if bar.done >= bar.total:
             bar.close()
             server.receiving = None
-    return {"op": CHUNK_OP, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
+    return held
+
+
+def handle_bulk(server: WorkerServer, header: dict[str, Any]) -> dict:
+    """The chunks over the TCP port the last `weights` reply offered
+    (cake/net/bulk.py), until the master ends them; the reply's `chunks` says
+    how many were stored. A failed sum is a `checksum` error, a connection
+    that broke a `dropped` one: the master asks what is held and goes on."""
+    from cake.net import bulk
+
+    listener, server.bulk = server.bulk, None  # one stream per offer
+    if listener is None or server.manifest is None:
+        raise ProtocolError("a bulk request comes after a weights reply offering it")
+    entries = list(server.manifest.entries())
+
+    def store(index: int, offset: int, data, sum_: int) -> int:
+        return store_chunk(server, entries[index], offset, data, sum_)
+
+    try:
+        with listener.accept() as conn:
+            n = bulk.receive(conn, len(entries), server.manifest.chunk, store)
+    except (bulk.Broken, OSError) as e:
+        raise ProtocolError(f"the weight connection broke: {e}", E_DROPPED) from None
+    finally:
+        listener.close()
+    return {"op": BULK, "v": PROTOCOL_VERSION, "id": header["id"], "chunks": n}
 
 
 def held_bytes(server: WorkerServer) -> int:
