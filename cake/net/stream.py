@@ -1,8 +1,9 @@
 """The master streams a worker the weights of its layers (cake/weights/cache.py).
 
 `stream_weights` sends the manifest (`weights`), learns how much of each entry
-the worker already holds, and sends the rest chunk by chunk (`chunk`), a few
-in flight: after a chunk whose checksum fails there, or a dropped connection
+the worker already holds, and sends the rest chunk by chunk, a few in flight
+(over the TCP port a worker without keys offers, cake/net/bulk.py, else as
+`chunk` requests): after a chunk whose checksum fails there, or a dropped connection
 (reopened), it asks again what the worker holds and goes on from there (a
 worker restarted on the same --cache-dir keeps what it verified). The entries'
 digests and chunk checksums are kept per checkpoint file (path, size, mtime)
