@@ -472,3 +472,59 @@ def test_a_worker_with_keys_takes_its_weights_over_curve(tiny, tmp_path, capfd):
     finally:
         c.close()
         assert w.terminate() == 0, w.stderr
+
+
+@pytest.mark.parametrize("tcp", [True, False])
+def test_a_master_without_digests_sends_the_manifest_in_parts(
+    tmp_path, capfd, monkeypatch, tcp
+):
+    """No digests of the file yet: the master checksums each part of the
+    manifest as the last part's chunks go; a damaged chunk of a later part is
+    sent again, and the worker ends with every entry of the whole manifest."""
+    monkeypatch.setattr(stream, "CHUNK", SMALL_CHUNK)
+    monkeypatch.setattr(stream, "PART_BYTES", 4 * SMALL_CHUNK)  # many parts
+    monkeypatch.setenv("CAKE_CACHE_DIR", str(tmp_path / "master"))  # no digests
+    model = smollm_gguf()
+    cache, port = tmp_path / "cache", free_port()
+    w = _stream_worker(cache, port)
+    config, tensors = open_checkpoint(model)
+    parts = []
+    grow = stream._Tensors.grow
+
+    def counted(self, nbytes):
+        new = grow(self, nbytes)
+        parts.append(len(new))
+        return new
+
+    monkeypatch.setattr(stream._Tensors, "grow", counted)
+    damaged = []
+
+    def corrupt(k: int, data: bytes) -> bytes:
+        if k == 30 and not damaged:
+            damaged.append(k)
+            return bytes([data[0] ^ 1]) + data[1:]
+        return data
+
+    c = _client(model, port, [(29, 30)])
+    try:
+        c._open()
+        c.info = c._hello(1e12)
+        sent = stream.stream_weights(
+            c, config, tensors, [(29, 30)], corrupt=corrupt, tcp=tcp
+        )
+        assert damaged == [30] and sum(1 for n in parts if n) > 3
+        err = capfd.readouterr().err
+        assert "checksummed as they go" in err and PATHS[tcp] in err
+        assert "sending from there again" in err
+        monkeypatch.setattr(stream._Tensors, "grow", grow)
+        m, _ = stream.build_manifest(config, tensors, [(29, 30)], SMALL_CHUNK)
+        assert (
+            m.nbytes + SMALL_CHUNK <= sent <= m.nbytes + 2 * stream.WINDOW * SMALL_CHUNK
+        )
+        CachedSource(WeightCache(cache), m)  # every entry whole and checked
+        # the digests are kept now: the next stream sends the whole manifest
+        assert stream.stream_weights(c, config, tensors, [(29, 30)], tcp=tcp) == 0
+        assert "holds the weights already" in capfd.readouterr().err
+    finally:
+        c.close()
+        assert w.terminate() == 0, w.stderr

@@ -8,7 +8,9 @@ and the missing chunks, each after a fixed header (`HEAD`: entry index in the
 manifest, offset, length, XXH3-64 sum); the worker checks and writes each as
 a `chunk` request would and answers with the entry's held bytes (`ACK`), and
 the master keeps at most `window` chunks unanswered, as on the ZeroMQ path.
-`END` closes the stream; the `bulk` reply follows, or an error (a failed sum:
+A master that checksums the tensors as it goes sends the manifest's later
+parts on the same connection (`PART`: what a `weights` request with `part`
+carries), answered with what of them is held. `END` closes the stream; the `bulk` reply follows, or an error (a failed sum:
 `checksum`, as for `chunk`; a connection that broke: `dropped`).
 
 Why: on loopback a ZeroMQ copy goes through an I/O thread on each side, so a
@@ -30,10 +32,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from cake.errors import NetworkError
+from cake.net.protocol import FLUSH, WEIGHTS
 
 HEAD = struct.Struct("<IIQQQ")  # entry index, 0, offset, nbytes, sum
 ACK = struct.Struct("<Q")  # bytes of the entry held after the chunk
 END = 0xFFFFFFFF  # the entry index that ends the stream
+PART = 0xFFFFFFFE  # the entry index of a record that is a part of the manifest
+MAX_PART = 16 << 20  # bytes of one manifest part's JSON
 TOKEN_BYTES = 16
 ACCEPT_S = 10.0  # for the master to connect after the `bulk` request
 IDLE_S = 60.0  # a stream that sends nothing for this long is dropped
@@ -109,44 +114,66 @@ def endpoint_host(endpoint: str) -> str:
 
 
 def receive(
-    conn: socket.socket, n_entries: int, chunk: int,
+    conn: socket.socket,
+    chunk: int,
     store: Callable[[int, int, memoryview, int], int],
-) -> int:  # fmt: skip
-    """The worker's side: read chunks until END; store(index, offset, data,
-    sum) checks and writes one (raising to stop) and returns the entry's held
-    bytes, sent back. Returns the chunks stored."""
+    part: Callable[[bytes, bool], list[int]],
+) -> int:
+    """The worker's side: read records until END. A chunk: store(index,
+    offset, data, sum) checks and writes it (raising to stop) and returns the
+    entry's held bytes, sent back. A manifest part (PART, its JSON, `more` in
+    the header's second field): part(body, more) extends the manifest and
+    returns what of it is held, sent back as a count and the values.
+    Returns the chunks stored."""
     buf = memoryview(bytearray(chunk))
     count = 0
     while True:
-        index, _, offset, nbytes, sum_ = HEAD.unpack(_recv(conn, HEAD.size))
+        index, flag, offset, nbytes, sum_ = HEAD.unpack(_recv(conn, HEAD.size))
         if index == END:
             return count
-        if index >= n_entries or nbytes > chunk:
+        if index == PART:
+            if nbytes > MAX_PART:
+                raise Broken(f"a manifest part of {nbytes} bytes")
+            held = part(_recv(conn, nbytes), flag == 1)
+            conn.sendall(struct.pack(f"<{len(held) + 1}Q", len(held), *held))
+            continue
+        if nbytes > chunk:
             raise Broken(f"a chunk header for entry {index} of {nbytes} bytes")
         data = buf[:nbytes]
         recv_into(conn, data)
-        held = store(index, offset, data, sum_)
-        conn.sendall(ACK.pack(held))
+        conn.sendall(ACK.pack(store(index, offset, data, sum_)))
         count += 1
 
 
 def send(
     conn: socket.socket,
     token: bytes,
-    chunks: Iterable[tuple[dict[str, Any], Any]],
+    items: Iterable[Any],
     index: dict[str, int],
     window: int,
     took: Callable[[dict[str, Any], dict[str, Any]], None],
 ) -> None:
-    """The master's side: the token, every chunk (header, data) with at most
-    `window` unanswered, END; took(header, {"held": n}) for each answer.
-    OSError or Broken when the connection breaks (the worker says why)."""
+    """The master's side: the token, then each item, with at most `window`
+    unanswered: a chunk (header, data), a manifest part (a `weights` header
+    with `part`, its JSON) or FLUSH (every answer first); then END.
+    took(header, {"held": ...}) for each answer; index: entry digest -> its
+    place in the manifest. OSError or Broken when the connection breaks (the
+    worker says why)."""
     conn.sendall(token)
     waiting: deque[dict[str, Any]] = deque()
-    for header, data in chunks:
+    for item in items:
+        if item is FLUSH:
+            while waiting:
+                _took(conn, waiting, took)
+            continue
+        header, data = item
         view = memoryview(data).cast("B")
-        head = HEAD.pack(index[header["digest"]], 0, header["offset"], len(view),
-                         header["sum"])  # fmt: skip
+        if header["op"] == WEIGHTS:
+            more = 1 if header.get("more") else 0
+            head = HEAD.pack(PART, more, 0, len(view), 0)
+        else:
+            head = HEAD.pack(index[header["digest"]], 0, header["offset"], len(view),
+                             header["sum"])  # fmt: skip
         conn.sendall(head)
         conn.sendall(view)
         waiting.append(header)
@@ -158,8 +185,13 @@ def send(
 
 
 def _took(conn: socket.socket, waiting: deque, took: Callable) -> None:
+    header = waiting.popleft()
     (held,) = ACK.unpack(_recv(conn, ACK.size))
-    took(waiting.popleft(), {"held": held})
+    if header["op"] == WEIGHTS:  # a part's answer: the count, then the values
+        if held > MAX_PART // 8:
+            raise Broken(f"an answer of {held} values to a manifest part")
+        held = list(struct.unpack(f"<{held}Q", _recv(conn, 8 * held)))
+    took(header, {"held": held})
 
 
 def connect(address: str, offer: Any) -> tuple[socket.socket, bytes] | None:

@@ -37,6 +37,12 @@ class ByteBar:
             )
             self._next += 0.1
 
+    def grow(self, n: int) -> None:
+        """n more bytes to come (a transfer whose size is learnt as it goes)."""
+        self.total += n
+        if self._rich is not None:
+            self._rich.update(self._task, total=self.total)
+
     def close(self) -> None:
         if self._rich is not None:
             self._rich.stop()

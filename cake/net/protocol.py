@@ -36,6 +36,10 @@ ECHO, BENCH, LOAD = "echo", "bench", "load"  # network probe, device probe, assi
 WEIGHTS, CHUNK_OP, BULK = "weights", "chunk", "bulk"
 OPS = (HELLO, FORWARD, RELEASE, PING, ECHO, BENCH, LOAD, WEIGHTS, CHUNK_OP, BULK)
 
+# In a stream of pipelined requests (WorkerClient.pipelined, cake/net/bulk.py's
+# send): await every reply in flight before the next request.
+FLUSH = object()
+
 # error codes a worker sends back
 E_BAD_REQUEST = "bad_request"  # malformed message: the master has a bug or is hostile
 E_VERSION = "version"  # protocol versions differ

@@ -31,6 +31,7 @@ from cake.net.protocol import (
     E_CONTEXT,
     E_POSITION,
     ERROR,
+    FLUSH,
     HELLO,
     PROTOCOL_VERSION,
     RELEASE,
@@ -157,23 +158,31 @@ class WorkerClient:
         on_reply: Callable[[dict[str, Any], dict[str, Any]], None],
     ) -> None:
         """Send (header, frame) messages with up to `window` awaiting replies;
-        on_reply(header, reply) for each answer that is not an error. The first
+        on_reply(header, reply) for each answer that is not an error (a FLUSH
+        among the messages: every reply before the next message). The first
         error stops the sending: the replies in flight are awaited (later errors
         dropped), then it raises as `request(recover=False)` would."""
         sent: dict[int, dict[str, Any]] = {}  # id -> header, in sending order
         error: dict[str, Any] | None = None
         it = iter(messages)
-        more = True
+        more, flushing = True, False
         deadline = time.monotonic() + self.request_timeout
         while True:
-            while more and error is None and len(sent) < window:
+            while more and error is None and not flushing and len(sent) < window:
                 try:
-                    header, data = next(it)
+                    item = next(it)
                 except StopIteration:
                     more = False
                     break
+                if item is FLUSH:
+                    flushing = True
+                    break
+                header, data = item
                 sent[self._send(header, data, False)] = header
             if not sent:
+                if flushing and error is None:
+                    flushing = False
+                    continue
                 break
             reply = self._recv()
             if reply is None:

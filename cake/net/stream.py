@@ -18,9 +18,10 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cake.errors import NetworkError, WorkerLost
 from cake.net import bulk
@@ -30,6 +31,7 @@ from cake.net.protocol import (
     CHUNK_OP,
     E_CHECKSUM,
     E_DROPPED,
+    FLUSH,
     PROTOCOL_VERSION,
     WEIGHTS,
 )
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from cake.net.remote import WorkerClient
     from cake.weights.source import TensorSource
 
+PART_BYTES = 64 << 20  # a cold master's manifest parts: tensors of this many bytes
 RESENDS = 8  # passes begun again after a damaged chunk
 RECONNECTS = 5  # times a dropped stream is reopened
 WINDOW = 16  # chunks in flight (bench_stream: 1 -> 4 -> 16: 0.23x -> 0.36x -> 0.52x)
@@ -94,6 +97,74 @@ class DigestCache:
             pass  # only a speed-up
 
 
+class _Tensors:
+    """The layers' TensorEntries and their entries' chunk sums, in manifest
+    order, as far as they are known: from the digest cache at once, the rest
+    computed a part at a time (`grow`), each part while the last one's chunks
+    are on their way (a cold master reads each tensor once for both)."""
+
+    def __init__(self, config, tensors, ranges, chunk: int) -> None:
+        from cake.net.protocol import fingerprint
+        from cake.split import hf_config_dict
+
+        n = config.num_hidden_layers
+        self.tensors, self.chunk = tensors, chunk
+        self.names = [
+            t for a, b in ranges for t in shard_tensor_names(config, Shard(a, b, n))
+        ]
+        self.digests = DigestCache(tensors, chunk)
+        self.config = hf_config_dict(config)
+        self.fingerprint = fingerprint(config, [], tensors)
+        self.entries: list[TensorEntry] = []
+        self.sums: list[list[int]] = []  # per entry, flat over the tensors
+        self.index: dict[str, int] = {}  # entry digest -> its place in the manifest
+        self._read: dict[str, Any] = {}  # tensors read by grow, until sent
+        for name in self.names:  # a warm master reads no weights
+            known = _known_tensor(self.digests.known, name)
+            if known is None:
+                break
+            self._add(*known)
+        if self.done:
+            self.digests.save()
+
+    @property
+    def done(self) -> bool:
+        return len(self.entries) == len(self.names)
+
+    def _add(self, t: TensorEntry, sums: list[list[int]]) -> None:
+        for e, s in zip(t.entries, sums, strict=True):
+            self.index.setdefault(e.digest, len(self.sums))
+            self.sums.append(s)
+        self.entries.append(t)
+
+    def grow(self, nbytes: float) -> list[TensorEntry]:
+        """The next tensors, at least `nbytes` of them (or the rest), read
+        and checksummed."""
+        new: list[TensorEntry] = []
+        got = 0
+        while not self.done and (not new or got < nbytes):
+            name = self.names[len(self.entries)]
+            w = stored_tensor(self.tensors, name)
+            t, sums = tensor_entries(name, w, self.digests.known, self.chunk)
+            self.digests.known[name] = {"format": t.format, "shape": list(t.shape),
+                                        "entries": [e.to_json() for e in t.entries]}  # fmt: skip
+            self._add(t, sums)
+            self._read[name] = w
+            new.append(t)
+            got += sum(e.nbytes for e in t.entries)
+        if self.done:
+            self.digests.save()
+        return new
+
+    def stored(self, name: str):
+        """The tensor as stored (the one `grow` read, if it did)."""
+        w = self._read.pop(name, None)
+        return stored_tensor(self.tensors, name) if w is None else w
+
+    def manifest(self, tensors: Sequence[TensorEntry]) -> Manifest:
+        return Manifest(self.config, self.fingerprint, self.chunk, tuple(tensors))
+
+
 def build_manifest(
     config: ModelConfig,
     tensors: TensorSource,
@@ -102,27 +173,9 @@ def build_manifest(
 ) -> tuple[Manifest, list[list[int]]]:
     """The manifest of `ranges`' tensors and each entry's chunk checksums (from
     the digest cache, else computed: one pass over the bytes)."""
-    from cake.net.protocol import fingerprint
-    from cake.split import hf_config_dict
-
-    n = config.num_hidden_layers
-    digests = DigestCache(tensors, chunk)
-    entries, sums = [], []
-    for a, b in ranges:
-        for name in shard_tensor_names(config, Shard(a, b, n)):
-            known = _known_tensor(digests.known, name)
-            if known is None:  # read it once: its bytes give the digests
-                w = stored_tensor(tensors, name)
-                known = tensor_entries(name, w, digests.known, chunk)
-                t = known[0]
-                digests.known[name] = {"format": t.format, "shape": list(t.shape),
-                                       "entries": [e.to_json() for e in t.entries]}  # fmt: skip
-            entries.append(known[0])
-            sums += known[1]
-    digests.save()
-    config_dict = hf_config_dict(config)
-    m = Manifest(config_dict, fingerprint(config, [], tensors), chunk, tuple(entries))
-    return m, sums
+    ts = _Tensors(config, tensors, ranges, chunk)
+    ts.grow(float("inf"))
+    return ts.manifest(ts.entries), ts.sums
 
 
 def _known_tensor(known: dict, name: str):
@@ -159,27 +212,30 @@ def stream_weights(
     Each pass sends the manifest, learns what the worker holds, and sends the
     rest with `window` chunks in flight: over the TCP port the worker offers
     (cake/net/bulk.py: one without Curve keys; tcp=False: never), else as
-    `chunk` requests. A damaged chunk (or a dropped connection, reopened)
-    ends the pass; the next one goes on from what the worker verified.
-    corrupt(k, data): what is sent as the k-th chunk (tests only: a damaged
-    chunk must be found and sent again).
+    `chunk` requests. A master without the digests of the file sends the
+    manifest in parts (`more`) as it reads and checksums the tensors, each
+    part among the last part's chunks. A damaged chunk (or a dropped
+    connection, reopened) ends the pass; the next one goes on from what the
+    worker verified. corrupt(k, data): what is sent as the k-th chunk (tests
+    only: a damaged chunk must be found and sent again).
     """
-    manifest, sums = build_manifest(config, tensors, ranges, chunk or CHUNK)
-    body = manifest.to_bytes()
-    n_entries = len(sums)
+    ts = _Tensors(config, tensors, ranges, chunk or CHUNK)
+    if not ts.entries:
+        ts.grow(PART_BYTES)
     count = {"bytes": 0, "sent": 0, "chunks": 0, "resends": 0, "drops": 0}
     bar = None
     t0 = time.monotonic()
     try:
         for _ in range(RECONNECTS + RESENDS + 1):
             try:
+                manifest, more = ts.manifest(ts.entries), not ts.done
                 head = {"op": WEIGHTS, "v": PROTOCOL_VERSION}
-                reply, _ = client.request(head, body, recover=False)
-                held = reply.get("held")
-                if type(held) is not list or len(held) != n_entries:
-                    raise NetworkError(f"{client.who} sent a bad weights reply")
-                need = manifest.nbytes - sum(int(h) for h in held)
-                if need == 0:
+                if more:
+                    head["more"] = True
+                reply, _ = client.request(head, manifest.to_bytes(), recover=False)
+                held = _held(client, reply, manifest)
+                need = manifest.nbytes - sum(held)
+                if need == 0 and not more:
                     if bar is None:
                         _say(f"{client.who} holds the weights already (its cache)")
                     return count["sent"]
@@ -187,23 +243,28 @@ def stream_weights(
                 if tcp and client.server_key is None:  # never bare beside Curve
                     link = bulk.connect(client.address, reply.get("bulk"))
                 if bar is None:
-                    _say(
-                        f"{client.who}: streaming {need / 1e6:.1f} MB of weights "
-                        f"({manifest.nbytes / 1e6:.1f} MB in all) over "
-                        + ("ZeroMQ" if link is None else "a TCP connection")
-                    )
+                    _say(f"{client.who}: streaming {_amount(ts, manifest, need)} over "
+                         + ("ZeroMQ" if link is None else "a TCP connection"))  # fmt: skip
                     bar = ByteBar(f"weights to {client.name}", need)
-                chunks = _missing(tensors, manifest, sums, held, count, corrupt)
+                parts: deque[dict[str, Any]] = deque()  # parts sent, unanswered
+                items = _items(ts, manifest, held, parts, count, corrupt)
 
-                def took(header: dict, reply: dict, bar: ByteBar = bar) -> None:
+                def took(
+                    header: dict, reply: dict, bar: ByteBar = bar, parts=parts
+                ) -> None:
+                    if header["op"] == WEIGHTS:  # a part: what of it is held
+                        part = parts.popleft()
+                        part["held"] = _held(client, reply, part["manifest"])
+                        bar.grow(part["manifest"].nbytes - sum(part["held"]))
+                        return
                     n = int(reply.get("held", 0)) - header["offset"]
                     count["bytes"] += n
                     bar.advance(n)
 
                 if link is None:
-                    client.pipelined(chunks, window, took)
+                    client.pipelined(items, window, took)
                 else:
-                    _send_bulk(client, link, manifest, chunks, window, took)
+                    _send_bulk(client, link, ts.index, items, window, took)
             except WorkerLost as e:
                 _say(f"{e}; reconnecting to resume the weights")
                 client.reopen()
@@ -228,17 +289,66 @@ def stream_weights(
             )
 
 
-def _send_bulk(client, link, manifest: Manifest, chunks, window: int, took) -> None:
-    """One pass's chunks over the worker's TCP port, inside its `bulk` request."""
+def _held(client: WorkerClient, reply: dict, manifest: Manifest) -> list[int]:
+    """A weights reply's `held`, checked against its manifest."""
+    held = reply.get("held")
+    entries = list(manifest.entries())
+    if (
+        type(held) is not list
+        or len(held) != len(entries)
+        or not all(
+            type(h) is int and 0 <= h <= e.nbytes
+            for h, e in zip(held, entries, strict=True)
+        )
+    ):
+        raise NetworkError(f"{client.who} sent a bad weights reply")
+    return held
+
+
+def _amount(ts: _Tensors, manifest: Manifest, need: int) -> str:
+    """What the first pass streams, as the master's line says it."""
+    if ts.done:
+        return f"{need / 1e6:.1f} MB of weights ({manifest.nbytes / 1e6:.1f} MB in all)"
+    size = getattr(ts.tensors, "nbytes", None)
+    total = f"{sum(size(n) for n in ts.names) / 1e6:.1f} MB" if size else "the weights"
+    return f"{total}, checksummed as they go (no digests of this file yet)"
+
+
+def _items(ts: _Tensors, manifest: Manifest, held, parts: deque, count, corrupt):
+    """The pass's messages: every chunk the worker lacks, in manifest order,
+    and, while tensors are still unread, the next part of the manifest before
+    the current part's chunks (its answer, `parts`, says what of it to send;
+    FLUSH awaits that answer when the chunks in between did not)."""
+    cur, base = list(manifest.tensors), 0
+    while True:
+        new = ts.grow(PART_BYTES)
+        part = None
+        if new:
+            part = {"manifest": ts.manifest(new), "held": None}
+            parts.append(part)
+            head = {"op": WEIGHTS, "v": PROTOCOL_VERSION, "part": True}
+            if not ts.done:
+                head["more"] = True
+            yield head, part["manifest"].to_bytes()
+        yield from _missing(ts, cur, base, held, count, corrupt)
+        if part is None:
+            return
+        if part["held"] is None:
+            yield FLUSH
+        base += sum(len(t.entries) for t in cur)
+        cur, held = new, part["held"]
+
+
+def _send_bulk(client, link, index: dict, items, window: int, took) -> None:
+    """One pass's messages over the worker's TCP port, inside its `bulk` request."""
     conn, token = link
-    index = {e.digest: i for i, e in enumerate(manifest.entries())}
     broke: list[Exception] = []
 
     def work() -> None:
         try:
             with conn:
                 conn.settimeout(client.request_timeout)
-                bulk.send(conn, token, chunks, index, window, took)
+                bulk.send(conn, token, items, index, window, took)
         except (OSError, bulk.Broken) as e:  # the worker's answer says why
             broke.append(e)
 
@@ -248,20 +358,23 @@ def _send_bulk(client, link, manifest: Manifest, chunks, window: int, took) -> N
         raise bulk.Broken(f"{client.who}: the weight connection broke: {broke[0]}")
 
 
-def _missing(tensors, manifest: Manifest, sums, held, count, corrupt) -> Iterator:
-    """(header, frame) of every chunk the worker lacks, in manifest order."""
-    i = 0
-    for t in manifest.tensors:
+def _missing(ts: _Tensors, tensors, base: int, held, count, corrupt) -> Iterator:
+    """(header, frame) of every chunk of `tensors` (entries from `base` in the
+    manifest; held: theirs) the worker lacks."""
+    i, chunk = 0, ts.chunk
+    for t in tensors:
         if all(held[i + k] == e.nbytes for k, e in enumerate(t.entries)):
             i += len(t.entries)
+            ts.stored(t.name)  # not sent: let go of what grow read
             continue
-        arrays = raw_entries(stored_tensor(tensors, t.name))
+        arrays = raw_entries(ts.stored(t.name))
         for e, (_, a) in zip(t.entries, arrays, strict=True):
             data = memoryview(flat_bytes(a))
-            for offset in range(int(held[i]), e.nbytes, manifest.chunk):
-                piece = data[offset : offset + manifest.chunk]
+            sums = ts.sums[base + i]
+            for offset in range(int(held[i]), e.nbytes, chunk):
+                piece = data[offset : offset + chunk]
                 head = {"op": CHUNK_OP, "v": PROTOCOL_VERSION, "digest": e.digest,
-                        "offset": offset, "sum": sums[i][offset // manifest.chunk]}  # fmt: skip
+                        "offset": offset, "sum": sums[offset // chunk]}  # fmt: skip
                 if corrupt is not None:
                     piece = corrupt(count["chunks"], bytes(piece))
                 count["chunks"] += 1

@@ -133,6 +133,8 @@ class WorkerServer:
     on_load: Callable[[], None] | None = None  # after a load (the announcement)
     cache: WeightCache | None = None  # --cache-dir: weights streamed by a master
     manifest: Manifest | None = None  # what the last master streams
+    manifest_more: bool = False  # parts of it are still to come
+    settled: Manifest | None = None  # the last whole manifest (its stages' weights)
     receiving: ByteBar | None = None  # the weights still to come, if any
     bulk: Listener | None = None  # the TCP port the last weights reply offered
     warm: bool = False  # --warm-up: run every step shape once on loading layers

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cake.config import ModelConfig
 from cake.errors import CakeError
 from cake.kv import DTYPES
 from cake.net.progress import ByteBar
@@ -39,9 +40,8 @@ from cake.net.protocol import (
 )
 
 if TYPE_CHECKING:
-    from cake.config import ModelConfig
     from cake.net.worker import WorkerServer
-    from cake.weights.cache import Entry
+    from cake.weights.cache import Entry, Manifest
     from cake.weights.source import TensorSource
 
 MAX_BENCH_CONTEXT = 1 << 17  # positions a bench request may ask for
@@ -88,8 +88,6 @@ def handle_bench(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> d
             f"synthetic {synthetic}",
         )
     elif server.cache is not None:  # no model of its own: the master's shape
-        from cake.config import ModelConfig
-
         try:
             config = ModelConfig.from_dict(header.get("config"))
         except (CakeError, TypeError, AttributeError) as e:
@@ -138,54 +136,45 @@ def handle_bench(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> d
 def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict:
     """A master's manifest (frame 1, cake/weights/cache.py) of the layers it
     will assign: the reply's `held` says the bytes of each entry this worker's
-    cache holds, in the manifest's order. Only a worker started with
+    cache holds, in the manifest's order. `more`: parts of it are still to
+    come (a master that checksums as it streams, cake/net/stream.py), each a
+    `weights` with `part` (its tensors extend the manifest; `held` is theirs)
+    or a PART record on the bulk connection. Only a worker started with
     --cache-dir and no model takes one."""
-    from cake.config import ModelConfig
-    from cake.weights.cache import Manifest
-
     if server.cache is None:
         raise ProtocolError(
             f"worker {server.name!r} was started with --model: it streams no weights"
         )
     if len(frames) != 2:
         raise ProtocolError(f"a weights request has 2 frames, got {len(frames)}")
-    try:
-        manifest = Manifest.from_bytes(bytes(frames[1]))
-        config = ModelConfig.from_dict(manifest.config)
-    except CakeError as e:
-        raise ProtocolError(f"bad weights manifest: {e}") from None
-    old = server.manifest
-    if old is not None and [e.digest for e in old.entries()] != [
-        e.digest for e in manifest.entries()
-    ]:
-        if server._seqs:  # the same weights again are fine (a reconnection)
-            raise ProtocolError(
-                f"worker {server.name!r} is serving sequences of other weights: "
-                "wait for them to end",
-                E_ASSIGN,
-            )
-        server.stages, server.tensors = {}, None  # other weights: drop the old ones
-        gc.unfreeze()  # what warm_up froze (their cycles) may go now
-        gc.collect()
-    server.manifest, server.config = manifest, config
+    more = header.get("more") is True
+    if header.get("part") is True:
+        held = weights_part(server, bytes(frames[1]), more)
+        return {"op": WEIGHTS, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
+    manifest = _manifest(bytes(frames[1]))
+    _settle(server, manifest, not more)
+    server.manifest, server.manifest_more = manifest, more
+    server.config = ModelConfig.from_dict(manifest.config)
     server.model_fingerprint = manifest.model_fingerprint
     held = [server.cache.held(e, manifest.chunk) for e in manifest.entries()]
     need = manifest.nbytes - sum(held)
-    if need:
+    if need or more:
         _say(
             f"receiving {need / 1e6:.1f} MB of weights ({manifest.nbytes / 1e6:.1f} "
-            f"MB for {len(manifest.tensors)} tensors) into {server.cache.root}"
+            f"MB for {len(manifest.tensors)} tensors"
+            + (", more to come" if more else "")
+            + f") into {server.cache.root}"
         )
     if server.receiving is not None:
         server.receiving.close()
     server.receiving = (
-        ByteBar("weights received", need, "cake worker") if need else None
+        ByteBar("weights received", need, "cake worker") if need or more else None
     )
     reply = {"op": WEIGHTS, "v": PROTOCOL_VERSION, "id": header["id"], "held": held}
     if server.bulk is not None:
         server.bulk.close()
         server.bulk = None
-    if need and server._auth is None:  # no Curve keys: the chunks may go bare
+    if (need or more) and server._auth is None:  # no Curve keys: may go bare
         from cake.net.bulk import Listener
 
         try:
@@ -194,6 +183,66 @@ def handle_weights(server: WorkerServer, header: dict[str, Any], frames) -> dict
         except OSError as e:  # no port: the chunks come over ZeroMQ
             _say(f"no TCP port for the weights ({e}): they come over ZeroMQ")
     return reply
+
+
+def _manifest(body: bytes) -> Manifest:
+    from cake.weights.cache import Manifest
+
+    try:
+        manifest = Manifest.from_bytes(body)
+        ModelConfig.from_dict(manifest.config)
+    except CakeError as e:
+        raise ProtocolError(f"bad weights manifest: {e}") from None
+    return manifest
+
+
+def _settle(server: WorkerServer, manifest: Manifest, whole: bool) -> None:
+    """The weights change (their stages go) unless `manifest` is the last
+    whole one, or while parts are to come, the start of it."""
+    old = server.settled
+    if old is not None:
+        was, now = (
+            [e.digest for e in old.entries()],
+            [e.digest for e in manifest.entries()],
+        )
+        if (was != now) if whole else (was[: len(now)] != now):
+            if server._seqs:  # the same weights again are fine (a reconnection)
+                raise ProtocolError(
+                    f"worker {server.name!r} is serving sequences of other weights: "
+                    "wait for them to end",
+                    E_ASSIGN,
+                )
+            server.stages, server.tensors = {}, None  # other weights: drop them
+            server.settled = None
+            gc.unfreeze()  # what warm_up froze (their cycles) may go now
+            gc.collect()
+    if whole:
+        server.settled = manifest
+
+
+def weights_part(server: WorkerServer, body: bytes, more: bool) -> list[int]:
+    """A later part of the manifest (`more` parts after it): its tensors
+    extend it; what of them this worker holds."""
+    from cake.weights.cache import Manifest
+
+    m = server.manifest
+    if m is None or not server.manifest_more:
+        raise ProtocolError("a weights part comes after a manifest with more to come")
+    part = _manifest(body)
+    if (part.config, part.model_fingerprint, part.chunk) != (
+        m.config, m.model_fingerprint, m.chunk,
+    ):  # fmt: skip
+        raise ProtocolError("a weights part of another manifest")
+    whole = Manifest(m.config, m.model_fingerprint, m.chunk, m.tensors + part.tensors)
+    _settle(server, whole, not more)
+    server.manifest, server.manifest_more = whole, more
+    held = [server.cache.held(e, m.chunk) for e in part.entries()]
+    need = part.nbytes - sum(held)
+    if need:
+        if server.receiving is None:
+            server.receiving = ByteBar("weights received", 0, "cake worker")
+        server.receiving.grow(need)
+    return held
 
 
 def handle_chunk(server: WorkerServer, header: dict[str, Any], frames) -> dict:
@@ -246,11 +295,18 @@ def handle_bulk(server: WorkerServer, header: dict[str, Any]) -> dict:
     entries = list(server.manifest.entries())
 
     def store(index: int, offset: int, data, sum_: int) -> int:
+        if index >= len(entries):
+            raise bulk.Broken(f"a chunk of entry {index}, of {len(entries)}")
         return store_chunk(server, entries[index], offset, data, sum_)
+
+    def part(body: bytes, more: bool) -> list[int]:
+        held = weights_part(server, body, more)
+        entries[:] = server.manifest.entries()
+        return held
 
     try:
         with listener.accept() as conn:
-            n = bulk.receive(conn, len(entries), server.manifest.chunk, store)
+            n = bulk.receive(conn, server.manifest.chunk, store, part)
     except (bulk.Broken, OSError) as e:
         raise ProtocolError(f"the weight connection broke: {e}", E_DROPPED) from None
     finally:
@@ -369,6 +425,11 @@ def handle_load(server: WorkerServer, peer: bytes, header: dict[str, Any]) -> di
     if server.cache is not None:  # the layers the master streamed, mapped
         from cake.weights.cache import CachedSource
 
+        if server.manifest_more:
+            raise ProtocolError(
+                f"worker {server.name!r}: the weights manifest has parts to come",
+                E_ASSIGN,
+            )
         try:
             server.tensors = CachedSource(server.cache, server.manifest)
         except CakeError as e:
