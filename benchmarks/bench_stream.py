@@ -15,7 +15,7 @@ the anchor, not as it. The systems alternate, round by round; each figure is
 the median of --rounds.
 
 cake's figure is measured twice per round: "cold", the master has never
-read the file (it computes the chunks' XXH3 checksums before it sends) and
+read the file (it computes the chunks' XXH3 checksums as it sends) and
 the worker's cache is empty; "warm digests", the master kept its digests from
 an earlier run (what a second worker of the same model costs). Also printed:
 the worker's resident memory after the stream (bounded by a window of chunks,
@@ -351,7 +351,7 @@ def main() -> None:
                          ("bare_ack", "bare ZeroMQ, a reply per chunk (same window)"),
                          ("bare_write", "bare ZeroMQ + write to a file, same folder"),
                          ("bare_tcp", "bare TCP socket, pipelined (cake's path without keys)"),
-                         ("cold", "cake stream, cold (checksums computed first)"),
+                         ("cold", "cake stream, cold (no digests: checksummed as it goes)"),
                          ("warm", "cake stream, digests kept")):  # fmt: skip
             if not res[f"{k}/{states[0]}"]:
                 continue  # bare TCP with --curve: cake's chunks go over ZeroMQ
