@@ -112,6 +112,12 @@ def _client(model: Path, port: int, ranges) -> WorkerClient:
 PATHS = {True: "over a TCP connection", False: "over ZeroMQ"}  # stream_weights(tcp=)
 
 
+def _hello(c: WorkerClient) -> None:
+    """Connect and hello, without the load (the test streams by hand)."""
+    c._open()
+    c.info = c._hello(1e12)
+
+
 @pytest.mark.parametrize("tcp", [True, False])
 def test_quantized_layers_stay_quantized_and_a_damaged_chunk_is_sent_again(
     tmp_path, capfd, monkeypatch, tcp
@@ -137,8 +143,7 @@ def test_quantized_layers_stay_quantized_and_a_damaged_chunk_is_sent_again(
             p.unlink()
         # again, by hand, with two damaged chunks, into an emptied cache
         c = _client(model, port, [(28, 30)])
-        c._open()
-        c.info = c._hello(1e12)
+        _hello(c)
         sent = stream.stream_weights(
             c, config, tensors, [(28, 30)], corrupt=corrupt, tcp=tcp
         )
@@ -193,8 +198,7 @@ def test_a_stream_cut_by_a_worker_restart_resumes(tmp_path, capfd, monkeypatch, 
 
     c = _client(model, port, [(29, 30)])
     try:
-        c._open()
-        c.info = c._hello(1e12)
+        _hello(c)
         sent = stream.stream_weights(
             c, config, tensors, [(29, 30)], corrupt=restart, tcp=tcp
         )
@@ -409,8 +413,7 @@ def test_a_broken_weight_connection_resumes_and_an_unreachable_port_uses_zeromq(
     monkeypatch.setattr(stream.bulk, "send", cut_send)
     c = _client(model, port, [(29, 30)])
     try:
-        c._open()
-        c.info = c._hello(1e12)
+        _hello(c)
         sent = stream.stream_weights(c, config, tensors, [(29, 30)])
         assert cut == [20]
         assert m.nbytes <= sent <= m.nbytes + stream.WINDOW * SMALL_CHUNK
@@ -507,8 +510,7 @@ def test_a_master_without_digests_sends_the_manifest_in_parts(
 
     c = _client(model, port, [(29, 30)])
     try:
-        c._open()
-        c.info = c._hello(1e12)
+        _hello(c)
         sent = stream.stream_weights(
             c, config, tensors, [(29, 30)], corrupt=corrupt, tcp=tcp
         )

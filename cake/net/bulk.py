@@ -10,8 +10,9 @@ a `chunk` request would and answers with the entry's held bytes (`ACK`), and
 the master keeps at most `window` chunks unanswered, as on the ZeroMQ path.
 A master that checksums the tensors as it goes sends the manifest's later
 parts on the same connection (`PART`: what a `weights` request with `part`
-carries), answered with what of them is held. `END` closes the stream; the `bulk` reply follows, or an error (a failed sum:
-`checksum`, as for `chunk`; a connection that broke: `dropped`).
+carries), answered with what of them is held. `END` closes the stream; the
+`bulk` reply follows, or an error (a failed sum: `checksum`, as for `chunk`;
+a connection that broke: `dropped`).
 
 Why: on loopback a ZeroMQ copy goes through an I/O thread on each side, so a
 worker that also checks and writes every chunk has four busy threads on a

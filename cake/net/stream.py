@@ -124,8 +124,6 @@ class _Tensors:
             if known is None:
                 break
             self._add(*known)
-        if self.done:
-            self.digests.save()
 
     @property
     def done(self) -> bool:
@@ -152,7 +150,7 @@ class _Tensors:
             self._read[name] = w
             new.append(t)
             got += sum(e.nbytes for e in t.entries)
-        if self.done:
+        if new and self.done:  # every digest known now: keep them for next time
             self.digests.save()
         return new
 
@@ -222,7 +220,7 @@ def stream_weights(
     ts = _Tensors(config, tensors, ranges, chunk or CHUNK)
     if not ts.entries:
         ts.grow(PART_BYTES)
-    count = {"bytes": 0, "sent": 0, "chunks": 0, "resends": 0, "drops": 0}
+    count = {"sent": 0, "chunks": 0, "resends": 0, "drops": 0}
     bar = None
     t0 = time.monotonic()
     try:
@@ -257,9 +255,7 @@ def stream_weights(
                         part["held"] = _held(client, reply, part["manifest"])
                         bar.grow(part["manifest"].nbytes - sum(part["held"]))
                         return
-                    n = int(reply.get("held", 0)) - header["offset"]
-                    count["bytes"] += n
-                    bar.advance(n)
+                    bar.advance(int(reply.get("held", 0)) - header["offset"])
 
                 if link is None:
                     client.pipelined(items, window, took)
