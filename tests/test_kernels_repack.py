@@ -56,8 +56,9 @@ def test_repacked_matmul_equals_reference(lib, fmt, m, n, ki):
 @pytest.mark.parametrize("fmt", PLAIN, ids=lambda f: f.name)
 def test_repacked_outputs_do_not_depend_on_the_call(lib, fmt):
     """An output's bits do not depend on the other rows and tiles of its call:
-    the kernels take tiles in pairs where they can (512-bit) and alone
-    otherwise, activation rows in runs of up to 8, on any number of threads."""
+    the kernels take tiles in pairs where they can (512-bit, from 5 or 9
+    activation rows on) and alone otherwise, activation rows in runs of up to
+    8, on any number of threads."""
     k = ks(fmt.name)[1]
     n = 8 * 7  # 3 pairs of tiles and an odd one
     x, w = case(fmt, 16, n, k)

@@ -355,6 +355,7 @@ struct Simd512;
 
 template <>
 struct Simd512<Q8_0> {
+  static constexpr int kPairRows = kMaxRows + 1;  // see gemm below
   static void unpack(const uint8_t* w0, const uint8_t* w1, __m512i wq[8]) {
     for (int c = 0; c < 8; c++) wq[c] = _mm512_xor_si512(load_pair(w0, w1, 16 + 32 * c), _mm512_set1_epi8((char)0x80));
   }
@@ -363,6 +364,7 @@ struct Simd512<Q8_0> {
 template <bool kMin, bool kHigh>
 struct Simd512<Nibbles<kMin, kHigh>> {
   using F = Nibbles<kMin, kHigh>;
+  static constexpr int kPairRows = 5;  // see gemm below
   static void unpack(const uint8_t* w0, const uint8_t* w1, __m512i wq[8]) {
     const __m512i m = _mm512_set1_epi8(0xf);
     for (int v = 0; v < 4; v++) {
@@ -532,15 +534,30 @@ void dequant_tile(int64_t k, const void* w, float* out) {
 }
 #endif
 
+// Pairs of tiles (gemm_pair) only from Simd512<F>::kPairRows activation rows.
+// A pair is two streams of weights a tile (a few KB) apart, which the hardware
+// prefetchers follow worse than the one forward stream of one tile after
+// another, software prefetch or not: where the weights stream from memory once
+// (decode) single tiles read them faster; where the products bind (more rows,
+// a block of tiles read again for every run of rows) pairs win. Zen 4, 2
+// threads, the products of 30 SmolLM2 layers, ms per pass, pairs / single
+// tiles (benchmarks/tile_pairs_ab.cc: both in one process, best of 7 rounds):
+//   M      1            2            4            8            16
+//   Q8_0   4.58 / 3.23  4.49 / 3.21  5.07 / 3.34  5.24 / 4.73  7.38 / 9.02
+//   Q4_1   2.60 / 1.72  2.75 / 1.88  2.88 / 2.66  3.50 / 4.40  6.04 / 8.54
+//   Q5_0   3.06 / 2.05  2.95 / 2.18  3.21 / 2.74  3.59 / 4.42  6.62 / 8.83
+//   Q4_0   2.27 / 1.61  2.28 / 1.68  2.48 / 2.51  3.11 / 4.18  5.68 / 7.97
+// The same bits either way.
 template <class F>
 void gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, int nrows, float* y, size_t ys) {
   const size_t tile_bytes = (size_t)(k / 32) * F::kGroup;
   int64_t t = 0;
 #if CAKE_R512
-  for (; t + 2 <= ntiles; t += 2)
-    cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
-      gemm_pair<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, tile_bytes, xt, xs, yt, ys);
-    });
+  if (nrows >= Simd512<F>::kPairRows)
+    for (; t + 2 <= ntiles; t += 2)
+      cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
+        gemm_pair<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, tile_bytes, xt, xs, yt, ys);
+      });
 #endif
   for (; t < ntiles; t++)
     cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
