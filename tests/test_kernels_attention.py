@@ -100,6 +100,37 @@ CASES = [
     Case(
         "decode-t1500", *GQA, slots=(0,), positions=(1500,), lengths=(1,), T=2048, S=1
     ),
+    # keys in several chunks (attention.cc's kChunk, 256 positions), merged
+    Case(
+        "batch2-chunks",
+        *GQA,
+        slots=(1, 0),
+        positions=(300, 777),
+        lengths=(1, 1),
+        T=1024,
+        S=2,
+    ),
+    Case(
+        "prefill-chunks-window",
+        *GQA,
+        slots=(0,),
+        positions=(200,),
+        lengths=(120,),
+        L=120,
+        T=512,
+        S=1,
+        window=300,
+    ),
+    Case(
+        "softcap-chunks",
+        *MHA,
+        slots=(0,),
+        positions=(600,),
+        lengths=(1,),
+        T=700,
+        S=1,
+        softcap=2.0,
+    ),
     # tokens blocked per unit, odd head sizes (vector tails), a window across blocks
     Case(
         "prefill-hd128",
@@ -288,7 +319,11 @@ def test_jit_equals_reference(lib, c):
 
 
 KV16 = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-CASES16 = [c for c in CASES if c.name in ("decode-t17", "decode-t200")] + CASES[-3:]
+CASES16 = [
+    c
+    for c in CASES
+    if c.name in ("decode-t17", "decode-t200", "batch2-chunks", "prefill-chunks-window")
+] + CASES[-3:]
 
 
 @pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])
@@ -492,6 +527,28 @@ def test_a_prompt_gives_the_same_bits_in_any_chunks(lib, portable_libs, march, s
         pos = np.asarray([3 + at], np.int32)
         length = np.asarray([n], np.int32)
         got.append(att._call(raw, *part, cache2, ints[0], pos, length, **kwargs(c)))
+        at += n
+    np.testing.assert_array_equal(np.concatenate(got, axis=1), whole)
+
+
+@pytest.mark.parametrize("kv", ["float32", "float16"])
+@pytest.mark.parametrize(
+    "split", [(600,), (300, 300), (253, 3, 344), (256, 256, 88), (599, 1)]
+)
+def test_a_long_prompt_gives_the_same_bits_in_any_chunks(lib, kv, split):
+    """Past one chunk of keys (256 positions) a row's keys are scored, weighed
+    and merged chunk by chunk, at boundaries that depend on positions only:
+    the calls a prompt is fed in still change no bit of any token's output."""
+    c = Case("long", *GQA, slots=(0,), positions=(3,), lengths=(600,), L=600, T=640)
+    qkv, cos, sin, cache, *ints = make_inputs(c)
+    cache = cache.astype(np.float16) if kv == "float16" else cache
+    whole = att.attention_np(qkv, cos, sin, cache.copy(), *ints, **kwargs(c))
+    got, at, cache2 = [], 0, cache.copy()
+    for n in split:
+        part = [a[:, at : at + n] for a in (qkv, cos, sin)]
+        pos = np.asarray([3 + at], np.int32)
+        length = np.asarray([n], np.int32)
+        got.append(att.attention_np(*part, cache2, ints[0], pos, length, **kwargs(c)))
         at += n
     np.testing.assert_array_equal(np.concatenate(got, axis=1), whole)
 

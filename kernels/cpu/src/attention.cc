@@ -22,12 +22,14 @@
 // padding: nothing is written to the cache for them and their output is zero.
 //
 // A 16-bit cache holds each k and v rounded to nearest even (as XLA converts
-// them, so both attention paths write the same bits); a unit widens the rows
-// it reads into float32 scratch first, then runs as over a float32 cache: half
-// the bytes read from memory, which is what bounds attention at batch 8.
+// them, so both attention paths write the same bits): half the bytes read from
+// memory, which is what bounds attention at batch 8 and over long caches. With
+// AVX-512 and hd a multiple of 16 a unit reads the rows as stored, widening
+// them in registers (score_keys, weigh_values); elsewhere it widens them into
+// float32 scratch first, then runs as over a float32 cache.
 //
 // Work: a unit is (sequence, kv head, block of up to 8 tokens, block of that kv
-// head's query heads). Its query rows score each block of 16 keys (AVX-512; 8
+// head's query heads, chunk of keys: see kChunk). Its query rows score each block of 16 keys (AVX-512; 8
 // AVX2) while the block is in L1, one accumulator per key and one transposing
 // reduction per block; then softmax in place (a thread-local scratch of rows x
 // keys floats, weights outside a row's own keys set to 0), and one pass over
@@ -37,6 +39,7 @@
 #include <math.h>
 #include <string.h>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 #include <thread>
@@ -93,6 +96,20 @@ constexpr int64_t kParallelMin = 1 << 14;
 constexpr int64_t kMaxTokens = 8;
 // Value rows of a 16-bit cache widened at a time (16 KB of float32 at hd 64).
 constexpr int64_t kValueBlock = 64;
+// Keys in chunks of this many cache positions, at multiples of it: a unit
+// takes one chunk of its rows' keys, so that a long cache is shared out among
+// the threads without two units reading the same rows (before, a decode call
+// of one sequence split each kv head's query heads between 2 units, which read
+// its keys and values twice). A row's chunks each give a max, a sum and an
+// unscaled weighted sum of values; the unit that finishes a group's last chunk
+// merges them in chunk order. The boundaries depend on positions only, so a
+// token's output is the same bits whichever call it came in. A row whose keys
+// fit one chunk is computed as before the chunks (the same bits).
+// SmolLM2's shape (nh 9, nkv 3, hd 64), float16 cache, one decode token,
+// 2 threads, us a call at 4000 / 1024 positions (both builds in one process):
+// 233 / 60.5 before, 209 / 48 with the chunks; with the rows read as stored
+// (score_keys) as well 137 / 35, and for 8 sequences 1809 / 503 -> 1359 / 378.
+constexpr int64_t kChunk = 256;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -490,6 +507,129 @@ inline void rope(const float* x, const float* c, const float* s, int64_t half, f
   }
 }
 
+#if CAKE_ATT_AVX512
+// ---- AVX-512, hd a multiple of 16: the cache read as it is stored ----
+// Scores and weighted sums load each key and value row once for all of a
+// unit's query rows, converting 16-bit rows in registers: no widened copy.
+// (That copy, a pass writing and reading back 4 bytes a value, took half a
+// unit's time over a long float16 cache.)
+
+// 16 values of a cache row from element i on, as float32
+template <int KV>
+inline __m512 load_kv(const void* base, int64_t i) {
+  if constexpr (KV == kF32) {
+    return _mm512_loadu_ps((const float*)base + i);
+  } else if constexpr (KV == kF16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i)));
+  } else {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + i))), 16));
+  }
+}
+
+// The 8 sums of a[0..7]'s lanes, in order. Each sum's bits depend on its own
+// accumulator alone (a fixed tree), whatever the others hold.
+inline __m256 sums8(const __m512* a) {
+  __m256 h[8];
+  for (int i = 0; i < 8; i++)
+    h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[i]), 1)));
+  const __m256 s01 = _mm256_hadd_ps(h[0], h[1]), s23 = _mm256_hadd_ps(h[2], h[3]);
+  const __m256 s45 = _mm256_hadd_ps(h[4], h[5]), s67 = _mm256_hadd_ps(h[6], h[7]);
+  const __m256 s0 = _mm256_hadd_ps(s01, s23), s1 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+// scores[r * stride + i] = dot(q row r, key t0 + i), r < R, i < n <= 8 (keys
+// past n are not read)
+template <int KV, int R>
+inline void score_keys(const float* q, int64_t hd, const void* keys, int64_t t0, int64_t n, float* scores,
+                       int64_t stride) {
+  __m512 a[R][8];
+  for (int r = 0; r < R; r++)
+    for (int i = 0; i < 8; i++) a[r][i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; d += 16) {
+    __m512 qd[R];
+    for (int r = 0; r < R; r++) qd[r] = _mm512_loadu_ps(q + r * hd + d);
+    for (int i = 0; i < 8; i++) {
+      if (i >= n) break;
+      const __m512 k = load_kv<KV>(keys, (t0 + i) * hd + d);
+      for (int r = 0; r < R; r++) a[r][i] = _mm512_fmadd_ps(qd[r], k, a[r][i]);
+    }
+  }
+  const __mmask8 m = (__mmask8)((1u << n) - 1u);
+  for (int r = 0; r < R; r++) _mm256_mask_storeu_ps(scores + r * stride, m, sums8(a[r]));
+}
+
+// scores (rows, span) of `rows` queries (hd apart) against keys [lo, lo + span)
+// Cache rows prefetched ahead of the products, past the end of the 4 KB page
+// the hardware prefetchers stop at; non-temporal, as the weights (repack.cc):
+// a row is read once a step. One decode token, 4000 float16 positions, 2
+// threads: 168-186 us a call against 194 without (noisy; T0 and 16 or 64
+// rows ahead within the noise).
+constexpr int64_t kAheadRows = 32;
+// the cache row bytes of rows [t, t + n) ahead, towards L1
+template <int KV>
+inline void prefetch_rows(const void* base, int64_t t, int64_t n, int64_t hd) {
+  const int64_t es = KV == kF32 ? 4 : 2;
+  const char* p = (const char*)base + t * hd * es;
+  for (int64_t b = 0; b < n * hd * es; b += 64) _mm_prefetch(p + b, _MM_HINT_NTA);
+}
+
+template <int KV>
+void score_span(const float* q, int64_t rows, int64_t hd, const void* keys, int64_t lo, int64_t span,
+                float* scores) {
+  for (int64_t t = 0; t < span; t += 8) {
+    const int64_t n = min64(8, span - t);
+    if (t + kAheadRows < span) prefetch_rows<KV>(keys, lo + t + kAheadRows, min64(8, span - t - kAheadRows), hd);
+    int64_t r = 0;
+    for (; r + 3 <= rows; r += 3) score_keys<KV, 3>(q + r * hd, hd, keys, lo + t, n, scores + r * span + t, span);
+    if (rows - r == 2) score_keys<KV, 2>(q + r * hd, hd, keys, lo + t, n, scores + r * span + t, span);
+    if (rows - r == 1) score_keys<KV, 1>(q + r * hd, hd, keys, lo + t, n, scores + r * span + t, span);
+  }
+}
+
+// out[r][:hd] = scale[r] * sum_i p[r * stride + i] * value row (lo + i), r < R
+// (weighted_rows over the rows as stored: the same additions in the same order)
+template <int KV, int R>
+inline void weigh_values(const float* p, int64_t stride, int64_t n, const void* vals, int64_t lo, int64_t hd,
+                         const float* scale, float* const* out) {
+  for (int64_t d = 0; d < hd; d += 64) {
+    const int w = (int)min64(4, (hd - d) / 16);
+    __m512 a[R][4];
+    for (int r = 0; r < R; r++)
+      for (int u = 0; u < 4; u++) a[r][u] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i++) {
+      if (d == 0 && i % 4 == 0 && i + kAheadRows < n)
+        prefetch_rows<KV>(vals, lo + i + kAheadRows, min64(4, n - i - kAheadRows), hd);
+      __m512 x[4];
+      for (int u = 0; u < 4; u++)
+        if (u < w) x[u] = load_kv<KV>(vals, (lo + i) * hd + d + 16 * u);
+      for (int r = 0; r < R; r++) {
+        const __m512 pr = _mm512_set1_ps(p[r * stride + i]);
+        for (int u = 0; u < 4; u++)
+          if (u < w) a[r][u] = _mm512_fmadd_ps(pr, x[u], a[r][u]);
+      }
+    }
+    for (int r = 0; r < R; r++)
+      for (int u = 0; u < 4; u++)
+        if (u < w) _mm512_storeu_ps(out[r] + d + 16 * u, _mm512_mul_ps(a[r][u], _mm512_set1_ps(scale[r])));
+  }
+}
+
+template <int KV>
+void weigh_span(const float* p, int64_t stride, int64_t span, const void* vals, int64_t lo, int64_t hd,
+                const float* scale, float* const* out, int r) {
+  if (r == 1)
+    weigh_values<KV, 1>(p, stride, span, vals, lo, hd, scale, out);
+  else if (r == 2)
+    weigh_values<KV, 2>(p, stride, span, vals, lo, hd, scale, out);
+  else if (r == 3)
+    weigh_values<KV, 3>(p, stride, span, vals, lo, hd, scale, out);
+  else
+    weigh_values<KV, 4>(p, stride, span, vals, lo, hd, scale, out);
+}
+#endif
+
 struct Job {
   const float *qkv, *cos, *sin;
   void* cache;
@@ -503,6 +643,15 @@ struct Job {
   int64_t heads;   // query heads per unit
   int64_t n_tok, n_head;  // blocks of tokens per sequence, of heads per kv head
   int64_t units;
+  // units by group (sequence, kv head, token block, head block; the order of
+  // the u decomposition below): group i has units first_unit[i] ..
+  // first_unit[i + 1] - 1, its key chunks first_chunk[i] on (an empty group:
+  // one unit, which does nothing)
+  std::vector<int64_t> first_unit, first_chunk;
+  bool chunked = false;  // some group has more than one chunk
+  float* part = nullptr;  // per unit: rows x (hd + 2) floats, a row's sums then its max and sum
+  int64_t part_stride = 0;
+  std::vector<std::atomic<int64_t>>* done = nullptr;  // per group: chunks finished
   std::atomic<int64_t> next{0};
   // the cache writes come first, one unit per (sequence, kv head): a thread
   // takes writes until none are left, waits until every write is done (a
@@ -514,11 +663,43 @@ struct Job {
 // The first cache position token t reads.
 inline int64_t first_key(const Job& j, int64_t t) { return j.window > 0 ? max64(0, t - j.window + 1) : 0; }
 
+// The chunks of keys [lo, hi] (whole chunks and the parts at either end).
+inline int64_t chunks_of(int64_t lo, int64_t hi) { return hi / kChunk - lo / kChunk + 1; }
+
+// Group i's rows merged from their chunks' parts (see kChunk): in chunk order,
+// out = sum_c e^(m_c - M) acc_c * (1 / sum_c e^(m_c - M) l_c), M the largest m_c.
+void merge_group(const Job& j, int64_t i, int64_t b, int64_t g, int64_t l0, int64_t l1, int64_t r0, int64_t nr) {
+  const int64_t hd = j.hd, n = j.first_unit[i + 1] - j.first_unit[i];
+  const float* base = j.part + j.first_unit[i] * j.part_stride;
+  for (int64_t row = 0; row < (l1 - l0) * nr; row++) {
+    const int64_t l = l0 + row / nr, h = g * j.rep + r0 + row % nr;
+    float* out = j.out + ((b * j.L + l) * j.nh + h) * hd;
+    float m = -INFINITY;
+    for (int64_t c = 0; c < n; c++) {
+      const float* pr = base + c * j.part_stride + row * (hd + 2);
+      if (pr[hd + 1] > 0.0f && pr[hd] > m) m = pr[hd];
+    }
+    float sum = 0.0f;
+    for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
+    for (int64_t c = 0; c < n; c++) {
+      const float* pr = base + c * j.part_stride + row * (hd + 2);
+      if (!(pr[hd + 1] > 0.0f)) continue;  // none of the row's keys in this chunk
+      const float w = expf(pr[hd] - m);
+      sum += w * pr[hd + 1];
+      for (int64_t d = 0; d < hd; d++) out[d] += w * pr[d];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < hd; d++) out[d] *= inv;
+  }
+}
+
 void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<float>& wide) {
+  const int64_t gi = std::upper_bound(j.first_unit.begin(), j.first_unit.end(), u) - j.first_unit.begin() - 1;
+  const int64_t n_chunks = j.first_unit[gi + 1] - j.first_unit[gi];
   const int64_t per_seq = j.nkv * j.n_tok * j.n_head;
-  const int64_t b = u / per_seq;
-  const int64_t g = u / (j.n_tok * j.n_head) % j.nkv;
-  const int64_t tb = u / j.n_head % j.n_tok, hb = u % j.n_head;
+  const int64_t b = gi / per_seq;
+  const int64_t g = gi / (j.n_tok * j.n_head) % j.nkv;
+  const int64_t tb = gi / j.n_head % j.n_tok, hb = gi % j.n_head;
   const int64_t len = j.lengths[b], l0 = tb * j.tokens;
   if (l0 >= len) return;
   const int64_t l1 = min64(l0 + j.tokens, len);
@@ -527,7 +708,13 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<
   const int64_t pos = j.positions[b];
   const int64_t kv_stride = j.S * j.nkv * j.T * hd;  // cache[.., 0] -> cache[.., 1]
   const int64_t row0 = ((j.layer * 2 * j.S + j.slots[b]) * j.nkv + g) * j.T * hd;  // element of (k, position 0)
-  const int64_t lo = first_key(j, pos + l0), hi = pos + l1 - 1, span = hi - lo + 1;
+  // this unit's keys: the group's [first_key(first token), last token], cut to its chunk
+  const int64_t glo = first_key(j, pos + l0), ghi = pos + l1 - 1;
+  const int64_t chunk = j.first_chunk[gi] + (u - j.first_unit[gi]);
+  const bool whole = n_chunks == 1;
+  const int64_t lo = whole ? glo : max64(glo, chunk * kChunk);
+  const int64_t hi = whole ? ghi : min64(ghi, chunk * kChunk + kChunk - 1);
+  const int64_t span = hi - lo + 1;
   // A float32 cache is read in place: keys[t * hd], vals[t * hd] are position
   // t's rows. A 16-bit one is widened a block of rows at a time into `wide`
   // (kKeyBlock keys, kValueBlock values: in L1 when the products read them).
@@ -552,37 +739,65 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<
   }
   // Every row scores every key in [lo, hi]: a row of an earlier token (or,
   // with a window, a later one) scores up to tokens - 1 keys it then ignores.
-  int64_t t = lo;
-  for (; t + kKeyBlock <= hi + 1; t += kKeyBlock) {
-    const float* kb = keys + t * hd;
-    if (!f32) {
-      widen(k16 + t * hd, wide.data(), kKeyBlock * hd, j.kv_type);
-      kb = wide.data();
+#if CAKE_ATT_AVX512
+  const bool fused = hd % 16 == 0;  // see score_keys
+#else
+  const bool fused = false;
+#endif
+  const void* kraw = f32 ? (const void*)keys : (const void*)k16;  // position t's row at element t * hd
+  const void* vraw = f32 ? (const void*)vals : (const void*)v16;
+  if (fused) {
+#if CAKE_ATT_AVX512
+    if (j.kv_type == kF32)
+      score_span<kF32>(q, rows, hd, kraw, lo, span, scores);
+    else if (j.kv_type == kF16)
+      score_span<kF16>(q, rows, hd, kraw, lo, span, scores);
+    else
+      score_span<kBF16>(q, rows, hd, kraw, lo, span, scores);
+#endif
+  } else {
+    int64_t t = lo;
+    for (; t + kKeyBlock <= hi + 1; t += kKeyBlock) {
+      const float* kb = keys + t * hd;
+      if (!f32) {
+        widen(k16 + t * hd, wide.data(), kKeyBlock * hd, j.kv_type);
+        kb = wide.data();
+      }
+      for (int64_t row = 0; row < rows; row++) dot_block(q + row * hd, kb, hd, scores + row * span + t - lo);
     }
-    for (int64_t row = 0; row < rows; row++) dot_block(q + row * hd, kb, hd, scores + row * span + t - lo);
-  }
-  // The last keys go through dot_block too, reading only them: a key's score
-  // is then the same bits whichever chunk reads it (a prompt fed in other
-  // chunks, or a decode step, gives the tokens of a prompt fed at once).
-  if (t <= hi) {
-    const int64_t left = hi - t + 1;
-    const float* kb = keys + t * hd;
-    if (!f32) {
-      widen(k16 + t * hd, tail, left * hd, j.kv_type);
-      kb = tail;
-    }
-    float* got = tail + kKeyBlock * hd;
-    for (int64_t row = 0; row < rows; row++) {
-      dot_block(q + row * hd, kb, hd, got, left);
-      memcpy(scores + row * span + t - lo, got, sizeof(float) * left);
+    // The last keys go through dot_block too, reading only them: a key's score
+    // is then the same bits whichever chunk reads it (a prompt fed in other
+    // chunks, or a decode step, gives the tokens of a prompt fed at once).
+    if (t <= hi) {
+      const int64_t left = hi - t + 1;
+      const float* kb = keys + t * hd;
+      if (!f32) {
+        widen(k16 + t * hd, tail, left * hd, j.kv_type);
+        kb = tail;
+      }
+      float* got = tail + kKeyBlock * hd;
+      for (int64_t row = 0; row < rows; row++) {
+        dot_block(q + row * hd, kb, hd, got, left);
+        memcpy(scores + row * span + t - lo, got, sizeof(float) * left);
+      }
     }
   }
   // softmax weights, zero outside each row's own keys, then the value rows
-  // once per kRowsAtOnce rows
+  // once per kRowsAtOnce rows. Of a chunk: weights e^(s - the chunk's max),
+  // with that max and their sum kept for the merge.
+  float* part = whole ? nullptr : j.part + u * j.part_stride;  // (rows, hd + 2)
   float* scale = scores + rows * span;  // (rows,)
   for (int64_t row = 0; row < rows; row++) {
-    const int64_t e = pos + l0 + row / nr, a = first_key(j, e);
+    const int64_t e0 = pos + l0 + row / nr, a0 = first_key(j, e0);
+    const int64_t a = max64(a0, lo), e = min64(e0, hi);
     float* s = scores + row * span;
+    if (a > e) {  // none of its keys in this chunk (only where the keys are in chunks)
+      memset(s, 0, sizeof(float) * span);
+      part[row * (hd + 2) + hd] = -INFINITY;
+      part[row * (hd + 2) + hd + 1] = 0.0f;
+      scale[row] = 1.0f;
+      continue;
+    }
     float* sr = s + (a - lo);
     const int64_t n = e - a + 1;
     // Gemma 2's soft-cap, as transformers computes it: (s / cap), tanh, * cap.
@@ -591,7 +806,15 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<
     // 239 uncapped over 512 keys, 2199 against 1923 over 4000 (2 shared cores).
     if (j.softcap > 0.0f)
       for (int64_t i = 0; i < n; i++) sr[i] = tanhf(sr[i] / j.softcap) * j.softcap;
-    scale[row] = 1.0f / exp_sum(sr, n, max_of(sr, n));
+    const float m = max_of(sr, n);
+    const float sum = exp_sum(sr, n, m);
+    if (whole) {
+      scale[row] = 1.0f / sum;
+    } else {
+      scale[row] = 1.0f;
+      part[row * (hd + 2) + hd] = m;
+      part[row * (hd + 2) + hd + 1] = sum;
+    }
     if (a > lo) memset(s, 0, sizeof(float) * (a - lo));
     if (e < hi) memset(sr + n, 0, sizeof(float) * (hi - e));
   }
@@ -601,13 +824,24 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<
     float* outs[kRowsAtOnce];
     for (int i = 0; i < r; i++) {
       const int64_t l = l0 + (row + i) / nr, h = g * j.rep + r0 + (row + i) % nr;
-      outs[i] = j.out + ((b * j.L + l) * j.nh + h) * hd;
+      outs[i] = whole ? j.out + ((b * j.L + l) * j.nh + h) * hd : part + (row + i) * (hd + 2);
     }
     const float* p = scores + row * span;
     // Every row sums its values in the same order whatever the rows beside it
     // (the chunk-invariance above): no separate single-row sum. A 16-bit
     // cache's values come a block at a time, each block going on from the
     // sums so far (the same additions in the same order), unscaled but the last.
+    if (fused) {
+#if CAKE_ATT_AVX512
+      if (j.kv_type == kF32)
+        weigh_span<kF32>(p, span, span, vraw, lo, hd, scale + row, outs, r);
+      else if (j.kv_type == kF16)
+        weigh_span<kF16>(p, span, span, vraw, lo, hd, scale + row, outs, r);
+      else
+        weigh_span<kBF16>(p, span, span, vraw, lo, hd, scale + row, outs, r);
+#endif
+      continue;
+    }
     float unit[kRowsAtOnce];
     for (int i = 0; i < kRowsAtOnce; i++) unit[i] = 1.0f;
     for (int64_t i0 = 0; i0 < span; i0 += f32 ? span : kValueBlock) {
@@ -629,6 +863,9 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<
         weighted_rows<kRowsAtOnce>(p + i0, span, nb, vb, hd, sc, outs, acc);
     }
   }
+  // the last of the group's chunks to finish merges them
+  if (!whole && (*j.done)[gi].fetch_add(1, std::memory_order_acq_rel) == n_chunks - 1)
+    merge_group(j, gi, b, g, l0, l1, r0, nr);
 }
 
 // Waits for the other threads' cache writes: a pause per check, and past a
@@ -663,7 +900,7 @@ void write_unit(const Job& j, int64_t u, std::vector<float>& rotated) {
 void work(void* p, int, int) {
   Job& j = *(Job*)p;
   thread_local std::vector<float> scratch, wide;
-  if (j.n_tok == 1 && j.n_head == 1) {
+  if (j.n_tok == 1 && j.n_head == 1 && !j.chunked) {
     // Each unit is a whole (sequence, kv head), the only one that writes its
     // rows or reads them (unit u = write unit u), so it writes them and then
     // attends, with no wait for the other threads' writes. A decode step of 8
@@ -745,13 +982,46 @@ int cake_attention(const float* qkv, const float* cos, const float* sin, void* c
          B * nkv * ((L + 2 * job.tokens - 1) / (2 * job.tokens)) >= 4 * threads)
     job.tokens *= 2;
   job.n_tok = (L + job.tokens - 1) / job.tokens;
+  // key chunks of (sequence, token block): the units before any split of the heads
+  auto chunks = [&](int64_t b, int64_t tb) -> int64_t {
+    const int64_t l0 = tb * job.tokens;
+    if (l0 >= lengths[b]) return 1;  // nothing to do: one idle unit
+    const int64_t lo = first_key(job, positions[b] + l0);
+    return chunks_of(lo, positions[b] + min64(l0 + job.tokens, (int64_t)lengths[b]) - 1);
+  };
+  int64_t base = 0;
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t tb = 0; tb < job.n_tok; tb++) base += nkv * chunks(b, tb);
   // query heads per unit: all of the kv head's, unless that leaves threads idle
-  const int64_t base = B * nkv * job.n_tok;
   int64_t split = base >= 2 * threads ? 1 : (2 * threads + base - 1) / base;
   if (split > job.rep) split = job.rep;
   job.heads = (job.rep + split - 1) / split;
   job.n_head = (job.rep + job.heads - 1) / job.heads;
-  job.units = base * job.n_head;
+  const int64_t groups = B * nkv * job.n_tok * job.n_head;
+  job.first_unit.resize(groups + 1);
+  job.first_chunk.resize(groups);
+  int64_t units = 0;
+  for (int64_t i = 0; i < groups; i++) {
+    const int64_t b = i / (nkv * job.n_tok * job.n_head), tb = i / job.n_head % job.n_tok;
+    const int64_t n = chunks(b, tb);
+    job.first_unit[i] = units;
+    job.first_chunk[i] = tb * job.tokens < lengths[b] ? first_key(job, positions[b] + tb * job.tokens) / kChunk : 0;
+    job.chunked = job.chunked || n > 1;
+    units += n;
+  }
+  job.first_unit[groups] = units;
+  job.units = units;
+  // the chunks' parts, in the calling thread's buffer (the pool's workers write
+  // into it through job.part)
+  thread_local std::vector<float> parts;
+  std::vector<std::atomic<int64_t>> done(job.chunked ? groups : 0);
+  if (job.chunked) {
+    job.part_stride = job.tokens * job.heads * (hd + 2);
+    if (parts.size() < (size_t)(units * job.part_stride)) parts.resize((size_t)(units * job.part_stride));
+    job.part = parts.data();
+    for (auto& d : done) d.store(0, std::memory_order_relaxed);
+    job.done = &done;
+  }
   cake_parallel(work, &job, threads);
   return 0;
 }
