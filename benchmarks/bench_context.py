@@ -42,6 +42,18 @@ CHUNK = 512
 INNER = 3  # rounds of steps within one process
 
 
+def time_steps(step, positions: list[int], steps: int, rounds: int) -> dict:
+    """{P: median over rounds of the median of step(P), step(P + 1), ...}, the
+    largest P first (each round goes back to P)."""
+    out = {}
+    for p in sorted(positions, reverse=True):
+        meds = [
+            statistics.median(step(p + i) for i in range(steps)) for _ in range(rounds)
+        ]
+        out[p] = statistics.median(meds)
+    return out
+
+
 def worker_cake(
     path: str, positions: list[int], steps: int, rounds: int, batch: int
 ) -> dict:
@@ -77,13 +89,7 @@ def worker_cake(
         return time.perf_counter() - t
 
     step(top), step(top + 1)  # compiled, warm
-    out = {}
-    for p in sorted(positions, reverse=True):
-        meds = []
-        for _ in range(rounds):
-            meds.append(statistics.median(step(p + i) for i in range(steps)))
-        out[p] = statistics.median(meds)
-    return out
+    return time_steps(step, positions, steps, rounds)
 
 
 def worker_lcpp(path: str, positions: list[int], steps: int, rounds: int) -> dict:
@@ -109,13 +115,7 @@ def worker_lcpp(path: str, positions: list[int], steps: int, rounds: int) -> dic
         llm.eval([int(rng.integers(0, vocab))])
         return time.perf_counter() - t
 
-    out = {}
-    for p in sorted(positions, reverse=True):
-        meds = []
-        for _ in range(rounds):
-            meds.append(statistics.median(step(p + i) for i in range(steps)))
-        out[p] = statistics.median(meds)
-    return out
+    return time_steps(step, positions, steps, rounds)
 
 
 def read_bandwidth() -> float:

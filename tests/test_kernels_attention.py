@@ -1,62 +1,41 @@
 """The fused attention kernel (kernels/cpu/src/attention.cc) against a NumPy reference.
 
-The reference is written from the definition in float64: rope k and v into the
-cache for every real token, then each query head attends with softmax to its
-slot's positions [lo, t] (scores scaled, and soft-capped where asked: Gemma). attention_np (ctypes), the jitted FFI call, and the
-AVX2 / plain C++ builds must match it within float32 rounding, leave every
-other cache entry untouched, and the FFI call must update a donated cache
-without copying it.
+The reference (tests/attention_ref.py) is written from the definition in
+float64. attention_np (ctypes), the jitted FFI call, and the AVX2 / plain C++
+builds must match it within float32 rounding, leave every other cache entry
+untouched, and the FFI call must update a donated cache without copying it.
+Whether a token's bits depend on its call: test_kernels_attention_calls.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import re
-import subprocess
-import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from cake.kernels import cpu
 from cake.kernels.cpu import attention as att
-from cake.kernels.cpu import build
+from tests.attention_ref import (
+    GQA,
+    MHA,
+    Case,
+    attention_ref,
+    check,
+    kwargs,
+    make_inputs,
+)
 
 
 @pytest.fixture(scope="module")
-def lib():
-    if build.compiler() is None:
-        pytest.skip("no C++ compiler: the kernels cannot be built here")
-    assert cpu.available(), "the CPU kernels failed to build (see stderr)"
+def lib(lib):
     assert att.available(), "the CPU kernels were built without attention.cc"
-    return cpu._load()
+    return lib
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    nh: int
-    nkv: int
-    hd: int
-    slots: tuple[int, ...]
-    positions: tuple[int, ...]
-    lengths: tuple[int, ...]
-    L: int = 1
-    T: int = 64
-    S: int = 4
-    n_layers: int = 2
-    layer: int = 1
-    window: int = 0
-    scale: float | None = None  # None: 1 / sqrt(hd)
-    softcap: float = 0.0
-
-
-GQA = (9, 3, 64)  # SmolLM2-135M
-MHA = (4, 4, 32)
 CASES = [
     *(
         Case(f"decode-t{p}", *GQA, slots=(1,), positions=(p,), lengths=(1,), T=256)
@@ -186,106 +165,6 @@ CASES = [
     ),
 ]
 BY_NAME = {c.name: c for c in CASES}
-
-
-def rope_ref(x: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-
-def attention_ref(
-    qkv,
-    cos,
-    sin,
-    cache,
-    slots,
-    positions,
-    lengths,
-    *,
-    n_heads,
-    layer,
-    window=0,
-    scale=None,
-    softcap=0.0,
-    attend_over=None,
-):
-    """(out float64, cache float64 after the writes, mask of the entries written).
-
-    attend_over: a cache whose written entries are used instead of the
-    reference's own for the attention (a 16-bit kernel's rounded k and v)."""
-    qkv, cos, sin = (np.asarray(a, np.float64) for a in (qkv, cos, sin))
-    cache = np.array(cache, np.float64)
-    written = np.zeros(cache.shape, bool)
-    b_, n_, _ = qkv.shape
-    nkv, hd = cache.shape[3], cache.shape[5]
-    nh, rep = n_heads, n_heads // nkv
-    out = np.zeros((b_, n_, nh * hd))
-    tokens = [(b, i) for b in range(b_) for i in range(lengths[b])]
-    for b, i in tokens:
-        t, x = positions[b] + i, qkv[b, i]
-        k = x[nh * hd : (nh + nkv) * hd].reshape(nkv, hd)
-        v = x[(nh + nkv) * hd :].reshape(nkv, hd)
-        cache[layer, 0, slots[b], :, t] = rope_ref(k, cos[b, i], sin[b, i])
-        cache[layer, 1, slots[b], :, t] = v
-        written[layer, :, slots[b], :, t] = True
-    seen = cache
-    if attend_over is not None:
-        seen = cache.copy()
-        seen[written] = np.asarray(attend_over, np.float64)[written]
-    for b, i in tokens:
-        t = positions[b] + i
-        lo = max(0, t - window + 1) if window > 0 else 0
-        q = rope_ref(qkv[b, i, : nh * hd].reshape(nh, hd), cos[b, i], sin[b, i])
-        q *= 1 / np.sqrt(hd) if scale is None else scale
-        for j in range(nh):
-            keys = seen[layer, 0, slots[b], j // rep, lo : t + 1]
-            vals = seen[layer, 1, slots[b], j // rep, lo : t + 1]
-            scores = keys @ q[j]
-            if softcap:
-                scores = softcap * np.tanh(scores / softcap)
-            p = np.exp(scores - scores.max())
-            out[b, i, j * hd : (j + 1) * hd] = p @ vals / p.sum()
-    return out, cache, written
-
-
-def make_inputs(c: Case, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    b = len(c.slots)
-    qkv = rng.standard_normal((b, c.L, (c.nh + 2 * c.nkv) * c.hd)).astype(np.float32)
-    tpos = np.asarray(c.positions)[:, None] + np.arange(c.L)  # (B, L)
-    inv_freq = 10000.0 ** (-np.arange(c.hd // 2) / (c.hd // 2))
-    angles = tpos[..., None] * inv_freq
-    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    cache = rng.standard_normal((c.n_layers, 2, c.S, c.nkv, c.T, c.hd)).astype(
-        np.float32
-    )
-    ints = [np.asarray(a, np.int32) for a in (c.slots, c.positions, c.lengths)]
-    return qkv, cos, sin, cache, *ints
-
-
-def kwargs(c: Case) -> dict[str, float]:
-    return {
-        "n_heads": c.nh,
-        "layer": c.layer,
-        "window": c.window,
-        "scale": c.scale,
-        "softcap": c.softcap,
-    }
-
-
-def check(c: Case, out, cache, before, ref) -> None:
-    want, want_cache, written = ref
-    out, cache = np.asarray(out), np.asarray(cache)
-    assert out.shape == want.shape and out.dtype == np.float32
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5, err_msg=c.name)
-    for b, n in enumerate(c.lengths):
-        assert not out[b, n:].any(), f"{c.name}: padding rows must be zero"
-    # the writes (rope of k in float32: within rounding), and nothing else touched
-    np.testing.assert_allclose(
-        cache[written], want_cache[written], rtol=1e-6, atol=1e-6
-    )
-    np.testing.assert_array_equal(cache[~written], before[~written])
 
 
 @pytest.mark.parametrize("c", CASES, ids=lambda c: c.name)
@@ -510,103 +389,3 @@ def test_jit_bad_slot_fails_at_run_time(lib):
     f = jax.jit(partial(att.attention, **kwargs(c)))
     with pytest.raises(Exception, match="slot is out of range"):
         jax.block_until_ready(f(qkv, cos, sin, cache, slots, positions, lengths))
-
-
-@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64"])
-@pytest.mark.parametrize("split", [(37,), (20, 17), (36, 1), (1,) * 37, (16, 5, 16)])
-def test_a_prompt_gives_the_same_bits_in_any_chunks(lib, portable_libs, march, split):
-    """Each token's output does not depend on the chunk it came in: a reused
-    prefix, a busy server's chunks and a decode step give the bits of one call."""
-    raw = lib.raw if march == "native" else portable_libs[march].raw
-    c = Case("chunks", *GQA, slots=(0,), positions=(3,), lengths=(37,), L=37, T=64)
-    qkv, cos, sin, cache, *ints = make_inputs(c)
-    whole = att._call(raw, qkv, cos, sin, cache.copy(), *ints, **kwargs(c))
-    got, at, cache2 = [], 0, cache.copy()
-    for n in split:
-        part = [a[:, at : at + n] for a in (qkv, cos, sin)]
-        pos = np.asarray([3 + at], np.int32)
-        length = np.asarray([n], np.int32)
-        got.append(att._call(raw, *part, cache2, ints[0], pos, length, **kwargs(c)))
-        at += n
-    np.testing.assert_array_equal(np.concatenate(got, axis=1), whole)
-
-
-@pytest.mark.parametrize("kv", ["float32", "float16"])
-@pytest.mark.parametrize(
-    "split", [(600,), (300, 300), (253, 3, 344), (256, 256, 88), (599, 1)]
-)
-def test_a_long_prompt_gives_the_same_bits_in_any_chunks(lib, kv, split):
-    """Past one chunk of keys (256 positions) a row's keys are scored, weighed
-    and merged chunk by chunk, at boundaries that depend on positions only:
-    the calls a prompt is fed in still change no bit of any token's output."""
-    c = Case("long", *GQA, slots=(0,), positions=(3,), lengths=(600,), L=600, T=640)
-    qkv, cos, sin, cache, *ints = make_inputs(c)
-    cache = cache.astype(np.float16) if kv == "float16" else cache
-    whole = att.attention_np(qkv, cos, sin, cache.copy(), *ints, **kwargs(c))
-    got, at, cache2 = [], 0, cache.copy()
-    for n in split:
-        part = [a[:, at : at + n] for a in (qkv, cos, sin)]
-        pos = np.asarray([3 + at], np.int32)
-        length = np.asarray([n], np.int32)
-        got.append(att.attention_np(*part, cache2, ints[0], pos, length, **kwargs(c)))
-        at += n
-    np.testing.assert_array_equal(np.concatenate(got, axis=1), whole)
-
-
-# One sequence, one kv head, one long chunk: a single write unit of 256 rows
-# (hd 256, slow to write), and 32 units of tokens that read them in order of
-# their tokens, each faster than the writer. Without the wait between the two
-# phases a thread that did not take the write would read rows still unwritten.
-ONE_WRITER = Case(
-    "one-writer",
-    4,
-    1,
-    256,
-    slots=(0,),
-    positions=(0,),
-    lengths=(256,),
-    L=256,
-    T=256,
-    S=1,
-)
-
-
-@pytest.mark.parametrize("busy_cores", [False, True], ids=["idle", "busy"])
-def test_the_cache_writes_come_before_any_read(lib, busy_cores):
-    """The cache writes are the first phase of the threads' job: a thread
-    waits until every taken write is done before it reads the cache. Two
-    inputs alternate on one cache, back to back (the pool's workers spinning,
-    so they join at once): a read of an unwritten row would see the other
-    input's, and change the output. With busy processes on every core, some
-    calls run with a worker and some without, some with a worker preempted
-    mid-write: each must finish and give the same bits."""
-    if cpu.num_threads() < 2:
-        pytest.skip("one thread: no pool")
-    c = ONE_WRITER
-    inputs = [make_inputs(c, seed) for seed in (0, 1)]
-    want = []
-    for qkv, cos, sin, cache, *ints in inputs:
-        before = cache.copy()
-        out = att.attention_np(qkv, cos, sin, cache, *ints, **kwargs(c))
-        check(
-            c,
-            out,
-            cache,
-            before,
-            attention_ref(qkv, cos, sin, before, *ints, **kwargs(c)),
-        )
-        want.append(out)
-    shared = inputs[0][3].copy()
-    busy = []
-    if busy_cores:
-        spin = [sys.executable, "-c", "while True: pass"]
-        busy = [subprocess.Popen(spin) for _ in range(os.cpu_count() or 2)]
-    try:
-        for i in range(400):
-            qkv, cos, sin, _, *ints = inputs[i % 2]
-            got = att.attention_np(qkv, cos, sin, shared, *ints, **kwargs(c))
-            np.testing.assert_array_equal(got, want[i % 2], err_msg=f"call {i}")
-    finally:
-        for p in busy:
-            p.kill()
-            p.wait()
