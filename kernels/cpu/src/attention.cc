@@ -655,9 +655,9 @@ struct Job {
   int64_t units;
   // units by group (sequence, kv head, token block, head block; the order of
   // the u decomposition below): group i has units first_unit[i] ..
-  // first_unit[i + 1] - 1, its key chunks first_chunk[i] on (an empty group:
-  // one unit, which does nothing)
-  std::vector<int64_t> first_unit, first_chunk;
+  // first_unit[i + 1] - 1, one a chunk of its keys from the first on (an empty
+  // group: one unit, which does nothing)
+  std::vector<int64_t> first_unit;
   bool chunked = false;  // some group has more than one chunk
   float* part = nullptr;  // per unit: rows x (hd + 2) floats, a row's sums then its max and sum
   int64_t part_stride = 0;
@@ -720,7 +720,7 @@ void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<
   const int64_t row0 = ((j.layer * 2 * j.S + j.slots[b]) * j.nkv + g) * j.T * hd;  // element of (k, position 0)
   // this unit's keys: the group's [first_key(first token), last token], cut to its chunk
   const int64_t glo = first_key(j, pos + l0), ghi = pos + l1 - 1;
-  const int64_t chunk = j.first_chunk[gi] + (u - j.first_unit[gi]);
+  const int64_t chunk = glo / kChunk + (u - j.first_unit[gi]);
   const bool whole = n_chunks == 1;
   const int64_t lo = whole ? glo : max64(glo, chunk * kChunk);
   const int64_t hi = whole ? ghi : min64(ghi, chunk * kChunk + kChunk - 1);
@@ -1016,13 +1016,11 @@ int cake_attention(const float* qkv, const float* cos, const float* sin, void* c
   job.n_head = (job.rep + job.heads - 1) / job.heads;
   const int64_t groups = B * nkv * job.n_tok * job.n_head;
   job.first_unit.resize(groups + 1);
-  job.first_chunk.resize(groups);
   int64_t units = 0;
   for (int64_t i = 0; i < groups; i++) {
     const int64_t b = i / (nkv * job.n_tok * job.n_head), tb = i / job.n_head % job.n_tok;
     const int64_t n = chunks(b, tb);
     job.first_unit[i] = units;
-    job.first_chunk[i] = tb * job.tokens < lengths[b] ? first_key(job, positions[b] + tb * job.tokens) / kChunk : 0;
     job.chunked = job.chunked || n > 1;
     units += n;
   }
