@@ -7,8 +7,9 @@
 //
 // The products of 30 SmolLM2-135M layers (q|k|v 960 x 576, o 576 x 576,
 // gate|up 3072 x 576, down 576 x 1536, random blocks) on 2 threads, shared out
-// in blocks of tiles from a counter as matmul.cc's pool does, with a barrier
-// after each matrix. Three policies through the same kernels: "pairs" (every
+// in blocks of tiles as matmul.cc's Counter does (each thread walks its own
+// half, then takes blocks from the back of the other's), with a barrier after
+// each matrix. Three policies through the same kernels: "pairs" (every
 // pair of tiles through gemm_pair, as before 2026-12-07), "shipped" (repack.cc's
 // gemm: pairs from Simd512<F>::kPairRows rows), "single" (gemm_rows only).
 // Printed: ms per pass over the 120 matrices, best of `rounds` interleaved rounds
@@ -60,6 +61,38 @@ struct Mat {
   size_t tile_bytes;
 };
 
+// matmul.cc's Counter, in short: part t of T is [t n / T, (t + 1) n / T) on
+// even tiles, taken from its front by thread t and from its back by the others.
+struct Parts {
+  std::atomic<uint64_t> part[2];  // front | back << 32
+  void split(int64_t n) {
+    part[0].store((uint64_t)(n / 2 / 2 * 2) << 32);
+    part[1].store((uint64_t)(n / 2 / 2 * 2) | (uint64_t)n << 32);
+  }
+  bool take(int tid, int64_t step, int64_t* begin, int64_t* end) {
+    for (int i = 0; i < 2; i++) {
+      std::atomic<uint64_t>& p = part[(tid + i) % 2];
+      uint64_t v = p.load();
+      for (;;) {
+        const int64_t f = (int64_t)(v & 0xffffffffu), b = (int64_t)(v >> 32);
+        if (f >= b) break;
+        int64_t s = f, e = f + step < b ? f + step : b;
+        uint64_t next = (uint64_t)e | (uint64_t)b << 32;
+        if (i > 0) {
+          const int64_t from = (b - 1) / 2 * 2 + 2 - step;
+          s = from > f ? from : f, e = b;
+          next = (uint64_t)f | (uint64_t)s << 32;
+        }
+        if (p.compare_exchange_weak(v, next)) {
+          *begin = s, *end = e;
+          return true;
+        }
+      }
+    }
+    return false;
+  }
+};
+
 struct Barrier {
   std::atomic<int> count{0}, gen{0};
   int n;
@@ -109,7 +142,8 @@ void run(const char* name, int rounds, std::vector<int> ms) {
         int M = ms[mi];
         Barrier bar;
         bar.n = T;
-        std::vector<std::atomic<int64_t>> next(mats.size());
+        std::vector<Parts> parts(mats.size());
+        for (size_t j = 0; j < mats.size(); j++) parts[j].split(mats[j].n / 8);
         double dt = 0;
         auto work = [&](int tid) {
           for (int pass = 0; pass < 3; pass++) {
@@ -120,13 +154,11 @@ void run(const char* name, int rounds, std::vector<int> ms) {
               int64_t step = ntiles / (T * 8);
               step = (step + 1) / 2 * 2;
               if (step < 2) step = 2;
-              int64_t b;
-              while ((b = next[j].fetch_add(step)) < ntiles) {
-                int64_t e = b + step < ntiles ? b + step : ntiles;
+              int64_t b, e;
+              while (parts[j].take(tid, step, &b, &e))
                 gs[gi](m.k, m.w + b * m.tile_bytes, e - b, x.data(), xs, M, y.data() + b * 8, m.n);
-              }
               bar.wait();
-              if (tid == 0) next[j].store(0);
+              if (tid == 0) parts[j].split(ntiles);
               bar.wait();
             }
             double d = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

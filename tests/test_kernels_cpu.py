@@ -358,3 +358,31 @@ def test_calls_are_whole_while_other_processes_take_the_cores(lib):
         for p in busy:
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("threads", [3, 5, 16])
+@pytest.mark.parametrize(
+    "fmt,n", [("Q8_0", 40), ("Q8_0", 129), ("Q4_1", 8 * 13), ("BF16", 33)]
+)
+def test_every_row_block_is_taken_once_whatever_the_threads(lib, fmt, n, threads):
+    """The pool's counter gives each thread a part of the rows and lets a thread
+    whose part is done take blocks from the back of the others' (matmul.cc,
+    Counter): with more threads than cores (parts a late worker never reaches),
+    parts of an odd number of tiles and rows that do not split evenly, every
+    output is computed once and equals the one-thread product bit for bit."""
+    spec = next(f for f in FORMATS if f.name == fmt)
+    k = ks(fmt)[2]
+    rng = np.random.default_rng([n, threads])
+    w = random_weights(spec, n, k, rng)
+    if fmt in cpu.REPACKED and fmt not in cpu.FLOATS:
+        fmt, w = cpu.repack_np(w, fmt)
+    x = rng.standard_normal((9, k)).astype(np.float32)
+    lib.raw.cake_set_num_threads(1)
+    try:
+        want = {m: cpu.matmul_np(x[:m], w, fmt) for m in (1, 9)}
+        lib.raw.cake_set_num_threads(threads)
+        for m in (1, 9):
+            for _ in range(20):
+                np.testing.assert_array_equal(cpu.matmul_np(x[:m], w, fmt), want[m])
+    finally:
+        lib.raw.cake_set_num_threads(0)

@@ -180,8 +180,8 @@ inline void cpu_relax() {
 // 5.8-6.6 / 14-16 (one 19 / 17); 200 us 4.9-10 / 14-15; 1 ms 8-22 / 57-350;
 // OpenMP (libgomp's default wait policy) instead of this pool 6.6-10.5 / 23-30.
 //
-// Every fn takes its work from a shared counter (matmul_work, attention's
-// work, ...), so the caller alone can finish a call. A worker joins a call
+// Every fn takes its work from a shared counter (Counter below, attention's
+// units, ...), so the caller alone can finish a call. A worker joins a call
 // only while the caller is still at its own share; once that is done the call
 // is closed, and the caller waits for the workers that joined, not for one
 // the scheduler has not run yet. Waiting for every worker had made each call
@@ -329,24 +329,66 @@ Pool& pool() {
   return *g_pool;
 }
 
-// Rows [0, count) handed out in blocks of `step` from a shared counter, so a
-// thread slowed down by another process does not hold up the others.
+// Rows [0, count) handed out in blocks of `step`, so that a thread slowed down
+// by another process does not hold up the others. Each of the pool's threads
+// owns a contiguous part, [t count / T, (t + 1) count / T) on multiples of
+// `align`, and takes its blocks from the part's front, one after another; a
+// thread whose part is done takes blocks from the back of the others'. One
+// counter for all (every thread's next block wherever the counter was) gave a
+// thread 8 scattered blocks a matrix: at each block's start its weights were
+// not prefetched (the kernels prefetch ahead along the stream they read, and
+// that ran into a block another thread took), and the hardware prefetchers
+// had to find the new stream. Zen 5, 2 threads, the products of 30 SmolLM2
+// layers (benchmarks/tile_pairs_ab.cc's shapes, the shared counter and these
+// parts in one process, best of 11-15 rounds), ms per pass, shared / parts:
+//   Q4_1 pairs  M = 1 1.63 / 1.48  M = 4 1.93 / 1.62  M = 8 2.38 / 1.96
+//   Q4_1 single tiles, M = 1: 1.87 / 1.45; Q4_0 pairs M = 8 2.19 / 1.79
+// (a part per thread and no stealing: the same as the parts on a quiet
+// machine, much slower once one core is shared with another process).
 struct Counter {
-  std::atomic<int64_t> next{0};
-  int64_t count, step;
-  bool take(int64_t* begin, int64_t* end) {
-    *begin = next.fetch_add(step);
-    if (*begin >= count) return false;
-    *end = *begin + step < count ? *begin + step : count;
-    return true;
+  static constexpr int kMaxParts = 64;
+  int64_t count = 0, step = 1, align = 1;
+  int parts = 1;
+  std::atomic<uint64_t> part[kMaxParts];  // front in the low 32 bits, back in the high ones
+
+  void split(int64_t n, int threads, int64_t a) {
+    count = n;
+    align = a;
+    int64_t s = n / ((int64_t)threads * 8);
+    s = (s + a - 1) / a * a;
+    step = s < a ? a : s;
+    parts = threads < 1 ? 1 : threads > kMaxParts ? kMaxParts : threads;
+    for (int t = 0; t < parts; t++) {
+      const uint64_t front = (uint64_t)(n * t / parts / a * a);
+      const uint64_t back = t + 1 == parts ? (uint64_t)n : (uint64_t)(n * (t + 1) / parts / a * a);
+      part[t].store(front | back << 32, std::memory_order_relaxed);
+    }
+  }
+
+  bool take(int thread, int64_t* begin, int64_t* end) {
+    for (int i = 0; i < parts; i++) {
+      std::atomic<uint64_t>& p = part[(thread + i) % parts];
+      uint64_t v = p.load();
+      for (;;) {
+        const int64_t front = (int64_t)(v & 0xffffffffu), back = (int64_t)(v >> 32);
+        if (front >= back) break;
+        int64_t b = front, e = front + step < back ? front + step : back;
+        uint64_t next = (uint64_t)e | (uint64_t)back << 32;
+        if (i > 0) {  // another's part: its last block (begins on a multiple of align)
+          const int64_t from = (back - 1) / align * align + align - step;
+          b = from > front ? from : front, e = back;
+          next = (uint64_t)front | (uint64_t)b << 32;
+        }
+        if (p.compare_exchange_weak(v, next)) {
+          *begin = b;
+          *end = e;
+          return true;
+        }
+      }
+    }
+    return false;
   }
 };
-
-int64_t block_step(int64_t count, int threads, int64_t align) {
-  int64_t s = count / ((int64_t)threads * 8);
-  s = (s + align - 1) / align * align;
-  return s < align ? align : s;
-}
 
 // What x's rows go through before the product (cake_matmul_fused's prologue).
 enum Prologue { kNone = 0, kRmsNorm = 1, kSwiGlu = 2 };
@@ -433,12 +475,12 @@ const float* input_row(const QuantizeJob& j, int64_t r, float* tmp) {
   return tmp;
 }
 
-void quantize_work(void* p, int, int) {
+void quantize_work(void* p, int thread, int) {
   QuantizeJob& j = *(QuantizeJob*)p;
   thread_local std::vector<float> tmp;
   if (j.pro != kNone && tmp.size() < (size_t)j.k) tmp.resize((size_t)j.k);
   int64_t b, e;
-  while (j.rows.take(&b, &e))
+  while (j.rows.take(thread, &b, &e))
     for (int64_t r = b; r < e; r++) {
       const float* x = input_row(j, r, tmp.data());
       if (j.f->act == kF32) {  // F16, F32 multiply float rows: keep the transformed row
@@ -470,11 +512,11 @@ struct MatmulJob {
   const float* residual = nullptr;  // (M, N) added to y, or none
 };
 
-void matmul_work(void* p, int, int) {
+void matmul_work(void* p, int thread, int) {
   MatmulJob& j = *(MatmulJob*)p;
   float out[2 * kTileRows];
   int64_t b, e;
-  while (j.rows.take(&b, &e))
+  while (j.rows.take(thread, &b, &e))
     for (int64_t m0 = 0; m0 < j.m; m0 += kChunkRows) {
       const int64_t m1 = m0 + kChunkRows < j.m ? m0 + kChunkRows : j.m;
       for (int64_t row = b; row < e;) {
@@ -500,10 +542,10 @@ void matmul_work(void* p, int, int) {
 
 // The panel GEMM (16-bit formats, many x rows): a block of weight rows
 // (output columns) against all of x.
-void panel_work(void* p, int, int) {
+void panel_work(void* p, int thread, int) {
   MatmulJob& j = *(MatmulJob*)p;
   int64_t b, e;
-  while (j.rows.take(&b, &e))
+  while (j.rows.take(thread, &b, &e))
     j.f->panel(j.k, j.w + b * j.wrow, j.wrow, e - b, j.xa, j.xs, j.m, j.y + b, (size_t)j.n,
                j.residual != nullptr ? j.residual + b : nullptr);
 }
@@ -511,10 +553,10 @@ void panel_work(void* p, int, int) {
 // The repacked formats: rows counts tiles (of tiled->rows weight rows), wrow is
 // a tile's bytes. A block of tiles goes to the kernel whole, so that it may take
 // them in pairs (repack.cc); blocks start on multiples of tiled->align tiles.
-void gemm_work(void* p, int, int) {
+void gemm_work(void* p, int thread, int) {
   MatmulJob& j = *(MatmulJob*)p;
   int64_t b, e;
-  while (j.rows.take(&b, &e))
+  while (j.rows.take(thread, &b, &e))
     for (int64_t m0 = 0; m0 < j.m; m0 += kChunkRows) {
       const int64_t m1 = m0 + kChunkRows < j.m ? m0 + kChunkRows : j.m;
       const int64_t rows = j.f->tiled->rows;
@@ -535,10 +577,10 @@ struct DequantJob {
   Counter rows;
 };
 
-void dequant_work(void* p, int, int) {
+void dequant_work(void* p, int thread, int) {
   DequantJob& j = *(DequantJob*)p;
   int64_t b, e;
-  while (j.rows.take(&b, &e))
+  while (j.rows.take(thread, &b, &e))
     for (int64_t r = b; r < e; r++) {
       if (j.f->tiled != nullptr)
         j.f->tiled->dequant(j.k, j.w + r * j.wrow, j.out + r * j.f->tiled->rows * j.k);
@@ -637,8 +679,7 @@ int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void
       job.xs = (size_t)(by_panel ? (k + 1) / 2 * 2 : k) * sizeof(uint16_t);
     if (g_scratch.size() < (size_t)m * job.xs) g_scratch.resize((size_t)m * job.xs);
     QuantizeJob q{f, x, k, g_scratch.data(), job.xs, {}, (Prologue)prologue, norm, eps};
-    q.rows.count = m;
-    q.rows.step = block_step(m, threads.size(), 1);
+    q.rows.split(m, threads.size(), 1);
     if (one || m < 4)
       quantize_work(&q, 0, 1);
     else
@@ -646,16 +687,15 @@ int cake_matmul_fused(int code, const float* x, int64_t m, int64_t k, const void
     job.xa = g_scratch.data();
   }
   Pool::Fn work = matmul_work;
-  job.rows.count = n;
-  job.rows.step = block_step(n, threads.size(), 16);  // 16 floats: one cache line of y
   if (f->tiled != nullptr) {
     work = gemm_work;
     job.wrow *= f->tiled->rows;
-    job.rows.count = n / f->tiled->rows;
-    job.rows.step = block_step(job.rows.count, threads.size(), f->tiled->align);
+    job.rows.split(n / f->tiled->rows, threads.size(), f->tiled->align);
   } else if (by_panel) {
     work = panel_work;
-    job.rows.step = block_step(n, threads.size(), cake_panel_cols());
+    job.rows.split(n, threads.size(), cake_panel_cols());
+  } else {
+    job.rows.split(n, threads.size(), 16);  // 16 floats: one cache line of y
   }
   if (one)
     work(&job, 0, 1);
@@ -721,8 +761,7 @@ int cake_matmul_grouped(int code, const float* x, int64_t m, int64_t k, const vo
       xs = (size_t)k * sizeof(uint16_t);
     if (g_scratch.size() < (size_t)used * xs) g_scratch.resize((size_t)used * xs);
     QuantizeJob q{f, x, k, g_scratch.data(), xs, {}, (Prologue)prologue, nullptr, 0.0f};
-    q.rows.count = used;
-    q.rows.step = block_step(used, threads.size(), 1);
+    q.rows.split(used, threads.size(), 1);
     if (small(used * k * 8) || used < 4)
       quantize_work(&q, 0, 1);
     else
@@ -738,12 +777,11 @@ int cake_matmul_grouped(int code, const float* x, int64_t m, int64_t k, const vo
     auto j = std::make_unique<MatmulJob>();
     j->f = f, j->xa = xa + off * xs, j->xs = xs, j->m = c, j->k = k, j->n = n;
     j->w = (const char*)w + e * n * wbytes, j->wrow = wbytes, j->y = y + off * n;
-    j->rows.count = n;
-    j->rows.step = block_step(n, threads.size(), 16);
     if (f->tiled != nullptr) {
       j->wrow *= f->tiled->rows;
-      j->rows.count = n / f->tiled->rows;
-      j->rows.step = block_step(j->rows.count, threads.size(), f->tiled->align);
+      j->rows.split(n / f->tiled->rows, threads.size(), f->tiled->align);
+    } else {
+      j->rows.split(n, threads.size(), 16);
     }
     g.jobs.push_back(std::move(j));
     off += c;
@@ -767,8 +805,7 @@ int cake_dequantize(int code, const void* w, int64_t n, int64_t k, float* out) {
   Pool& threads = pool();
   const int64_t tile = tile_rows(f);  // rows per work item
   DequantJob job{f, (const char*)w, (size_t)(k / f->block_elems * f->block_bytes * tile), k, out, {}};
-  job.rows.count = n / tile;
-  job.rows.step = block_step(n / tile, threads.size(), 1);
+  job.rows.split(n / tile, threads.size(), 1);
   if (small(n * k))
     dequant_work(&job, 0, 1);
   else
