@@ -1,5 +1,6 @@
-// The tile pairs of repack.cc against single tiles, in one process: which the
-// 512-bit GEMM of the 8-row tiles should take at each activation row count M.
+// The units of two tiles of repack.cc against single tiles, in one process:
+// whether the 512-bit GEMM of the 8-row tiles should take units at each
+// activation row count M.
 //
 //   g++ -O3 -march=native -std=c++17 -pthread -Ikernels/cpu/src \
 //       benchmarks/tile_pairs_ab.cc kernels/cpu/src/common.cc -o /tmp/tile_pairs_ab
@@ -9,11 +10,14 @@
 // gate|up 3072 x 576, down 576 x 1536, random blocks) on 2 threads, shared out
 // in blocks of tiles as matmul.cc's Counter does (each thread walks its own
 // half, then takes blocks from the back of the other's), with a barrier after
-// each matrix. Three policies through the same kernels: "pairs" (every
-// pair of tiles through gemm_pair, as before 2026-12-07), "shipped" (repack.cc's
-// gemm: pairs from Simd512<F>::kPairRows rows), "single" (gemm_rows only).
-// Printed: ms per pass over the 120 matrices, best of `rounds` interleaved rounds
-// (each the best of 2 passes after one unmeasured). An AVX-512 VNNI build only.
+// each matrix. Two policies through the same kernels: "units" (repack.cc's
+// gemm: each unit of two tiles, stored group by group, through gemm_pair),
+// "single" (gemm_rows only, on tiles stored one after another, as before
+// 2026-12-07). Printed: ms per pass over the 120 matrices, best of `rounds`
+// interleaved rounds (each the best of 2 passes after one unmeasured). An
+// AVX-512 VNNI build only. (The two-stream pairs of before, tiles one after
+// another taken two at once, are gone from repack.cc: their figures are in
+// its comments.)
 #include "../kernels/cpu/src/repack.cc"
 
 #include <atomic>
@@ -32,24 +36,11 @@ int main() {
 #else
 
 template <class F>
-void gemm_old(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, int nrows, float* y, size_t ys) {
-  const size_t tile_bytes = (size_t)(k / 32) * F::kGroup;
-  int64_t t = 0;
-  for (; t + 2 <= ntiles; t += 2)
-    cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
-      gemm_pair<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, tile_bytes, xt, xs, yt, ys);
-    });
-  for (; t < ntiles; t++)
-    cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
-      gemm_rows<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, xt, xs, yt, ys);
-    });
-}
-template <class F>
 void gemm_single(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, int nrows, float* y, size_t ys) {
   const size_t tile_bytes = (size_t)(k / 32) * F::kGroup;
   for (int64_t t = 0; t < ntiles; t++)
     cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
-      gemm_rows<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, xt, xs, yt, ys);
+      gemm_rows<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, F::kGroup, xt, xs, yt, ys);
     });
 }
 
@@ -129,16 +120,17 @@ void run(const char* name, int rounds, std::vector<int> ms) {
   }
   const size_t xs = 48 * sizeof(cake_q8_32);
   std::vector<float> y(MX * 3072);
-  G gs[3] = {gemm_old<F>, gemm<F>, gemm_single<F>};
-  const char* gn[3] = {"pairs", "shipped", "single"};
-  double best[3][8];
+  constexpr int NG = 2;
+  G gs[NG] = {gemm<F>, gemm_single<F>};
+  const char* gn[NG] = {"units", "single"};
+  double best[NG][8];
   for (auto& r : best)
     for (double& v : r) v = 1e9;
   const int T = 2;
   for (int round = 0; round < rounds; round++)
     for (size_t mi = 0; mi < ms.size(); mi++)
-      for (int gi0 = 0; gi0 < 3; gi0++) {
-        int gi = (gi0 + round) % 3;
+      for (int gi0 = 0; gi0 < NG; gi0++) {
+        int gi = (gi0 + round) % NG;
         int M = ms[mi];
         Barrier bar;
         bar.n = T;
@@ -171,7 +163,7 @@ void run(const char* name, int rounds, std::vector<int> ms) {
         if (dt < best[gi][mi]) best[gi][mi] = dt;
       }
   printf("%s (%.1f MB), ms per pass, best of %d rounds\n", name, total / 1e6, rounds);
-  for (int gi = 0; gi < 3; gi++) {
+  for (int gi = 0; gi < NG; gi++) {
     printf("  %-8s", gn[gi]);
     for (size_t mi = 0; mi < ms.size(); mi++) printf("  M=%d %6.2f", ms[mi], best[gi][mi] * 1e3);
     printf("\n");

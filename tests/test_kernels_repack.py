@@ -56,11 +56,11 @@ def test_repacked_matmul_equals_reference(lib, fmt, m, n, ki):
 @pytest.mark.parametrize("fmt", PLAIN, ids=lambda f: f.name)
 def test_repacked_outputs_do_not_depend_on_the_call(lib, fmt):
     """An output's bits do not depend on the other rows and tiles of its call:
-    the kernels take tiles in pairs where they can (512-bit, from 5 or 9
-    activation rows on) and alone otherwise, activation rows in runs of up to
-    8, on any number of threads."""
+    the kernels take a unit of two tiles at once where it is one (cpu.PAIRED,
+    512-bit builds) and tiles alone otherwise, activation rows in runs of up
+    to 8, on any number of threads."""
     k = ks(fmt.name)[1]
-    n = 8 * 7  # 3 pairs of tiles and an odd one
+    n = 8 * 7  # 3 units of two tiles and an odd one
     x, w = case(fmt, 16, n, k)
     name, packed = cpu.repack_np(w, fmt.name)
     whole = cpu.matmul_np(x, packed, name)
@@ -69,13 +69,16 @@ def test_repacked_outputs_do_not_depend_on_the_call(lib, fmt):
         np.testing.assert_array_equal(cpu.matmul_np(x[:m], packed, name), whole[:m])
     for i in (5, 15):
         np.testing.assert_array_equal(cpu.matmul_np(x[i], packed, name), whole[i])
-    for t in range(n // 8):  # each tile alone
-        tile = packed[8 * t : 8 * t + 8]
+    unit = 16 if name in cpu.PAIRED else 8
+    for u in range(0, n, unit):  # each unit alone (a matrix from an even tile)
+        part = packed[u : u + unit]
         np.testing.assert_array_equal(
-            cpu.matmul_np(x, tile, name), whole[:, 8 * t : 8 * t + 8]
+            cpu.matmul_np(x, part, name), whole[:, u : u + unit]
         )
-    # paired the other way: tiles (1, 2), (3, 4), (5, 6)
-    np.testing.assert_array_equal(cpu.matmul_np(x, packed[8:], name), whole[:, 8:])
+    # from the second unit on
+    np.testing.assert_array_equal(
+        cpu.matmul_np(x, packed[unit:], name), whole[:, unit:]
+    )
     one_thread_matches(lib, x, packed, name, whole)
 
 
@@ -207,3 +210,22 @@ def test_repacked_portable_paths(portable_libs, march, fmt, m):
     np.testing.assert_array_equal(
         lib.dequantize(packed, name, k), ref.dequantize_ref(w, fmt.name, k)
     )
+
+
+@pytest.mark.parametrize("fmt", PLAIN, ids=lambda f: f.name)
+@pytest.mark.parametrize("n", [8 * 7, 8 * 4])
+def test_rows_of_a_repacked_table(lib, fmt, n):
+    """linear.take_rows reads embedding rows out of the R8 tiles (a tied head
+    repacked for its products doubles as the embedding table): rows of units
+    of two tiles and of an odd last tile alone, ids past the end clipped."""
+    jax = pytest.importorskip("jax")
+    from cake.backends.jax.linear import QMat, take_rows
+
+    k = ks(fmt.name)[1]
+    _, w = case(fmt, 1, n, k)
+    name, packed = cpu.repack_np(w, fmt.name)
+    table = QMat(jax.device_put(packed), fmt=name, cols=k, kernel=True)
+    ids = np.array([[0, 15, 16, n - 1], [n - 8, 7, n + 5, 33]], np.int32)
+    rows = jax.jit(lambda t, i: take_rows(t, i, transposed=False))(table, ids)
+    want = ref.dequantize_ref(w, fmt.name, k)[np.minimum(ids, n - 1)]
+    np.testing.assert_array_equal(np.asarray(rows), want)

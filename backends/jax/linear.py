@@ -299,17 +299,29 @@ def mm_grouped(
 
 def _take_tiled_rows(table: QMat, flat: jax.Array) -> jax.Array:
     """Rows `flat` (M,) of a matrix repacked in tiles of 8 interleaved rows
-    (kernels/cpu/src/repack.cc): each row's tile is taken whole and decoded by
-    the CPU kernels, then the row picked out of it. (M, cols) float32."""
+    (kernels/cpu/src/repack.cc): each row's unit (its tile, or the pair of
+    tiles stored as one, cpu.PAIRED) is taken whole and decoded by the CPU
+    kernels, then the row picked out of it. (M, cols) float32."""
     from cake.kernels import cpu
 
     rows, row_bytes = table.data.shape
-    tiles = table.data.reshape(rows // cpu.REPACK_ROWS, -1)
-    picked = jnp.take(tiles, flat // cpu.REPACK_ROWS, axis=0, mode="clip")
-    picked = picked.reshape(-1, row_bytes)  # M tiles of 8 rows, still interleaved
-    full = cpu.dequantize(picked, table.fmt, table.cols)  # (M * 8, cols)
-    full = full.reshape(-1, cpu.REPACK_ROWS, table.cols)
-    return full[jnp.arange(flat.shape[0]), flat % cpu.REPACK_ROWS]
+    unit = cpu.REPACK_ROWS * (2 if table.fmt in cpu.PAIRED else 1)
+    whole = rows // unit * unit  # rows in whole units; an odd last tile alone
+    flat = jnp.clip(flat, 0, rows - 1)
+    out = None
+    if whole:
+        units = table.data[:whole].reshape(whole // unit, -1)
+        at = jnp.minimum(flat, whole - 1)
+        picked = jnp.take(units, at // unit, axis=0).reshape(-1, row_bytes)
+        full = cpu.dequantize(picked, table.fmt, table.cols).reshape(
+            -1, unit, table.cols
+        )
+        out = full[jnp.arange(flat.shape[0]), at % unit]
+    if whole < rows:  # the last tile, stored alone
+        last = cpu.dequantize(table.data[whole:], table.fmt, table.cols)
+        tail = last[jnp.maximum(flat - whole, 0)]
+        out = tail if out is None else jnp.where((flat >= whole)[:, None], tail, out)
+    return out
 
 
 def _take_float_tile_rows(table: QMat, flat: jax.Array) -> jax.Array:

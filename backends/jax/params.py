@@ -206,8 +206,8 @@ class _Loader:
     ) -> tuple[Weight, ...]:
         """Each expert's parts (rows stacking as in `matrices`) as weights of
         E stacked matrices, for linear.mm_expert: a QMat whose data is (E, N,
-        ...) blocks (repacked as one matrix of E N rows: 8-row tiles stay within
-        an expert when N is a multiple of 8, which the repack requires), or a
+        ...) blocks (each expert's matrix repacked on its own, N a multiple of
+        8 as the repack requires), or a
         float (E, K, N). The stack is one copy; the file's pages go."""
         per = [[_cat(g) for g in self._groups(parts)] for parts in experts]
         kinds = {tuple(_kind(w) for w in ws) for ws in per}
@@ -247,9 +247,12 @@ class _Loader:
             from cake.kernels import cpu
 
             if self._repackable(fmt):
-                e, n = data.shape[:2]
-                fmt, flat = cpu.repack_np(data.reshape(e * n, -1), fmt)
-                data = flat.reshape(e, n, -1)
+                # expert by expert: each matrix's tiles pair up within it
+                # (cpu.PAIRED), whatever the parity of its tile count
+                out, to = cpu.empty_aligned(data.shape, data.dtype), fmt
+                for i in range(data.shape[0]):
+                    to, out[i] = cpu.repack_np(data[i], fmt)
+                fmt, data = to, out
         data.setflags(write=False)
         return QMat(
             self.put(data),

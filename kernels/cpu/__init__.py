@@ -11,7 +11,9 @@ arrays hold N rows of K values:
 `repack_np` turns block-format matrices (Q4_0 ... Q8_0, Q2_K ... Q6_K) whose
 N is a multiple of 8 into `Q4_0R8` ... `Q8_0R8`, `Q2_KR8` ... `Q6_KR8`: the
 same bytes reordered into tiles of 8 rows (layouts: src/repack.cc,
-src/repack_k.cc), the same array shape, multiplied for any M by a GEMM that
+src/repack_k.cc; the legacy formats' tiles stored two by two, `PAIRED`, so
+a slice of a repacked matrix is one only from an even tile), the same array
+shape, multiplied for any M by a GEMM that
 serves 8 weight rows per instruction (M = 8 sequences cost far less than 8
 times one). Where the build has AVX-512 it also turns F16, BF16 (with AVX-512
 BF16; K even) and F32 matrices whose N is a multiple of 32 into `F16P`,
@@ -58,6 +60,7 @@ __all__ = [
     "KernelsUnavailable",
     "PROLOGUES",
     "REPACKED",
+    "PAIRED",
     "REPACK_ROWS",
     "TILE_ROWS",
     "available",
@@ -86,6 +89,9 @@ REPACKED = {
     + ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 } | {f: f + "P" for f in ("F16", "BF16", "F32")}
 REPACK_ROWS = 8  # rows per tile of the block formats' R8 forms
+# R8 forms whose tiles are stored in units of two (src/repack.cc: tiles 2p and
+# 2p + 1 group by group, an odd last tile alone): rows are looked up by unit
+PAIRED = frozenset(REPACKED[f] for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
 TILE_ROWS = {r: 32 if r.endswith("P") else REPACK_ROWS for r in REPACKED.values()}
 _PLAIN = {r: p for p, r in REPACKED.items()}
 FLOATS = ("F16", "BF16", "F32")

@@ -503,7 +503,7 @@ void tile_repack(int64_t k, const void* w, size_t ws, void* out) {  // 32 rows -
 template <class T>
 constexpr cake_tile_kernels tile_kernels() {
   return {(int64_t)(kTileCols * sizeof(typename T::W) / T::kPer), 1.0f, tile_gemm<T>, tile_dequant<T>,
-          tile_repack<T>, kTileCols, 1, T::kPer};
+          tile_repack<T>, kTileCols, 1, T::kPer, 1};
 }
 const cake_tile_kernels kF32P = tile_kernels<TF32>(), kF16P = tile_kernels<TF16>();
 #if defined(__AVX512BF16__)

@@ -577,15 +577,39 @@ struct DequantJob {
   Counter rows;
 };
 
+// Tile t of a tiled matrix of ntiles tiles of tile_bytes each (qdot.h,
+// interleave): where its first group lies, and the bytes from one of its
+// groups to the next.
+struct TilePlace {
+  size_t offset, stride;
+};
+
+TilePlace tile_place(const cake_tile_kernels* tk, int64_t ntiles, size_t tile_bytes, int64_t t) {
+  const size_t g = (size_t)tk->group_bytes;
+  if (tk->interleave != 2 || (t | 1) >= ntiles) return {(size_t)t * tile_bytes, g};
+  return {(size_t)(t & ~(int64_t)1) * tile_bytes + (size_t)(t & 1) * g, 2 * g};
+}
+
 void dequant_work(void* p, int thread, int) {
   DequantJob& j = *(DequantJob*)p;
+  thread_local std::vector<char> tile;  // a tile's groups, gathered one after another
   int64_t b, e;
   while (j.rows.take(thread, &b, &e))
     for (int64_t r = b; r < e; r++) {
-      if (j.f->tiled != nullptr)
-        j.f->tiled->dequant(j.k, j.w + r * j.wrow, j.out + r * j.f->tiled->rows * j.k);
-      else
+      const cake_tile_kernels* tk = j.f->tiled;
+      if (tk == nullptr) {
         j.f->dequant(j.k, j.w + r * j.wrow, j.out + r * j.k);
+        continue;
+      }
+      const TilePlace at = tile_place(tk, j.rows.count, j.wrow, r);
+      const char* src = j.w + at.offset;
+      if (at.stride != (size_t)tk->group_bytes) {
+        if (tile.size() < j.wrow) tile.resize(j.wrow);
+        for (size_t g = 0; g * tk->group_bytes < j.wrow; g++)
+          std::memcpy(tile.data() + g * tk->group_bytes, src + g * at.stride, (size_t)tk->group_bytes);
+        src = tile.data();
+      }
+      tk->dequant(j.k, src, j.out + r * tk->rows * j.k);
     }
 }
 
@@ -827,9 +851,21 @@ int cake_repack(int code, const void* w, int64_t n, int64_t k, void* out) {
   const Format* r = formats()[to];
   if (!fits_tiles(r, n, k)) return -3;
   const size_t row = (size_t)(k / f->block_elems * f->block_bytes);
-  const int64_t rows = r->tiled->rows;
-  for (int64_t t = 0; t < n / rows; t++)
-    r->tiled->repack(k, (const char*)w + t * rows * row, row, (char*)out + t * rows * row);
+  const cake_tile_kernels* tk = r->tiled;
+  const int64_t rows = tk->rows, ntiles = n / rows;
+  const size_t tile_bytes = (size_t)rows * row, g = (size_t)tk->group_bytes;
+  std::vector<char> tile;
+  for (int64_t t = 0; t < ntiles; t++) {
+    const TilePlace at = tile_place(tk, ntiles, tile_bytes, t);
+    char* dst = (char*)out + at.offset;
+    if (at.stride == g) {
+      tk->repack(k, (const char*)w + t * tile_bytes, row, dst);
+      continue;
+    }
+    tile.resize(tile_bytes);  // repacked alone, then its groups spread over the unit
+    tk->repack(k, (const char*)w + t * tile_bytes, row, tile.data());
+    for (size_t i = 0; i * g < tile_bytes; i++) std::memcpy(dst + i * at.stride, tile.data() + i * g, g);
+  }
   return to;
 }
 

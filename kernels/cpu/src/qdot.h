@@ -114,18 +114,24 @@ void cake_dequant_f32(int64_t k, const void* w, float* out);  // a copy
 typedef struct {
   int64_t group_bytes;  // one block (32 elements; K-quants 256; floats 1) of the tile's rows
   float s_scale;        // gemm wants each cake_q8_32.s multiplied by this first (others: 1)
-  // ntiles consecutive tiles (tile t at w + t * (k / block) * group_bytes):
+  // ntiles consecutive tiles of a matrix, from a multiple of `align` (tile t's
+  // bytes at w + t * (k / block) * group_bytes, interleaved as below):
   // y[i * y_stride + rows t + r] = dot(tile t's row r, activation row i), i < nrows, r < rows.
   // A kernel may take two adjacent tiles at once; each column's bits do not depend
   // on ntiles or nrows.
   void (*gemm)(int64_t k, const void* w, int64_t ntiles, const void* x, size_t x_stride, int nrows,
                float* y, size_t y_stride);
-  void (*dequant)(int64_t k, const void* w, float* out);  // one tile -> out (rows, k)
-  // `rows` plain rows, w_stride bytes apart -> one tile at out
+  // one tile, its groups one after another -> out (rows, k)
+  void (*dequant)(int64_t k, const void* w, float* out);
+  // `rows` plain rows, w_stride bytes apart -> one tile at out, its groups one after another
   void (*repack)(int64_t k, const void* w, size_t w_stride, void* out);
   int64_t rows;        // weight rows per tile
   int64_t align;       // blocks of work start on multiples of this many tiles (taken in pairs: 2)
   int64_t k_multiple;  // K must be a multiple of this (beyond the plain format's block)
+  // 1: each tile's groups one after another. 2: tiles 2p and 2p + 1 stored as
+  // one unit, group b of each in turn (2p's, then 2p + 1's, then b + 1); an
+  // odd last tile alone (cake_repack and cake_dequantize move the groups).
+  int64_t interleave;
 } cake_tile_kernels;
 
 extern const cake_tile_kernels cake_r8_q4_0, cake_r8_q4_1, cake_r8_q5_0, cake_r8_q5_1, cake_r8_q8_0;

@@ -9,7 +9,11 @@
 // block dots, scaled by one FMA with the vector of the 8 rows' scales.
 //
 // A repacked matrix has the plain one's bytes, reordered: N / 8 tiles, each
-// K / 32 groups, group b holding block b of the tile's rows 0..7:
+// K / 32 groups, group b holding block b of the tile's rows 0..7. Tiles 2p
+// and 2p + 1 are stored as one unit of group pairs (interleave 2, qdot.h):
+// group b of tile 2p, then group b of tile 2p + 1, then group b + 1 of each,
+// so that the kernels read a pair of tiles as one forward stream; an odd last
+// tile is stored alone, its groups one after another. A group:
 //   d[8]   float16, row r's scale                                    16 bytes
 //   m[8]   Q4_1 / Q5_1 only, float16, row r's min                    16 bytes
 //   h[8]   Q5_0 / Q5_1 only, uint32: bit 4r + t of h[c] = high bit
@@ -31,9 +35,10 @@
 // (q + 128) q_x, so there Q8_0 multiplies |q| x sign(q_x, q) and needs no s
 // (s_scale 0).
 //
-// With AVX-512 VNNI two adjacent tiles are taken at once (gemm_pair): chunk c
-// of both in one zmm, so a broadcast and the per-row tail serve 16 weight rows,
-// with the same operations lane by lane (the same bits as one tile at a time).
+// With AVX-512 VNNI the two tiles of a unit are taken at once (gemm_pair):
+// chunk c of both in one zmm, so a broadcast and the per-row tail serve 16
+// weight rows, with the same operations lane by lane (the same bits as one
+// tile at a time, which the AVX2 and plain builds do).
 #include <string.h>
 
 #include "qdot.h"
@@ -166,11 +171,8 @@ struct Simd;
 // prefetchers do not make up for it here. SmolLM2 Q4_1 decode, matmul time per
 // step on 2 threads, M = 1 / M = 8: none 4.0-4.6 / 7.4-8.3 ms, 4 KB ahead
 // 3.3-4.0 / 5.5-6.1 ms (2 to 16 KB ahead, T0 to T2: the same within noise).
-// A pair of tiles (gemm_pair) is two streams a tile apart, each prefetched on
-// its own: one sweep over the pair's bytes at twice the pace ran behind the
-// second tile's reads once past the first tile's end. 60 matrices of Q4_1 at
-// M = 8, 2 threads, us per matrix, one sweep / per tile 2, 4, 8 KB ahead:
-// 576 x 1536 37.3 / 33.4, 36.5, 33.7; 3072 x 576 44.3 / 50.2, 42.9, 42.4.
+// A unit of two tiles (gemm_pair) is one stream of group pairs, prefetched
+// kPrefetchPair ahead (4-16 KB: the same within noise, Zen 5).
 // Non-temporal (NTA): a weight is read once per step, and filling L2 with it
 // pushed out what is read again (activations, the cache rows, the pool's
 // lines). SmolLM2 decode step at B = 1, min over ~1500 steps, 3 alternating
@@ -273,8 +275,9 @@ constexpr int int16_run() {
   return n >= 8 ? 8 : n >= 4 ? 4 : n >= 2 ? 2 : 1;
 }
 
+// One tile whose group b is at w + b * gs (gs: kGroup alone, 2 kGroup in a unit of two).
 template <class F, int NR>
-__attribute__((noinline)) void gemm_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y,
+__attribute__((noinline)) void gemm_rows(int64_t nb, const uint8_t* w, size_t gs, const void* x, size_t xs, float* y,
                                          size_t ys) {
   using S = Simd<F>;
 #if CAKE_VNNI
@@ -290,7 +293,7 @@ __attribute__((noinline)) void gemm_rows(int64_t nb, const uint8_t* w, const voi
     acc[i] = _mm256_setzero_ps();
     xr[i] = (const cake_q8_32*)((const char*)x + (size_t)i * xs);
   }
-  for (int64_t b = 0; b < nb; b++, w += F::kGroup) {
+  for (int64_t b = 0; b < nb; b++, w += gs) {
     prefetch_ahead<F::kGroup>(w);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
     __m256 mw = _mm256_setzero_ps();
@@ -337,11 +340,11 @@ constexpr float s_scale() {
 }
 
 #if CAKE_R512
-// Two adjacent tiles at once (output columns 0 .. 15 of y): each zmm holds a
-// chunk of tile 0 in its low 256 bits and the same chunk of tile 1 (w1) in its
-// high ones, so one activation broadcast feeds 64 byte products and the per-row
-// conversion and FMAs serve 16 weight rows. Lane by lane the operations are
-// gemm_rows's: the results are the same bits.
+// A unit of two tiles at once (output columns 0 .. 15 of y): each zmm holds a
+// chunk of tile 0 in its low 256 bits and the same chunk of tile 1 (its group
+// right after tile 0's) in its high ones, so one activation broadcast feeds 64
+// byte products and the per-row conversion and FMAs serve 16 weight rows. Lane
+// by lane the operations are gemm_rows's: the results are the same bits.
 inline __m512i load_pair(const uint8_t* w0, const uint8_t* w1, int off) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(load256(w0 + off)), load256(w1 + off), 1);
 }
@@ -355,7 +358,6 @@ struct Simd512;
 
 template <>
 struct Simd512<Q8_0> {
-  static constexpr int kPairRows = kMaxRows + 1;  // see gemm below
   static void unpack(const uint8_t* w0, const uint8_t* w1, __m512i wq[8]) {
     for (int c = 0; c < 8; c++) wq[c] = _mm512_xor_si512(load_pair(w0, w1, 16 + 32 * c), _mm512_set1_epi8((char)0x80));
   }
@@ -364,7 +366,6 @@ struct Simd512<Q8_0> {
 template <bool kMin, bool kHigh>
 struct Simd512<Nibbles<kMin, kHigh>> {
   using F = Nibbles<kMin, kHigh>;
-  static constexpr int kPairRows = 5;  // see gemm below
   static void unpack(const uint8_t* w0, const uint8_t* w1, __m512i wq[8]) {
     const __m512i m = _mm512_set1_epi8(0xf);
     for (int v = 0; v < 4; v++) {
@@ -395,9 +396,9 @@ struct Simd512<Nibbles<kMin, kHigh>> {
 // 81-83, Q5_0 73-75 / 76-78, Q8_0 73-76 / 74-77 (8 chains of 8, RG = 8: no
 // better; 2 rows of 4 chains of 2: the same as two). Integer sums: the same bits.
 template <class F, int NR>
-__attribute__((noinline)) void gemm_pair(int64_t nb, const uint8_t* w0, size_t tile_bytes, const void* x, size_t xs,
-                                         float* y, size_t ys) {
-  const uint8_t* w1 = w0 + tile_bytes;
+__attribute__((noinline)) void gemm_pair(int64_t nb, const uint8_t* w0, const void* x, size_t xs, float* y,
+                                         size_t ys) {
+  const uint8_t* w1 = w0 + F::kGroup;
   constexpr int RG = NR < 4 ? NR : 4;
   constexpr int U = 2;  // chains of products per row
   __m512 acc[NR];
@@ -406,12 +407,11 @@ __attribute__((noinline)) void gemm_pair(int64_t nb, const uint8_t* w0, size_t t
     acc[i] = _mm512_setzero_ps();
     xr[i] = (const cake_q8_32*)((const char*)x + (size_t)i * xs);
   }
-  for (int64_t b = 0; b < nb; b++, w0 += F::kGroup, w1 += F::kGroup) {
+  for (int64_t b = 0; b < nb; b++, w0 += 2 * F::kGroup, w1 += 2 * F::kGroup) {
     const __m512 dw = pair_f16(w0, w1, 0);
     __m512 mw = _mm512_setzero_ps();
     if constexpr (F::kMin) mw = pair_f16(w0, w1, F::kM);
-    prefetch_ahead<F::kGroup, kPrefetchPair>(w0);  // each tile's own stream
-    prefetch_ahead<F::kGroup, kPrefetchPair>(w1);
+    prefetch_ahead<2 * F::kGroup, kPrefetchPair>(w0);  // the unit's one stream
     __m512i wq[8];
     Simd512<F>::unpack(w0, w1, wq);
     for (int i0 = 0; i0 < NR; i0 += RG) {
@@ -498,13 +498,13 @@ void dequant_tile(int64_t k, const void* w, float* out) {
 constexpr int kMaxRows = 4;
 
 template <class F, int NR>
-void gemm_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y, size_t ys) {
+void gemm_rows(int64_t nb, const uint8_t* w, size_t gs, const void* x, size_t xs, float* y, size_t ys) {
   float acc[NR][kR] = {};
   const cake_q8_32* xr[NR];
   for (int i = 0; i < NR; i++) xr[i] = (const cake_q8_32*)((const char*)x + (size_t)i * xs);
   int q[kR][32];
   float d[kR], m[kR] = {};
-  for (int64_t b = 0; b < nb; b++, w += F::kGroup) {
+  for (int64_t b = 0; b < nb; b++, w += gs) {
     for (int r = 0; r < kR; r++) {
       F::decode(w, r, q[r]);
       d[r] = load_f16(w + 2 * r);
@@ -534,41 +534,50 @@ void dequant_tile(int64_t k, const void* w, float* out) {
 }
 #endif
 
-// Pairs of tiles (gemm_pair) only from Simd512<F>::kPairRows activation rows.
-// A pair is two streams of weights a tile (a few KB) apart, which the hardware
-// prefetchers follow worse than the one forward stream of one tile after
-// another, software prefetch or not: where the weights stream from memory once
-// (decode) single tiles read them faster; where the products bind (more rows,
-// a block of tiles read again for every run of rows) pairs win. Zen 4, 2
-// threads, the products of 30 SmolLM2 layers, ms per pass, pairs / single
-// tiles (benchmarks/tile_pairs_ab.cc: both in one process, best of 7 rounds):
-//   M      1            2            4            8            16
-//   Q8_0   4.58 / 3.23  4.49 / 3.21  5.07 / 3.34  5.24 / 4.73  7.38 / 9.02
-//   Q4_1   2.60 / 1.72  2.75 / 1.88  2.88 / 2.66  3.50 / 4.40  6.04 / 8.54
-//   Q5_0   3.06 / 2.05  2.95 / 2.18  3.21 / 2.74  3.59 / 4.42  6.62 / 8.83
-//   Q4_0   2.27 / 1.61  2.28 / 1.68  2.48 / 2.51  3.11 / 4.18  5.68 / 7.97
-// The same bits either way.
+// The units of two tiles through gemm_pair where built (every M), else tile by
+// tile; an odd last tile alone. The pairs used to be two adjacent tiles stored
+// one after the other, read as two streams a tile (a few KB) apart: the
+// hardware prefetchers followed those worse than one stream, so below 5 (Q8_0:
+// 9) activation rows single tiles had been faster (Zen 4: Q8_0 at M = 1 4.58 /
+// 3.23 ms for the 120 products of 30 SmolLM2 layers). Stored as one stream of
+// group pairs, a unit is as fast as single tiles at M = 1 and faster from M = 2
+// on. Zen 5, 2 threads, ms per pass over those products, best of 11 rounds, in
+// one process (benchmarks/tile_pairs_ab.cc), two streams / one stream / single
+// tiles:
+//   Q4_1  M = 1 1.67 / 1.29 / 1.30   M = 4 1.59 / 1.33 / 1.83   M = 8 2.05 / 1.65 / 3.34
+//   Q8_0  M = 1 2.04 / 1.68 / 1.73   M = 4 2.41 / 1.86 / 2.20   M = 8 2.58 / 2.23 / 3.07
+//   Q5_0  M = 1 1.72 / 1.11 / 1.39   M = 8 2.54 / 2.04 / 3.38
+//   Q4_0  M = 1 1.16 / 0.95 / 1.07   M = 8 1.88 / 1.87 / 3.13
+// The same bits either way. Blocks of work start on even tiles (align 2), so a
+// block's odd last tile is the matrix's.
 template <class F>
 void gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, int nrows, float* y, size_t ys) {
   const size_t tile_bytes = (size_t)(k / 32) * F::kGroup;
+  const uint8_t* base = (const uint8_t*)w;
   int64_t t = 0;
+  for (; t + 2 <= ntiles; t += 2) {
 #if CAKE_R512
-  if (nrows >= Simd512<F>::kPairRows)
-    for (; t + 2 <= ntiles; t += 2)
-      cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
-        gemm_pair<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, tile_bytes, xt, xs, yt, ys);
+    cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
+      gemm_pair<F, decltype(nr)::value>(k / 32, base + t * tile_bytes, xt, xs, yt, ys);
+    });
+#else
+    for (int h = 0; h < 2; h++)
+      cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * (t + h), ys, [&](auto nr, const void* xt, float* yt) {
+        gemm_rows<F, decltype(nr)::value>(k / 32, base + t * tile_bytes + h * F::kGroup, 2 * F::kGroup, xt, xs, yt,
+                                          ys);
       });
 #endif
-  for (; t < ntiles; t++)
+  }
+  if (t < ntiles)
     cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
-      gemm_rows<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, xt, xs, yt, ys);
+      gemm_rows<F, decltype(nr)::value>(k / 32, base + t * tile_bytes, F::kGroup, xt, xs, yt, ys);
     });
 }
 
 }  // namespace
 
-const cake_tile_kernels cake_r8_q4_0 = {Q4_0::kGroup, s_scale<Q4_0>(), gemm<Q4_0>, dequant_tile<Q4_0>, repack_tile<Q4_0>, 8, 2, 1};
-const cake_tile_kernels cake_r8_q4_1 = {Q4_1::kGroup, s_scale<Q4_1>(), gemm<Q4_1>, dequant_tile<Q4_1>, repack_tile<Q4_1>, 8, 2, 1};
-const cake_tile_kernels cake_r8_q5_0 = {Q5_0::kGroup, s_scale<Q5_0>(), gemm<Q5_0>, dequant_tile<Q5_0>, repack_tile<Q5_0>, 8, 2, 1};
-const cake_tile_kernels cake_r8_q5_1 = {Q5_1::kGroup, s_scale<Q5_1>(), gemm<Q5_1>, dequant_tile<Q5_1>, repack_tile<Q5_1>, 8, 2, 1};
-const cake_tile_kernels cake_r8_q8_0 = {Q8_0::kGroup, s_scale<Q8_0>(), gemm<Q8_0>, dequant_tile<Q8_0>, repack_tile<Q8_0>, 8, 2, 1};
+const cake_tile_kernels cake_r8_q4_0 = {Q4_0::kGroup, s_scale<Q4_0>(), gemm<Q4_0>, dequant_tile<Q4_0>, repack_tile<Q4_0>, 8, 2, 1, 2};
+const cake_tile_kernels cake_r8_q4_1 = {Q4_1::kGroup, s_scale<Q4_1>(), gemm<Q4_1>, dequant_tile<Q4_1>, repack_tile<Q4_1>, 8, 2, 1, 2};
+const cake_tile_kernels cake_r8_q5_0 = {Q5_0::kGroup, s_scale<Q5_0>(), gemm<Q5_0>, dequant_tile<Q5_0>, repack_tile<Q5_0>, 8, 2, 1, 2};
+const cake_tile_kernels cake_r8_q5_1 = {Q5_1::kGroup, s_scale<Q5_1>(), gemm<Q5_1>, dequant_tile<Q5_1>, repack_tile<Q5_1>, 8, 2, 1, 2};
+const cake_tile_kernels cake_r8_q8_0 = {Q8_0::kGroup, s_scale<Q8_0>(), gemm<Q8_0>, dequant_tile<Q8_0>, repack_tile<Q8_0>, 8, 2, 1, 2};

@@ -954,8 +954,8 @@ void gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, in
 }  // namespace
 
 // s_scale is unused with cake_q8_256 activations (1: the driver leaves them be)
-const cake_tile_kernels cake_r8_q2_k = {Q2K::kGroup, 1.0f, gemm<Q2K>, dequant_tile<Q2K>, repack_tile<Q2K>, 8, 2, 1};
-const cake_tile_kernels cake_r8_q3_k = {Q3K::kGroup, 1.0f, gemm<Q3K>, dequant_tile<Q3K>, repack_tile<Q3K>, 8, 2, 1};
-const cake_tile_kernels cake_r8_q4_k = {Q4K::kGroup, 1.0f, gemm<Q4K>, dequant_tile<Q4K>, repack_tile<Q4K>, 8, 2, 1};
-const cake_tile_kernels cake_r8_q5_k = {Q5K::kGroup, 1.0f, gemm<Q5K>, dequant_tile<Q5K>, repack_tile<Q5K>, 8, 2, 1};
-const cake_tile_kernels cake_r8_q6_k = {Q6K::kGroup, 1.0f, gemm<Q6K>, dequant_tile<Q6K>, repack_tile<Q6K>, 8, 2, 1};
+const cake_tile_kernels cake_r8_q2_k = {Q2K::kGroup, 1.0f, gemm<Q2K>, dequant_tile<Q2K>, repack_tile<Q2K>, 8, 2, 1, 1};
+const cake_tile_kernels cake_r8_q3_k = {Q3K::kGroup, 1.0f, gemm<Q3K>, dequant_tile<Q3K>, repack_tile<Q3K>, 8, 2, 1, 1};
+const cake_tile_kernels cake_r8_q4_k = {Q4K::kGroup, 1.0f, gemm<Q4K>, dequant_tile<Q4K>, repack_tile<Q4K>, 8, 2, 1, 1};
+const cake_tile_kernels cake_r8_q5_k = {Q5K::kGroup, 1.0f, gemm<Q5K>, dequant_tile<Q5K>, repack_tile<Q5K>, 8, 2, 1, 1};
+const cake_tile_kernels cake_r8_q6_k = {Q6K::kGroup, 1.0f, gemm<Q6K>, dequant_tile<Q6K>, repack_tile<Q6K>, 8, 2, 1, 1};
