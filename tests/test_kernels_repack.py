@@ -56,8 +56,8 @@ def test_repacked_matmul_equals_reference(lib, fmt, m, n, ki):
 @pytest.mark.parametrize("fmt", PLAIN, ids=lambda f: f.name)
 def test_repacked_outputs_do_not_depend_on_the_call(lib, fmt):
     """An output's bits do not depend on the other rows and tiles of its call:
-    the kernels take a unit of two tiles at once where it is one (cpu.PAIRED,
-    512-bit builds) and tiles alone otherwise, activation rows in runs of up
+    the kernels take a unit of two tiles at once where it is one
+    (cpu.interleave, 512-bit builds) and tiles alone otherwise, activation rows in runs of up
     to 8, on any number of threads."""
     k = ks(fmt.name)[1]
     n = 8 * 7  # 3 units of two tiles and an odd one
@@ -69,7 +69,7 @@ def test_repacked_outputs_do_not_depend_on_the_call(lib, fmt):
         np.testing.assert_array_equal(cpu.matmul_np(x[:m], packed, name), whole[:m])
     for i in (5, 15):
         np.testing.assert_array_equal(cpu.matmul_np(x[i], packed, name), whole[i])
-    unit = 16 if name in cpu.PAIRED else 8
+    unit = 8 * cpu.interleave(name)
     for u in range(0, n, unit):  # each unit alone (a matrix from an even tile)
         part = packed[u : u + unit]
         np.testing.assert_array_equal(

@@ -300,12 +300,12 @@ def mm_grouped(
 def _take_tiled_rows(table: QMat, flat: jax.Array) -> jax.Array:
     """Rows `flat` (M,) of a matrix repacked in tiles of 8 interleaved rows
     (kernels/cpu/src/repack.cc): each row's unit (its tile, or the pair of
-    tiles stored as one, cpu.PAIRED) is taken whole and decoded by the CPU
+    tiles stored as one, cpu.interleave) is taken whole and decoded by the CPU
     kernels, then the row picked out of it. (M, cols) float32."""
     from cake.kernels import cpu
 
     rows, row_bytes = table.data.shape
-    unit = cpu.REPACK_ROWS * (2 if table.fmt in cpu.PAIRED else 1)
+    unit = cpu.REPACK_ROWS * cpu.interleave(table.fmt)
     whole = rows // unit * unit  # rows in whole units; an odd last tile alone
     flat = jnp.clip(flat, 0, rows - 1)
     out = None

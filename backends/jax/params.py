@@ -248,7 +248,7 @@ class _Loader:
 
             if self._repackable(fmt):
                 # expert by expert: each matrix's tiles pair up within it
-                # (cpu.PAIRED), whatever the parity of its tile count
+                # (cpu.interleave), whatever the parity of its tile count
                 out, to = cpu.empty_aligned(data.shape, data.dtype), fmt
                 for i in range(data.shape[0]):
                     to, out[i] = cpu.repack_np(data[i], fmt)

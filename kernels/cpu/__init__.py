@@ -11,8 +11,9 @@ arrays hold N rows of K values:
 `repack_np` turns block-format matrices (Q4_0 ... Q8_0, Q2_K ... Q6_K) whose
 N is a multiple of 8 into `Q4_0R8` ... `Q8_0R8`, `Q2_KR8` ... `Q6_KR8`: the
 same bytes reordered into tiles of 8 rows (layouts: src/repack.cc,
-src/repack_k.cc; the legacy formats' tiles stored two by two, `PAIRED`, so
-a slice of a repacked matrix is one only from an even tile), the same array
+src/repack_k.cc; where the 512-bit kernels are built the legacy formats'
+tiles are stored two by two, `interleave`, so that a slice of a repacked
+matrix is one only from an even tile), the same array
 shape, multiplied for any M by a GEMM that
 serves 8 weight rows per instruction (M = 8 sequences cost far less than 8
 times one). Where the build has AVX-512 it also turns F16, BF16 (with AVX-512
@@ -60,8 +61,8 @@ __all__ = [
     "KernelsUnavailable",
     "PROLOGUES",
     "REPACKED",
-    "PAIRED",
     "REPACK_ROWS",
+    "interleave",
     "TILE_ROWS",
     "available",
     "check_format",
@@ -89,9 +90,6 @@ REPACKED = {
     + ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 } | {f: f + "P" for f in ("F16", "BF16", "F32")}
 REPACK_ROWS = 8  # rows per tile of the block formats' R8 forms
-# R8 forms whose tiles are stored in units of two (src/repack.cc: tiles 2p and
-# 2p + 1 group by group, an odd last tile alone): rows are looked up by unit
-PAIRED = frozenset(REPACKED[f] for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
 TILE_ROWS = {r: 32 if r.endswith("P") else REPACK_ROWS for r in REPACKED.values()}
 _PLAIN = {r: p for p, r in REPACKED.items()}
 FLOATS = ("F16", "BF16", "F32")
@@ -162,6 +160,7 @@ class _Library:
         lib.cake_format_count.restype = ctypes.c_int
         lib.cake_format_name.restype = ctypes.c_char_p
         lib.cake_format_name.argtypes = [ctypes.c_int]
+        lib.cake_format_interleave.argtypes = [ctypes.c_int]
         lib.cake_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
         lib.cake_matmul_fused.argtypes = [
             *(ctypes.c_int, ptr, i64, i64, ptr, i64, ptr),
@@ -182,6 +181,10 @@ class _Library:
             lib.cake_format_name(i).decode() for i in range(lib.cake_format_count())
         ]
         self.codes = {name: i for i, name in enumerate(names)}
+        # tiles per unit of each repacked layout (src/qdot.h, interleave)
+        self.interleave = {
+            n: lib.cake_format_interleave(i) for n, i in self.codes.items()
+        }
 
     def code(self, fmt: str) -> int:
         check_format(fmt)
@@ -417,6 +420,13 @@ def sample_ffi(
 def dequantize_np(w: np.ndarray, fmt: str, k: int) -> np.ndarray:
     """The N x K weights `w` in `fmt`, widened to float32 `(N, K)`."""
     return _require().dequantize(w, fmt, k)
+
+
+def interleave(fmt: str) -> int:
+    """How many tiles one unit of `fmt`'s repacked layout holds in this build:
+    2 where the legacy formats' R8 tiles are stored two by two, group by group
+    (src/repack.cc; rows are then looked up by unit of 16), else 1."""
+    return _require().interleave.get(fmt, 1)
 
 
 def repack_np(w: np.ndarray, fmt: str) -> tuple[str, np.ndarray]:

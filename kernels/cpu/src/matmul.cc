@@ -67,6 +67,7 @@
 extern "C" {
 int cake_format_count(void);
 const char* cake_format_name(int code);
+int cake_format_interleave(int code);
 int cake_format_code(const char* name);
 int cake_num_threads(void);
 void cake_set_num_threads(int n);
@@ -640,6 +641,15 @@ int cake_format_count(void) { return (int)formats().size(); }
 
 const char* cake_format_name(int code) {
   return code >= 0 && code < cake_format_count() ? formats()[code]->name : nullptr;
+}
+
+// How many tiles a unit of the format's repacked layout holds (qdot.h,
+// interleave): 2 where this build stores them two by two, else 1 (also for
+// formats that are not tiled); 0 for an unknown code.
+int cake_format_interleave(int code) {
+  if (code < 0 || code >= cake_format_count()) return 0;
+  const cake_tile_kernels* tk = formats()[code]->tiled;
+  return tk != nullptr && tk->interleave == 2 ? 2 : 1;
 }
 
 int cake_format_code(const char* name) {

@@ -10,10 +10,11 @@
 //
 // A repacked matrix has the plain one's bytes, reordered: N / 8 tiles, each
 // K / 32 groups, group b holding block b of the tile's rows 0..7. Tiles 2p
-// and 2p + 1 are stored as one unit of group pairs (interleave 2, qdot.h):
-// group b of tile 2p, then group b of tile 2p + 1, then group b + 1 of each,
-// so that the kernels read a pair of tiles as one forward stream; an odd last
-// tile is stored alone, its groups one after another. A group:
+// and 2p + 1 are stored as one unit of group pairs where the 512-bit kernel
+// is built (interleave 2, qdot.h; elsewhere tiles one after another): group b
+// of tile 2p, then group b of tile 2p + 1, then group b + 1 of each, so that
+// the kernel reads a pair of tiles as one forward stream; an odd last tile is
+// stored alone, its groups one after another. A group:
 //   d[8]   float16, row r's scale                                    16 bytes
 //   m[8]   Q4_1 / Q5_1 only, float16, row r's min                    16 bytes
 //   h[8]   Q5_0 / Q5_1 only, uint32: bit 4r + t of h[c] = high bit
@@ -534,8 +535,11 @@ void dequant_tile(int64_t k, const void* w, float* out) {
 }
 #endif
 
-// The units of two tiles through gemm_pair where built (every M), else tile by
-// tile; an odd last tile alone. The pairs used to be two adjacent tiles stored
+// Where the 512-bit kernel is built the tiles are stored in units of two
+// (kInterleave), each unit through gemm_pair at every M, an odd last tile
+// alone; elsewhere tiles one after another, tile by tile (a unit read as two
+// tiles was 8-10 % slower in an AVX2 build's decode steps: each tile's pass
+// reads the other's groups' lines too). The pairs used to be two adjacent tiles stored
 // one after the other, read as two streams a tile (a few KB) apart: the
 // hardware prefetchers followed those worse than one stream, so below 5 (Q8_0:
 // 9) activation rows single tiles had been faster (Zen 4: Q8_0 at M = 1 4.58 /
@@ -555,29 +559,28 @@ void gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, in
   const size_t tile_bytes = (size_t)(k / 32) * F::kGroup;
   const uint8_t* base = (const uint8_t*)w;
   int64_t t = 0;
-  for (; t + 2 <= ntiles; t += 2) {
 #if CAKE_R512
+  for (; t + 2 <= ntiles; t += 2)
     cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
       gemm_pair<F, decltype(nr)::value>(k / 32, base + t * tile_bytes, xt, xs, yt, ys);
     });
-#else
-    for (int h = 0; h < 2; h++)
-      cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * (t + h), ys, [&](auto nr, const void* xt, float* yt) {
-        gemm_rows<F, decltype(nr)::value>(k / 32, base + t * tile_bytes + h * F::kGroup, 2 * F::kGroup, xt, xs, yt,
-                                          ys);
-      });
 #endif
-  }
-  if (t < ntiles)
+  for (; t < ntiles; t++)
     cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
       gemm_rows<F, decltype(nr)::value>(k / 32, base + t * tile_bytes, F::kGroup, xt, xs, yt, ys);
     });
 }
 
+#if CAKE_R512
+constexpr int64_t kInterleave = 2;
+#else
+constexpr int64_t kInterleave = 1;
+#endif
+
 }  // namespace
 
-const cake_tile_kernels cake_r8_q4_0 = {Q4_0::kGroup, s_scale<Q4_0>(), gemm<Q4_0>, dequant_tile<Q4_0>, repack_tile<Q4_0>, 8, 2, 1, 2};
-const cake_tile_kernels cake_r8_q4_1 = {Q4_1::kGroup, s_scale<Q4_1>(), gemm<Q4_1>, dequant_tile<Q4_1>, repack_tile<Q4_1>, 8, 2, 1, 2};
-const cake_tile_kernels cake_r8_q5_0 = {Q5_0::kGroup, s_scale<Q5_0>(), gemm<Q5_0>, dequant_tile<Q5_0>, repack_tile<Q5_0>, 8, 2, 1, 2};
-const cake_tile_kernels cake_r8_q5_1 = {Q5_1::kGroup, s_scale<Q5_1>(), gemm<Q5_1>, dequant_tile<Q5_1>, repack_tile<Q5_1>, 8, 2, 1, 2};
-const cake_tile_kernels cake_r8_q8_0 = {Q8_0::kGroup, s_scale<Q8_0>(), gemm<Q8_0>, dequant_tile<Q8_0>, repack_tile<Q8_0>, 8, 2, 1, 2};
+const cake_tile_kernels cake_r8_q4_0 = {Q4_0::kGroup, s_scale<Q4_0>(), gemm<Q4_0>, dequant_tile<Q4_0>, repack_tile<Q4_0>, 8, 2, 1, kInterleave};
+const cake_tile_kernels cake_r8_q4_1 = {Q4_1::kGroup, s_scale<Q4_1>(), gemm<Q4_1>, dequant_tile<Q4_1>, repack_tile<Q4_1>, 8, 2, 1, kInterleave};
+const cake_tile_kernels cake_r8_q5_0 = {Q5_0::kGroup, s_scale<Q5_0>(), gemm<Q5_0>, dequant_tile<Q5_0>, repack_tile<Q5_0>, 8, 2, 1, kInterleave};
+const cake_tile_kernels cake_r8_q5_1 = {Q5_1::kGroup, s_scale<Q5_1>(), gemm<Q5_1>, dequant_tile<Q5_1>, repack_tile<Q5_1>, 8, 2, 1, kInterleave};
+const cake_tile_kernels cake_r8_q8_0 = {Q8_0::kGroup, s_scale<Q8_0>(), gemm<Q8_0>, dequant_tile<Q8_0>, repack_tile<Q8_0>, 8, 2, 1, kInterleave};
