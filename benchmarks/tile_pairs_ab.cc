@@ -40,7 +40,7 @@ void gemm_single(int64_t k, const void* w, int64_t ntiles, const void* x, size_t
   const size_t tile_bytes = (size_t)(k / 32) * F::kGroup;
   for (int64_t t = 0; t < ntiles; t++)
     cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
-      gemm_rows<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, F::kGroup, xt, xs, yt, ys);
+      gemm_rows<F, decltype(nr)::value>(k / 32, (const uint8_t*)w + t * tile_bytes, xt, xs, yt, ys);
     });
 }
 

@@ -276,9 +276,8 @@ constexpr int int16_run() {
   return n >= 8 ? 8 : n >= 4 ? 4 : n >= 2 ? 2 : 1;
 }
 
-// One tile whose group b is at w + b * gs (gs: kGroup alone, 2 kGroup in a unit of two).
 template <class F, int NR>
-__attribute__((noinline)) void gemm_rows(int64_t nb, const uint8_t* w, size_t gs, const void* x, size_t xs, float* y,
+__attribute__((noinline)) void gemm_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y,
                                          size_t ys) {
   using S = Simd<F>;
 #if CAKE_VNNI
@@ -294,7 +293,7 @@ __attribute__((noinline)) void gemm_rows(int64_t nb, const uint8_t* w, size_t gs
     acc[i] = _mm256_setzero_ps();
     xr[i] = (const cake_q8_32*)((const char*)x + (size_t)i * xs);
   }
-  for (int64_t b = 0; b < nb; b++, w += gs) {
+  for (int64_t b = 0; b < nb; b++, w += F::kGroup) {
     prefetch_ahead<F::kGroup>(w);
     const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
     __m256 mw = _mm256_setzero_ps();
@@ -499,13 +498,13 @@ void dequant_tile(int64_t k, const void* w, float* out) {
 constexpr int kMaxRows = 4;
 
 template <class F, int NR>
-void gemm_rows(int64_t nb, const uint8_t* w, size_t gs, const void* x, size_t xs, float* y, size_t ys) {
+void gemm_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y, size_t ys) {
   float acc[NR][kR] = {};
   const cake_q8_32* xr[NR];
   for (int i = 0; i < NR; i++) xr[i] = (const cake_q8_32*)((const char*)x + (size_t)i * xs);
   int q[kR][32];
   float d[kR], m[kR] = {};
-  for (int64_t b = 0; b < nb; b++, w += gs) {
+  for (int64_t b = 0; b < nb; b++, w += F::kGroup) {
     for (int r = 0; r < kR; r++) {
       F::decode(w, r, q[r]);
       d[r] = load_f16(w + 2 * r);
@@ -567,7 +566,7 @@ void gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, in
 #endif
   for (; t < ntiles; t++)
     cake_tiles::gemm<kMaxRows>(nrows, x, xs, y + kR * t, ys, [&](auto nr, const void* xt, float* yt) {
-      gemm_rows<F, decltype(nr)::value>(k / 32, base + t * tile_bytes, F::kGroup, xt, xs, yt, ys);
+      gemm_rows<F, decltype(nr)::value>(k / 32, base + t * tile_bytes, xt, xs, yt, ys);
     });
 }
 
