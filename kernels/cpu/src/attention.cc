@@ -45,6 +45,7 @@
 #include <thread>
 #include <vector>
 
+#include "counter.h"
 #include "qdot.h"
 #include "simd.h"
 
@@ -662,7 +663,7 @@ struct Job {
   float* part = nullptr;  // per unit: rows x (hd + 2) floats, a row's sums then its max and sum
   int64_t part_stride = 0;
   std::vector<std::atomic<int64_t>>* done = nullptr;  // per group: chunks finished
-  std::atomic<int64_t> next{0};
+  Counter next;  // the attention units, a part per thread
   // the cache writes come first, one unit per (sequence, kv head): a thread
   // takes writes until none are left, waits until every write is done (a
   // taken one is being run), then takes attention units
@@ -703,27 +704,59 @@ void merge_group(const Job& j, int64_t i, int64_t b, int64_t g, int64_t l0, int6
   }
 }
 
-void run_unit(const Job& j, int64_t u, std::vector<float>& scratch, std::vector<float>& wide) {
-  const int64_t gi = std::upper_bound(j.first_unit.begin(), j.first_unit.end(), u) - j.first_unit.begin() - 1;
-  const int64_t n_chunks = j.first_unit[gi + 1] - j.first_unit[gi];
+// Where unit u is: its group, that group's sequence, kv head, tokens and
+// query heads, and the cache positions [lo, hi] it reads (empty: no tokens).
+struct UnitAt {
+  int64_t gi, n_chunks, b, g, l0, l1, r0, nr, lo, hi, row0;
+  bool empty;
+};
+
+UnitAt unit_at(const Job& j, int64_t u) {
+  UnitAt a;
+  a.gi = std::upper_bound(j.first_unit.begin(), j.first_unit.end(), u) - j.first_unit.begin() - 1;
+  a.n_chunks = j.first_unit[a.gi + 1] - j.first_unit[a.gi];
   const int64_t per_seq = j.nkv * j.n_tok * j.n_head;
-  const int64_t b = gi / per_seq;
-  const int64_t g = gi / (j.n_tok * j.n_head) % j.nkv;
-  const int64_t tb = gi / j.n_head % j.n_tok, hb = gi % j.n_head;
-  const int64_t len = j.lengths[b], l0 = tb * j.tokens;
-  if (l0 >= len) return;
-  const int64_t l1 = min64(l0 + j.tokens, len);
-  const int64_t r0 = hb * j.heads, nr = min64(r0 + j.heads, j.rep) - r0;
+  a.b = a.gi / per_seq;
+  a.g = a.gi / (j.n_tok * j.n_head) % j.nkv;
+  const int64_t tb = a.gi / j.n_head % j.n_tok, hb = a.gi % j.n_head;
+  const int64_t len = j.lengths[a.b];
+  a.l0 = tb * j.tokens;
+  a.empty = a.l0 >= len;
+  if (a.empty) return a;
+  a.l1 = min64(a.l0 + j.tokens, len);
+  a.r0 = hb * j.heads, a.nr = min64(a.r0 + j.heads, j.rep) - a.r0;
+  const int64_t pos = j.positions[a.b];
+  a.row0 = ((j.layer * 2 * j.S + j.slots[a.b]) * j.nkv + a.g) * j.T * j.hd;  // element of (k, position 0)
+  // this unit's keys: the group's [first_key(first token), last token], cut to its chunk
+  const int64_t glo = first_key(j, pos + a.l0), ghi = pos + a.l1 - 1;
+  const int64_t chunk = glo / kChunk + (u - j.first_unit[a.gi]);
+  a.lo = a.n_chunks == 1 ? glo : max64(glo, chunk * kChunk);
+  a.hi = a.n_chunks == 1 ? ghi : min64(ghi, chunk * kChunk + kChunk - 1);
+  return a;
+}
+
+// The first kAheadRows key and value rows of a unit, which the prefetches in
+// its loops (kAheadRows ahead) never ask for: a decode unit over a short
+// cache (SmolLM2, 8 sequences at 36 positions: 36 rows) starts on rows the
+// weights streamed through since the last step had evicted, and every one of
+// its first loads waited on memory.
+void prefetch_unit(const Job& j, const UnitAt& a) {
+  if (a.empty) return;
+  const int64_t esize = j.kv_type == kF32 ? 4 : 2, row_bytes = j.hd * esize;
+  const int64_t n = min64(a.hi - a.lo + 1, kAheadRows) * row_bytes;
+  const char* k = (const char*)j.cache + (a.row0 + a.lo * j.hd) * esize;
+  prefetch_bytes(k, n);
+  prefetch_bytes(k + j.S * j.nkv * j.T * j.hd * esize, n);
+}
+
+void run_unit(const Job& j, int64_t u, const UnitAt& a, std::vector<float>& scratch, std::vector<float>& wide) {
+  if (a.empty) return;
+  const int64_t gi = a.gi, n_chunks = a.n_chunks, b = a.b, g = a.g;
+  const int64_t l0 = a.l0, l1 = a.l1, r0 = a.r0, nr = a.nr, row0 = a.row0, lo = a.lo, hi = a.hi;
   const int64_t hd = j.hd, half = hd / 2, width = (j.nh + 2 * j.nkv) * hd;
   const int64_t pos = j.positions[b];
   const int64_t kv_stride = j.S * j.nkv * j.T * hd;  // cache[.., 0] -> cache[.., 1]
-  const int64_t row0 = ((j.layer * 2 * j.S + j.slots[b]) * j.nkv + g) * j.T * hd;  // element of (k, position 0)
-  // this unit's keys: the group's [first_key(first token), last token], cut to its chunk
-  const int64_t glo = first_key(j, pos + l0), ghi = pos + l1 - 1;
-  const int64_t chunk = glo / kChunk + (u - j.first_unit[gi]);
   const bool whole = n_chunks == 1;
-  const int64_t lo = whole ? glo : max64(glo, chunk * kChunk);
-  const int64_t hi = whole ? ghi : min64(ghi, chunk * kChunk + kChunk - 1);
   const int64_t span = hi - lo + 1;
   // A float32 cache is read in place: keys[t * hd], vals[t * hd] are position
   // t's rows. A 16-bit one is widened a block of rows at a time into `wide`
@@ -914,9 +947,10 @@ void write_unit(const Job& j, int64_t u, std::vector<float>& rotated) {
   }
 }
 
-void work(void* p, int, int) {
+void work(void* p, int thread, int) {
   Job& j = *(Job*)p;
   thread_local std::vector<float> scratch, wide;
+  int64_t b, e;
   if (j.n_tok == 1 && j.n_head == 1 && !j.chunked) {
     // Each unit is a whole (sequence, kv head), the only one that writes its
     // rows or reads them (unit u = write unit u), so it writes them and then
@@ -925,12 +959,25 @@ void work(void* p, int, int) {
     // cache cold, min / median of 1000 calls, 3 alternating processes each:
     // 9.4-9.8 / 9.9-10.0 -> 7.7-8.6 / 8.4-8.8 us a call (at 60 and 200
     // positions the same within noise).
-    for (;;) {
-      const int64_t u = j.next.fetch_add(1);
-      if (u >= j.units) return;
-      write_unit(j, u, scratch);
-      run_unit(j, u, scratch, wide);
-    }
+    //
+    // A thread's units are its part's, one after another (Counter), so the
+    // next one's rows are asked for while this one runs: each unit's rows had
+    // been evicted since the last step by the weights streamed through, and
+    // its loads waited on memory one after another. The kernel alone (SmolLM2
+    // shape, 8 sequences at 36 positions, 96 MB read between steps, medians
+    // of 6 alternating processes) moved within this host's noise, 27.4 ->
+    // 27.1 us a call; the whole step in benchmarks/bench_batch.py (4
+    // alternating processes, medians), 8 sequences: Q3_K_M 4.81 -> 4.50 ms,
+    // Q4_0 4.90 -> 4.23 ms (1 sequence 2.93 -> 2.81, 2.90 -> 2.65).
+    while (j.next.take(thread, &b, &e))
+      for (int64_t u = b; u < e; u++) {
+        const UnitAt a = unit_at(j, u);
+        if (u == b) prefetch_unit(j, a);  // the first of a take: not asked for yet
+        if (u + 1 < j.units) prefetch_unit(j, unit_at(j, u + 1));
+        write_unit(j, u, scratch);
+        run_unit(j, u, a, scratch, wide);
+      }
+    return;
   }
   for (;;) {
     const int64_t u = j.next_write.fetch_add(1);
@@ -939,11 +986,12 @@ void work(void* p, int, int) {
     j.written.fetch_add(1, std::memory_order_release);
   }
   wait_for_writes(j);
-  for (;;) {
-    const int64_t u = j.next.fetch_add(1);
-    if (u >= j.units) return;
-    run_unit(j, u, scratch, wide);
-  }
+  while (j.next.take(thread, &b, &e))
+    for (int64_t u = b; u < e; u++) {
+      const UnitAt a = unit_at(j, u);
+      prefetch_unit(j, a);
+      run_unit(j, u, a, scratch, wide);
+    }
 }
 
 }  // namespace
@@ -1026,6 +1074,7 @@ int cake_attention(const float* qkv, const float* cos, const float* sin, void* c
   }
   job.first_unit[groups] = units;
   job.units = units;
+  job.next.split(units, threads, 1);
   // the chunks' parts, in the calling thread's buffer (the pool's workers write
   // into it through job.part)
   thread_local std::vector<float> parts;
