@@ -18,6 +18,13 @@ their ids, as the engine's decode steps do where no request needs the logits
 (cake.backends.base.Draw); without it each returns the logits (B, V), copied
 to the host.
 
+With `--synthetic Q4_K_M,Q8_0,... --synthetic-dir DIR` it first writes (once)
+a Llama-3.2-1B-shaped GGUF of random valid blocks per type into DIR and
+measures those too. SmolLM2's matrices are 576 wide, which no K-quant block
+(256) divides except the 1536-wide down projections, so llama.cpp's K-quant
+presets of it are legacy blocks; at 2048 / 8192 wide every matrix is a K-quant
+one, as in the files users download.
+
     .venv/bin/python benchmarks/bench_batch.py FILE.gguf [FILE ...] [--backend jax] [--batch 8] [--processes 5] [--draw]
 """
 
@@ -32,6 +39,47 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+SHAPE_1B = dict(
+    model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
+    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    rope_theta=500000.0, tie_word_embeddings=True,
+)  # fmt: skip
+
+# Block type per matrix of a synthetic file: (the rest, v and down projections).
+# llama.cpp's presets give the v and down projections more bits (in some or all
+# layers; the tied embedding, here the head too, takes the "rest" type).
+MIXES = {
+    "Q2_K": ("Q2_K", "Q3_K"),
+    "Q3_K_M": ("Q3_K", "Q4_K"),
+    "Q4_K_M": ("Q4_K", "Q6_K"),
+    "Q5_K_M": ("Q5_K", "Q6_K"),
+    "Q6_K": ("Q6_K", "Q6_K"),
+}
+
+
+def synthetic(fmt: str, folder: Path) -> str:
+    """Path of the 1B-shaped random GGUF of preset `fmt`, written if absent."""
+    sys.path.insert(0, str(HERE))
+    from random_weights import write_random_gguf
+
+    rest, more = MIXES.get(fmt, (fmt, fmt))
+    path = folder / f"random-1b.{fmt}.gguf"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def kind(name: str) -> str:
+            return (
+                more if name.endswith(("v_proj.weight", "down_proj.weight")) else rest
+            )
+
+        part = path.with_suffix(".part")
+        write_random_gguf(part, SHAPE_1B, kind)
+        part.rename(path)  # a run cut short leaves no half-written file behind
+    return str(path)
 
 
 def bench_file(
@@ -123,7 +171,7 @@ def in_processes(files, a) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("files", nargs="+")
+    ap.add_argument("files", nargs="*")
     ap.add_argument("--backend", default="jax")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
@@ -135,7 +183,13 @@ def main() -> None:
         "--draw", action="store_true", help="steps draw greedy ids in the stage"
     )
     ap.add_argument("--json-out", help="FILE, or - for JSON alone on stdout")
+    ap.add_argument(
+        "--synthetic", default="", help="comma-separated presets, e.g. Q4_K_M,Q8_0"
+    )
+    ap.add_argument("--synthetic-dir", type=Path, default=Path("/tmp/cake-synthetic"))
     a = ap.parse_args()
+    for fmt in filter(None, a.synthetic.split(",")):
+        a.files.append(synthetic(fmt, a.synthetic_dir))
     if a.processes > 1:
         rows = in_processes(a.files, a)
     else:
