@@ -969,14 +969,18 @@ void work(void* p, int thread, int) {
     // 27.1 us a call; the whole step in benchmarks/bench_batch.py (4
     // alternating processes, medians), 8 sequences: Q3_K_M 4.81 -> 4.50 ms,
     // Q4_0 4.90 -> 4.23 ms (1 sequence 2.93 -> 2.81, 2.90 -> 2.65).
-    while (j.next.take(thread, &b, &e))
+    while (j.next.take(thread, &b, &e)) {
+      UnitAt a = unit_at(j, b);
+      prefetch_unit(j, a);  // the first of a take: not asked for yet
       for (int64_t u = b; u < e; u++) {
-        const UnitAt a = unit_at(j, u);
-        if (u == b) prefetch_unit(j, a);  // the first of a take: not asked for yet
-        if (u + 1 < j.units) prefetch_unit(j, unit_at(j, u + 1));
+        UnitAt next{};
+        next.empty = true;
+        if (u + 1 < j.units) prefetch_unit(j, next = unit_at(j, u + 1));
         write_unit(j, u, scratch);
         run_unit(j, u, a, scratch, wide);
+        a = next;
       }
+    }
     return;
   }
   for (;;) {
