@@ -42,13 +42,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
-SHAPE_1B = dict(
-    model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
-    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-    head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5,
-    rope_theta=500000.0, tie_word_embeddings=True,
-)  # fmt: skip
-
 # Block type per matrix of a synthetic file: (the rest, v and down projections).
 # llama.cpp's presets give the v and down projections more bits (in some or all
 # layers; the tied embedding, here the head too, takes the "rest" type).
@@ -64,7 +57,7 @@ MIXES = {
 def synthetic(fmt: str, folder: Path) -> str:
     """Path of the 1B-shaped random GGUF of preset `fmt`, written if absent."""
     sys.path.insert(0, str(HERE))
-    from random_weights import write_random_gguf
+    from random_weights import SHAPE_1B, write_random_gguf
 
     rest, more = MIXES.get(fmt, (fmt, fmt))
     path = folder / f"random-1b.{fmt}.gguf"

@@ -51,13 +51,6 @@ sys.path.insert(0, str(HERE))
 
 from procs import free_port  # noqa: E402
 
-SHAPE_1B = dict(
-    model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
-    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-    head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5,
-    rope_theta=500000.0, tie_word_embeddings=True,
-)  # fmt: skip
-
 # `python -c BARE tcp://... DIR`: receive TOTAL bytes of chunks (the first
 # message says "MODE TOTAL PIECE"); MODE "ack": reply to each chunk, "once":
 # reply after the last one, "write": as "ack", each chunk first written to a
@@ -281,7 +274,7 @@ def main() -> None:
                     "socket, cake's and the bare copies' (default: neither encrypts, "
                     "as a worker without keys on loopback)")  # fmt: skip
     a = ap.parse_args()
-    from random_weights import write_random_gguf
+    from random_weights import SHAPE_1B, write_random_gguf
 
     from cake.net.keys import create_keys
     from cake.shard import Shard

@@ -16,6 +16,15 @@ import numpy as np
 
 from cake.weights.packed import F16_FIELDS, Packed, as_float, gguf_block
 
+# A Llama-3.2-1B-shaped model (a smaller vocabulary), for the files the
+# benchmarks write.
+SHAPE_1B = dict(
+    model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
+    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5,
+    rope_theta=500000.0, tie_word_embeddings=True,
+)  # fmt: skip
+
 
 def random_blocks(
     fmt: str, n_blocks: int, std: float, rng: np.random.Generator

@@ -8,7 +8,7 @@
 //
 // The products of 30 SmolLM2-135M layers (q|k|v 960 x 576, o 576 x 576,
 // gate|up 3072 x 576, down 576 x 1536, random blocks) on 2 threads, shared out
-// in blocks of tiles as matmul.cc's Counter does (each thread walks its own
+// in blocks of tiles by counter.h's Counter, as matmul.cc does (each thread walks its own
 // half, then takes blocks from the back of the other's), with a barrier after
 // each matrix. Two policies through the same kernels: "units" (repack.cc's
 // gemm: each unit of two tiles, stored group by group, through gemm_pair),
@@ -19,6 +19,7 @@
 // another taken two at once, are gone from repack.cc: their figures are in
 // its comments.)
 #include "../kernels/cpu/src/repack.cc"
+#include "counter.h"
 
 #include <atomic>
 #include <chrono>
@@ -50,38 +51,6 @@ struct Mat {
   int64_t n, k;
   uint8_t* w;
   size_t tile_bytes;
-};
-
-// matmul.cc's Counter, in short: part t of T is [t n / T, (t + 1) n / T) on
-// even tiles, taken from its front by thread t and from its back by the others.
-struct Parts {
-  std::atomic<uint64_t> part[2];  // front | back << 32
-  void split(int64_t n) {
-    part[0].store((uint64_t)(n / 2 / 2 * 2) << 32);
-    part[1].store((uint64_t)(n / 2 / 2 * 2) | (uint64_t)n << 32);
-  }
-  bool take(int tid, int64_t step, int64_t* begin, int64_t* end) {
-    for (int i = 0; i < 2; i++) {
-      std::atomic<uint64_t>& p = part[(tid + i) % 2];
-      uint64_t v = p.load();
-      for (;;) {
-        const int64_t f = (int64_t)(v & 0xffffffffu), b = (int64_t)(v >> 32);
-        if (f >= b) break;
-        int64_t s = f, e = f + step < b ? f + step : b;
-        uint64_t next = (uint64_t)e | (uint64_t)b << 32;
-        if (i > 0) {
-          const int64_t from = (b - 1) / 2 * 2 + 2 - step;
-          s = from > f ? from : f, e = b;
-          next = (uint64_t)f | (uint64_t)s << 32;
-        }
-        if (p.compare_exchange_weak(v, next)) {
-          *begin = s, *end = e;
-          return true;
-        }
-      }
-    }
-    return false;
-  }
 };
 
 struct Barrier {
@@ -134,23 +103,19 @@ void run(const char* name, int rounds, std::vector<int> ms) {
         int M = ms[mi];
         Barrier bar;
         bar.n = T;
-        std::vector<Parts> parts(mats.size());
-        for (size_t j = 0; j < mats.size(); j++) parts[j].split(mats[j].n / 8);
+        std::vector<Counter> parts(mats.size());  // matmul.cc's, on even tiles
+        for (size_t j = 0; j < mats.size(); j++) parts[j].split(mats[j].n / 8, T, 2);
         double dt = 0;
         auto work = [&](int tid) {
           for (int pass = 0; pass < 3; pass++) {
             auto t0 = std::chrono::steady_clock::now();
             for (size_t j = 0; j < mats.size(); j++) {
               Mat& m = mats[j];
-              int64_t ntiles = m.n / 8;
-              int64_t step = ntiles / (T * 8);
-              step = (step + 1) / 2 * 2;
-              if (step < 2) step = 2;
               int64_t b, e;
-              while (parts[j].take(tid, step, &b, &e))
+              while (parts[j].take(tid, &b, &e))
                 gs[gi](m.k, m.w + b * m.tile_bytes, e - b, x.data(), xs, M, y.data() + b * 8, m.n);
               bar.wait();
-              if (tid == 0) parts[j].split(ntiles);
+              if (tid == 0) parts[j].split(m.n / 8, T, 2);
               bar.wait();
             }
             double d = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
