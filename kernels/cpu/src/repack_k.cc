@@ -421,37 +421,32 @@ inline void store_rows(__m512 acc, float* y) {
   _mm256_storeu_ps(y, _mm512_castps512_ps256(_mm512_permutexvar_ps(idx32(kIdx.out), s)));
 }
 
+// Few registers live (NR = 8 spilled the sums otherwise): the rows' float
+// sums stay in memory (a load and a store per row and block), a sub-block
+// pair's scales are made where they are used, the mins at the block's end.
 template <class F, int NR>
 RK_NOINLINE void q45k_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y, size_t ys) {
-  __m512 acc[NR];
-  for (int i = 0; i < NR; i++) acc[i] = _mm512_setzero_ps();
+  alignas(64) float acc[NR][16];
+  for (int i = 0; i < NR; i++) _mm512_store_ps(acc[i], _mm512_setzero_ps());
   const __m512i zero = _mm512_setzero_si512();
+  const __m256i c3f = _mm256_set1_epi8(0x3f), c0f = _mm256_set1_epi8(0x0f), c30 = _mm256_set1_epi8(0x30);
   for (int64_t b = 0; b < nb; b++, w += F::kGroup) {
-    // the 8 rows' scales and mins as bytes [j][r]
+    // the 8 rows' packed scales and mins as bytes [j][r]
     const __m256i plo = _mm256_loadu_si256((const __m256i*)(w + F::kSc));
     const __m256i phi = _mm256_loadu_si256((const __m256i*)(w + F::kSc + 32));
     const __m256i pq = _mm256_loadu_si256((const __m256i*)(w + F::kSc + 64));
-    const __m256i c3f = _mm256_set1_epi8(0x3f), c0f = _mm256_set1_epi8(0x0f), c30 = _mm256_set1_epi8(0x30);
-    const __m256i sc03 = _mm256_and_si256(plo, c3f), mn03 = _mm256_and_si256(phi, c3f);
-    const __m256i sc47 =
-        _mm256_or_si256(_mm256_and_si256(pq, c0f), _mm256_and_si256(_mm256_srli_epi16(plo, 2), c30));
-    const __m256i mn47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(pq, 4), c0f),
-                                         _mm256_and_si256(_mm256_srli_epi16(phi, 2), c30));
-    // sc[j]: int16 pairs (row L >> 1's scale of sub-block j, 0); mn[c]: lane
-    // L = 2u + t, row u's min of sub-block 2c + t, twice
-    __m512i sc[8], mn[4];
-    {
-      const __m512i s0 = _mm512_cvtepu8_epi16(sc03), s1 = _mm512_cvtepu8_epi16(sc47);
-      const __m512i n0 = _mm512_cvtepu8_epi16(mn03), n1 = _mm512_cvtepu8_epi16(mn47);
-      for (int j = 0; j < 8; j++)
-        sc[j] = _mm512_maskz_permutexvar_epi16(0x55555555u, idx16(kIdx.sub[j & 3]), j < 4 ? s0 : s1);
-      for (int c = 0; c < 4; c++)
-        mn[c] = _mm512_permutexvar_epi16(idx16(kIdx.q4_mn[c & 1]), c < 2 ? n0 : n1);
-    }
+    // scales of sub-blocks 0..3 and 4..7 as int16 [j % 4][r]
+    const __m512i s03 = _mm512_cvtepu8_epi16(_mm256_and_si256(plo, c3f));
+    const __m512i s47 = _mm512_cvtepu8_epi16(
+        _mm256_or_si256(_mm256_and_si256(pq, c0f), _mm256_and_si256(_mm256_srli_epi16(plo, 2), c30)));
     __m512i isum[NR];
     for (int i = 0; i < NR; i++) isum[i] = zero;
     for (int c = 0; c < 4; c++) {
       prefetch_part<F::kGroup>(w, c, 4);
+      // sub-blocks 2c, 2c + 1: int16 pairs (row L >> 1's scale, 0)
+      const __m512i z = c < 2 ? s03 : s47;
+      const __m512i sca = _mm512_maskz_permutexvar_epi16(0x55555555u, idx16(kIdx.sub[(2 * c) & 3]), z);
+      const __m512i scb = _mm512_maskz_permutexvar_epi16(0x55555555u, idx16(kIdx.sub[(2 * c + 1) & 3]), z);
       __m512i lo[4], hi[4];
       for (int t = 0; t < 4; t++) {
         const __m512i v = load512(w + F::kQs + 64 * (4 * c + t));
@@ -484,12 +479,17 @@ RK_NOINLINE void q45k_rows(int64_t nb, const uint8_t* w, const void* x, size_t x
 #pragma GCC unroll 8
           for (int k = 0; k < RG; k++) {
             if (i0 + k >= NR) break;
-            isum[i0 + k] =
-                _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(isum[i0 + k], a[k], sc[2 * c]), h[k], sc[2 * c + 1]);
+            isum[i0 + k] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(isum[i0 + k], a[k], sca), h[k], scb);
           }
         }
       }
     }
+    // mn[c]: lane L = 2u + t, row u's min of sub-block 2c + t, twice
+    const __m512i n03 = _mm512_cvtepu8_epi16(_mm256_and_si256(phi, c3f));
+    const __m512i n47 = _mm512_cvtepu8_epi16(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(pq, 4), c0f),
+                                                             _mm256_and_si256(_mm256_srli_epi16(phi, 2), c30)));
+    __m512i mn[4];
+    for (int c = 0; c < 4; c++) mn[c] = _mm512_permutexvar_epi16(idx16(kIdx.q4_mn[c & 1]), c < 2 ? n03 : n47);
     const __m512 dB = rows_f16(w + F::kD), mB = rows_f16(w + F::kDmin);
 #pragma GCC unroll 8
     for (int i = 0; i < NR; i++) {
@@ -498,10 +498,10 @@ RK_NOINLINE void q45k_rows(int64_t nb, const uint8_t* w, const void* x, size_t x
       for (int c = 1; c < 4; c++) ms = _mm512_dpwssd_epi32(ms, bq(xb->bsums + 4 * c), mn[c]);
       const __m512 t =
           _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), mB, _mm512_mul_ps(_mm512_cvtepi32_ps(isum[i]), dB));
-      acc[i] = _mm512_fmadd_ps(t, _mm512_set1_ps(xb->d), acc[i]);
+      _mm512_store_ps(acc[i], _mm512_fmadd_ps(t, _mm512_set1_ps(xb->d), _mm512_load_ps(acc[i])));
     }
   }
-  for (int i = 0; i < NR; i++) store_rows(acc[i], y + i * ys);
+  for (int i = 0; i < NR; i++) store_rows(_mm512_load_ps(acc[i]), y + i * ys);
 }
 
 template <class F, int NR>
