@@ -112,14 +112,16 @@ def unpack_tiles(packed: np.ndarray, fmt: str) -> np.ndarray:
         qh = qh.reshape(t, nb, 8, -1)  # Q5_K's 32 bytes per row, Q4_K's none
         blocks = np.concatenate([d, dmin, sc, qh, qs.reshape(t, nb, 8, 128)], -1)
     elif fmt in ("Q3_K", "Q2_K"):
-        # ql vectors 4h + t: byte 8r + e = qs[32h + 8t + e]; Q3_K's qh: hmask
+        # paired chunks: ql vector 4h + c, byte 8r + 4u + e = qs[32h + 16u
+        # + 4c + e]; Q3_K's qh vector c, byte 8r + 4u + e = hmask[16u + 4c + e]
         ql0 = 112 if fmt == "Q3_K" else 160
-        ql = g[..., ql0 : ql0 + 512].reshape(t, nb, 8, 8, 8).transpose(0, 1, 3, 2, 4)
-        ql = ql.reshape(t, nb, 8, 64)
+        ql = g[..., ql0 : ql0 + 512].reshape(t, nb, 2, 4, 8, 2, 4)  # h, c, r, u, e
+        ql = ql.transpose(0, 1, 4, 2, 5, 3, 6).reshape(t, nb, 8, 64)
         d = per_row(g[..., 0:16], 2)
         if fmt == "Q3_K":
             sc = g[..., 16:112].reshape(t, nb, 12, 8).transpose(0, 1, 3, 2)
-            qh = g[..., 624:].reshape(t, nb, 4, 8, 8).transpose(0, 1, 3, 2, 4)
+            qh = g[..., 624:].reshape(t, nb, 4, 8, 2, 4)  # c, r, u, e
+            qh = qh.transpose(0, 1, 3, 4, 2, 5)
             parts = [qh.reshape(t, nb, 8, 32), ql, sc, d]
         else:
             sc = g[..., 32:160].reshape(t, nb, 16, 8).transpose(0, 1, 3, 2)

@@ -438,6 +438,7 @@ void quantize_work(void* p, int thread, int) {
       } else {
         cake_quantize_q8_256(x, (cake_q8_256*)(j.xa + r * j.xs), j.k);
       }
+      if (j.f->tiled != nullptr && j.f->tiled->arrange != nullptr) j.f->tiled->arrange(j.xa + r * j.xs, j.k);
     }
 }
 

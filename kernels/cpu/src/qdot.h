@@ -132,6 +132,9 @@ typedef struct {
   // one unit, group b of each in turn (2p's, then 2p + 1's, then b + 1); an
   // odd last tile alone (cake_repack and cake_dequantize move the groups).
   int64_t interleave;
+  // null, or: gemm wants each quantized activation row (k elements) passed
+  // through this first, in place (repack_k.cc's paired chunks)
+  void (*arrange)(void* x, int64_t k);
 } cake_tile_kernels;
 
 extern const cake_tile_kernels cake_r8_q4_0, cake_r8_q4_1, cake_r8_q5_0, cake_r8_q5_1, cake_r8_q8_0;

@@ -62,9 +62,9 @@
 // Q6_K (q < 64): vpmaddubsw of the 2 chunks of a 16-element sub-block summed
 // in int16 (|sum| <= 32004), one vpdpwssd with the rows' scales; the -32
 // scale bsums offset joins the same int32 sums: 64 + 4 ops and 3 float ones.
-// Q3_K, Q2_K (q < 8, < 4): vpdpbusd of the 2 chunks of a 16-element
-// sub-block, then vpdpwssd with (scale, 0) as for Q4_K: 32 + 20 ops. The
-// rows' 16 lanes (2 per row) are summed at the end. The AVX2 path does the
+// Q3_K, Q2_K (q < 8, < 4): vpdpbusd of a group's 4 paired chunks (each
+// int32 lane one 16-element sub-block), then vpdpwssd with (scale, 0) as for
+// Q4_K: 32 + 12 ops. The rows' 16 lanes (2 per row) are summed at the end. The AVX2 path does the
 // same with vpmaddubsw / vpmaddwd on the 256-bit halves, 4 activation rows at
 // a time; the scalar path decodes each row of the tile and runs kquants.cc's
 // integer dots.
@@ -226,6 +226,23 @@ struct Q6K {
 // Q3_K and Q2_K keep the plain 2-bit fields (element 128h + 32j + l: bits 2j
 // of qs[32h + l]; Q3_K's third bit: bit 4h + j of hmask[l]), so chunk 4G + t
 // (G = 4h + j) is field j of ql vector 4h + t (and bit 4h + j of qh vector t).
+// Their chunks are "paired": chunk t of group G (elements 32G .. 32G + 31)
+// holds elements 4t .. 4t + 3 of sub-block 2G in bytes 0..3 and those of
+// sub-block 2G + 1 in bytes 4..7 (paired_copy), so that an int32 lane sums
+// one sub-block over the group's 4 chunks; the SIMD paths take activations
+// in the same order (arrange_paired).
+
+// the 8 bytes of paired chunk t, from a group's 32 plain bytes at src
+inline void paired_copy(uint8_t* dst, const uint8_t* src, int t) {
+  memcpy(dst, src + 4 * t, 4);
+  memcpy(dst + 4, src + 16 + 4 * t, 4);
+}
+// chunk t's 8 bytes v back to the plain order of their group at dst
+inline void store_paired(uint8_t* dst, int t, uint64_t v) {
+  const uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+  memcpy(dst + 4 * t, &lo, 4);
+  memcpy(dst + 16 + 4 * t, &hi, 4);
+}
 struct Q3K {
   static constexpr int kKind = 2;
   static constexpr int kBytes = 110, kGroup = kR * kBytes, kOff = 4;
@@ -236,8 +253,8 @@ struct Q3K {
       const uint8_t* b = src + r * stride;
       memcpy(g + kD + 2 * r, b + 108, 2);
       for (int i = 0; i < 12; i++) g[kSc + 8 * i + r] = b[96 + i];
-      for (int v = 0; v < 8; v++) memcpy(g + kL + 64 * v + 8 * r, b + 32 + 8 * v, 8);
-      for (int t = 0; t < 4; t++) memcpy(g + kH + 64 * t + 8 * r, b + 8 * t, 8);
+      for (int v = 0; v < 8; v++) paired_copy(g + kL + 64 * v + 8 * r, b + 32 + 32 * (v / 4), v % 4);
+      for (int t = 0; t < 4; t++) paired_copy(g + kH + 64 * t + 8 * r, b, t);
     }
   }
   // value = d (s - 32) (q - 4), q = low 2 bits + 4 x the hmask bit
@@ -257,7 +274,7 @@ struct Q3K {
         const int h = G / 4, j = G % 4;
         const uint64_t lo = load_u64(g + kL + 64 * (4 * h + t) + 8 * r);
         const uint64_t hi = load_u64(g + kH + 64 * t + 8 * r);
-        store_u64(o.q + 32 * G + 8 * t, ((lo >> (2 * j)) & m2) | ((hi >> (4 * h + j)) & m1) << 2);
+        store_paired(o.q + 32 * G, t, ((lo >> (2 * j)) & m2) | ((hi >> (4 * h + j)) & m1) << 2);
       }
     o.dA = o.dB = load_f16(g + kD + 2 * r);
   }
@@ -275,7 +292,7 @@ struct Q2K {
       memcpy(g + kD + 2 * r, b + 80, 2);
       memcpy(g + kDmin + 2 * r, b + 82, 2);
       for (int s = 0; s < 16; s++) g[kSc + 8 * s + r] = b[s];
-      for (int v = 0; v < 8; v++) memcpy(g + kL + 64 * v + 8 * r, b + 16 + 8 * v, 8);
+      for (int v = 0; v < 8; v++) paired_copy(g + kL + 64 * v + 8 * r, b + 16 + 32 * (v / 4), v % 4);
     }
   }
   static void decode(const uint8_t* g, int r, Decoded& o) {
@@ -287,7 +304,7 @@ struct Q2K {
     for (int G = 0; G < 8; G++)
       for (int t = 0; t < 4; t++) {
         const uint64_t lo = load_u64(g + kL + 64 * (4 * (G / 4) + t) + 8 * r);
-        store_u64(o.q + 32 * G + 8 * t, (lo >> (2 * (G % 4))) & m2);
+        store_paired(o.q + 32 * G, t, (lo >> (2 * (G % 4))) & m2);
       }
     o.dA = load_f16(g + kD + 2 * r);
     o.dB = load_f16(g + kDmin + 2 * r);
@@ -611,8 +628,10 @@ inline void scales16(const Q2K*, const uint8_t* w, __m512i z[4], __m512i* zm) {
   }
 }
 
-// Q3_K and Q2_K: a sub-block of 16 is 2 chunks, |dot| <= 8 x 7 x 127 per int32
-// lane, scaled by vpdpwssd with (scale, 0); Q3_K's -4 scale bsums join the
+// Q3_K and Q2_K: the 4 paired chunks of a group put one sub-block of 16 in
+// each int32 lane (lanes 2r, 2r + 1: row r's sub-blocks 2G, 2G + 1), |dot| <=
+// 16 x 7 x 127 < 2^15, scaled by one vpdpwssd with (scale, 0): 32 + 8 + 4
+// products per block and activation row. Q3_K's -4 scale bsums join the
 // sums, Q2_K's mins are summed apart (dmin).
 template <class F, int NR>
 RK_NOINLINE void k16_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs, float* y, size_t ys) {
@@ -629,22 +648,31 @@ RK_NOINLINE void k16_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs
     for (int i = 0; i < NR; i++) isum[i] = isum2[i] = zero;
     for (int G = 0; G < 8; G++) {
       prefetch_part<F::kGroup>(w, G, 8);
-      // sub-blocks 2G, 2G + 1: int16 pairs (row L >> 1's scale, 0)
-      const __m512i sa = _mm512_maskz_permutexvar_epi16(0x55555555u, idx16(kIdx.sub[(2 * G) & 3]), z[G / 2]);
-      const __m512i sb = _mm512_maskz_permutexvar_epi16(0x55555555u, idx16(kIdx.sub[(2 * G + 1) & 3]), z[G / 2]);
+      // int16 pairs: lane L = 2u + t (row u, sub-block 2G + t): (scale, 0)
+      const __m512i sab = _mm512_maskz_permutexvar_epi16(0x55555555u, idx16(kIdx.q4_mn[G & 1]), z[G / 2]);
       __m512i c[4];
       chunks((const F*)nullptr, w, G, c);
+      if constexpr (U == 2) {  // two short chains: the latency of one row's products binds below 4 rows
 #pragma GCC unroll 8
-      for (int i = 0; i < NR; i++) {
-        const int8_t* q = act_row(x, xs, i)[b].qs + 32 * G;
-        const __m512i p0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, c[0], bq(q)), c[1], bq(q + 8));
-        const __m512i p1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, c[2], bq(q + 16)), c[3], bq(q + 24));
-        if (U == 2) {
-          isum[i] = _mm512_dpwssd_epi32(isum[i], p0, sa);
-          isum2[i] = _mm512_dpwssd_epi32(isum2[i], p1, sb);
-        } else {
-          isum[i] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(isum[i], p0, sa), p1, sb);
+        for (int i = 0; i < NR; i++) {
+          const int8_t* q = act_row(x, xs, i)[b].qs + 32 * G;
+          const __m512i p =
+              _mm512_add_epi32(_mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, c[0], bq(q)), c[1], bq(q + 8)),
+                               _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, c[2], bq(q + 16)), c[3], bq(q + 24)));
+          if (G % 2)
+            isum2[i] = _mm512_dpwssd_epi32(isum2[i], p, sab);
+          else
+            isum[i] = _mm512_dpwssd_epi32(isum[i], p, sab);
         }
+      } else {  // the rows' product chains side by side, so that their latencies overlap
+        __m512i p[NR];
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++)
+#pragma GCC unroll 8
+          for (int i = 0; i < NR; i++)
+            p[i] = _mm512_dpbusd_epi32(t ? p[i] : zero, c[t], bq(act_row(x, xs, i)[b].qs + 32 * G + 8 * t));
+#pragma GCC unroll 8
+        for (int i = 0; i < NR; i++) isum[i] = _mm512_dpwssd_epi32(isum[i], p[i], sab);
       }
     }
     if (U == 2)
@@ -822,8 +850,10 @@ inline const uint8_t* scale_bytes(const Q2K*, const uint8_t* w, uint8_t* buf, ui
 }
 
 // Q6_K, Q3_K, Q2_K: vpmaddubsw of the 2 chunks of a sub-block of 16, summed in
-// int16 (|sum| <= 4 x 63 x 127), vpmaddwd with the rows' scales; the offset
-// (-32 or -4 scale bsums) joins the int32 sums, Q2_K's mins are summed apart.
+// int16 (|sum| <= 4 x 63 x 127), vpmaddwd with the rows' scales (Q3_K, Q2_K:
+// the 4 paired chunks of two sub-blocks summed in int16, |sum| <= 8 x 7 x 127,
+// one vpmaddwd); the offset (-32 or -4 scale bsums) joins the int32 sums,
+// Q2_K's mins are summed apart.
 template <class F, int NR>
 RK_NOINLINE void k16x_rows(int64_t nb, const uint8_t* w0, const void* x, size_t xs, float* y, size_t ys) {
   constexpr bool kMin = F::kOff == 0;
@@ -863,8 +893,12 @@ RK_NOINLINE void k16x_rows(int64_t nb, const uint8_t* w0, const void* x, size_t 
               _mm256_add_epi16(_mm256_maddubs_epi16(c[0], bq(q)), _mm256_maddubs_epi16(c[1], bq(q + 8)));
           const __m256i s1 =
               _mm256_add_epi16(_mm256_maddubs_epi16(c[2], bq(q + 16)), _mm256_maddubs_epi16(c[3], bq(q + 24)));
-          isum[i] = _mm256_add_epi32(
-              isum[i], _mm256_add_epi32(_mm256_madd_epi16(s0, sc[2 * G]), _mm256_madd_epi16(s1, sc[2 * G + 1])));
+          if constexpr (F::kKind == 2)  // paired chunks: int16 w -> sub-block 2G + ((w >> 1) & 1)
+            isum[i] = _mm256_add_epi32(
+                isum[i], _mm256_madd_epi16(_mm256_add_epi16(s0, s1), _mm256_blend_epi16(sc[2 * G], sc[2 * G + 1], 0xCC)));
+          else
+            isum[i] = _mm256_add_epi32(
+                isum[i], _mm256_add_epi32(_mm256_madd_epi16(s0, sc[2 * G]), _mm256_madd_epi16(s1, sc[2 * G + 1])));
         }
       }
       const __m256 dB = half_f16(w + F::kD, h);
@@ -951,11 +985,31 @@ void gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, in
     });
 }
 
+// Paired chunks' activation order (Q3K): each group of 32 qs as paired chunks
+// 0..3. The scalar path decodes the weights back to the plain order instead.
+void arrange_paired(void* x, int64_t k) {
+  cake_q8_256* row = (cake_q8_256*)x;
+  for (int64_t b = 0; b < k / kQK; b++)
+    for (int G = 0; G < kQK / 32; G++) {
+      int8_t* q = row[b].qs + 32 * G;
+      int8_t plain[32];
+      memcpy(plain, q, 32);
+      for (int t = 0; t < 4; t++) paired_copy((uint8_t*)q + 8 * t, (const uint8_t*)plain, t);
+    }
+}
+#if CAKE_K512 || CAKE_AVX2
+constexpr void (*kPairedActs)(void*, int64_t) = arrange_paired;
+#else
+constexpr void (*kPairedActs)(void*, int64_t) = nullptr;
+#endif
+
 }  // namespace
 
 // s_scale is unused with cake_q8_256 activations (1: the driver leaves them be)
-const cake_tile_kernels cake_r8_q2_k = {Q2K::kGroup, 1.0f, gemm<Q2K>, dequant_tile<Q2K>, repack_tile<Q2K>, 8, 2, 1, 1};
-const cake_tile_kernels cake_r8_q3_k = {Q3K::kGroup, 1.0f, gemm<Q3K>, dequant_tile<Q3K>, repack_tile<Q3K>, 8, 2, 1, 1};
+const cake_tile_kernels cake_r8_q2_k = {Q2K::kGroup, 1.0f, gemm<Q2K>, dequant_tile<Q2K>, repack_tile<Q2K>, 8, 2, 1, 1,
+                                        kPairedActs};
+const cake_tile_kernels cake_r8_q3_k = {Q3K::kGroup, 1.0f, gemm<Q3K>, dequant_tile<Q3K>, repack_tile<Q3K>, 8, 2, 1, 1,
+                                        kPairedActs};
 const cake_tile_kernels cake_r8_q4_k = {Q4K::kGroup, 1.0f, gemm<Q4K>, dequant_tile<Q4K>, repack_tile<Q4K>, 8, 2, 1, 1};
 const cake_tile_kernels cake_r8_q5_k = {Q5K::kGroup, 1.0f, gemm<Q5K>, dequant_tile<Q5K>, repack_tile<Q5K>, 8, 2, 1, 1};
 const cake_tile_kernels cake_r8_q6_k = {Q6K::kGroup, 1.0f, gemm<Q6K>, dequant_tile<Q6K>, repack_tile<Q6K>, 8, 2, 1, 1};
