@@ -42,11 +42,13 @@
 //   d[8]      float16                                                16 bytes
 //   sc        byte 8i + r = byte i (0..11) of row r's 12 packed
 //             6-bit scales (the plain layout, transposed)            96 bytes
-//   ql        8 vectors v = 4h + t of 64 bytes, byte 8r + e = byte
-//             32h + 8t + e of row r's qs: bits 2j, 2j + 1 the low
-//             bits of element 128h + 32j + 8t + e                   512 bytes
-//   qh        4 vectors t of 64 bytes, byte 8r + e = byte 8t + e of
-//             row r's hmask: bit 4h + j that element's third bit    256 bytes
+//   ql        8 vectors v = 4h + t of 64 bytes ("paired" chunks),
+//             byte 8r + 4u + e (u < 2, e < 4) = byte 32h + 16u + 4t
+//             + e of row r's qs: bits 2j, 2j + 1 the low bits of
+//             element 128h + 32j + 16u + 4t + e                     512 bytes
+//   qh        4 vectors t of 64 bytes, byte 8r + 4u + e = byte 16u +
+//             4t + e of row r's hmask: bit 4h + j that element's
+//             third bit                                             256 bytes
 // Q2_KR8, 672 bytes per group (8 x 84), value d s q - dmin m:
 //   d[8], dmin[8]   float16                                          32 bytes
 //   sc        byte 8s + r = row r's scales[s] (s low nibble, m
