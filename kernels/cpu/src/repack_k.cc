@@ -66,10 +66,10 @@
 // scale bsums offset joins the same int32 sums: 64 + 4 ops and 3 float ones.
 // Q3_K, Q2_K (q < 8, < 4): vpdpbusd of a group's 4 paired chunks (each
 // int32 lane one 16-element sub-block), then vpdpwssd with (scale, 0) as for
-// Q4_K: 32 + 12 ops. The rows' 16 lanes (2 per row) are summed at the end. The AVX2 path does the
-// same with vpmaddubsw / vpmaddwd on the 256-bit halves, 4 activation rows at
-// a time; the scalar path decodes each row of the tile and runs kquants.cc's
-// integer dots.
+// Q4_K: 32 + 12 ops. The rows' 16 lanes (2 per row) are summed at the end.
+// The AVX2 path does the same with vpmaddubsw / vpmaddwd on the 256-bit
+// halves, 4 activation rows at a time; the scalar path decodes each row of
+// the tile and runs kquants.cc's integer dots.
 #include <string.h>
 
 #include "qdot.h"
@@ -407,14 +407,15 @@ inline __m512i bit_to_16(__m512i qh, int k) {
 // int16 tables [s][r] of 4 sub-blocks s' scales or mins for rows r.
 struct Idx512 {
   // sub[s]: row w >> 2's value of sub-block s (4 copies per row, 2 per lane)
-  // q4_mn[p]: lane L = 2u + t, row u's min of sub-block 2p + t (twice)
+  // pair[p]: lane L = 2u + t, row u's value of sub-block 2p + t (twice):
+  // Q4_K's mins, Q3_K's / Q2_K's scales of a group's paired chunks
   // q6_mw: lane L = 2u + t, row u's scales of sub-blocks 2t, 2t + 1
-  alignas(64) int16_t sub[4][32], q4_mn[2][32], q6_mw[32];
+  alignas(64) int16_t sub[4][32], pair[2][32], q6_mw[32];
   alignas(64) int32_t rows[16], out[16];  // lane L <- row L >> 1; 8 rows' sums <- lanes 2r
   Idx512() {
     for (int w = 0; w < 32; w++) {
       for (int s = 0; s < 4; s++) sub[s][w] = (int16_t)(s * 8 + (w >> 2));
-      for (int p = 0; p < 2; p++) q4_mn[p][w] = (int16_t)((2 * p + ((w >> 1) & 1)) * 8 + (w >> 2));
+      for (int p = 0; p < 2; p++) pair[p][w] = (int16_t)((2 * p + ((w >> 1) & 1)) * 8 + (w >> 2));
       q6_mw[w] = (int16_t)((w & 3) * 8 + (w >> 2));
     }
     for (int L = 0; L < 16; L++) {
@@ -508,7 +509,7 @@ RK_NOINLINE void q45k_rows(int64_t nb, const uint8_t* w, const void* x, size_t x
     const __m512i n47 = _mm512_cvtepu8_epi16(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(pq, 4), c0f),
                                                              _mm256_and_si256(_mm256_srli_epi16(phi, 2), c30)));
     __m512i mn[4];
-    for (int c = 0; c < 4; c++) mn[c] = _mm512_permutexvar_epi16(idx16(kIdx.q4_mn[c & 1]), c < 2 ? n03 : n47);
+    for (int c = 0; c < 4; c++) mn[c] = _mm512_permutexvar_epi16(idx16(kIdx.pair[c & 1]), c < 2 ? n03 : n47);
     const __m512 dB = rows_f16(w + F::kD), mB = rows_f16(w + F::kDmin);
 #pragma GCC unroll 8
     for (int i = 0; i < NR; i++) {
@@ -651,7 +652,7 @@ RK_NOINLINE void k16_rows(int64_t nb, const uint8_t* w, const void* x, size_t xs
     for (int G = 0; G < 8; G++) {
       prefetch_part<F::kGroup>(w, G, 8);
       // int16 pairs: lane L = 2u + t (row u, sub-block 2G + t): (scale, 0)
-      const __m512i sab = _mm512_maskz_permutexvar_epi16(0x55555555u, idx16(kIdx.q4_mn[G & 1]), z[G / 2]);
+      const __m512i sab = _mm512_maskz_permutexvar_epi16(0x55555555u, idx16(kIdx.pair[G & 1]), z[G / 2]);
       __m512i c[4];
       chunks((const F*)nullptr, w, G, c);
       if constexpr (U == 2) {  // two short chains: the latency of one row's products binds below 4 rows
@@ -889,15 +890,16 @@ RK_NOINLINE void k16x_rows(int64_t nb, const uint8_t* w0, const void* x, size_t 
         if (h == 0) prefetch_part<F::kGroup>(w, G, 8);
         __m256i c[4];
         half_chunks((const F*)nullptr, w, G, h, c);
+        // paired chunks (Q3_K, Q2_K): int16 w holds sub-block 2G + ((w >> 1) & 1)
+        const __m256i sp = _mm256_blend_epi16(sc[2 * G], sc[2 * G + 1], 0xCC);
         for (int i = 0; i < NR; i++) {
           const int8_t* q = act_row(x, xs, i)[b].qs + 32 * G;
           const __m256i s0 =
               _mm256_add_epi16(_mm256_maddubs_epi16(c[0], bq(q)), _mm256_maddubs_epi16(c[1], bq(q + 8)));
           const __m256i s1 =
               _mm256_add_epi16(_mm256_maddubs_epi16(c[2], bq(q + 16)), _mm256_maddubs_epi16(c[3], bq(q + 24)));
-          if constexpr (F::kKind == 2)  // paired chunks: int16 w -> sub-block 2G + ((w >> 1) & 1)
-            isum[i] = _mm256_add_epi32(
-                isum[i], _mm256_madd_epi16(_mm256_add_epi16(s0, s1), _mm256_blend_epi16(sc[2 * G], sc[2 * G + 1], 0xCC)));
+          if constexpr (F::kKind == 2)
+            isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(_mm256_add_epi16(s0, s1), sp));
           else
             isum[i] = _mm256_add_epi32(
                 isum[i], _mm256_add_epi32(_mm256_madd_epi16(s0, sc[2 * G]), _mm256_madd_epi16(s1, sc[2 * G + 1])));
@@ -987,7 +989,7 @@ void gemm(int64_t k, const void* w, int64_t ntiles, const void* x, size_t xs, in
     });
 }
 
-// Paired chunks' activation order (Q3K): each group of 32 qs as paired chunks
+// Paired chunks' activation order (Q2K, Q3K): each group of 32 qs as paired chunks
 // 0..3. The scalar path decodes the weights back to the plain order instead.
 void arrange_paired(void* x, int64_t k) {
   cake_q8_256* row = (cake_q8_256*)x;
